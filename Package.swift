@@ -1,0 +1,61 @@
+// swift-tools-version: 6.0
+import PackageDescription
+
+let package = Package(
+    name: "ferry",
+    platforms: [.macOS(.v14)],
+    products: [
+        .executable(name: "ferry", targets: ["ferry"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
+        .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
+        .package(url: "https://github.com/apple/swift-crypto", from: "3.12.3"),
+    ],
+    targets: [
+        // The few Linux calls Swift cannot make directly (CRC32C with SSE4.2, affinity, splice).
+        .target(name: "CFerryLinux"),
+        // Blocking POSIX sockets, child processes, /proc readings: the I/O edge.
+        .target(name: "FerryIO", dependencies: ["CFerryLinux"]),
+        // Protocol messages and the frame codec: pure values, no sockets.
+        .target(name: "FerryWire", dependencies: [
+            "CFerryLinux",
+            .product(name: "Crypto", package: "swift-crypto"),
+        ]),
+        // QMP client: framing, greeting, commands, events, timeouts.
+        .target(name: "FerryQMP", dependencies: [
+            "FerryWire", "FerryIO",
+            .product(name: "Logging", package: "swift-log"),
+        ]),
+        // Data channels, striping, reordering, acknowledgements, failover.
+        .target(name: "FerryTransport", dependencies: [
+            "FerryWire", "FerryIO", "CFerryLinux",
+            .product(name: "Logging", package: "swift-log"),
+        ]),
+        // QEMU processes, VM specs, state directories, boot-file store.
+        .target(name: "FerryVM", dependencies: [
+            "FerryWire", "FerryIO", "FerryQMP",
+            .product(name: "Crypto", package: "swift-crypto"),
+            .product(name: "Logging", package: "swift-log"),
+        ]),
+        // Orchestration: source and destination state machines, policy, report.
+        .target(name: "FerryMigration", dependencies: [
+            "FerryWire", "FerryQMP", "FerryTransport", "FerryVM",
+            .product(name: "Logging", package: "swift-log"),
+        ]),
+        // The test lab: network namespaces, veth NICs, tc rates.
+        .target(name: "FerryLab", dependencies: ["FerryVM", "FerryIO"]),
+        .executableTarget(name: "ferry", dependencies: [
+            "FerryWire", "FerryIO", "FerryQMP", "FerryTransport", "FerryVM", "FerryMigration", "FerryLab",
+            .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            .product(name: "Logging", package: "swift-log"),
+        ]),
+        .testTarget(name: "FerryWireTests", dependencies: ["FerryWire"]),
+        .testTarget(name: "FerryQMPTests", dependencies: ["FerryQMP", "FerryWire"]),
+        .testTarget(name: "FerryTransportTests", dependencies: ["FerryTransport", "FerryWire", "FerryIO"]),
+        .testTarget(name: "FerryVMTests", dependencies: ["FerryVM", "FerryWire"]),
+        .testTarget(name: "FerryCLITests", dependencies: ["ferry"]),
+        // Root-only suites: lab (namespaces) and end-to-end (two QEMUs, the real binary).
+        .testTarget(name: "FerryIntegrationTests", dependencies: ["FerryWire", "FerryIO"], path: "IntegrationTests"),
+    ]
+)

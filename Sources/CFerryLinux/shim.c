@@ -1,0 +1,111 @@
+#define _GNU_SOURCE
+#include "CFerryLinux.h"
+
+#include <errno.h>
+#include <pthread.h>
+#include <sched.h>
+#include <signal.h>
+#include <string.h>
+#include <sys/prctl.h>
+#include <time.h>
+
+/* ---- CRC32C ------------------------------------------------------------------ */
+
+static uint32_t crc32c_table[8][256];
+static int crc32c_table_ready;
+static int crc32c_have_sse42 = -1;
+
+static void crc32c_init_table(void) {
+    const uint32_t poly = 0x82F63B78u; /* reflected Castagnoli polynomial */
+    for (uint32_t n = 0; n < 256; n++) {
+        uint32_t c = n;
+        for (int k = 0; k < 8; k++) c = (c & 1) ? (c >> 1) ^ poly : c >> 1;
+        crc32c_table[0][n] = c;
+    }
+    for (uint32_t n = 0; n < 256; n++) {
+        uint32_t c = crc32c_table[0][n];
+        for (int t = 1; t < 8; t++) {
+            c = crc32c_table[0][c & 0xff] ^ (c >> 8);
+            crc32c_table[t][n] = c;
+        }
+    }
+    __atomic_store_n(&crc32c_table_ready, 1, __ATOMIC_RELEASE);
+}
+
+static uint32_t crc32c_soft(uint32_t crc, const unsigned char *p, size_t len) {
+    if (!__atomic_load_n(&crc32c_table_ready, __ATOMIC_ACQUIRE)) crc32c_init_table();
+    while (len >= 8) {
+        uint64_t v;
+        memcpy(&v, p, 8);
+        v ^= crc;
+        crc = crc32c_table[7][v & 0xff] ^ crc32c_table[6][(v >> 8) & 0xff] ^
+              crc32c_table[5][(v >> 16) & 0xff] ^ crc32c_table[4][(v >> 24) & 0xff] ^
+              crc32c_table[3][(v >> 32) & 0xff] ^ crc32c_table[2][(v >> 40) & 0xff] ^
+              crc32c_table[1][(v >> 48) & 0xff] ^ crc32c_table[0][v >> 56];
+        p += 8;
+        len -= 8;
+    }
+    while (len--) crc = crc32c_table[0][(crc ^ *p++) & 0xff] ^ (crc >> 8);
+    return crc;
+}
+
+#if defined(__x86_64__)
+__attribute__((target("sse4.2")))
+static uint32_t crc32c_hw(uint32_t crc, const unsigned char *p, size_t len) {
+    uint64_t c = crc;
+    while (len >= 8) {
+        uint64_t v;
+        memcpy(&v, p, 8);
+        c = __builtin_ia32_crc32di(c, v);
+        p += 8;
+        len -= 8;
+    }
+    uint32_t c32 = (uint32_t)c;
+    while (len--) c32 = __builtin_ia32_crc32qi(c32, *p++);
+    return c32;
+}
+#endif
+
+uint32_t ferry_crc32c(uint32_t crc, const void *data, size_t len) {
+    const unsigned char *p = data;
+    crc = ~crc;
+#if defined(__x86_64__)
+    if (crc32c_have_sse42 < 0) {
+        __builtin_cpu_init();
+        crc32c_have_sse42 = __builtin_cpu_supports("sse4.2") ? 1 : 0;
+    }
+    if (crc32c_have_sse42) return ~crc32c_hw(crc, p, len);
+#endif
+    return ~crc32c_soft(crc, p, len);
+}
+
+/* ---- threads and processes ----------------------------------------------------- */
+
+int ferry_pin_thread(const int *cpus, int count) {
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    for (int i = 0; i < count; i++) {
+        if (cpus[i] >= 0 && cpus[i] < CPU_SETSIZE) CPU_SET(cpus[i], &set);
+    }
+    int rc = pthread_setaffinity_np(pthread_self(), sizeof(set), &set);
+    return rc == 0 ? 0 : -rc;
+}
+
+int ferry_allowed_cpus(void) {
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof(set), &set) != 0) return 1;
+    return CPU_COUNT(&set);
+}
+
+int ferry_set_pdeathsig(int sig) {
+    return prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0) == 0 ? 0 : -errno;
+}
+
+static uint64_t clock_ns(clockid_t id) {
+    struct timespec ts;
+    if (clock_gettime(id, &ts) != 0) return 0;
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+uint64_t ferry_thread_cpu_ns(void) { return clock_ns(CLOCK_THREAD_CPUTIME_ID); }
+uint64_t ferry_process_cpu_ns(void) { return clock_ns(CLOCK_PROCESS_CPUTIME_ID); }

@@ -1,0 +1,172 @@
+import FerryIO
+import FerryVM
+import Foundation
+
+/// The test lab: two hosts, `a` and `b`, each a network namespace with its own Ferry
+/// state, joined by N veth pairs ("NICs"), each pair on its own /24, optionally rate
+/// limited with tc tbf on both ends (a NIC's speed, in both directions).
+public struct Lab: Sendable {
+    public static let hosts = ["a", "b"]
+
+    public struct Config: Codable, Sendable, Equatable {
+        public var name: String
+        public var nics: Int
+        /// tc rate per NIC (e.g. "1gbit"), nil for unlimited.
+        public var rate: String?
+        public var createdAt: Date
+    }
+
+    public enum LabError: Error, CustomStringConvertible {
+        case badInput(String)
+        case notUp(String)
+        case setup(String)
+        public var description: String {
+            switch self {
+            case .badInput(let s), .setup(let s): return s
+            case .notUp(let name): return "lab '\(name)' is not up (run `ferry lab up`)"
+            }
+        }
+    }
+
+    public let name: String
+    public init(name: String = "ferry") { self.name = name }
+
+    public var directory: String { "/run/ferry-lab/\(name)" }
+    var configPath: String { directory + "/lab.json" }
+
+    public func namespace(_ host: String) -> String { "\(name)-\(host)" }
+    public func stateDirectory(_ host: String) -> String { directory + "/" + host }
+    /// The address of `host` on NIC `nic` (0-based): 10.77.<nic+1>.1 on a, .2 on b.
+    public func address(_ host: String, nic: Int) -> String { "10.77.\(nic + 1).\(host == "a" ? 1 : 2)" }
+    public func interface(nic: Int) -> String { "eth\(nic)" }
+
+    public var config: Config? {
+        guard let data = FileManager.default.contents(atPath: configPath) else { return nil }
+        let decoder = JSONDecoder()
+        decoder.dateDecodingStrategy = .iso8601
+        return try? decoder.decode(Config.self, from: data)
+    }
+
+    public var isUp: Bool {
+        config != nil && (try? Command.run(["ip", "netns", "list"]).stdout.contains(namespace("a"))) == true
+    }
+
+    public static func validateName(_ name: String) throws {
+        guard !name.isEmpty, name.count <= 10, name.allSatisfy({ $0.isLetter || $0.isNumber }), name.first!.isLetter else {
+            throw LabError.badInput("lab name '\(name)' must be 1-10 letters and digits, starting with a letter")
+        }
+    }
+
+    public static func validateRate(_ rate: String) throws {
+        let lower = rate.lowercased()
+        let units = ["kbit", "mbit", "gbit", "bit"]
+        guard let unit = units.first(where: { lower.hasSuffix($0) }),
+              let value = Double(lower.dropLast(unit.count)), value > 0 else {
+            throw LabError.badInput("rate '\(rate)' is not like 1gbit, 500mbit or 100kbit")
+        }
+    }
+
+    /// Creates the namespaces, the NICs and their rates. Fails if the lab is already up.
+    public func up(nics: Int, rate: String?) throws {
+        try Self.validateName(name)
+        guard (1...8).contains(nics) else { throw LabError.badInput("--nics must be between 1 and 8, not \(nics)") }
+        if let rate { try Self.validateRate(rate) }
+        guard getuid() == 0 else { throw LabError.setup("the lab needs root (network namespaces)") }
+        guard Command.exists("ip") && Command.exists("tc") else {
+            throw LabError.setup("the lab needs iproute2 (ip, tc): apt-get install iproute2")
+        }
+        if isUp { throw LabError.setup("lab '\(name)' is already up; `ferry lab down\(name == "ferry" ? "" : " --name \(name)")` first") }
+        // A half-made lab from a crash: clear it first.
+        try? down()
+        do {
+            for host in Self.hosts {
+                try Command.check(["ip", "netns", "add", namespace(host)])
+                try Command.check(["ip", "-n", namespace(host), "link", "set", "lo", "up"])
+                try FileManager.default.createDirectory(atPath: stateDirectory(host), withIntermediateDirectories: true)
+            }
+            for nic in 0..<nics {
+                let ta = "\(name)a\(nic)", tb = "\(name)b\(nic)"
+                try Command.check(["ip", "link", "add", ta, "type", "veth", "peer", "name", tb])
+                for (host, tmp) in [("a", ta), ("b", tb)] {
+                    let ns = namespace(host)
+                    try Command.check(["ip", "link", "set", tmp, "netns", ns])
+                    try Command.check(["ip", "-n", ns, "link", "set", tmp, "name", interface(nic: nic)])
+                    try Command.check(["ip", "-n", ns, "addr", "add", "\(address(host, nic: nic))/24", "dev", interface(nic: nic)])
+                    try Command.check(["ip", "-n", ns, "link", "set", interface(nic: nic), "up"])
+                    if let rate {
+                        try Command.check(["tc", "-n", ns, "qdisc", "add", "dev", interface(nic: nic), "root", "tbf",
+                                           "rate", rate, "burst", Self.burst(for: rate), "latency", "20ms"])
+                    }
+                }
+            }
+            let config = Config(name: name, nics: nics, rate: rate, createdAt: Date())
+            let encoder = JSONEncoder()
+            encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
+            encoder.dateEncodingStrategy = .iso8601
+            try encoder.encode(config).write(to: URL(fileURLWithPath: configPath))
+        } catch {
+            try? down()
+            throw LabError.setup("lab setup failed: \(error)")
+        }
+    }
+
+    /// tbf's bucket: 4 ms of the rate, at least 64 KiB (one GSO super-packet must fit).
+    static func burst(for rate: String) -> String {
+        let lower = rate.lowercased()
+        let multipliers: [(String, Double)] = [("gbit", 1e9), ("mbit", 1e6), ("kbit", 1e3), ("bit", 1)]
+        var bitsPerSecond = 1e9
+        for (unit, m) in multipliers where lower.hasSuffix(unit) {
+            bitsPerSecond = (Double(lower.dropLast(unit.count)) ?? 1) * m
+            break
+        }
+        let bytes = max(64 * 1024, Int(bitsPerSecond / 8 * 0.004))
+        return "\(bytes)b"
+    }
+
+    /// Stops every process in the lab (VMs, daemons), deletes the namespaces and the state.
+    public func down() throws {
+        for host in Self.hosts {
+            let store = VMStore(paths: StatePaths(root: stateDirectory(host)))
+            for record in store.list() where record.alive {
+                ProcessStats.terminate(pid: record.state.pid, grace: .seconds(2))
+            }
+            let ns = namespace(host)
+            if let pids = try? Command.run(["ip", "netns", "pids", ns]).stdout {
+                for pid in pids.split(separator: "\n").compactMap({ Int32($0.trimmingCharacters(in: .whitespaces)) }) {
+                    ProcessStats.terminate(pid: pid, grace: .seconds(2))
+                }
+            }
+            _ = try? Command.run(["ip", "netns", "del", ns])
+        }
+        // veth peers die with their namespaces; a half-made lab may have left some in the root.
+        if let links = try? Command.run(["ip", "-o", "link", "show"]).stdout {
+            for line in links.split(separator: "\n") {
+                let parts = line.split(separator: ":")
+                guard parts.count > 1 else { continue }
+                let ifname = parts[1].trimmingCharacters(in: .whitespaces).split(separator: "@").first.map(String.init) ?? ""
+                if ifname.hasPrefix(name + "a") || ifname.hasPrefix(name + "b"), ifname.dropFirst(name.count + 1).allSatisfy(\.isNumber) {
+                    _ = try? Command.run(["ip", "link", "del", ifname])
+                }
+            }
+        }
+        try? FileManager.default.removeItem(atPath: directory)
+    }
+
+    /// The argv that runs `command` inside `host`, with that host's Ferry state.
+    public func execArguments(_ host: String, _ command: [String]) throws -> [String] {
+        guard Self.hosts.contains(host) else { throw LabError.badInput("lab host must be a or b, not '\(host)'") }
+        guard isUp else { throw LabError.notUp(name) }
+        return ["ip", "netns", "exec", namespace(host), "env",
+                "FERRY_STATE_DIR=\(stateDirectory(host))", "FERRY_HOST_NAME=\(host)", "FERRY_LAB=\(name)"] + command
+    }
+
+    /// Takes NIC `nic` of `host` down or up.
+    public func setNIC(_ host: String, nic: Int, up: Bool) throws {
+        guard let config else { throw LabError.notUp(name) }
+        guard Self.hosts.contains(host) else { throw LabError.badInput("lab host must be a or b, not '\(host)'") }
+        guard (0..<config.nics).contains(nic) else {
+            throw LabError.badInput("NIC \(nic) does not exist; the lab has NICs 0-\(config.nics - 1)")
+        }
+        try Command.check(["ip", "-n", namespace(host), "link", "set", interface(nic: nic), up ? "up" : "down"])
+    }
+}

@@ -1,0 +1,61 @@
+import FerryIO
+import FerryVM
+import Foundation
+
+/// Running Ferry on a lab host: commands, the daemon, the host's VMs.
+public struct LabHost: Sendable {
+    public let lab: Lab
+    public let host: String
+    /// The ferry binary to run inside the namespace.
+    public let binary: String
+
+    public init(lab: Lab, host: String, binary: String) {
+        self.lab = lab
+        self.host = host
+        self.binary = binary
+    }
+
+    public var store: VMStore { VMStore(paths: StatePaths(root: lab.stateDirectory(host))) }
+
+    /// Runs `ferry ARGS` on this host and collects its output.
+    @discardableResult
+    public func ferry(_ args: [String]) throws -> CommandResult {
+        try Command.run(try lab.execArguments(host, [binary] + args))
+    }
+
+    /// Runs `ferry ARGS` on this host with this process's terminal (progress shows live).
+    public func ferryInteractive(_ args: [String]) throws -> Int32 {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+        process.arguments = try lab.execArguments(host, [binary] + args)
+        try process.run()
+        process.waitUntilExit()
+        return process.terminationStatus
+    }
+
+    public var serveLog: String { lab.stateDirectory(host) + "/serve.log" }
+
+    /// Starts `ferry serve` in the background on this host; returns its pid once it listens.
+    public func startServe(port: UInt16 = 7470, extra: [String] = []) throws -> Int32 {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+        process.arguments = try lab.execArguments(host, [binary, "serve", "--listen", "0.0.0.0:\(port)"] + extra)
+        _ = FileManager.default.createFile(atPath: serveLog, contents: nil)
+        let log = FileHandle(forWritingAtPath: serveLog)!
+        log.seekToEndOfFile()
+        process.standardOutput = log
+        process.standardError = log
+        process.standardInput = FileHandle.nullDevice
+        try process.run()
+        let pid = process.processIdentifier
+        let deadline = ContinuousClock.now + .seconds(10)
+        while ContinuousClock.now < deadline {
+            if let text = try? String(contentsOfFile: serveLog, encoding: .utf8), text.contains("listening on") { return pid }
+            if !process.isRunning { break }
+            Thread.sleep(forTimeInterval: 0.05)
+        }
+        ProcessStats.terminate(pid: pid)
+        let text = (try? String(contentsOfFile: serveLog, encoding: .utf8)) ?? ""
+        throw Lab.LabError.setup("ferry serve did not start on \(host): \(text.suffix(500))")
+    }
+}

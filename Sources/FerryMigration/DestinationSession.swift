@@ -1,0 +1,271 @@
+import FerryIO
+import FerryQMP
+import FerryTransport
+import FerryVM
+import FerryWire
+import Foundation
+import Logging
+
+/// The destination side of one migration, run by `ferry serve` on the control connection's
+/// thread: checks the offer, receives boot files, starts QEMU waiting for the streams,
+/// feeds it, and runs the VM only when the source commits.
+final class DestinationSession: @unchecked Sendable {
+    enum Event: Sendable {
+        case frame(Frame)
+        case controlLost(String)
+        case dataFailed(TransportError)
+        case qemuGone
+    }
+
+    let session = Hex.random(byteCount: 16)
+    let bindKey: [UInt8] = Hex.decode(Hex.random(byteCount: 32))!
+    private let control: FrameConnection
+    private let store: VMStore
+    private let server: MigrationServer
+    private let logger: Logger
+    private let events = EventQueue<Event>()
+    private let ferryCPUStart = ProcessStats.ownCPUSeconds()
+    private var dataPath: DestinationDataPath?
+    private var spec: VMSpec?
+    private var qmp: QMPClient?
+    private var qemuPID: Int32 = 0
+    private var sourceHost = "?"
+    private var committed = false
+
+    init(control: FrameConnection, store: VMStore, server: MigrationServer, logger: Logger) {
+        self.control = control
+        self.store = store
+        self.server = server
+        var logger = logger
+        logger[metadataKey: "peer"] = "\(control.peer)"
+        self.logger = logger
+    }
+
+    var vmName: String? { spec?.name }
+
+    /// Runs the session to its end; every failure is reported to the source and undone here.
+    func run(hello: Frame) {
+        do {
+            try handle(hello: hello)
+        } catch {
+            let (code, message) = classify(error)
+            logger.warning("incoming migration failed", metadata: ["vm": "\(spec?.name ?? "?")", "error": "\(message)"])
+            if !committed { discardDestinationCopy(reason: message) }
+            control.fail(code, message)
+        }
+        dataPath?.stop()
+        server.unregister(self)
+        control.shutdown()
+    }
+
+    private func handle(hello: Frame) throws {
+        control.socket.setReceiveTimeout(.seconds(30))
+        let helloMessage = try ControlCoding.decode(HelloMessage.self, from: hello)
+        guard let version = ProtocolVersion.negotiate(peerMin: helloMessage.minVersion, peerMax: helloMessage.maxVersion) else {
+            throw ErrorMessage(code: .unsupportedVersion,
+                               message: "the source speaks protocol v\(helloMessage.minVersion)-v\(helloMessage.maxVersion), this host v\(ProtocolVersion.oldestSupported)-v\(ProtocolVersion.current)")
+        }
+        try control.send(.welcome, WelcomeMessage(version: version, software: FerryVersion.software, host: HostInfo.hostname))
+        sourceHost = helloMessage.host
+
+        let offer = try control.expect(.offer, as: OfferMessage.self)
+        try validate(offer)
+        spec = offer.spec
+        try server.register(self, name: offer.spec.name)
+
+        let missing = offer.spec.bootFiles.filter { !store.bootFiles.has($0) }
+        var endpoints: [DataEndpoint] = []
+        if let local = control.socket.localAddress {
+            endpoints.append(DataEndpoint(address: local, port: server.port, interface: server.interfaceName(for: local)))
+        }
+        try control.send(.accept, AcceptMessage(session: session, bindKey: Hex.encode(bindKey),
+                                                missingFiles: missing.map(\.sha256), endpoints: endpoints))
+        logger.info("incoming migration accepted", metadata: ["vm": "\(offer.spec.name)", "from": "\(sourceHost)", "missingFiles": "\(missing.count)"])
+
+        // Boot files, checked by hash.
+        var receivers: [String: BootFileReceiver] = [:]
+        for file in missing { receivers[file.sha256] = try BootFileReceiver(file: file, store: store.bootFiles) }
+        while receivers.values.contains(where: { !$0.isComplete }) {
+            let frame = try control.receiveChecked()
+            if frame.type == .abort { throw ErrorMessage(code: .aborted, message: "the source aborted") }
+            guard frame.type == .file else { throw WireError.unexpectedFrame(frame.type, expected: "file") }
+            let piece = try FileChunkMessage.decode(frame.payload)
+            guard let receiver = receivers[piece.sha256] else {
+                throw ErrorMessage(code: .fileMismatch, message: "a boot file piece that was not asked for (\(piece.sha256.prefix(12)))")
+            }
+            do {
+                try receiver.append(offset: piece.offset, bytes: piece.bytes)
+            } catch {
+                throw ErrorMessage(code: .fileMismatch, message: "\(error)")
+            }
+        }
+
+        // The destination QEMU, paused, waiting for its streams.
+        let (record, qmp): (VMRecord, QMPClient)
+        do {
+            (record, qmp) = try store.start(spec: offer.spec, incoming: true, migratedFrom: sourceHost)
+        } catch {
+            throw ErrorMessage(code: .qemuFailed, message: "cannot start QEMU here: \(error)")
+        }
+        self.qmp = qmp
+        qemuPID = record.state.pid
+        do {
+            try qmp.setMigrationCapabilities([("multifd", offer.streams.multifdChannels > 0), ("events", true)])
+            if offer.streams.multifdChannels > 0 {
+                try qmp.setMigrationParameters(["multifd-channels": .number(Double(offer.streams.multifdChannels))])
+            }
+            try qmp.execute("migrate-incoming", arguments: ["uri": .string("unix:\(record.paths.incomingSocket)")])
+        } catch {
+            throw ErrorMessage(code: .qemuFailed, message: "cannot prepare QEMU for the incoming migration: \(error)")
+        }
+        let incomingPath = record.paths.incomingSocket
+        let dataPath = DestinationDataPath(
+            streamCount: offer.streams.streamCount, logger: logger,
+            connector: { _ in try Socket.connectUnix(path: incomingPath) },
+            onFailure: { [events] error in events.post(.dataFailed(error)) })
+        self.dataPath = dataPath
+        control.socket.setReceiveTimeout(nil)
+        try control.send(.ready, ReadyMessage(qemuVersion: qmp.qemuVersion))
+
+        spawnThread("ferry-control-rx") { [events, control] in
+            while true {
+                do {
+                    events.post(.frame(try control.receive()))
+                } catch {
+                    events.post(.controlLost("\(error)"))
+                    return
+                }
+            }
+        }
+        try receive(dataPath: dataPath, qmp: qmp, name: offer.spec.name)
+    }
+
+    /// Attaches a data channel that has proven it belongs to this session.
+    func attach(channel: Int, connection: FrameConnection) -> Bool {
+        guard let dataPath else { return false }
+        dataPath.addChannel(channel, connection: connection)
+        return true
+    }
+
+    private func receive(dataPath: DestinationDataPath, qmp: QMPClient, name: String) throws {
+        var loadedSent = false
+        var lastPoll = 0.0
+        let clock = Stopwatch()
+        while true {
+            let event = events.next(timeout: .milliseconds(100))
+            switch event {
+            case .frame(let frame)?:
+                switch frame.type {
+                case .streamOpen:
+                    _ = try ControlCoding.decode(StreamOpenMessage.self, from: frame)
+                case .streamEnd:
+                    try dataPath.streamEnded(try ControlCoding.decode(StreamEndMessage.self, from: frame))
+                case .abort:
+                    let reason = (try? ControlCoding.decode(AbortMessage.self, from: frame))?.reason ?? "no reason"
+                    throw ErrorMessage(code: .aborted, message: "the source aborted: \(reason)")
+                case .commit:
+                    guard loadedSent else { throw ErrorMessage(code: .protocolViolation, message: "commit before the VM was loaded") }
+                    try commit(qmp: qmp, name: name, dataPath: dataPath)
+                    return
+                case .error:
+                    let msg = (try? ControlCoding.decode(ErrorMessage.self, from: frame))?.description ?? "error"
+                    throw ErrorMessage(code: .aborted, message: "the source failed: \(msg)")
+                case .status:
+                    break
+                default:
+                    throw ErrorMessage(code: .protocolViolation, message: "unexpected \(frame.type) frame on the control connection")
+                }
+            case .controlLost(let why)?:
+                throw ErrorMessage(code: .aborted, message: "lost the source (\(why))")
+            case .dataFailed(let error)?:
+                throw ErrorMessage(code: .protocolViolation, message: "data path: \(error)")
+            case .qemuGone?:
+                throw ErrorMessage(code: .qemuFailed, message: "the destination QEMU exited")
+            case nil:
+                break
+            }
+            if !loadedSent && clock.elapsed - lastPoll >= 0.05 {
+                lastPoll = clock.elapsed
+                if qmp.isClosed || !ProcessStats.isAlive(pid: qemuPID) {
+                    throw ErrorMessage(code: .qemuFailed, message: "the destination QEMU exited while loading the VM (see its qemu.log)")
+                }
+                if dataPath.isComplete {
+                    let info = try qmp.queryMigrate()
+                    if info.status == "completed" {
+                        try control.send(.loaded, LoadedMessage(receivedByteCount: dataPath.deliveredByteCount))
+                        loadedSent = true
+                        logger.info("VM loaded, waiting for the commit", metadata: ["vm": "\(name)"])
+                    } else if info.status == "failed" {
+                        throw ErrorMessage(code: .qemuFailed, message: "the destination QEMU failed to load the VM: \(info.errorDescription ?? "no reason")")
+                    }
+                }
+            }
+        }
+    }
+
+    private func commit(qmp: QMPClient, name: String, dataPath: DestinationDataPath) throws {
+        committed = true
+        do {
+            try qmp.execute("cont")
+        } catch {
+            committed = false
+            throw ErrorMessage(code: .qemuFailed, message: "the destination QEMU would not run the VM: \(error)")
+        }
+        if var state = try? store.record(name).state {
+            state.phase = .running
+            try? store.setState(name, state)
+        }
+        let reply = CommittedMessage(
+            ferryCPUSeconds: ProcessStats.ownCPUSeconds() - ferryCPUStart,
+            qemuCPUSeconds: ProcessStats.cpuSeconds(pid: qemuPID) ?? 0,
+            receivedByteCount: dataPath.receivedByteCount,
+            ferryPeakRSSBytes: ProcessStats.peakRSSBytes(pid: getpid()) ?? 0)
+        try? control.send(.committed, reply)
+        logger.info("VM runs here now", metadata: ["vm": "\(name)", "from": "\(sourceHost)"])
+        qmp.close()
+    }
+
+    private func validate(_ offer: OfferMessage) throws {
+        let spec = offer.spec
+        if let problem = VMSpec.validateName(spec.name) { throw ErrorMessage(code: .badOffer, message: problem) }
+        if let existing = try? store.record(spec.name), existing.alive {
+            throw ErrorMessage(code: .vmExists, message: "a VM named '\(spec.name)' already runs on \(HostInfo.hostname)")
+        }
+        guard spec.memoryMiB >= 16 && spec.memoryMiB <= 16 << 20 else {
+            throw ErrorMessage(code: .badOffer, message: "memory of \(spec.memoryMiB) MiB is out of range")
+        }
+        guard spec.cpus >= 1 && spec.cpus <= 1024 else { throw ErrorMessage(code: .badOffer, message: "\(spec.cpus) vCPUs is out of range") }
+        guard offer.streams.multifdChannels >= 0 && offer.streams.multifdChannels <= 64 else {
+            throw ErrorMessage(code: .badOffer, message: "\(offer.streams.multifdChannels) multifd channels is out of range (0-64)")
+        }
+        if spec.accelerator == .kvm && !HostInfo.hasHardwareVirtualization {
+            throw ErrorMessage(code: .badOffer, message: "the VM runs under KVM and \(HostInfo.hostname) cannot run KVM guests")
+        }
+        for file in spec.bootFiles {
+            guard file.sha256.count == 64, Hex.decode(file.sha256) != nil, file.byteCount >= 0, file.byteCount < 4 << 30 else {
+                throw ErrorMessage(code: .badOffer, message: "boot file \(file.name) has a malformed hash or size")
+            }
+        }
+    }
+
+    /// Before the commit, the destination copy is disposable: stop it and forget it.
+    private func discardDestinationCopy(reason: String) {
+        dataPath?.stop()
+        guard let spec else { return }
+        if qemuPID > 0 {
+            try? qmp?.quit()
+            if !ProcessStats.waitForExit(pid: qemuPID, timeout: .seconds(5)) { ProcessStats.terminate(pid: qemuPID) }
+            store.archiveAndRemove(spec.name, reason: "incoming-aborted")
+        }
+    }
+
+    private func classify(_ error: Error) -> (ErrorCode, String) {
+        switch error {
+        case let e as ErrorMessage: return (e.code, e.message)
+        case let e as WireError: return (.protocolViolation, e.description)
+        case let e as SocketError: return (.aborted, "connection to the source: \(e)")
+        case let e as TransportError: return (.protocolViolation, e.description)
+        default: return (.internalError, "\(error)")
+        }
+    }
+}

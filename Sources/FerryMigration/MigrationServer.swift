@@ -1,0 +1,188 @@
+import FerryIO
+import FerryQMP
+import FerryTransport
+import FerryVM
+import FerryWire
+import Foundation
+import Logging
+
+/// `ferry serve`: accepts migrations into this host, one session per control connection,
+/// data channels joining their session by proof. Whatever a peer sends, the server logs
+/// it, answers with an error where it can, and goes on serving.
+public final class MigrationServer: @unchecked Sendable {
+    public struct Options: Sendable {
+        public var host: String
+        public var port: UInt16
+        /// A new connection must say what it is (hello or bind) within this time.
+        public var handshakeTimeout: Duration = .seconds(10)
+        /// Connections that have not yet said what they are, at most; more are dropped.
+        public var maxPendingConnections = 32
+        public init(host: String, port: UInt16) {
+            self.host = host
+            self.port = port
+        }
+    }
+
+    public let options: Options
+    public let port: UInt16
+    private let store: VMStore
+    private let logger: Logger
+    private let listener: Socket
+    private let lock = NSLock()
+    private var sessions: [String: DestinationSession] = [:]
+    private var incomingNames: [String: String] = [:]
+    private var pending = 0
+
+    public init(store: VMStore, options: Options, logger: Logger) throws {
+        self.store = store
+        self.options = options
+        self.logger = logger
+        listener = try Socket.listenTCP(host: options.host, port: options.port)
+        port = listener.localPort
+    }
+
+    /// Cleans up what a previous, crashed daemon left: destination QEMUs that were still
+    /// waiting for a migration never ran the VM, so they are stopped and forgotten.
+    public func reconcile() {
+        for record in store.list() where record.state.phase == .incoming {
+            logger.warning("discarding a half-received VM left by a previous daemon", metadata: ["vm": "\(record.spec.name)"])
+            if record.alive { ProcessStats.terminate(pid: record.state.pid) }
+            store.archiveAndRemove(record.spec.name, reason: "incoming-stale")
+        }
+    }
+
+    /// Accepts connections until the process ends.
+    public func run() -> Never {
+        logger.info("ferry serve listening", metadata: ["address": "\(options.host)", "port": "\(port)"])
+        while true {
+            let socket: Socket?
+            do {
+                socket = try listener.accept(timeout: .seconds(1))
+            } catch {
+                logger.error("accept failed", metadata: ["error": "\(error)"])
+                usleep(100_000)
+                continue
+            }
+            guard let socket else { continue }
+            let admitted = lock.withLock { () -> Bool in
+                guard pending < options.maxPendingConnections else { return false }
+                pending += 1
+                return true
+            }
+            guard admitted else {
+                logger.warning("refused connection: too many unidentified connections", metadata: ["peer": "\(socket.peer)"])
+                socket.close()
+                continue
+            }
+            spawnThread("ferry-conn") { [self] in handle(socket) }
+        }
+    }
+
+    private func handle(_ socket: Socket) {
+        let connection = FrameConnection(socket: socket)
+        socket.setReceiveTimeout(options.handshakeTimeout)
+        let first: Frame
+        do {
+            first = try connection.receive()
+        } catch {
+            lock.withLock { pending -= 1 }
+            let message: String
+            if let e = error as? SocketError, e.kind == .timedOut || e.kind == .system(EAGAIN) {
+                message = "said nothing within \(Int(options.handshakeTimeout.seconds)) s"
+            } else {
+                message = "\(error)"
+            }
+            logger.warning("refused connection", metadata: ["peer": "\(socket.peer)", "reason": "\(message)"])
+            connection.fail(.protocolViolation, "refused: \(message)")
+            socket.close()
+            return
+        }
+        lock.withLock { pending -= 1 }
+        switch first.type {
+        case .hello:
+            let session = DestinationSession(control: connection, store: store, server: self, logger: logger)
+            lock.withLock { sessions[session.session] = session }
+            session.run(hello: first)
+            socket.close()
+        case .bind:
+            bind(first, connection)
+        default:
+            logger.warning("refused connection", metadata: ["peer": "\(socket.peer)", "reason": "first frame was \(first.type)"])
+            connection.fail(.protocolViolation, "expected hello or bind, got \(first.type)")
+            socket.close()
+        }
+    }
+
+    private func bind(_ frame: Frame, _ connection: FrameConnection) {
+        let refuse = { [self] (code: ErrorCode, reason: String) in
+            logger.warning("refused data channel", metadata: ["peer": "\(connection.peer)", "reason": "\(reason)"])
+            connection.fail(code, reason)
+            connection.close()
+        }
+        guard let message = try? ControlCoding.decode(BindMessage.self, from: frame) else {
+            return refuse(.protocolViolation, "malformed bind")
+        }
+        guard message.version >= ProtocolVersion.oldestSupported && message.version <= ProtocolVersion.current else {
+            return refuse(.unsupportedVersion, "protocol v\(message.version) is not supported")
+        }
+        guard let session = lock.withLock({ sessions[message.session] }) else {
+            return refuse(.unknownSession, "no such session")
+        }
+        guard ChannelBinding.verify(proof: message.proof, bindKey: session.bindKey, session: message.session, channel: message.channel) else {
+            return refuse(.authenticationFailed, "the channel's proof of the session key is wrong")
+        }
+        do {
+            try connection.send(.bound, BoundMessage(channel: message.channel))
+        } catch {
+            return refuse(.aborted, "\(error)")
+        }
+        connection.socket.setReceiveTimeout(nil)
+        guard session.attach(channel: Int(message.channel), connection: connection) else {
+            return refuse(.protocolViolation, "the session is not ready for data channels")
+        }
+    }
+
+    func register(_ session: DestinationSession, name: String) throws {
+        try lock.withLock {
+            if let other = incomingNames[name], other != session.session {
+                throw ErrorMessage(code: .vmExists, message: "VM '\(name)' is already being migrated to this host")
+            }
+            incomingNames[name] = session.session
+        }
+    }
+
+    func unregister(_ session: DestinationSession) {
+        lock.withLock {
+            sessions[session.session] = nil
+            if let name = session.vmName, incomingNames[name] == session.session { incomingNames[name] = nil }
+        }
+    }
+
+    /// The interface that holds `address` (for reports); "default" when unknown.
+    func interfaceName(for address: String) -> String {
+        InterfaceNames.name(holding: address) ?? "default"
+    }
+}
+
+/// Looks up which interface holds an address (via getifaddrs).
+enum InterfaceNames {
+    static func name(holding address: String) -> String? {
+        var list: UnsafeMutablePointer<ifaddrs>?
+        guard getifaddrs(&list) == 0, let first = list else { return nil }
+        defer { freeifaddrs(first) }
+        var cursor: UnsafeMutablePointer<ifaddrs>? = first
+        while let ifa = cursor {
+            defer { cursor = ifa.pointee.ifa_next }
+            guard let sa = ifa.pointee.ifa_addr else { continue }
+            let family = Int32(sa.pointee.sa_family)
+            guard family == AF_INET || family == AF_INET6 else { continue }
+            var host = [CChar](repeating: 0, count: Int(NI_MAXHOST))
+            let len = socklen_t(family == AF_INET ? MemoryLayout<sockaddr_in>.size : MemoryLayout<sockaddr_in6>.size)
+            guard getnameinfo(sa, len, &host, socklen_t(host.count), nil, 0, NI_NUMERICHOST) == 0 else { continue }
+            var text = cString(host)
+            if let percent = text.firstIndex(of: "%") { text = String(text[..<percent]) }
+            if text == address { return String(cString: ifa.pointee.ifa_name) }
+        }
+        return nil
+    }
+}

@@ -1,0 +1,141 @@
+import FerryWire
+import Foundation
+
+/// What `ferry migrate` prints at the end: one per migration, success or not.
+public struct MigrationReport: Codable, Sendable {
+    public enum Outcome: String, Codable, Sendable {
+        /// The VM runs on the destination; the source QEMU is stopped.
+        case succeeded
+        /// The VM still runs on the source; nothing changed on the destination.
+        case failedVMOnSource = "failed-vm-on-source"
+        /// The outcome is not known (the destination vanished after the commit was sent):
+        /// the source keeps its copy paused; see the message.
+        case uncertain
+    }
+
+    public struct Side: Codable, Sendable {
+        public var host: String
+        public var ferryCPUSeconds: Double?
+        public var qemuCPUSeconds: Double?
+        public var ferryPeakRSSBytes: UInt64?
+    }
+
+    public struct Channel: Codable, Sendable {
+        public var channel: Int
+        public var interface: String
+        public var payloadBytes: UInt64
+        public var alive: Bool
+    }
+
+    public struct Event: Codable, Sendable {
+        /// Seconds since the migration started.
+        public var at: Double
+        public var what: String
+    }
+
+    public var vm: String
+    public var outcome: Outcome
+    public var error: String?
+    public var failedPhase: String?
+    public var startedAt: Date
+    public var totalSeconds: Double
+    /// From QEMU's `migrate` to QEMU's completion on the source.
+    public var transferSeconds: Double?
+    /// QEMU's own downtime figure (the source's stop-and-copy time).
+    public var qemuDowntimeMilliseconds: Double?
+    /// From the source's STOP to the destination's confirmation that the VM runs:
+    /// an upper bound on how long the guest was paused.
+    public var switchoverMilliseconds: Double?
+    /// Guest RAM bytes QEMU sent (its `ram.transferred`).
+    public var qemuTransferredBytes: UInt64?
+    /// Bytes of QEMU's streams that Ferry carried (what QEMU wrote into Ferry's sockets).
+    public var streamBytes: UInt64
+    /// Bytes Ferry put on the data channels (streams, framing, resends).
+    public var wireBytes: UInt64
+    public var retransmittedBytes: UInt64
+    /// streamBytes over transferSeconds.
+    public var throughputBitsPerSecond: Double?
+    public var multifdChannels: Int
+    public var channels: [Channel]
+    public var events: [Event]
+    public var source: Side
+    public var destination: Side
+
+    public var succeeded: Bool { outcome == .succeeded }
+}
+
+extension MigrationReport {
+    /// The report as an operator reads it.
+    public var text: String {
+        var lines: [String] = []
+        let status: String
+        switch outcome {
+        case .succeeded: status = "SUCCEEDED: \(vm) now runs on \(destination.host)"
+        case .failedVMOnSource: status = "FAILED: \(vm) keeps running on \(source.host)"
+        case .uncertain: status = "UNCERTAIN: \(vm) is paused on \(source.host); check \(destination.host)"
+        }
+        lines.append("Migration of \(vm): \(source.host) -> \(destination.host)")
+        lines.append("  result         \(status)")
+        if let error { lines.append("  error          \(error)" + (failedPhase.map { " (during \($0))" } ?? "")) }
+        lines.append("  total time     \(Format.seconds(totalSeconds))")
+        if let t = transferSeconds { lines.append("  transfer       \(Format.seconds(t))") }
+        var downtime: [String] = []
+        if let d = qemuDowntimeMilliseconds { downtime.append("QEMU \(Format.millis(d))") }
+        if let s = switchoverMilliseconds { downtime.append("guest paused <= \(Format.millis(s))") }
+        if !downtime.isEmpty { lines.append("  downtime       " + downtime.joined(separator: ", ")) }
+        var moved = "\(Format.bytes(streamBytes)) of QEMU streams, \(Format.bytes(wireBytes)) on the wire"
+        if retransmittedBytes > 0 { moved += ", \(Format.bytes(retransmittedBytes)) sent again" }
+        lines.append("  moved          " + moved)
+        if let bps = throughputBitsPerSecond { lines.append("  throughput     \(Format.rate(bps))") }
+        lines.append("  streams        main + \(multifdChannels) multifd, over \(channels.count) data channel(s)")
+        for nic in Dictionary(grouping: channels, by: \.interface).sorted(by: { $0.key < $1.key }) {
+            let bytes = nic.value.reduce(0) { $0 + $1.payloadBytes }
+            let share = wireBytes > 0 ? Double(bytes) / Double(max(1, channels.reduce(0) { $0 + $1.payloadBytes })) * 100 : 0
+            let perRate = transferSeconds.map { " at \(Format.rate(Double(bytes) * 8 / max($0, 0.001)))" } ?? ""
+            lines.append("    \(nic.key.padding(toLength: 12, withPad: " ", startingAt: 0)) \(Format.bytes(bytes)) (\(String(format: "%.0f", share))%)\(perRate), \(nic.value.count) channel(s)")
+        }
+        func cpu(_ side: Side) -> String {
+            let f = side.ferryCPUSeconds.map { String(format: "%.2f s", $0) } ?? "?"
+            let q = side.qemuCPUSeconds.map { String(format: "%.2f s", $0) } ?? "?"
+            let rss = side.ferryPeakRSSBytes.map { ", Ferry peak RSS \(Format.bytes($0))" } ?? ""
+            return "Ferry \(f), QEMU \(q)\(rss)"
+        }
+        lines.append("  CPU source     " + cpu(source))
+        lines.append("  CPU dest       " + cpu(destination))
+        if !events.isEmpty {
+            lines.append("  events")
+            for e in events { lines.append("    +\(String(format: "%7.3f", e.at)) s  \(e.what)") }
+        }
+        return lines.joined(separator: "\n")
+    }
+
+    public var json: String {
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
+        encoder.dateEncodingStrategy = .iso8601
+        return String(decoding: (try? encoder.encode(self)) ?? Data(), as: UTF8.self)
+    }
+}
+
+/// Human formats for bytes, rates and times.
+public enum Format {
+    public static func bytes(_ n: UInt64) -> String {
+        let units = ["B", "KiB", "MiB", "GiB", "TiB"]
+        var value = Double(n)
+        var unit = 0
+        while value >= 1024 && unit < units.count - 1 {
+            value /= 1024
+            unit += 1
+        }
+        return unit == 0 ? "\(n) B" : String(format: "%.1f %@", value, units[unit])
+    }
+
+    public static func rate(_ bitsPerSecond: Double) -> String {
+        if bitsPerSecond >= 1e9 { return String(format: "%.2f Gbit/s", bitsPerSecond / 1e9) }
+        if bitsPerSecond >= 1e6 { return String(format: "%.1f Mbit/s", bitsPerSecond / 1e6) }
+        return String(format: "%.0f kbit/s", bitsPerSecond / 1e3)
+    }
+
+    public static func seconds(_ s: Double) -> String { String(format: "%.2f s", s) }
+    public static func millis(_ ms: Double) -> String { String(format: "%.0f ms", ms) }
+}

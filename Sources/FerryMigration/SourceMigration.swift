@@ -1,0 +1,611 @@
+import FerryIO
+import FerryQMP
+import FerryTransport
+import FerryVM
+import FerryWire
+import Foundation
+import Logging
+
+/// What the operator asks of one migration.
+public struct MigrationOptions: Sendable {
+    public var host: String
+    public var port: UInt16
+    /// QEMU multifd channels (0: one main stream only). QEMU's streams are what Ferry
+    /// carries; more streams let QEMU use more than one core to send.
+    public var multifdChannels: Int = 2
+    /// Data channels (TCP connections) per destination endpoint.
+    public var channelsPerEndpoint: Int = 4
+    /// Cap on QEMU's send rate, bytes per second (nil: no cap).
+    public var bandwidthBytesPerSecond: UInt64?
+    /// The longest pause of the guest QEMU may plan for at switchover.
+    public var downtimeLimit: Duration = .milliseconds(300)
+    /// Give up (VM stays on the source) if the migration has not finished by then.
+    public var timeout: Duration = .seconds(600)
+    public var connectTimeout: Duration = .seconds(5)
+    /// A connection with data unacknowledged by the peer's kernel this long is dead
+    /// (TCP_USER_TIMEOUT): how fast a silently dead NIC is detected.
+    public var deadChannelTimeout: Duration = .seconds(5)
+
+    public init(host: String, port: UInt16) {
+        self.host = host
+        self.port = port
+    }
+}
+
+/// A snapshot for the progress display.
+public struct MigrationProgress: Sendable {
+    public var phase: MigrationPhase
+    public var elapsedSeconds: Double
+    public var qemu: MigrationInfo?
+    public var streamBytes: UInt64
+    /// Stream bytes per second over the last interval.
+    public var bitsPerSecond: Double
+    public var channels: [ChannelStats]
+    /// Per-interface rate over the last interval.
+    public var interfaceBitsPerSecond: [String: Double]
+    public var note: String?
+}
+
+/// The source side of a migration: drives the local QEMU, talks to the destination's
+/// `ferry serve`, carries the streams, and decides the switchover.
+public final class SourceMigration: @unchecked Sendable {
+    enum Event: Sendable {
+        case frame(Frame)
+        case controlLost(String)
+        case dataPath(DataPathEvent)
+        case streamAccepted(UInt32)
+        case qemu(QMPEvent)
+    }
+
+    private let store: VMStore
+    private let name: String
+    private let options: MigrationOptions
+    private let logger: Logger
+    private let progress: @Sendable (MigrationProgress) -> Void
+    private let events = EventQueue<Event>()
+    private let clock = Stopwatch()
+    private let startedAt = Date()
+    private var reportEvents: [MigrationReport.Event] = []
+    private var phase = MigrationPhase.preparing
+    private var destinationHost: String
+
+    private var qmp: QMPClient?
+    private var control: FrameConnection?
+    private var dataPath: SourceDataPath?
+    private var listener: Socket?
+    private var migrateStarted = false
+    private var wasRunning = true
+    private var qemuPID: Int32 = 0
+    private var qemuCPUStart: Double = 0
+    private let ferryCPUStart = ProcessStats.ownCPUSeconds()
+    private var lastInfo: MigrationInfo?
+    private var stopEventAt: Double?
+    private var migrateIssuedAt: Double?
+    private var completedAt: Double?
+    private var committed: CommittedMessage?
+    private var streamEnds: [UInt32: StreamEndMessage] = [:]
+
+    public init(store: VMStore, name: String, options: MigrationOptions, logger: Logger,
+                progress: @escaping @Sendable (MigrationProgress) -> Void) {
+        self.store = store
+        self.name = name
+        self.options = options
+        self.logger = logger
+        self.progress = progress
+        self.destinationHost = "\(options.host):\(options.port)"
+    }
+
+    private func note(_ what: String) {
+        reportEvents.append(.init(at: clock.elapsed, what: what))
+        logger.info("\(what)", metadata: ["vm": "\(name)"])
+    }
+
+    // MARK: Running
+
+    /// Runs the migration to its end. Never throws: the report says what happened.
+    public func run() -> MigrationReport {
+        let lock: VMLock
+        let record: VMRecord
+        do {
+            record = try store.record(name)
+            guard record.alive else {
+                throw MigrationError(.preparing, "VM '\(name)' is not running on this host (its QEMU is gone)")
+            }
+            guard record.state.phase == .running else {
+                throw MigrationError(.preparing, "VM '\(name)' is \(record.state.phase.rawValue) on this host, not running")
+            }
+            lock = try VMLock(paths: record.paths, name: name)
+        } catch {
+            return report(.failedVMOnSource, error: "\(error)", spec: nil)
+        }
+        _ = lock
+        do {
+            try migrate(record)
+            return report(.succeeded, error: nil, spec: record.spec)
+        } catch let error as UncertainOutcome {
+            cleanupTransport()
+            return report(.uncertain, error: error.message, spec: record.spec)
+        } catch {
+            let message = (error as? MigrationError)?.message ?? "\(error)"
+            let failedPhase = phase
+            note("failed during \(failedPhase.rawValue): \(message)")
+            let recovery = rollBack(reason: message)
+            var text = message
+            if let recovery { text += "; " + recovery }
+            var r = report(.failedVMOnSource, error: text, spec: record.spec)
+            r.failedPhase = failedPhase.rawValue
+            if recovery != nil && !(stillRunning()) { r.outcome = .uncertain }
+            return r
+        }
+    }
+
+    private struct UncertainOutcome: Error { var message: String }
+
+    private func migrate(_ record: VMRecord) throws {
+        let spec = record.spec
+        qemuPID = record.state.pid
+        qemuCPUStart = ProcessStats.cpuSeconds(pid: qemuPID) ?? 0
+
+        // Our QEMU.
+        let qmp: QMPClient
+        do {
+            qmp = try QMPClient(path: record.paths.qmpSocket)
+        } catch {
+            throw MigrationError(.preparing, "cannot talk to the VM's QEMU: \(error)")
+        }
+        self.qmp = qmp
+        qmp.eventHandler = { [events] event in
+            if event.name == "STOP" { events.post(.qemu(event)) }
+        }
+        let runState = try qmp.queryStatus()
+        wasRunning = runState.running
+        let current = try qmp.queryMigrate()
+        if ["setup", "active", "pre-switchover", "device", "cancelling"].contains(current.status) {
+            throw MigrationError(.preparing, "QEMU already has a migration in progress (\(current.status))")
+        }
+
+        // The destination.
+        phase = .connecting
+        emit()
+        let control: FrameConnection
+        do {
+            let socket = try Socket.connectTCP(host: options.host, port: options.port, timeout: options.connectTimeout)
+            socket.setUserTimeout(options.deadChannelTimeout)
+            control = FrameConnection(socket: socket)
+        } catch {
+            throw MigrationError(.connecting, "cannot reach ferry serve at \(destinationHost): \(error)")
+        }
+        self.control = control
+        control.socket.setReceiveTimeout(.seconds(30))
+        phase = .negotiating
+        let welcome: WelcomeMessage
+        do {
+            try control.send(.hello, HelloMessage(software: FerryVersion.software, host: HostInfo.hostname))
+            welcome = try control.expect(.welcome, as: WelcomeMessage.self)
+        } catch {
+            throw MigrationError(.negotiating, "handshake with \(destinationHost) failed: \(describe(error))")
+        }
+        destinationHost = "\(welcome.host) (\(options.host))"
+        note("connected to \(welcome.host), protocol v\(welcome.version), \(welcome.software)")
+
+        let plan = StreamPlan(multifdChannels: options.multifdChannels)
+        let accept: AcceptMessage
+        do {
+            try control.send(.offer, OfferMessage(spec: spec, streams: plan, sourceHost: HostInfo.hostname))
+            accept = try control.expect(.accept, as: AcceptMessage.self)
+        } catch {
+            throw MigrationError(.negotiating, "the destination refused the VM: \(describe(error))")
+        }
+        guard let bindKey = Hex.decode(accept.bindKey), bindKey.count == 32 else {
+            throw MigrationError(.negotiating, "the destination sent a malformed bind key")
+        }
+
+        // Boot files the destination lacks.
+        if !accept.missingFiles.isEmpty {
+            phase = .sendingBootFiles
+            emit()
+            for sha in accept.missingFiles {
+                guard let file = spec.bootFiles.first(where: { $0.sha256 == sha }) else {
+                    throw MigrationError(.sendingBootFiles, "the destination asked for a file that is not the VM's (\(sha.prefix(12)))")
+                }
+                try sendBootFile(file, over: control)
+            }
+            note("sent \(accept.missingFiles.count) boot file(s)")
+        }
+
+        phase = .startingDestination
+        emit()
+        control.socket.setReceiveTimeout(.seconds(60))
+        let ready: ReadyMessage
+        do {
+            ready = try control.expect(.ready, as: ReadyMessage.self)
+        } catch {
+            throw MigrationError(.startingDestination, "the destination could not start QEMU: \(describe(error))")
+        }
+        note("destination QEMU \(ready.qemuVersion) waiting")
+        control.socket.setReceiveTimeout(nil)
+
+        // From here on, frames from the destination arrive as events.
+        spawnThread("ferry-control") { [events] in
+            while true {
+                do {
+                    let frame = try control.receive()
+                    events.post(.frame(frame))
+                } catch {
+                    events.post(.controlLost("\(error)"))
+                    return
+                }
+            }
+        }
+
+        // Data channels.
+        phase = .openingChannels
+        emit()
+        let scheduler = SendScheduler()
+        let dataPath = SourceDataPath(scheduler: scheduler, logger: logger) { [events] event in
+            events.post(.dataPath(event))
+        }
+        self.dataPath = dataPath
+        let endpoints = accept.endpoints.isEmpty
+            ? [DataEndpoint(address: options.host, port: options.port, interface: "default")] : accept.endpoints
+        var channelID = 0
+        var openErrors: [String] = []
+        for endpoint in endpoints {
+            for _ in 0..<max(1, options.channelsPerEndpoint) {
+                do {
+                    let connection = try openChannel(channelID, endpoint: endpoint, session: accept.session, bindKey: bindKey)
+                    dataPath.addChannel(channelID, connection: connection, interface: endpoint.interface)
+                } catch {
+                    openErrors.append("\(endpoint.address): \(describe(error))")
+                }
+                channelID += 1
+            }
+        }
+        guard scheduler.liveChannelCount > 0 else {
+            throw MigrationError(.openingChannels, "no data channel could be opened: \(openErrors.joined(separator: "; "))")
+        }
+        note("\(scheduler.liveChannelCount) data channel(s) bound over \(endpoints.count) endpoint(s)")
+
+        // QEMU migrates into our socket.
+        phase = .transferring
+        let listener: Socket
+        do {
+            listener = try Socket.listenUnix(path: record.paths.outgoingSocket)
+        } catch {
+            throw MigrationError(.transferring, "cannot listen for QEMU's streams: \(error)")
+        }
+        self.listener = listener
+        spawnThread("ferry-accept") { [events, dataPath] in
+            for id in 0..<UInt32(plan.streamCount) {
+                guard let socket = try? listener.accept() else { return }
+                dataPath.addStream(id, socket: socket)
+                events.post(.streamAccepted(id))
+            }
+        }
+        try configure(qmp, plan: plan)
+        migrateIssuedAt = clock.elapsed
+        do {
+            try qmp.execute("migrate", arguments: ["uri": .string("unix:\(record.paths.outgoingSocket)")])
+        } catch {
+            throw MigrationError(.transferring, "QEMU refused to start the migration: \(error)")
+        }
+        migrateStarted = true
+        try setState(.migratingOut, record)
+        note("QEMU started migrating (main + \(plan.multifdChannels) multifd)")
+
+        try transfer(plan: plan, control: control, scheduler: scheduler, qmp: qmp)
+
+        // Switchover: everything is at the destination, QEMU there holds the VM paused.
+        phase = .committing
+        emit()
+        do {
+            try control.send(.commit, CommitMessage())
+        } catch {
+            throw MigrationError(.committing, "cannot send the commit: \(error)")
+        }
+        // Past this point the destination may run the VM: never resume the source copy.
+        while true {
+            guard let event = events.next(timeout: .seconds(30)) else {
+                throw UncertainOutcome(message: "no answer to the commit within 30 s; the source copy stays paused")
+            }
+            if case .frame(let frame) = event {
+                if frame.type == .committed {
+                    committed = try? ControlCoding.decode(CommittedMessage.self, from: frame)
+                    break
+                }
+                if frame.type == .error {
+                    // The destination refused to run it: it has discarded its copy.
+                    let msg = (try? ControlCoding.decode(ErrorMessage.self, from: frame))?.description ?? "error"
+                    throw MigrationError(.committing, "the destination could not start the VM: \(msg)")
+                }
+            } else if case .controlLost(let why) = event {
+                throw UncertainOutcome(message: "lost the destination after the commit (\(why)); the source copy stays paused")
+            }
+        }
+        let switchoverEnd = Date().timeIntervalSince1970
+        if let stop = stopEventAt { switchoverMillis = (switchoverEnd - stop) * 1000 }
+        note("VM runs on \(welcome.host)")
+
+        // The source copy is stopped for good.
+        qemuCPUEnd = ProcessStats.cpuSeconds(pid: qemuPID)
+        try? qmp.quit()
+        if !ProcessStats.waitForExit(pid: qemuPID, timeout: .seconds(10)) {
+            ProcessStats.terminate(pid: qemuPID)
+        }
+        store.archiveAndRemove(name, reason: "migrated")
+        dataPath.closeChannels()
+        try? control.send(.status, StatusMessage(text: "source stopped"))
+        control.shutdown()
+        phase = .done
+        emit()
+    }
+
+    private var switchoverMillis: Double?
+    private var qemuCPUEnd: Double?
+
+    private func configure(_ qmp: QMPClient, plan: StreamPlan) throws {
+        do {
+            try qmp.setMigrationCapabilities([("multifd", plan.multifdChannels > 0), ("events", true)])
+            var params: [String: JSONValue] = [
+                // QEMU's default cap is 32 MiB/s; Ferry's window and the links set the pace.
+                "max-bandwidth": .number(Double(options.bandwidthBytesPerSecond ?? 100_000_000_000)),
+                "downtime-limit": .number(Double(options.downtimeLimit.milliseconds)),
+            ]
+            if plan.multifdChannels > 0 { params["multifd-channels"] = .number(Double(plan.multifdChannels)) }
+            try qmp.setMigrationParameters(params)
+        } catch {
+            throw MigrationError(.transferring, "cannot configure QEMU's migration: \(error)")
+        }
+    }
+
+    /// Watches QEMU and the data path until QEMU has sent everything and the destination
+    /// has loaded it.
+    private func transfer(plan: StreamPlan, control: FrameConnection, scheduler: SendScheduler, qmp: QMPClient) throws {
+        let deadline = clock.elapsed + options.timeout.seconds
+        var lastPoll = -1.0
+        var loaded = false
+        var qemuDone = false
+        var lastBytes: UInt64 = 0
+        var lastChannelBytes: [Int: UInt64] = [:]
+        var lastSample = clock.elapsed
+        var bits = 0.0
+        var perNIC: [String: Double] = [:]
+        while true {
+            if clock.elapsed > deadline {
+                throw MigrationError(.transferring, "timed out after \(Int(options.timeout.seconds)) s")
+            }
+            if let event = events.next(timeout: .milliseconds(100)) {
+                switch event {
+                case .frame(let frame):
+                    switch frame.type {
+                    case .loaded:
+                        loaded = true
+                        note("destination loaded the VM")
+                    case .error:
+                        let msg = (try? ControlCoding.decode(ErrorMessage.self, from: frame))?.description ?? "unreadable error"
+                        throw MigrationError(phase, "destination: \(msg)")
+                    case .status:
+                        break
+                    default:
+                        throw MigrationError(phase, "destination sent an unexpected \(frame.type) frame")
+                    }
+                case .controlLost(let why):
+                    throw MigrationError(phase, "lost the control connection to the destination: \(why)")
+                case .dataPath(let e):
+                    switch e {
+                    case .channelUp: break
+                    case .channelFailed(let ch, let nic, let reason, let requeued):
+                        note("channel \(ch) on \(nic) failed (\(reason)); \(requeued) chunk(s) sent again on the others")
+                    case .streamEnded(let end):
+                        streamEnds[end.stream] = end
+                        do {
+                            try control.send(.streamEnd, end)
+                        } catch {
+                            throw MigrationError(phase, "lost the control connection: \(error)")
+                        }
+                        if streamEnds.count == plan.streamCount { scheduler.closeInput() }
+                    case .failed(let failure):
+                        throw MigrationError(phase, "data path: \(failure)")
+                    }
+                case .qemu(let event):
+                    if event.name == "STOP" && migrateStarted {
+                        stopEventAt = event.timestamp
+                        phase = .switchover
+                        note("source VM paused for the switchover")
+                    }
+                case .streamAccepted(let id):
+                    do {
+                        try control.send(.streamOpen, StreamOpenMessage(stream: id))
+                    } catch {
+                        throw MigrationError(phase, "lost the control connection: \(error)")
+                    }
+                }
+            }
+            if clock.elapsed - lastPoll >= 0.25 || (qemuDone && !loaded) {
+                if clock.elapsed - lastPoll >= 0.1 {
+                    lastPoll = clock.elapsed
+                    let info: MigrationInfo
+                    do {
+                        info = try qmp.queryMigrate()
+                    } catch {
+                        throw MigrationError(phase, "lost the VM's QEMU: \(error)")
+                    }
+                    lastInfo = info
+                    switch info.status {
+                    case "failed":
+                        throw MigrationError(phase, "QEMU reports the migration failed: \(info.errorDescription ?? "no reason given")")
+                    case "cancelled", "cancelling":
+                        throw MigrationError(phase, "the migration was cancelled in QEMU")
+                    case "completed":
+                        if !qemuDone {
+                            qemuDone = true
+                            completedAt = clock.elapsed
+                            note("source QEMU finished sending (\(Format.bytes(info.transferredBytes)) of RAM)")
+                        }
+                    default: break
+                    }
+                    let now = clock.elapsed
+                    let bytes = dataPath?.streamByteCount ?? 0
+                    let stats = dataPath?.channelStats ?? []
+                    if now - lastSample >= 0.2 {
+                        bits = Double(bytes - lastBytes) * 8 / (now - lastSample)
+                        perNIC = [:]
+                        for c in stats {
+                            let delta = c.payloadBytes - (lastChannelBytes[c.channel] ?? 0)
+                            perNIC[c.interface, default: 0] += Double(delta) * 8 / (now - lastSample)
+                            lastChannelBytes[c.channel] = c.payloadBytes
+                        }
+                        lastBytes = bytes
+                        lastSample = now
+                    }
+                    progress(MigrationProgress(phase: phase, elapsedSeconds: now, qemu: info, streamBytes: bytes,
+                                               bitsPerSecond: bits, channels: stats, interfaceBitsPerSecond: perNIC, note: nil))
+                }
+            }
+            if qemuDone && loaded && streamEnds.count == plan.streamCount {
+                do {
+                    try scheduler.waitUntilAllAcknowledged(timeout: .seconds(10))
+                } catch {
+                    throw MigrationError(phase, "\(error)")
+                }
+                dataPath?.markFinished()
+                return
+            }
+        }
+    }
+
+    private func openChannel(_ id: Int, endpoint: DataEndpoint, session: String, bindKey: [UInt8]) throws -> FrameConnection {
+        let socket = try Socket.connectTCP(host: endpoint.address, port: endpoint.port, timeout: options.connectTimeout)
+        socket.setUserTimeout(options.deadChannelTimeout)
+        let connection = FrameConnection(socket: socket)
+        let proof = ChannelBinding.proof(bindKey: bindKey, session: session, channel: UInt32(id))
+        try connection.send(.bind, BindMessage(version: ProtocolVersion.current, session: session, channel: UInt32(id),
+                                               interface: endpoint.interface, proof: proof))
+        socket.setReceiveTimeout(.seconds(10))
+        let bound = try connection.expect(.bound, as: BoundMessage.self)
+        socket.setReceiveTimeout(nil)
+        guard bound.channel == UInt32(id) else { throw WireError.malformedMessage(.bound, "bound the wrong channel") }
+        return connection
+    }
+
+    private func sendBootFile(_ file: BootFile, over control: FrameConnection) throws {
+        let path = store.bootFiles.path(of: file)
+        guard let handle = FileHandle(forReadingAtPath: path) else {
+            throw MigrationError(.sendingBootFiles, "boot file \(file.name) is missing from this host's store")
+        }
+        defer { try? handle.close() }
+        var offset: UInt64 = 0
+        while let data = try handle.read(upToCount: FileChunkMessage.maximumPieceByteCount), !data.isEmpty {
+            let piece = FileChunkMessage(sha256: file.sha256, offset: offset, bytes: Array(data))
+            do {
+                try control.send(Frame(type: .file, payload: piece.encoded()))
+            } catch {
+                throw MigrationError(.sendingBootFiles, "sending \(file.name): \(error)")
+            }
+            offset += UInt64(data.count)
+        }
+    }
+
+    private func setState(_ phase: VMPhase, _ record: VMRecord) throws {
+        var state = record.state
+        state.phase = phase
+        try store.setState(name, state)
+    }
+
+    // MARK: Failure
+
+    /// Undoes a failed migration: the destination is told, QEMU's migration is cancelled,
+    /// and the VM runs on the source again. Returns a note if something needed repair.
+    private func rollBack(reason: String) -> String? {
+        if let control {
+            try? control.send(.abort, AbortMessage(reason: reason))
+        }
+        cleanupTransport()
+        var repair: String?
+        if let qmp, migrateStarted {
+            _ = try? qmp.execute("migrate_cancel")
+            // Wait for QEMU to leave the migration.
+            let deadline = clock.elapsed + 15
+            while clock.elapsed < deadline {
+                guard let info = try? qmp.queryMigrate() else { break }
+                if ["failed", "cancelled", "completed", "none"].contains(info.status) { break }
+                usleep(50_000)
+            }
+        }
+        if let qmp {
+            if let state = try? qmp.queryStatus(), !state.running, wasRunning {
+                do {
+                    try qmp.execute("cont")
+                    repair = "the source VM was paused by the migration and has been resumed"
+                    note("source VM resumed")
+                } catch {
+                    repair = "the source VM is paused and could not be resumed: \(error)"
+                }
+            }
+        }
+        if let record = try? store.record(name), record.state.phase == .migratingOut {
+            var state = record.state
+            state.phase = .running
+            try? store.setState(name, state)
+        }
+        return repair
+    }
+
+    private func stillRunning() -> Bool {
+        guard let qmp, let state = try? qmp.queryStatus() else { return false }
+        return state.running || !wasRunning
+    }
+
+    private func cleanupTransport() {
+        dataPath?.shutdown(reason: "migration ended")
+        listener?.shutdown()
+        listener?.close()
+        control?.shutdown()
+    }
+
+    private func emit() {
+        progress(MigrationProgress(phase: phase, elapsedSeconds: clock.elapsed, qemu: lastInfo,
+                                   streamBytes: dataPath?.streamByteCount ?? 0, bitsPerSecond: 0,
+                                   channels: dataPath?.channelStats ?? [], interfaceBitsPerSecond: [:], note: nil))
+    }
+
+    private func describe(_ error: Error) -> String {
+        if let e = error as? ErrorMessage { return e.description }
+        if let e = error as? SocketError { return e.description }
+        if let e = error as? WireError { return e.description }
+        return "\(error)"
+    }
+
+    // MARK: Report
+
+    private func report(_ outcome: MigrationReport.Outcome, error: String?, spec: VMSpec?) -> MigrationReport {
+        let stats = dataPath?.channelStats ?? []
+        let streamBytes = dataPath?.streamByteCount ?? 0
+        let transfer = (completedAt ?? (outcome == .succeeded ? clock.elapsed : nil)).flatMap { end in
+            migrateIssuedAt.map { end - $0 }
+        }
+        let qemuCPU = (qemuCPUEnd ?? ProcessStats.cpuSeconds(pid: qemuPID)).map { $0 - qemuCPUStart }
+        return MigrationReport(
+            vm: name, outcome: outcome, error: error, failedPhase: nil, startedAt: startedAt,
+            totalSeconds: clock.elapsed, transferSeconds: transfer,
+            qemuDowntimeMilliseconds: outcome == .succeeded ? lastInfo?.downtimeMilliseconds : nil,
+            switchoverMilliseconds: outcome == .succeeded ? switchoverMillis : nil,
+            qemuTransferredBytes: lastInfo?.transferredBytes,
+            streamBytes: streamBytes,
+            wireBytes: stats.reduce(0) { $0 + $1.wireBytes },
+            retransmittedBytes: dataPath?.scheduler.retransmittedBytes ?? 0,
+            throughputBitsPerSecond: transfer.map { Double(streamBytes) * 8 / max($0, 0.001) },
+            multifdChannels: options.multifdChannels,
+            channels: stats.map { .init(channel: $0.channel, interface: $0.interface, payloadBytes: $0.payloadBytes, alive: $0.alive) },
+            events: reportEvents,
+            source: .init(host: HostInfo.hostname, ferryCPUSeconds: ProcessStats.ownCPUSeconds() - ferryCPUStart,
+                          qemuCPUSeconds: qemuCPU, ferryPeakRSSBytes: ProcessStats.peakRSSBytes(pid: getpid())),
+            destination: .init(host: destinationHost, ferryCPUSeconds: committed?.ferryCPUSeconds,
+                               qemuCPUSeconds: committed?.qemuCPUSeconds, ferryPeakRSSBytes: committed?.ferryPeakRSSBytes))
+    }
+}
+
+public enum FerryVersion {
+    public static let version = "0.1.0"
+    public static let software = "ferry \(version)"
+}

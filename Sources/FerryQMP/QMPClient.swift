@@ -1,0 +1,241 @@
+import FerryIO
+import Foundation
+import Logging
+
+/// A failure talking to QEMU over QMP. Says which socket and which command.
+public struct QMPError: Error, CustomStringConvertible, Sendable {
+    public enum Kind: Sendable, Equatable {
+        /// Could not connect, or the greeting was not QMP.
+        case connect(String)
+        /// QEMU answered the command with an error (QMP's `class` and `desc`).
+        case command(errorClass: String, description: String)
+        /// No answer within the timeout.
+        case timeout
+        /// The connection closed (QEMU exited) before the answer came.
+        case closed
+        /// QEMU sent something that is not QMP.
+        case protocolError(String)
+    }
+    public var socket: String
+    public var command: String?
+    public var kind: Kind
+
+    public var description: String {
+        let cmd = command.map { " '\($0)'" } ?? ""
+        switch kind {
+        case .connect(let why): return "QMP \(socket): cannot connect: \(why)"
+        case .command(let cls, let desc): return "QEMU refused\(cmd): \(desc) (\(cls))"
+        case .timeout: return "QMP\(cmd) on \(socket): no answer in time"
+        case .closed: return "QMP\(cmd) on \(socket): QEMU closed the connection (exited?)"
+        case .protocolError(let why): return "QMP \(socket): \(why)"
+        }
+    }
+}
+
+/// An asynchronous QMP event, with QEMU's timestamp.
+public struct QMPEvent: Sendable, Equatable {
+    public var name: String
+    public var data: JSONValue
+    /// Seconds since the epoch, as QEMU stamped it.
+    public var timestamp: Double
+}
+
+/// A client for QEMU's machine protocol over a Unix socket.
+///
+/// Commands are synchronous (`execute` waits for the matching reply, with a timeout);
+/// events are queued and read with `nextEvent` or observed with `eventHandler`.
+/// A reader thread owns the socket's read side; any thread may call `execute`.
+public final class QMPClient: @unchecked Sendable {
+    public let path: String
+    /// QEMU's version from the greeting, e.g. "7.2.15".
+    public private(set) var qemuVersion = ""
+
+    private let socket: Socket
+    private let condition = NSCondition()
+    private var replies: [Int: JSONValue] = [:]
+    private var events: [QMPEvent] = []
+    private var greeting: JSONValue?
+    private var closed = false
+    private var nextID = 1
+    private let writeLock = NSLock()
+    private let handlerLock = NSLock()
+    private var _eventHandler: (@Sendable (QMPEvent) -> Void)?
+    private let logger: Logger
+
+    /// Called on the reader thread for every event (in addition to queueing it).
+    public var eventHandler: (@Sendable (QMPEvent) -> Void)? {
+        get { handlerLock.withLock { _eventHandler } }
+        set { handlerLock.withLock { _eventHandler = newValue } }
+    }
+
+    /// Connects, reads the greeting and enters command mode.
+    public init(path: String, timeout: Duration = .seconds(10), logger: Logger = Logger(label: "ferry.qmp")) throws(QMPError) {
+        self.path = path
+        self.logger = logger
+        do {
+            socket = try Socket.connectUnix(path: path)
+        } catch {
+            throw QMPError(socket: path, command: nil, kind: .connect(error.description))
+        }
+        let reader = Thread { [self] in readLoop() }
+        reader.name = "qmp-reader"
+        reader.start()
+
+        condition.lock()
+        let deadline = Date().addingTimeInterval(timeout.seconds)
+        while greeting == nil && !closed {
+            if !condition.wait(until: deadline) { break }
+        }
+        let greet = greeting
+        condition.unlock()
+        guard let greet else {
+            socket.shutdown()
+            throw QMPError(socket: path, command: nil, kind: closed ? .closed : .timeout)
+        }
+        guard let qmp = greet["QMP"] else {
+            socket.shutdown()
+            throw QMPError(socket: path, command: nil, kind: .protocolError("greeting is not QMP: \(greet)"))
+        }
+        if let v = qmp["version"]?["qemu"] {
+            qemuVersion = "\(v["major"]?.int ?? 0).\(v["minor"]?.int ?? 0).\(v["micro"]?.int ?? 0)"
+        }
+        _ = try execute("qmp_capabilities", timeout: timeout)
+    }
+
+    deinit {
+        socket.shutdown()
+    }
+
+    /// Runs a command and returns its `return` value.
+    @discardableResult
+    public func execute(_ command: String, arguments: JSONValue? = nil, timeout: Duration = .seconds(10)) throws(QMPError) -> JSONValue {
+        condition.lock()
+        let id = nextID
+        nextID += 1
+        let isClosed = closed
+        condition.unlock()
+        if isClosed { throw QMPError(socket: path, command: command, kind: .closed) }
+
+        var request: [String: JSONValue] = ["execute": .string(command), "id": .number(Double(id))]
+        if let arguments { request["arguments"] = arguments }
+        var line = Array(JSONValue.object(request).description.utf8)
+        line.append(UInt8(ascii: "\n"))
+        logger.trace("qmp send", metadata: ["command": "\(command)"])
+        do {
+            try writeLock.withLock { try socket.writeAll(line) }
+        } catch {
+            throw QMPError(socket: path, command: command, kind: .closed)
+        }
+
+        condition.lock()
+        defer { condition.unlock() }
+        let deadline = Date().addingTimeInterval(timeout.seconds)
+        while replies[id] == nil && !closed {
+            if !condition.wait(until: deadline) { break }
+        }
+        guard let reply = replies.removeValue(forKey: id) else {
+            throw QMPError(socket: path, command: command, kind: closed ? .closed : .timeout)
+        }
+        if let error = reply["error"] {
+            throw QMPError(socket: path, command: command,
+                           kind: .command(errorClass: error["class"]?.string ?? "GenericError",
+                                          description: error["desc"]?.string ?? "\(error)"))
+        }
+        return reply["return"] ?? .null
+    }
+
+    /// The next queued event (optionally only those named in `names`), waiting up to `timeout`.
+    public func nextEvent(named names: Set<String>? = nil, timeout: Duration) -> QMPEvent? {
+        condition.lock()
+        defer { condition.unlock() }
+        let deadline = Date().addingTimeInterval(timeout.seconds)
+        while true {
+            if let index = events.firstIndex(where: { names == nil || names!.contains($0.name) }) {
+                return events.remove(at: index)
+            }
+            if closed { return nil }
+            if !condition.wait(until: deadline) { return nil }
+        }
+    }
+
+    /// Events received so far and not yet taken.
+    public func drainEvents() -> [QMPEvent] {
+        condition.lock()
+        defer { condition.unlock() }
+        let out = events
+        events.removeAll()
+        return out
+    }
+
+    /// True once QEMU has closed the connection.
+    public var isClosed: Bool {
+        condition.lock()
+        defer { condition.unlock() }
+        return closed
+    }
+
+    public func close() {
+        socket.shutdown()
+    }
+
+    // MARK: Reader
+
+    private func readLoop() {
+        var pending: [UInt8] = []
+        var buffer = [UInt8](repeating: 0, count: 65536)
+        while true {
+            let n: Int
+            do {
+                n = try buffer.withUnsafeMutableBytes { try socket.read(into: $0) }
+            } catch {
+                break
+            }
+            if n == 0 { break }
+            pending.append(contentsOf: buffer[0..<n])
+            while let newline = pending.firstIndex(of: UInt8(ascii: "\n")) {
+                let line = pending[..<newline]
+                pending.removeSubrange(...newline)
+                if line.allSatisfy({ $0 == 32 || $0 == 13 }) { continue }
+                handle(line: Array(line))
+            }
+            if pending.count > 16 << 20 {
+                logger.error("QMP line longer than 16 MiB; closing", metadata: ["socket": "\(path)"])
+                break
+            }
+        }
+        condition.lock()
+        closed = true
+        condition.broadcast()
+        condition.unlock()
+        socket.close()
+    }
+
+    private func handle(line: [UInt8]) {
+        guard let value = try? JSONValue.parse(line) else {
+            logger.warning("QMP sent a line that is not JSON", metadata: ["socket": "\(path)"])
+            return
+        }
+        if let name = value["event"]?.string {
+            let ts = value["timestamp"]
+            let stamp = Double(ts?["seconds"]?.int ?? 0) + Double(ts?["microseconds"]?.int ?? 0) / 1e6
+            let event = QMPEvent(name: name, data: value["data"] ?? .null, timestamp: stamp)
+            condition.lock()
+            events.append(event)
+            if events.count > 10_000 { events.removeFirst(events.count - 10_000) }
+            condition.broadcast()
+            condition.unlock()
+            eventHandler?(event)
+            return
+        }
+        condition.lock()
+        if value["QMP"] != nil {
+            greeting = value
+        } else if let id = value["id"]?.int {
+            replies[id] = value
+        } else if value["error"] != nil, greeting != nil, replies.isEmpty {
+            // An error without id answers a request QEMU could not parse; nothing waits on it.
+        }
+        condition.broadcast()
+        condition.unlock()
+    }
+}

@@ -1,0 +1,284 @@
+import FerryIO
+import FerryWire
+import Foundation
+import Logging
+
+/// The destination half of the data path: takes chunks from every data channel, puts each
+/// stream back in order, writes it to the destination QEMU, and acknowledges what QEMU has
+/// been given (cumulatively, per stream, on every live channel).
+///
+/// QEMU 7.2 tells its channels apart by the order in which they connect (the first is the
+/// main stream), so stream `i` is connected only after stream `i-1`, and only once its
+/// first bytes are here (a multifd channel's QEMU reads its header at once, blocking its
+/// main loop until it comes).
+public final class DestinationDataPath: @unchecked Sendable {
+    public typealias Connector = @Sendable (UInt32) throws -> Socket
+
+    private final class StreamState {
+        var pending: [UInt64: [UInt8]] = [:]
+        var pendingOffsets: [UInt64: UInt64] = [:]
+        var nextSequence: UInt64 = 0
+        var writtenBytes: UInt64 = 0
+        var end: StreamEndMessage?
+        var connected = false
+        var done = false
+    }
+
+    private let condition = NSCondition()
+    private let streamCount: Int
+    private let connector: Connector
+    private let logger: Logger
+    private let onFailure: @Sendable (TransportError) -> Void
+    private var streams: [StreamState]
+    private var channels: [Int: FrameConnection] = [:]
+    private var failure: TransportError?
+    private var ackDirty = false
+    private var stopped = false
+    private var bufferedBytes = 0
+    public private(set) var peakBufferedBytes = 0
+    private var receivedPayloadBytes: UInt64 = 0
+    private var duplicateChunks = 0
+
+    public init(streamCount: Int, logger: Logger, connector: @escaping Connector,
+                onFailure: @escaping @Sendable (TransportError) -> Void) {
+        self.streamCount = streamCount
+        self.connector = connector
+        self.logger = logger
+        self.onFailure = onFailure
+        self.streams = (0..<streamCount).map { _ in StreamState() }
+        for i in 0..<streamCount {
+            spawn("ferry-wr-\(i)") { [self] in writeLoop(UInt32(i)) }
+        }
+        spawn("ferry-acks") { [self] in ackLoop() }
+    }
+
+    // MARK: Channels
+
+    /// Starts receiving on a bound data channel.
+    public func addChannel(_ id: Int, connection: FrameConnection) {
+        condition.withLock { channels[id] = connection }
+        spawn("ferry-rx-\(id)") { [self] in receiveLoop(id, connection) }
+    }
+
+    private func receiveLoop(_ id: Int, _ connection: FrameConnection) {
+        while true {
+            let frame: Frame
+            do {
+                frame = try connection.receive()
+            } catch {
+                // A channel that breaks is the source's to handle: it sends the chunks
+                // again on the channels that remain.
+                condition.withLock { channels[id] = nil }
+                if !condition.withLock({ stopped }) {
+                    logger.info("data channel closed", metadata: ["channel": "\(id)", "reason": "\(error)"])
+                }
+                connection.shutdown()
+                return
+            }
+            guard frame.type == .data else {
+                fail(.protocolViolation("\(frame.type) frame on data channel \(id)"))
+                return
+            }
+            do {
+                try accept(frame.payload)
+            } catch let error as TransportError {
+                fail(error)
+                return
+            } catch {
+                fail(.protocolViolation("data channel \(id): \(error)"))
+                return
+            }
+        }
+    }
+
+    private func accept(_ payload: [UInt8]) throws {
+        let header = try payload.withUnsafeBytes { try DataChunkHeader.parse($0) }
+        guard Int(header.stream) < streamCount else {
+            throw TransportError.protocolViolation("chunk for stream \(header.stream), only \(streamCount) streams")
+        }
+        let size = payload.count - DataChunkHeader.byteCount
+        guard size <= ChunkPolicy.maximumChunkByteCount else {
+            throw TransportError.protocolViolation("chunk of \(size) bytes exceeds \(ChunkPolicy.maximumChunkByteCount)")
+        }
+        condition.lock()
+        defer { condition.unlock() }
+        let stream = streams[Int(header.stream)]
+        receivedPayloadBytes += UInt64(size)
+        if header.sequence < stream.nextSequence || stream.pending[header.sequence] != nil {
+            duplicateChunks += 1  // sent again after a channel failed, but it had arrived
+            return
+        }
+        if let end = stream.end, header.sequence >= end.chunkCount {
+            throw TransportError.protocolViolation("chunk \(header.sequence) beyond the end of stream \(header.stream)")
+        }
+        stream.pending[header.sequence] = Array(payload[DataChunkHeader.byteCount...])
+        stream.pendingOffsets[header.sequence] = header.offset
+        bufferedBytes += size
+        peakBufferedBytes = max(peakBufferedBytes, bufferedBytes)
+        condition.broadcast()
+    }
+
+    // MARK: Streams
+
+    /// The source says stream `end.stream` has ended after `end.chunkCount` chunks.
+    public func streamEnded(_ end: StreamEndMessage) throws {
+        guard Int(end.stream) < streamCount else {
+            throw TransportError.protocolViolation("end of unknown stream \(end.stream)")
+        }
+        condition.withLock {
+            streams[Int(end.stream)].end = end
+            condition.broadcast()
+        }
+    }
+
+    private func writeLoop(_ id: UInt32) {
+        let index = Int(id)
+        var socket: Socket?
+        defer { socket?.close() }
+        while true {
+            condition.lock()
+            // Wait for: our turn to connect and our first bytes, or the next chunk, or the end.
+            var chunk: [UInt8]?
+            var offset: UInt64 = 0
+            while failure == nil && !stopped {
+                let s = streams[index]
+                if let end = s.end, s.nextSequence == end.chunkCount { break }
+                if let bytes = s.pending[s.nextSequence], s.connected || index == 0 || streams[index - 1].connected {
+                    chunk = bytes
+                    offset = s.pendingOffsets[s.nextSequence] ?? 0
+                    break
+                }
+                condition.wait()
+            }
+            if failure != nil || stopped {
+                condition.unlock()
+                return
+            }
+            let s = streams[index]
+            guard let bytes = chunk else {
+                // Every chunk written: this stream is complete.
+                let end = s.end!
+                let ok = s.writtenBytes == end.byteCount
+                s.done = true
+                condition.broadcast()
+                condition.unlock()
+                if !ok {
+                    fail(.protocolViolation("stream \(id) ended at \(s.writtenBytes) bytes, source says \(end.byteCount)"))
+                }
+                socket?.shutdownWrite()
+                return
+            }
+            guard offset == s.writtenBytes else {
+                condition.unlock()
+                fail(.protocolViolation("stream \(id) chunk \(s.nextSequence) at offset \(offset), expected \(s.writtenBytes)"))
+                return
+            }
+            condition.unlock()
+
+            if socket == nil {
+                do {
+                    socket = try connector(id)
+                } catch {
+                    fail(.aborted("cannot connect stream \(id) to the destination QEMU: \(error)"))
+                    return
+                }
+                condition.withLock {
+                    streams[index].connected = true
+                    condition.broadcast()
+                }
+            }
+            do {
+                try bytes.withUnsafeBytes { try socket!.writeAll($0) }
+            } catch {
+                fail(.aborted("writing stream \(id) to the destination QEMU: \(error)"))
+                return
+            }
+            condition.withLock {
+                s.pending[s.nextSequence] = nil
+                s.pendingOffsets[s.nextSequence] = nil
+                s.nextSequence += 1
+                s.writtenBytes += UInt64(bytes.count)
+                bufferedBytes -= bytes.count
+                ackDirty = true
+                condition.broadcast()
+            }
+        }
+    }
+
+    // MARK: Acknowledgements
+
+    private func ackLoop() {
+        while true {
+            condition.lock()
+            while !ackDirty && failure == nil && !stopped { condition.wait() }
+            if failure != nil || stopped {
+                condition.unlock()
+                return
+            }
+            ackDirty = false
+            let ack = AckMessage(entries: streams.enumerated().map {
+                AckMessage.Entry(stream: UInt32($0.offset), nextSequence: $0.element.nextSequence)
+            })
+            let targets = Array(channels.values)
+            condition.unlock()
+            let frame = Frame(type: .ack, payload: ack.encoded())
+            for channel in targets {
+                try? channel.send(frame)
+            }
+            // Batch: at most one acknowledgement round per millisecond.
+            usleep(1000)
+        }
+    }
+
+    // MARK: Ending
+
+    /// Waits until every stream has ended and been written to QEMU.
+    public func waitUntilComplete(timeout: Duration) throws(TransportError) {
+        condition.lock()
+        defer { condition.unlock() }
+        let deadline = Date().addingTimeInterval(timeout.seconds)
+        while failure == nil && !streams.allSatisfy(\.done) {
+            if !condition.wait(until: deadline) {
+                throw .timedOut("streams incomplete after \(Int(timeout.seconds)) s")
+            }
+        }
+        if let failure { throw failure }
+    }
+
+    public var isComplete: Bool { condition.withLock { streams.allSatisfy(\.done) } }
+
+    /// Bytes of stream data written to QEMU so far.
+    public var deliveredByteCount: UInt64 { condition.withLock { streams.reduce(0) { $0 + $1.writtenBytes } } }
+    public var receivedByteCount: UInt64 { condition.withLock { receivedPayloadBytes } }
+    public var duplicates: Int { condition.withLock { duplicateChunks } }
+
+    public func fail(_ error: TransportError) {
+        let first = condition.withLock { () -> Bool in
+            guard failure == nil && !stopped else { return false }
+            failure = error
+            condition.broadcast()
+            return true
+        }
+        if first {
+            onFailure(error)
+            stop()
+        }
+    }
+
+    /// Stops every thread and closes the channels.
+    public func stop() {
+        let conns = condition.withLock { () -> [FrameConnection] in
+            stopped = true
+            condition.broadcast()
+            return Array(channels.values)
+        }
+        conns.forEach { $0.shutdown() }
+    }
+
+    private func spawn(_ name: String, _ body: @escaping @Sendable () -> Void) {
+        let thread = Thread(block: body)
+        thread.name = name
+        thread.stackSize = 1 << 20
+        thread.start()
+    }
+}

@@ -1,0 +1,226 @@
+import FerryIO
+import FerryWire
+import Foundation
+
+/// Tunables of the data path, each with the reason for its value.
+public enum ChunkPolicy {
+    /// Bytes read from QEMU per chunk at most. 256 KiB is 2 ms of a 1 Gbit/s NIC: small
+    /// enough that striping keeps every channel busy and a retransmission after a failed
+    /// NIC is cheap, large enough that the 40 bytes of framing are 0.015% and the system
+    /// calls per GiB (about 4,000 reads and 4,000 sends) cost little.
+    public static let chunkByteCount = 256 << 10
+    /// The largest chunk a receiver accepts (a peer may choose larger chunks, up to this).
+    public static let maximumChunkByteCount = 1 << 20
+    /// Bytes read from QEMU but not yet acknowledged by the destination, at most. This is
+    /// what bounds Ferry's memory on both sides, whatever the VM's size. 32 MiB covers the
+    /// bandwidth-delay product of 2 x 10 Gbit/s at 10 ms (25 MiB) with room to spare, and
+    /// is what a failover may have to send again.
+    public static let windowByteCount = 32 << 20
+}
+
+/// A piece of a QEMU stream on its way to the destination.
+public struct Chunk: Sendable {
+    public var header: DataChunkHeader
+    public var bytes: [UInt8]
+    public init(header: DataChunkHeader, bytes: [UInt8]) {
+        self.header = header
+        self.bytes = bytes
+    }
+}
+
+/// Why the data path stopped.
+public enum TransportError: Error, CustomStringConvertible, Sendable {
+    case noChannelsLeft(String)
+    case aborted(String)
+    case protocolViolation(String)
+    case timedOut(String)
+
+    public var description: String {
+        switch self {
+        case .noChannelsLeft(let why): return "every data channel has failed (last: \(why))"
+        case .aborted(let why): return why
+        case .protocolViolation(let why): return "protocol violation: \(why)"
+        case .timedOut(let why): return why
+        }
+    }
+}
+
+/// The source's striping scheduler: chunks wait here until a data channel takes them, and
+/// stay here after sending until the destination acknowledges them.
+///
+/// Every channel's sender pulls the next chunk when its socket can take more, so a faster
+/// NIC pulls more chunks: the share of each channel follows its rate without measuring it.
+/// A failed channel's unacknowledged chunks go back to the front of the queue and are
+/// sent again on the channels that remain.
+public final class SendScheduler: @unchecked Sendable {
+    private struct InFlight {
+        var chunk: Chunk
+        var channel: Int
+    }
+
+    private let condition = NSCondition()
+    private let windowByteCount: Int
+    private var queue: [Chunk] = []
+    private var queueHead = 0
+    private var inFlight: [UInt32: [UInt64: InFlight]] = [:]
+    private var acked: [UInt32: UInt64] = [:]
+    private var outstandingBytes = 0
+    private var liveChannels = Set<Int>()
+    private var everHadChannel = false
+    private var failure: TransportError?
+    private var closedForInput = false
+    private var lastChannelError = ""
+    /// Chunks sent again after a channel failed.
+    public private(set) var retransmittedChunks = 0
+    public private(set) var retransmittedBytes: UInt64 = 0
+    public private(set) var peakOutstandingBytes = 0
+
+    public init(windowByteCount: Int = ChunkPolicy.windowByteCount) {
+        self.windowByteCount = windowByteCount
+    }
+
+    // MARK: Producers (one reader thread per QEMU stream)
+
+    /// Queues a chunk, waiting while the window is full. Throws once the transport has failed.
+    public func enqueue(_ chunk: Chunk) throws(TransportError) {
+        condition.lock()
+        defer { condition.unlock() }
+        while failure == nil && outstandingBytes + chunk.bytes.count > windowByteCount && outstandingBytes > 0 {
+            condition.wait()
+        }
+        if let failure { throw failure }
+        queue.append(chunk)
+        outstandingBytes += chunk.bytes.count
+        peakOutstandingBytes = max(peakOutstandingBytes, outstandingBytes)
+        condition.broadcast()
+    }
+
+    // MARK: Channels
+
+    public func addChannel(_ id: Int) {
+        condition.lock()
+        liveChannels.insert(id)
+        everHadChannel = true
+        condition.broadcast()
+        condition.unlock()
+    }
+
+    public var liveChannelCount: Int { condition.withLock { liveChannels.count } }
+
+    /// The next chunk for `channel` to send, recorded as in flight on it. Blocks until one
+    /// is queued; nil when the transport is finished or failed, or the channel was removed.
+    public func next(for channel: Int) -> Chunk? {
+        condition.lock()
+        defer { condition.unlock() }
+        while true {
+            if failure != nil || !liveChannels.contains(channel) { return nil }
+            if queueHead < queue.count {
+                let chunk = queue[queueHead]
+                queueHead += 1
+                if queueHead > 1024 && queueHead * 2 > queue.count {
+                    queue.removeFirst(queueHead)
+                    queueHead = 0
+                }
+                // A chunk that was acknowledged while it waited for a resend is dropped.
+                if chunk.header.sequence < acked[chunk.header.stream, default: 0] { continue }
+                inFlight[chunk.header.stream, default: [:]][chunk.header.sequence] = InFlight(chunk: chunk, channel: channel)
+                return chunk
+            }
+            if closedForInput && inFlight.values.allSatisfy(\.isEmpty) { return nil }
+            condition.wait()
+        }
+    }
+
+    /// A cumulative acknowledgement: every chunk of `stream` below `nextSequence` arrived.
+    public func acknowledge(stream: UInt32, nextSequence: UInt64) {
+        condition.lock()
+        defer { condition.unlock() }
+        let from = acked[stream, default: 0]
+        guard nextSequence > from else { return }
+        acked[stream] = nextSequence
+        if var chunks = inFlight[stream] {
+            if UInt64(chunks.count) < nextSequence - from {
+                for (seq, entry) in chunks where seq < nextSequence {
+                    outstandingBytes -= entry.chunk.bytes.count
+                    chunks[seq] = nil
+                }
+            } else {
+                for seq in from..<nextSequence {
+                    if let entry = chunks.removeValue(forKey: seq) { outstandingBytes -= entry.chunk.bytes.count }
+                }
+            }
+            inFlight[stream] = chunks
+        }
+        // Chunks still queued for a resend but now acknowledged are freed when dequeued;
+        // count their bytes out now so the window opens.
+        for i in queueHead..<queue.count where queue[i].header.stream == stream && queue[i].header.sequence < nextSequence {
+            if queue[i].bytes.count > 0 {
+                outstandingBytes -= queue[i].bytes.count
+                queue[i].bytes = []
+            }
+        }
+        condition.broadcast()
+    }
+
+    /// `channel` is gone: its unacknowledged chunks go to the front of the queue.
+    /// Returns the number of chunks requeued. Fails the transport if no channel is left.
+    @discardableResult
+    public func channelFailed(_ channel: Int, reason: String) -> Int {
+        condition.lock()
+        defer { condition.unlock() }
+        guard liveChannels.remove(channel) != nil else { return 0 }
+        lastChannelError = reason
+        var requeue: [Chunk] = []
+        for (stream, chunks) in inFlight {
+            for (seq, entry) in chunks where entry.channel == channel {
+                requeue.append(entry.chunk)
+                inFlight[stream]![seq] = nil
+            }
+        }
+        requeue.sort { ($0.header.sequence, $0.header.stream) < ($1.header.sequence, $1.header.stream) }
+        if !requeue.isEmpty {
+            queue.replaceSubrange(queueHead..<queueHead, with: requeue)
+            retransmittedChunks += requeue.count
+            retransmittedBytes += requeue.reduce(0) { $0 + UInt64($1.bytes.count) }
+        }
+        if liveChannels.isEmpty && failure == nil {
+            failure = .noChannelsLeft(reason)
+        }
+        condition.broadcast()
+        return requeue.count
+    }
+
+    // MARK: Ending
+
+    /// No more chunks will be queued (every QEMU stream has ended).
+    public func closeInput() {
+        condition.lock()
+        closedForInput = true
+        condition.broadcast()
+        condition.unlock()
+    }
+
+    /// Waits until every queued chunk is acknowledged. Throws on failure or timeout.
+    public func waitUntilAllAcknowledged(timeout: Duration) throws(TransportError) {
+        condition.lock()
+        defer { condition.unlock() }
+        let deadline = Date().addingTimeInterval(timeout.seconds)
+        while failure == nil && outstandingBytes > 0 {
+            if !condition.wait(until: deadline) {
+                throw .timedOut("the destination did not acknowledge the last \(outstandingBytes) bytes in \(Int(timeout.seconds)) s")
+            }
+        }
+        if let failure { throw failure }
+    }
+
+    /// Stops everything: producers and channel senders return.
+    public func fail(_ error: TransportError) {
+        condition.lock()
+        if failure == nil { failure = error }
+        condition.broadcast()
+        condition.unlock()
+    }
+
+    public var failureReason: TransportError? { condition.withLock { failure } }
+    public var outstanding: Int { condition.withLock { outstandingBytes } }
+}

@@ -1,0 +1,194 @@
+import CFerryLinux
+import FerryIO
+import FerryWire
+import Foundation
+import Logging
+
+/// What happened on the data path, for progress and the report.
+public enum DataPathEvent: Sendable {
+    case channelUp(channel: Int, interface: String)
+    case channelFailed(channel: Int, interface: String, reason: String, requeuedChunks: Int)
+    case streamEnded(StreamEndMessage)
+    case failed(TransportError)
+}
+
+/// Byte counts of one data channel.
+public struct ChannelStats: Sendable, Equatable {
+    public var channel: Int
+    public var interface: String
+    public var payloadBytes: UInt64
+    public var wireBytes: UInt64
+    public var alive: Bool
+}
+
+/// The source half of the data path: reads QEMU's streams into chunks and sends them over
+/// the data channels (via the ``SendScheduler``), and takes the acknowledgements back.
+public final class SourceDataPath: @unchecked Sendable {
+    public let scheduler: SendScheduler
+    private let logger: Logger
+    private let onEvent: @Sendable (DataPathEvent) -> Void
+    private let lock = NSLock()
+    private var channels: [Int: (FrameConnection, String, Bool)] = [:]
+    private var streams: [UInt32: Socket] = [:]
+    private var streamBytes: [UInt32: UInt64] = [:]
+    private var finished = false
+    private var threads: [Thread] = []
+
+    public init(scheduler: SendScheduler, logger: Logger, onEvent: @escaping @Sendable (DataPathEvent) -> Void) {
+        self.scheduler = scheduler
+        self.logger = logger
+        self.onEvent = onEvent
+    }
+
+    // MARK: Channels
+
+    /// Starts sending on a bound data channel.
+    public func addChannel(_ id: Int, connection: FrameConnection, interface: String) {
+        lock.withLock { channels[id] = (connection, interface, true) }
+        scheduler.addChannel(id)
+        spawn("ferry-tx-\(id)") { [self] in sendLoop(id, connection, interface) }
+        spawn("ferry-ack-\(id)") { [self] in ackLoop(id, connection, interface) }
+        onEvent(.channelUp(channel: id, interface: interface))
+    }
+
+    private func sendLoop(_ id: Int, _ connection: FrameConnection, _ interface: String) {
+        while let chunk = scheduler.next(for: id) {
+            do {
+                try chunk.bytes.withUnsafeBytes { raw in
+                    try connection.sendData(chunk.header, bytes: raw)
+                }
+            } catch {
+                channelDown(id, connection, interface, reason: "send: \(error)")
+                return
+            }
+        }
+    }
+
+    private func ackLoop(_ id: Int, _ connection: FrameConnection, _ interface: String) {
+        while true {
+            let frame: Frame
+            do {
+                frame = try connection.receive()
+            } catch {
+                channelDown(id, connection, interface, reason: "receive: \(error)")
+                return
+            }
+            switch frame.type {
+            case .ack:
+                guard let ack = try? AckMessage.decode(frame.payload) else {
+                    channelDown(id, connection, interface, reason: "malformed ack")
+                    return
+                }
+                for entry in ack.entries {
+                    scheduler.acknowledge(stream: entry.stream, nextSequence: entry.nextSequence)
+                }
+            case .error:
+                let message = (try? ControlCoding.decode(ErrorMessage.self, from: frame))?.description ?? "error frame"
+                channelDown(id, connection, interface, reason: "destination: \(message)")
+                return
+            default:
+                channelDown(id, connection, interface, reason: "unexpected \(frame.type) frame")
+                return
+            }
+        }
+    }
+
+    private func channelDown(_ id: Int, _ connection: FrameConnection, _ interface: String, reason: String) {
+        let first = lock.withLock { () -> Bool in
+            guard !finished, let entry = channels[id], entry.2 else { return false }
+            channels[id]!.2 = false
+            return true
+        }
+        connection.shutdown()
+        guard first else { return }
+        let requeued = scheduler.channelFailed(id, reason: reason)
+        if scheduler.failureReason == nil {
+            logger.warning("data channel failed; its chunks go again on the others",
+                           metadata: ["channel": "\(id)", "interface": "\(interface)", "reason": "\(reason)", "requeued": "\(requeued)"])
+        }
+        onEvent(.channelFailed(channel: id, interface: interface, reason: reason, requeuedChunks: requeued))
+        if let failure = scheduler.failureReason { onEvent(.failed(failure)) }
+    }
+
+    /// Per-channel byte counts.
+    public var channelStats: [ChannelStats] {
+        lock.withLock {
+            channels.keys.sorted().map { id in
+                let (conn, nic, alive) = channels[id]!
+                let c = conn.counters.current
+                return ChannelStats(channel: id, interface: nic, payloadBytes: c.sentPayloadBytes, wireBytes: c.sentBytes, alive: alive)
+            }
+        }
+    }
+
+    // MARK: Streams
+
+    /// Starts reading QEMU stream `id` from `socket` into chunks.
+    public func addStream(_ id: UInt32, socket: Socket) {
+        lock.withLock { streams[id] = socket }
+        spawn("ferry-rd-\(id)") { [self] in readLoop(id, socket) }
+    }
+
+    private func readLoop(_ id: UInt32, _ socket: Socket) {
+        var sequence: UInt64 = 0
+        var offset: UInt64 = 0
+        var buffer = [UInt8](repeating: 0, count: ChunkPolicy.chunkByteCount)
+        while true {
+            let n: Int
+            do {
+                n = try buffer.withUnsafeMutableBytes { try socket.read(into: $0) }
+            } catch {
+                scheduler.fail(.aborted("reading QEMU stream \(id): \(error)"))
+                onEvent(.failed(.aborted("reading QEMU stream \(id): \(error)")))
+                return
+            }
+            if n == 0 { break }
+            let chunk = Chunk(header: DataChunkHeader(stream: id, sequence: sequence, offset: offset), bytes: Array(buffer[0..<n]))
+            do {
+                try scheduler.enqueue(chunk)
+            } catch {
+                return
+            }
+            sequence += 1
+            offset += UInt64(n)
+            lock.withLock { streamBytes[id] = offset }
+        }
+        socket.close()
+        onEvent(.streamEnded(StreamEndMessage(stream: id, chunkCount: sequence, byteCount: offset)))
+    }
+
+    /// Bytes read from QEMU so far, all streams.
+    public var streamByteCount: UInt64 { lock.withLock { streamBytes.values.reduce(0, +) } }
+
+    // MARK: Lifetime
+
+    /// Stops every thread: sockets are shut, the scheduler fails its waiters.
+    public func shutdown(reason: String) {
+        scheduler.fail(.aborted(reason))
+        let (conns, socks) = lock.withLock { (channels.values.map(\.0), Array(streams.values)) }
+        conns.forEach { $0.shutdown() }
+        socks.forEach { $0.shutdown() }
+    }
+
+    /// Everything is acknowledged: channels closing from now on are not failures.
+    public func markFinished() {
+        lock.withLock { finished = true }
+    }
+
+    /// Closes the data channels after a finished migration.
+    public func closeChannels() {
+        let conns = lock.withLock { () -> [FrameConnection] in
+            finished = true
+            return channels.values.map(\.0)
+        }
+        conns.forEach { $0.shutdown() }
+    }
+
+    private func spawn(_ name: String, _ body: @escaping @Sendable () -> Void) {
+        let thread = Thread(block: body)
+        thread.name = name
+        thread.stackSize = 1 << 20
+        lock.withLock { threads.append(thread) }
+        thread.start()
+    }
+}

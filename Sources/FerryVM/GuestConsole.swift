@@ -1,0 +1,140 @@
+import Foundation
+
+/// A heartbeat line of the demo guest's workload (see guest/README.md):
+/// `FERRY-HB seq=<n> ms=<ms> mem_mib=<m> gen=<g> checked=<c> passes=<p> errors=<e> status=OK|FAIL`
+public struct Heartbeat: Sendable, Equatable {
+    public var sequence: UInt64
+    public var guestMilliseconds: UInt64
+    public var errors: UInt64
+    public var passes: UInt64
+    public var ok: Bool
+
+    public init?(line: Substring) {
+        guard let start = line.range(of: "FERRY-HB ") else { return nil }
+        var fields: [Substring: Substring] = [:]
+        for part in line[start.upperBound...].split(separator: " ") {
+            guard let eq = part.firstIndex(of: "=") else { continue }
+            fields[part[..<eq]] = part[part.index(after: eq)...]
+        }
+        guard let seq = fields["seq"].flatMap({ UInt64($0) }), let status = fields["status"] else { return nil }
+        sequence = seq
+        guestMilliseconds = fields["ms"].flatMap { UInt64($0) } ?? 0
+        errors = fields["errors"].flatMap { UInt64($0) } ?? 0
+        passes = fields["passes"].flatMap { UInt64($0) } ?? 0
+        ok = status.hasPrefix("OK") && errors == 0
+    }
+}
+
+/// Reads a VM's serial log: heartbeats, readiness, errors.
+public struct GuestConsole: Sendable {
+    public let path: String
+    public init(path: String) { self.path = path }
+
+    public var text: String {
+        (FileManager.default.contents(atPath: path)).map { String(decoding: $0, as: UTF8.self) } ?? ""
+    }
+
+    public var heartbeats: [Heartbeat] {
+        text.split(separator: "\n").compactMap { Heartbeat(line: $0) }
+    }
+
+    public var lastHeartbeat: Heartbeat? {
+        text.split(separator: "\n").reversed().lazy.compactMap { Heartbeat(line: $0) }.first
+    }
+
+    public var isReady: Bool { text.contains("FERRY-READY") }
+    public var errorLines: [String] {
+        text.split(separator: "\n").filter { $0.contains("FERRY-ERROR") }.map(String.init)
+    }
+
+    /// Waits until `predicate` holds for the log text. True if it did within `timeout`.
+    public func wait(timeout: Duration, poll: Duration = .milliseconds(100), _ predicate: (String) -> Bool) -> Bool {
+        let deadline = ContinuousClock.now + timeout
+        while ContinuousClock.now < deadline {
+            if predicate(text) { return true }
+            Thread.sleep(forTimeInterval: poll.seconds)
+        }
+        return predicate(text)
+    }
+}
+
+/// Watches heartbeats appear in one or more serial logs (the source's and the
+/// destination's) and measures, by the host's clock, the longest gap between two
+/// consecutive heartbeats: the guest's pause as the guest itself shows it.
+public final class HeartbeatWatcher: @unchecked Sendable {
+    private let lock = NSLock()
+    private var paths: [String]
+    private var offsets: [String: UInt64] = [:]
+    private var partial: [String: String] = [:]
+    private var lastSeenAt: Double?
+    private var lastSequence: UInt64?
+    private var _largestGap = 0.0
+    private var _count = 0
+    private var _errors = false
+    private var _sequenceRegressed = false
+    private var stopped = false
+    private let clock = ContinuousClock()
+    private let origin = ContinuousClock.now
+
+    public init(paths: [String]) {
+        self.paths = paths
+        for p in paths { offsets[p] = Self.size(p) }
+        let thread = Thread { [self] in loop() }
+        thread.name = "heartbeat-watch"
+        thread.start()
+    }
+
+    /// Also watch `path` (e.g. the destination's log once it exists).
+    public func add(path: String) {
+        lock.withLock {
+            if !paths.contains(path) {
+                paths.append(path)
+                offsets[path] = 0
+            }
+        }
+    }
+
+    public var largestGapSeconds: Double { lock.withLock { _largestGap } }
+    public var heartbeatCount: Int { lock.withLock { _count } }
+    public var sawErrors: Bool { lock.withLock { _errors } }
+    public var sequenceWentBack: Bool { lock.withLock { _sequenceRegressed } }
+    public var lastSeq: UInt64? { lock.withLock { lastSequence } }
+
+    public func stop() { lock.withLock { stopped = true } }
+
+    private func loop() {
+        while !lock.withLock({ stopped }) {
+            for path in lock.withLock({ paths }) { scan(path) }
+            Thread.sleep(forTimeInterval: 0.005)
+        }
+    }
+
+    private static func size(_ path: String) -> UInt64 {
+        ((try? FileManager.default.attributesOfItem(atPath: path))?[.size] as? NSNumber)?.uint64Value ?? 0
+    }
+
+    private func scan(_ path: String) {
+        guard let handle = FileHandle(forReadingAtPath: path) else { return }
+        defer { try? handle.close() }
+        let offset = lock.withLock { offsets[path] ?? 0 }
+        try? handle.seek(toOffset: offset)
+        guard let data = try? handle.readToEnd(), !data.isEmpty else { return }
+        let now = (ContinuousClock.now - origin).seconds
+        lock.withLock {
+            offsets[path] = offset + UInt64(data.count)
+            var text = (partial[path] ?? "") + String(decoding: data, as: UTF8.self)
+            var lines = text.split(separator: "\n", omittingEmptySubsequences: false)
+            text = String(lines.removeLast())
+            partial[path] = text
+            for line in lines {
+                guard let hb = Heartbeat(line: line) else { continue }
+                if let last = lastSequence, hb.sequence <= last { _sequenceRegressed = hb.sequence < last; continue }
+                if let at = lastSeenAt { _largestGap = max(_largestGap, now - at) }
+                lastSeenAt = now
+                lastSequence = hb.sequence
+                _count += 1
+                if !hb.ok { _errors = true }
+            }
+        }
+    }
+}

@@ -1,0 +1,123 @@
+import FerryIO
+import FerryQMP
+import FerryWire
+import Foundation
+
+/// How Ferry starts QEMU. Both ends of a migration build the command line from the same
+/// ``VMSpec``, so the destination emulates exactly the hardware the source has.
+public enum QEMU {
+    /// The QEMU binary: `FERRY_QEMU`, or qemu-system-x86_64 from PATH.
+    public static var binary: String {
+        ProcessInfo.processInfo.environment["FERRY_QEMU"] ?? "qemu-system-x86_64"
+    }
+
+    /// KVM where the CPU has vmx/svm (and /dev/kvm works), TCG otherwise.
+    public static func resolve(_ choice: AcceleratorChoice) -> Accelerator {
+        switch choice {
+        case .kvm: return .kvm
+        case .tcg: return .tcg
+        case .auto: return HostInfo.hasHardwareVirtualization ? .kvm : .tcg
+        }
+    }
+
+    /// The CPU model for an accelerator: the host's CPU under KVM (clusters migrate
+    /// between like hosts), QEMU's portable default under TCG.
+    public static func defaultCPUModel(for accelerator: Accelerator) -> String {
+        accelerator == .kvm ? "host" : "qemu64"
+    }
+
+    private static let machineCache = Locked<String?>(nil)
+
+    /// The versioned machine type behind QEMU's default `pc` alias (e.g. pc-i440fx-7.2).
+    public static func defaultMachineType() throws -> String {
+        if let cached = machineCache.current { return cached }
+        let result: CommandResult
+        do {
+            result = try Command.check([binary, "-machine", "help"])
+        } catch {
+            throw VMError.qemu("cannot run QEMU (\(binary)); is qemu-system-x86 installed? \(error)")
+        }
+        for line in result.stdout.split(separator: "\n") where line.hasPrefix("pc ") {
+            if let range = line.range(of: "alias of ") {
+                let type = line[range.upperBound...].prefix { $0 != ")" }
+                machineCache.withLock { $0 = String(type) }
+                return String(type)
+            }
+        }
+        throw VMError.qemu("cannot find the default machine type in `\(binary) -machine help`")
+    }
+
+    /// QEMU's version string, e.g. "7.2.15".
+    public static func version() -> String {
+        guard let out = try? Command.check([binary, "--version"]).stdout else { return "unknown" }
+        let first = out.split(separator: "\n").first ?? ""
+        return first.split(separator: " ").dropFirst(3).first.map(String.init) ?? String(first)
+    }
+
+    /// The command line for `spec`. `incoming`: start paused, waiting for a migration.
+    public static func arguments(spec: VMSpec, paths: VMPaths, store: BootFileStore, incoming: Bool) -> [String] {
+        var argv = [
+            binary,
+            "-name", "guest=\(spec.name),debug-threads=on",
+            "-machine", spec.machine,
+            "-accel", spec.accelerator.rawValue,
+            "-cpu", spec.cpuModel,
+            "-m", "\(spec.memoryMiB)",
+            "-smp", "\(spec.cpus)",
+            "-nodefaults", "-no-user-config", "-display", "none",
+            "-kernel", store.path(of: spec.kernel),
+        ]
+        if let initrd = spec.initrd { argv += ["-initrd", store.path(of: initrd)] }
+        argv += [
+            "-append", spec.append,
+            "-chardev", "file,id=serial0,path=\(paths.serialLog),append=on",
+            "-serial", "chardev:serial0",
+            "-qmp", "unix:\(paths.qmpSocket),server=on,wait=off",
+            "-pidfile", paths.pidFile,
+            "-daemonize",
+        ]
+        if incoming { argv += ["-S", "-incoming", "defer"] }
+        return argv
+    }
+
+    /// Starts QEMU in the background and returns its pid and a QMP connection.
+    /// QEMU's `-daemonize` makes the VM independent of the process that started it.
+    public static func launch(spec: VMSpec, paths: VMPaths, store: BootFileStore, incoming: Bool) throws -> (Int32, QMPClient) {
+        for file in spec.bootFiles where !store.has(file) {
+            throw VMError.badInput("boot file \(file.name) (\(file.sha256.prefix(12))) is not in the store")
+        }
+        try? FileManager.default.removeItem(atPath: paths.pidFile)
+        try? FileManager.default.removeItem(atPath: paths.qmpSocket)
+        let argv = arguments(spec: spec, paths: paths, store: store, incoming: incoming)
+        // With -daemonize the parent exits once the VM is set up; errors before that go to
+        // its stderr, which we keep in qemu.log.
+        let result: CommandResult
+        do {
+            result = try Command.run(argv)
+        } catch {
+            throw VMError.qemu("cannot start QEMU: \(error)")
+        }
+        let log = "$ " + argv.joined(separator: " ") + "\n" + result.stdout + result.stderr
+        try? log.write(toFile: paths.qemuLog, atomically: true, encoding: .utf8)
+        guard result.succeeded else {
+            let err = result.stderr.trimmingCharacters(in: .whitespacesAndNewlines)
+            throw VMError.qemu("QEMU failed to start VM '\(spec.name)' (exit \(result.status)): \(err)")
+        }
+        guard let pidText = try? String(contentsOfFile: paths.pidFile, encoding: .utf8),
+              let pid = Int32(pidText.trimmingCharacters(in: .whitespacesAndNewlines)) else {
+            throw VMError.qemu("QEMU started but wrote no pid file at \(paths.pidFile)")
+        }
+        do {
+            let qmp = try QMPClient(path: paths.qmpSocket)
+            return (pid, qmp)
+        } catch {
+            ProcessStats.terminate(pid: pid)
+            throw VMError.qemu("QEMU (pid \(pid)) started but QMP does not answer: \(error)")
+        }
+    }
+}
+
+/// `--accel`: which accelerator to ask for.
+public enum AcceleratorChoice: String, CaseIterable, Sendable {
+    case auto, kvm, tcg
+}

@@ -1,0 +1,17 @@
+/// Errors of VM management: which VM, what was being done, why.
+public enum VMError: Error, CustomStringConvertible, Sendable {
+    case badInput(String)
+    case notFound(String)
+    case exists(String)
+    case busy(String)
+    case qemu(String)
+    case io(String)
+
+    public var description: String {
+        switch self {
+        case .badInput(let s), .qemu(let s), .io(let s), .busy(let s): return s
+        case .notFound(let name): return "no VM named '\(name)' on this host"
+        case .exists(let name): return "a VM named '\(name)' already exists on this host"
+        }
+    }
+}

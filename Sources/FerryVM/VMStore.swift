@@ -1,0 +1,156 @@
+import FerryIO
+import FerryQMP
+import FerryWire
+import Foundation
+
+/// Where a VM is in its life on this host.
+public enum VMPhase: String, Codable, Sendable {
+    /// QEMU runs the VM here.
+    case running
+    /// A destination QEMU waits for (or is receiving) a migration; not the VM's home yet.
+    case incoming
+    /// The VM is being migrated away; it still runs here until the switchover.
+    case migratingOut = "migrating-out"
+}
+
+/// What a host records about a VM besides its spec.
+public struct VMState: Codable, Sendable, Equatable {
+    public var phase: VMPhase
+    public var pid: Int32
+    public var startedAt: Date
+    /// The host it came from, for VMs that arrived by migration.
+    public var migratedFrom: String?
+
+    public init(phase: VMPhase, pid: Int32, startedAt: Date = Date(), migratedFrom: String? = nil) {
+        self.phase = phase
+        self.pid = pid
+        self.startedAt = startedAt
+        self.migratedFrom = migratedFrom
+    }
+}
+
+/// A VM as `ferry vm list` shows it.
+public struct VMRecord: Sendable {
+    public var spec: VMSpec
+    public var state: VMState
+    /// True if its QEMU process exists (and is this VM's).
+    public var alive: Bool
+    public var paths: VMPaths
+}
+
+/// The VMs of this host, kept in the state directory.
+public struct VMStore: Sendable {
+    public let paths: StatePaths
+    public var bootFiles: BootFileStore { BootFileStore(paths: paths) }
+
+    public init(paths: StatePaths = .fromEnvironment) { self.paths = paths }
+
+    public func vmPaths(_ name: String) -> VMPaths { VMPaths(directory: paths.vmDirectory(name)) }
+
+    /// Creates the VM's directory and starts QEMU. The directory is removed if QEMU fails.
+    public func start(spec: VMSpec, incoming: Bool, migratedFrom: String? = nil) throws -> (VMRecord, QMPClient) {
+        if let problem = VMSpec.validateName(spec.name) { throw VMError.badInput(problem) }
+        try paths.ensure()
+        let vm = vmPaths(spec.name)
+        if FileManager.default.fileExists(atPath: vm.spec) {
+            if let existing = try? record(spec.name), existing.alive { throw VMError.exists(spec.name) }
+            archiveAndRemove(spec.name, reason: "replaced")
+        }
+        try FileManager.default.createDirectory(atPath: vm.directory, withIntermediateDirectories: true)
+        do {
+            try write(spec, to: vm.spec)
+            let (pid, qmp) = try QEMU.launch(spec: spec, paths: vm, store: bootFiles, incoming: incoming)
+            let state = VMState(phase: incoming ? .incoming : .running, pid: pid, migratedFrom: migratedFrom)
+            try write(state, to: vm.state)
+            return (VMRecord(spec: spec, state: state, alive: true, paths: vm), qmp)
+        } catch {
+            try? FileManager.default.removeItem(atPath: vm.directory)
+            throw error
+        }
+    }
+
+    public func record(_ name: String) throws -> VMRecord {
+        if let problem = VMSpec.validateName(name) { throw VMError.badInput(problem) }
+        let vm = vmPaths(name)
+        guard let spec: VMSpec = try? read(VMSpec.self, from: vm.spec) else { throw VMError.notFound(name) }
+        guard let state: VMState = try? read(VMState.self, from: vm.state) else { throw VMError.notFound(name) }
+        return VMRecord(spec: spec, state: state, alive: Self.isQEMU(pid: state.pid, name: name), paths: vm)
+    }
+
+    public func list() -> [VMRecord] {
+        let names = (try? FileManager.default.contentsOfDirectory(atPath: paths.vmsDirectory)) ?? []
+        return names.sorted().compactMap { try? record($0) }
+    }
+
+    public func setState(_ name: String, _ state: VMState) throws {
+        try write(state, to: vmPaths(name).state)
+    }
+
+    /// Stops the VM's QEMU (QMP quit, then signals) and removes the VM from this host,
+    /// keeping its serial log under logs/.
+    public func stop(_ name: String, reason: String = "stopped") throws {
+        let rec = try record(name)
+        if rec.alive {
+            if let qmp = try? QMPClient(path: rec.paths.qmpSocket, timeout: .seconds(3)) {
+                try? qmp.quit()
+            }
+            if !ProcessStats.waitForExit(pid: rec.state.pid, timeout: .seconds(5)) {
+                guard ProcessStats.terminate(pid: rec.state.pid) else {
+                    throw VMError.qemu("QEMU of '\(name)' (pid \(rec.state.pid)) does not exit")
+                }
+            }
+        }
+        archiveAndRemove(name, reason: reason)
+    }
+
+    /// Moves the serial log to logs/ and deletes the VM's directory.
+    public func archiveAndRemove(_ name: String, reason: String) {
+        let vm = vmPaths(name)
+        let stamp = ISO8601DateFormatter().string(from: Date()).replacingOccurrences(of: ":", with: "")
+        try? FileManager.default.createDirectory(atPath: paths.logsDirectory, withIntermediateDirectories: true)
+        _ = rename(vm.serialLog, paths.logsDirectory + "/\(name)-\(stamp)-\(reason).log")
+        try? FileManager.default.removeItem(atPath: vm.directory)
+    }
+
+    /// True if `pid` is a QEMU running the VM `name` (guards against pid reuse).
+    public static func isQEMU(pid: Int32, name: String) -> Bool {
+        guard ProcessStats.isAlive(pid: pid), let argv = ProcessStats.commandLine(pid: pid) else { return false }
+        return argv.contains("guest=\(name),debug-threads=on")
+    }
+
+    // MARK: JSON files
+
+    func write<T: Encodable>(_ value: T, to path: String) throws {
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
+        encoder.dateEncodingStrategy = .iso8601
+        let data = try encoder.encode(value)
+        let tmp = path + ".tmp"
+        try data.write(to: URL(fileURLWithPath: tmp))
+        guard rename(tmp, path) == 0 else { throw VMError.io("cannot write \(path)") }
+    }
+
+    func read<T: Decodable>(_ type: T.Type, from path: String) throws -> T {
+        let decoder = JSONDecoder()
+        decoder.dateDecodingStrategy = .iso8601
+        return try decoder.decode(T.self, from: Data(contentsOf: URL(fileURLWithPath: path)))
+    }
+}
+
+/// An exclusive lock on one VM (flock on its lock file), held while a command changes it,
+/// so that two migrations of the same VM cannot run at once.
+public final class VMLock {
+    private let fd: Int32
+    public init(paths: VMPaths, name: String) throws {
+        fd = open(paths.lock, O_CREAT | O_RDWR | O_CLOEXEC, 0o644)
+        guard fd >= 0 else { throw VMError.io("cannot open lock for VM '\(name)'") }
+        guard flock(fd, LOCK_EX | LOCK_NB) == 0 else {
+            close(fd)
+            throw VMError.busy("VM '\(name)' is busy: another ferry command (a migration?) holds it")
+        }
+    }
+    deinit {
+        flock(fd, LOCK_UN)
+        close(fd)
+    }
+}

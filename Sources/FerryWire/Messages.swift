@@ -1,0 +1,294 @@
+import Foundation
+
+/// Protocol versions this build speaks. A peer offers a range in `hello`; the destination
+/// picks the highest version both speak. Policy: a release accepts the current and the
+/// previous protocol version (see docs/PROTOCOL.md, "Versioning").
+public enum ProtocolVersion {
+    public static let current: UInt16 = 1
+    public static let oldestSupported: UInt16 = 1
+
+    /// The version both sides speak, or nil.
+    public static func negotiate(peerMin: UInt16, peerMax: UInt16) -> UInt16? {
+        let high = min(peerMax, current)
+        let low = max(peerMin, oldestSupported)
+        return high >= low ? high : nil
+    }
+}
+
+/// Error codes that cross the wire. 0 is reserved as invalid.
+public enum ErrorCode: UInt16, Codable, Sendable, CustomStringConvertible {
+    case invalid = 0
+    case protocolViolation = 1
+    case unsupportedVersion = 2
+    case vmExists = 3
+    case badOffer = 4
+    case fileMismatch = 5
+    case qemuFailed = 6
+    case busy = 7
+    case internalError = 8
+    case aborted = 9
+    case authenticationFailed = 10
+    case unknownSession = 11
+    case timeout = 12
+
+    public var description: String {
+        switch self {
+        case .invalid: "invalid"
+        case .protocolViolation: "protocol-violation"
+        case .unsupportedVersion: "unsupported-version"
+        case .vmExists: "vm-exists"
+        case .badOffer: "bad-offer"
+        case .fileMismatch: "file-mismatch"
+        case .qemuFailed: "qemu-failed"
+        case .busy: "busy"
+        case .internalError: "internal-error"
+        case .aborted: "aborted"
+        case .authenticationFailed: "authentication-failed"
+        case .unknownSession: "unknown-session"
+        case .timeout: "timeout"
+        }
+    }
+}
+
+/// The accelerator a VM runs under.
+public enum Accelerator: String, Codable, Sendable, CaseIterable {
+    case kvm, tcg
+}
+
+/// What defines a VM: enough for any host to start an identical QEMU to receive it.
+public struct VMSpec: Codable, Equatable, Sendable {
+    public var name: String
+    public var memoryMiB: Int
+    public var cpus: Int
+    public var kernel: BootFile
+    public var initrd: BootFile?
+    public var append: String
+    public var accelerator: Accelerator
+    /// The concrete, versioned machine type (e.g. `pc-i440fx-7.2`), so that both ends
+    /// emulate the same hardware even if their QEMU default aliases differ.
+    public var machine: String
+    public var cpuModel: String
+
+    public init(name: String, memoryMiB: Int, cpus: Int, kernel: BootFile, initrd: BootFile?,
+                append: String, accelerator: Accelerator, machine: String, cpuModel: String) {
+        self.name = name
+        self.memoryMiB = memoryMiB
+        self.cpus = cpus
+        self.kernel = kernel
+        self.initrd = initrd
+        self.append = append
+        self.accelerator = accelerator
+        self.machine = machine
+        self.cpuModel = cpuModel
+    }
+
+    public var bootFiles: [BootFile] { [kernel] + (initrd.map { [$0] } ?? []) }
+
+    /// VM names are used as directory names and QEMU ids: keep them to a safe alphabet.
+    public static func validateName(_ name: String) -> String? {
+        if name.isEmpty { return "the VM name is empty" }
+        if name.count > 64 { return "the VM name is longer than 64 characters" }
+        let allowed = Set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
+        if name.first == "." || name.first == "-" { return "the VM name must not start with '.' or '-'" }
+        if !name.allSatisfy({ allowed.contains($0) }) {
+            return "the VM name '\(name)' may only contain letters, digits, '-', '_' and '.'"
+        }
+        return nil
+    }
+}
+
+/// A boot file (kernel or initrd), identified by content.
+public struct BootFile: Codable, Equatable, Sendable {
+    public var name: String
+    public var byteCount: Int64
+    /// Lowercase hex SHA-256 of the content.
+    public var sha256: String
+    public init(name: String, byteCount: Int64, sha256: String) {
+        self.name = name
+        self.byteCount = byteCount
+        self.sha256 = sha256
+    }
+}
+
+// MARK: - Control messages (JSON payloads)
+
+public struct HelloMessage: Codable, Equatable, Sendable {
+    public var minVersion: UInt16
+    public var maxVersion: UInt16
+    public var software: String
+    public var host: String
+    public init(minVersion: UInt16 = ProtocolVersion.oldestSupported, maxVersion: UInt16 = ProtocolVersion.current,
+                software: String, host: String) {
+        self.minVersion = minVersion
+        self.maxVersion = maxVersion
+        self.software = software
+        self.host = host
+    }
+}
+
+public struct WelcomeMessage: Codable, Equatable, Sendable {
+    public var version: UInt16
+    public var software: String
+    public var host: String
+    public init(version: UInt16, software: String, host: String) {
+        self.version = version
+        self.software = software
+        self.host = host
+    }
+}
+
+public struct ErrorMessage: Codable, Equatable, Sendable, Error, CustomStringConvertible {
+    public var code: ErrorCode
+    public var message: String
+    public init(code: ErrorCode, message: String) {
+        self.code = code
+        self.message = message
+    }
+    public var description: String { "\(message) [\(code)]" }
+}
+
+/// QEMU migration settings both ends must agree on.
+public struct StreamPlan: Codable, Equatable, Sendable {
+    /// Number of multifd channels (0: multifd off, one main stream only).
+    public var multifdChannels: Int
+    public init(multifdChannels: Int) { self.multifdChannels = multifdChannels }
+    /// Streams QEMU opens: the main channel plus one per multifd channel.
+    public var streamCount: Int { 1 + multifdChannels }
+}
+
+public struct OfferMessage: Codable, Equatable, Sendable {
+    public var spec: VMSpec
+    public var streams: StreamPlan
+    public var sourceHost: String
+    public init(spec: VMSpec, streams: StreamPlan, sourceHost: String) {
+        self.spec = spec
+        self.streams = streams
+        self.sourceHost = sourceHost
+    }
+}
+
+/// Where the source may open data channels.
+public struct DataEndpoint: Codable, Equatable, Sendable {
+    public var address: String
+    public var port: UInt16
+    public var interface: String
+    public init(address: String, port: UInt16, interface: String) {
+        self.address = address
+        self.port = port
+        self.interface = interface
+    }
+}
+
+public struct AcceptMessage: Codable, Equatable, Sendable {
+    /// 16 random bytes, hex: names the session in `bind`.
+    public var session: String
+    /// 32 random bytes, hex: the key a data channel proves knowledge of when it binds.
+    public var bindKey: String
+    /// SHA-256 of each boot file the destination does not have and wants sent.
+    public var missingFiles: [String]
+    public var endpoints: [DataEndpoint]
+    public init(session: String, bindKey: String, missingFiles: [String], endpoints: [DataEndpoint]) {
+        self.session = session
+        self.bindKey = bindKey
+        self.missingFiles = missingFiles
+        self.endpoints = endpoints
+    }
+}
+
+public struct ReadyMessage: Codable, Equatable, Sendable {
+    public var qemuVersion: String
+    public init(qemuVersion: String) { self.qemuVersion = qemuVersion }
+}
+
+public struct BindMessage: Codable, Equatable, Sendable {
+    public var version: UInt16
+    public var session: String
+    public var channel: UInt32
+    public var interface: String
+    /// Hex HMAC-SHA256(bindKey, "ferry-bind-v1" | session | channel): proof that the
+    /// connection belongs to the session (see ``ChannelBinding``).
+    public var proof: String
+    public init(version: UInt16, session: String, channel: UInt32, interface: String, proof: String) {
+        self.version = version
+        self.session = session
+        self.channel = channel
+        self.interface = interface
+        self.proof = proof
+    }
+}
+
+public struct BoundMessage: Codable, Equatable, Sendable {
+    public var channel: UInt32
+    public init(channel: UInt32) { self.channel = channel }
+}
+
+public struct StreamOpenMessage: Codable, Equatable, Sendable {
+    public var stream: UInt32
+    public init(stream: UInt32) { self.stream = stream }
+}
+
+public struct StreamEndMessage: Codable, Equatable, Sendable {
+    public var stream: UInt32
+    public var chunkCount: UInt64
+    public var byteCount: UInt64
+    public init(stream: UInt32, chunkCount: UInt64, byteCount: UInt64) {
+        self.stream = stream
+        self.chunkCount = chunkCount
+        self.byteCount = byteCount
+    }
+}
+
+public struct LoadedMessage: Codable, Equatable, Sendable {
+    public var receivedByteCount: UInt64
+    public init(receivedByteCount: UInt64) { self.receivedByteCount = receivedByteCount }
+}
+
+public struct CommitMessage: Codable, Equatable, Sendable {
+    public init() {}
+}
+
+/// What the destination measured, for the source's report.
+public struct CommittedMessage: Codable, Equatable, Sendable {
+    public var ferryCPUSeconds: Double
+    public var qemuCPUSeconds: Double
+    public var receivedByteCount: UInt64
+    public var ferryPeakRSSBytes: UInt64
+    public init(ferryCPUSeconds: Double, qemuCPUSeconds: Double, receivedByteCount: UInt64, ferryPeakRSSBytes: UInt64) {
+        self.ferryCPUSeconds = ferryCPUSeconds
+        self.qemuCPUSeconds = qemuCPUSeconds
+        self.receivedByteCount = receivedByteCount
+        self.ferryPeakRSSBytes = ferryPeakRSSBytes
+    }
+}
+
+public struct AbortMessage: Codable, Equatable, Sendable {
+    public var reason: String
+    public init(reason: String) { self.reason = reason }
+}
+
+public struct StatusMessage: Codable, Equatable, Sendable {
+    public var text: String
+    public init(text: String) { self.text = text }
+}
+
+/// JSON coding for control payloads, with errors that name the message.
+public enum ControlCoding {
+    public static func encode<T: Encodable>(_ value: T) -> [UInt8] {
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.sortedKeys]
+        // Encoding our own message types cannot fail: they hold only strings and numbers.
+        return Array(try! encoder.encode(value))
+    }
+
+    public static func decode<T: Decodable>(_ type: T.Type, from frame: Frame) throws(WireError) -> T {
+        do {
+            return try JSONDecoder().decode(T.self, from: Data(frame.payload))
+        } catch {
+            throw .malformedMessage(frame.type, String(describing: error))
+        }
+    }
+
+    public static func frame<T: Encodable>(_ type: FrameType, _ value: T) -> Frame {
+        Frame(type: type, payload: encode(value))
+    }
+}

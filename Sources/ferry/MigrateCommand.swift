@@ -1,0 +1,133 @@
+import ArgumentParser
+import FerryIO
+import FerryMigration
+import FerryQMP
+import FerryVM
+import FerryWire
+import Foundation
+
+struct Migrate: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Live-migrate a VM of this host to another host running `ferry serve`.",
+        discussion: """
+            The VM keeps running here until the destination has all of it; if anything fails
+            before the switchover it stays here. Exit status: 0 migrated, 1 failed (the VM runs
+            here), 3 uncertain (the VM is paused here; see the report).
+            """)
+
+    @Argument(help: "The VM to migrate.")
+    var name: String
+
+    @Option(help: "The destination, HOST[:PORT] (default port \(Endpoint.defaultPort)).")
+    var to: Endpoint
+
+    @Option(help: "QEMU multifd channels; 0 sends everything in QEMU's main stream (default: 2).")
+    var multifd = 2
+
+    @Option(name: .customLong("channels-per-nic"), help: "Data connections per NIC pair (default: 4).")
+    var channelsPerNIC = 4
+
+    @Option(help: "Cap on the migration's rate, e.g. 500mbit or 100MB (default: none).")
+    var bandwidth: Rate?
+
+    @Option(help: "Longest guest pause QEMU may plan for at switchover (default: 300ms).")
+    var downtime = DurationArgument(.milliseconds(300))
+
+    @Option(help: "Give up (the VM stays here) after this long (default: 10m).")
+    var timeout = DurationArgument(.seconds(600))
+
+    @Flag(help: "Print the report as JSON on stdout.")
+    var json = false
+
+    @Option(name: .customLong("report-file"), help: "Also write the JSON report to this file.")
+    var reportFile: String?
+
+    @Flag(name: .shortAndLong, help: "No progress display.")
+    var quiet = false
+
+    @OptionGroup var host: HostOptions
+
+    func validate() throws {
+        if let problem = VMSpec.validateName(name) { throw ValidationError(problem) }
+        guard (0...64).contains(multifd) else { throw ValidationError("--multifd must be between 0 and 64") }
+        guard (1...64).contains(channelsPerNIC) else { throw ValidationError("--channels-per-nic must be between 1 and 64") }
+    }
+
+    func run() throws {
+        signal(SIGPIPE, SIG_IGN)
+        let logger = host.logger("ferry.migrate")
+        var options = MigrationOptions(host: to.host, port: to.port)
+        options.multifdChannels = multifd
+        options.channelsPerEndpoint = channelsPerNIC
+        options.bandwidthBytesPerSecond = bandwidth?.bytesPerSecond
+        options.downtimeLimit = downtime.duration
+        options.timeout = timeout.duration
+        let display = ProgressDisplay(enabled: !quiet)
+        let migration = SourceMigration(store: host.store, name: name, options: options, logger: logger) { progress in
+            display.show(progress)
+        }
+        let report = migration.run()
+        display.finish()
+        if let reportFile {
+            try report.json.write(toFile: reportFile, atomically: true, encoding: .utf8)
+        }
+        print(json ? report.json : report.text)
+        switch report.outcome {
+        case .succeeded: return
+        case .failedVMOnSource: throw ExitCode(1)
+        case .uncertain: throw ExitCode(3)
+        }
+    }
+}
+
+
+/// The progress bar: one line redrawn on a terminal, a line a second otherwise (stderr).
+final class ProgressDisplay: @unchecked Sendable {
+    private let enabled: Bool
+    private let tty = isatty(STDERR_FILENO) == 1
+    private var lastLine = 0.0
+    private var drew = false
+    private let lock = NSLock()
+
+    init(enabled: Bool) { self.enabled = enabled }
+
+    func show(_ p: MigrationProgress) {
+        guard enabled else { return }
+        lock.lock()
+        defer { lock.unlock() }
+        if !tty && p.elapsedSeconds - lastLine < 1 && p.phase == .transferring { return }
+        lastLine = p.elapsedSeconds
+        var parts: [String] = []
+        if let q = p.qemu, p.phase == .transferring || p.phase == .switchover {
+            let total = q.transferredBytes + q.remainingBytes
+            let fraction = total > 0 ? min(1, Double(q.transferredBytes) / Double(total)) : 0
+            let width = 20
+            let filled = Int(fraction * Double(width))
+            parts.append("[" + String(repeating: "#", count: filled) + String(repeating: ".", count: width - filled) + "]")
+            parts.append(String(format: "%3.0f%%", fraction * 100))
+            parts.append("\(Format.bytes(p.streamBytes)) sent")
+            parts.append(Format.rate(p.bitsPerSecond))
+            let nics = p.interfaceBitsPerSecond.sorted { $0.key < $1.key }.map { "\($0.key) \(Format.rate($0.value))" }
+            if nics.count > 0 { parts.append("(" + nics.joined(separator: ", ") + ")") }
+            parts.append("remaining \(Format.bytes(q.remainingBytes))")
+            if q.dirtyBytesPerSecond > 0 { parts.append("dirty \(Format.bytes(q.dirtyBytesPerSecond))/s") }
+            if let d = q.expectedDowntimeMilliseconds, d > 0 { parts.append("exp. downtime \(Format.millis(d))") }
+        } else {
+            parts.append(p.phase.rawValue + "...")
+        }
+        parts.append(String(format: "%.1fs", p.elapsedSeconds))
+        let line = parts.joined(separator: "  ")
+        if tty {
+            FileHandle.standardError.write(Data(("\r\u{1B}[K" + line).utf8))
+            drew = true
+        } else {
+            FileHandle.standardError.write(Data((line + "\n").utf8))
+        }
+    }
+
+    func finish() {
+        lock.withLock {
+            if drew { FileHandle.standardError.write(Data("\n".utf8)) }
+        }
+    }
+}

@@ -1,0 +1,56 @@
+import ArgumentParser
+import FerryIO
+import FerryMigration
+import Foundation
+
+struct Serve: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Accept incoming migrations on this host (runs in the foreground; use your service manager).")
+
+    @Option(help: "Address and port to listen on (default: 0.0.0.0:\(Endpoint.defaultPort)).")
+    var listen = Endpoint(host: "0.0.0.0", port: Endpoint.defaultPort)
+
+    @Option(name: .customLong("pid-file"), help: "Write the daemon's pid here (default: <state-dir>/run/serve.pid).")
+    var pidFile: String?
+
+    @OptionGroup var host: HostOptions
+
+    func run() throws {
+        let logger = host.logger("ferry.serve", default: .info)
+        let paths = host.paths
+        try paths.ensure()
+        let server: MigrationServer
+        do {
+            server = try MigrationServer(store: host.store, options: .init(host: listen.host, port: listen.port), logger: logger)
+        } catch {
+            throw UserError("cannot listen on \(listen.host):\(listen.port): \(error)")
+        }
+        server.reconcile()
+        let pidPath = pidFile ?? paths.runDirectory + "/serve.pid"
+        try "\(getpid())\n".write(toFile: pidPath, atomically: true, encoding: .utf8)
+        signal(SIGPIPE, SIG_IGN)
+        print("ferry serve: listening on \(listen.host):\(server.port) (state in \(paths.root))")
+        fflush(nil)
+        server.run()
+    }
+}
+
+struct Status: ParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Show this host's Ferry daemon and VMs.")
+
+    @OptionGroup var host: HostOptions
+
+    func run() throws {
+        let paths = host.paths
+        let pidPath = paths.runDirectory + "/serve.pid"
+        if let text = try? String(contentsOfFile: pidPath, encoding: .utf8), let pid = Int32(text.trimmingCharacters(in: .whitespacesAndNewlines)),
+           ProcessStats.isAlive(pid: pid), ProcessStats.commandLine(pid: pid)?.contains("serve") == true {
+            print("ferry serve: running (pid \(pid))")
+        } else {
+            print("ferry serve: not running")
+        }
+        print("host: \(HostInfo.hostname), state: \(paths.root), accelerator: \(HostInfo.hasHardwareVirtualization ? "kvm" : "tcg")")
+        let records = host.store.list()
+        print("VMs: \(records.count)" + (records.isEmpty ? "" : " (" + records.map { "\($0.spec.name) \($0.alive ? $0.state.phase.rawValue : "dead")" }.joined(separator: ", ") + ")"))
+    }
+}
