@@ -464,3 +464,14 @@ extension Socket {
         return text
     }
 }
+
+extension Socket {
+    /// A connected pair of Unix stream sockets.
+    public static func pair(name: String = "pair") throws(SocketError) -> (Socket, Socket) {
+        var fds: [Int32] = [0, 0]
+        guard socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0, &fds) == 0 else {
+            throw .errno("socketpair", peer: name)
+        }
+        return (Socket(fd: fds[0], peer: name + "/0"), Socket(fd: fds[1], peer: name + "/1"))
+    }
+}

@@ -1,0 +1,254 @@
+import FerryIO
+import Foundation
+import Logging
+import Testing
+@testable import FerryTransport
+@testable import FerryWire
+
+/// The data path over real TCP sockets on 127.0.0.1: several channels, several streams,
+/// a channel that dies in the middle.
+@Suite("Data path over loopback", .serialized)
+struct DataPathTests {
+    final class Harness: @unchecked Sendable {
+        let source: SourceDataPath
+        let destination: DestinationDataPath
+        let events = Locked<[DataPathEvent]>([])
+        let received = Locked<[UInt32: [UInt8]]>([:])
+        let failure = Locked<TransportError?>(nil)
+        var sourceChannels: [FrameConnection] = []
+        var readers: [Thread] = []
+        let done = DispatchGroup()
+
+        init(streams: Int, channels: Int, window: Int = ChunkPolicy.windowByteCount) throws {
+            let logger = Logger(label: "test")
+            let events = self.events
+            source = SourceDataPath(scheduler: SendScheduler(windowByteCount: window), logger: logger) { e in
+                events.withLock { $0.append(e) }
+            }
+            let received = self.received
+            let failure = self.failure
+            let done = self.done
+            for _ in 0..<streams { done.enter() }
+            destination = DestinationDataPath(streamCount: streams, logger: logger, connector: { id in
+                // The "destination QEMU": a socket pair whose far end a thread drains.
+                let (near, far) = try Socket.pair(name: "qemu-\(id)")
+                let t = Thread {
+                    var buf = [UInt8](repeating: 0, count: 1 << 16)
+                    var all: [UInt8] = []
+                    while let n = try? buf.withUnsafeMutableBytes({ try far.read(into: $0) }), n > 0 {
+                        all.append(contentsOf: buf[0..<n])
+                    }
+                    received.withLock { $0[id] = all }
+                    done.leave()
+                }
+                t.start()
+                return near
+            }, onFailure: { e in failure.withLock { $0 = e } })
+
+            let listener = try Socket.listenTCP(host: "127.0.0.1", port: 0)
+            for id in 0..<channels {
+                let client = try Socket.connectTCP(host: "127.0.0.1", port: listener.localPort)
+                let server = try #require(try listener.accept(timeout: .seconds(5)))
+                let c = FrameConnection(socket: client)
+                sourceChannels.append(c)
+                destination.addChannel(id, connection: FrameConnection(socket: server))
+                source.addChannel(id, connection: c, interface: "lo\(id % 2)")
+            }
+        }
+
+        /// Feeds `data` into stream `id` as QEMU would, in uneven writes.
+        func feed(_ id: UInt32, _ data: [UInt8]) throws {
+            let (qemu, ferry) = try Socket.pair(name: "src-\(id)")
+            source.addStream(id, socket: ferry)
+            Thread {
+                var i = 0
+                var step = 1
+                while i < data.count {
+                    let n = min(step, data.count - i)
+                    try? data[i..<i + n].withUnsafeBytes { try qemu.writeAll($0) }
+                    i += n
+                    step = step * 3 % 1_000_003 + 1
+                }
+                qemu.close()
+            }.start()
+        }
+
+        /// Forwards stream ends to the destination as the control connection would.
+        func pumpEnds(expect count: Int, timeout: Duration = .seconds(30)) throws {
+            var ended = Set<UInt32>()
+            let deadline = ContinuousClock.now + timeout
+            while ended.count < count && ContinuousClock.now < deadline {
+                let pending = events.withLock { e -> [StreamEndMessage] in
+                    let ends = e.compactMap { if case .streamEnded(let m) = $0 { return m } else { return nil } }
+                    return ends.filter { !ended.contains($0.stream) }
+                }
+                for end in pending {
+                    try destination.streamEnded(end)
+                    ended.insert(end.stream)
+                }
+                if ended.count == count { source.scheduler.closeInput() }
+                Thread.sleep(forTimeInterval: 0.005)
+            }
+            try #require(ended.count == count, "streams did not all end")
+        }
+    }
+
+    static func payload(_ seed: Int, _ size: Int) -> [UInt8] {
+        var x = UInt64(seed) &* 0x9E37_79B9_7F4A_7C15 | 1
+        return (0..<size).map { _ in
+            x ^= x << 13; x ^= x >> 7; x ^= x << 17
+            return UInt8(truncatingIfNeeded: x)
+        }
+    }
+
+    @Test("three streams over four channels arrive whole and in order")
+    func stripedStreams() throws {
+        let h = try Harness(streams: 3, channels: 4)
+        let data = [Self.payload(1, 3_000_000), Self.payload(2, 9_000_001), Self.payload(3, 17)]
+        for (i, d) in data.enumerated() { try h.feed(UInt32(i), d) }
+        try h.pumpEnds(expect: 3)
+        try h.destination.waitUntilComplete(timeout: .seconds(30))
+        try h.source.scheduler.waitUntilAllAcknowledged(timeout: .seconds(10))
+        #expect(h.done.wait(timeout: .now() + 10) == .success)
+        for (i, d) in data.enumerated() { #expect(h.received.current[UInt32(i)] == d, "stream \(i)") }
+        // Every channel carried a share.
+        let shares = h.source.channelStats.map(\.payloadBytes)
+        #expect(shares.allSatisfy { $0 > 0 }, "shares \(shares)")
+        #expect(shares.reduce(0, +) >= UInt64(data.map(\.count).reduce(0, +)))
+        #expect(h.failure.current == nil)
+        h.source.markFinished()
+        h.source.closeChannels()
+        h.destination.stop()
+    }
+
+    @Test("a channel that dies mid-transfer loses nothing: its chunks go again on the others")
+    func failover() throws {
+        // A small window keeps chunks in flight on every channel when one dies.
+        let h = try Harness(streams: 2, channels: 3, window: 2 << 20)
+        let data = [Self.payload(4, 24_000_000), Self.payload(5, 8_000_000)]
+        for (i, d) in data.enumerated() { try h.feed(UInt32(i), d) }
+        // Let some data flow, then kill channel 1 under the sender.
+        let deadline = ContinuousClock.now + .seconds(10)
+        while h.source.streamByteCount < 4_000_000 && ContinuousClock.now < deadline { Thread.sleep(forTimeInterval: 0.001) }
+        h.sourceChannels[1].socket.shutdown()
+        try h.pumpEnds(expect: 2)
+        try h.destination.waitUntilComplete(timeout: .seconds(30))
+        #expect(h.done.wait(timeout: .now() + 10) == .success)
+        for (i, d) in data.enumerated() { #expect(h.received.current[UInt32(i)] == d, "stream \(i)") }
+        let failed = h.events.current.contains { if case .channelFailed(1, _, _, _) = $0 { return true } else { return false } }
+        #expect(failed)
+        #expect(h.source.channelStats.first { $0.channel == 1 }?.alive == false)
+        #expect(h.failure.current == nil)
+        h.source.markFinished()
+        h.source.closeChannels()
+        h.destination.stop()
+    }
+
+    @Test("when every channel dies the transfer fails instead of hanging")
+    func allChannelsDie() throws {
+        let h = try Harness(streams: 1, channels: 2, window: 1 << 20)
+        try h.feed(0, Self.payload(6, 50_000_000))
+        while h.source.streamByteCount < 1_000_000 { Thread.sleep(forTimeInterval: 0.001) }
+        h.sourceChannels.forEach { $0.socket.shutdown() }
+        let deadline = ContinuousClock.now + .seconds(10)
+        while h.source.scheduler.failureReason == nil && ContinuousClock.now < deadline { Thread.sleep(forTimeInterval: 0.01) }
+        guard case .noChannelsLeft? = h.source.scheduler.failureReason else {
+            Issue.record("expected noChannelsLeft, got \(String(describing: h.source.scheduler.failureReason))")
+            return
+        }
+        h.source.shutdown(reason: "test over")
+        h.destination.stop()
+    }
+
+    @Test("garbage on a data channel fails the receiving side cleanly")
+    func garbageOnChannel() throws {
+        let h = try Harness(streams: 1, channels: 1)
+        // A well-formed frame of the wrong type on a data channel is a protocol violation.
+        try h.sourceChannels[0].send(Frame(type: .hello, payload: Array("{}".utf8)))
+        let deadline = ContinuousClock.now + .seconds(5)
+        while h.failure.current == nil && ContinuousClock.now < deadline { Thread.sleep(forTimeInterval: 0.01) }
+        guard case .protocolViolation? = h.failure.current else {
+            Issue.record("expected a protocol violation, got \(String(describing: h.failure.current))")
+            return
+        }
+        h.source.shutdown(reason: "test over")
+    }
+}
+
+@Suite("Send scheduler")
+struct SendSchedulerTests {
+    func chunk(_ stream: UInt32, _ seq: UInt64, _ size: Int = 100) -> Chunk {
+        Chunk(header: DataChunkHeader(stream: stream, sequence: seq, offset: seq * UInt64(size)),
+              bytes: [UInt8](repeating: 1, count: size))
+    }
+
+    @Test("acknowledgements free the window")
+    func window() throws {
+        let s = SendScheduler(windowByteCount: 250)
+        s.addChannel(0)
+        try s.enqueue(chunk(0, 0))
+        try s.enqueue(chunk(0, 1))
+        #expect(s.outstanding == 200)
+        let blocked = Locked(true)
+        Thread {
+            try? s.enqueue(chunk(0, 2))
+            blocked.withLock { $0 = false }
+        }.start()
+        Thread.sleep(forTimeInterval: 0.1)
+        #expect(blocked.current, "the third chunk must wait for the window")
+        #expect(s.next(for: 0)?.header.sequence == 0)
+        s.acknowledge(stream: 0, nextSequence: 1)
+        Thread.sleep(forTimeInterval: 0.1)
+        #expect(!blocked.current)
+        #expect(s.outstanding == 200)
+    }
+
+    @Test("a failed channel's chunks are sent again, first, on another channel")
+    func requeue() throws {
+        let s = SendScheduler()
+        s.addChannel(0)
+        s.addChannel(1)
+        for i in 0..<4 { try s.enqueue(chunk(0, UInt64(i))) }
+        #expect(s.next(for: 0)?.header.sequence == 0)
+        #expect(s.next(for: 1)?.header.sequence == 1)
+        #expect(s.next(for: 0)?.header.sequence == 2)
+        #expect(s.channelFailed(0, reason: "test") == 2)
+        #expect(s.next(for: 1)?.header.sequence == 0)
+        #expect(s.next(for: 1)?.header.sequence == 2)
+        #expect(s.next(for: 1)?.header.sequence == 3)
+        #expect(s.retransmittedChunks == 2)
+        #expect(s.next(for: 0) == nil, "a removed channel gets nothing")
+    }
+
+    @Test("a chunk acknowledged while queued for a resend is not sent again")
+    func ackedWhileQueued() throws {
+        let s = SendScheduler()
+        s.addChannel(0)
+        s.addChannel(1)
+        try s.enqueue(chunk(0, 0))
+        try s.enqueue(chunk(0, 1))
+        _ = s.next(for: 0)
+        _ = s.next(for: 0)
+        s.channelFailed(0, reason: "test")
+        s.acknowledge(stream: 0, nextSequence: 2)
+        #expect(s.outstanding == 0)
+        s.closeInput()
+        #expect(s.next(for: 1) == nil)
+    }
+
+    @Test("losing the last channel fails the scheduler and wakes producers")
+    func lastChannel() throws {
+        let s = SendScheduler(windowByteCount: 100)
+        s.addChannel(0)
+        try s.enqueue(chunk(0, 0))
+        let result = Locked<String>("")
+        Thread {
+            do { try s.enqueue(chunk(0, 1)); result.withLock { $0 = "enqueued" } }
+            catch { result.withLock { $0 = "\(error)" } }
+        }.start()
+        Thread.sleep(forTimeInterval: 0.05)
+        s.channelFailed(0, reason: "link down")
+        Thread.sleep(forTimeInterval: 0.1)
+        #expect(result.current.contains("every data channel has failed"))
+    }
+}

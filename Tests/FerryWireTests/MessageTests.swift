@@ -1,0 +1,87 @@
+import Testing
+@testable import FerryWire
+
+@Suite("Protocol messages")
+struct MessageTests {
+    static let kernel = BootFile(name: "vmlinuz", byteCount: 123, sha256: String(repeating: "ab", count: 32))
+    static let spec = VMSpec(name: "vm-1", memoryMiB: 512, cpus: 2, kernel: kernel, initrd: nil, append: "console=ttyS0",
+                             accelerator: .tcg, machine: "pc-i440fx-7.2", cpuModel: "qemu64")
+
+    @Test("control messages survive JSON framing")
+    func controlRoundTrip() throws {
+        let offer = OfferMessage(spec: Self.spec, streams: StreamPlan(multifdChannels: 2), sourceHost: "a")
+        let frame = ControlCoding.frame(.offer, offer)
+        var decoder = FrameDecoder()
+        decoder.feed(frame.encoded())
+        let back = try #require(try decoder.next())
+        #expect(try ControlCoding.decode(OfferMessage.self, from: back) == offer)
+        #expect(offer.streams.streamCount == 3)
+    }
+
+    @Test("a control payload that is not the message is a clear error")
+    func malformedControl() {
+        let frame = Frame(type: .offer, payload: Array(#"{"spec": 5}"#.utf8))
+        #expect(throws: WireError.self) { try ControlCoding.decode(OfferMessage.self, from: frame) }
+    }
+
+    @Test("ack round trip and malformed acks")
+    func ack() throws {
+        let ack = AckMessage(entries: [.init(stream: 0, nextSequence: 7), .init(stream: 3, nextSequence: 1 << 40)])
+        #expect(try AckMessage.decode(ack.encoded()) == ack)
+        #expect(throws: WireError.self) { try AckMessage.decode([0, 0]) }
+        var bad = ack.encoded()
+        bad.removeLast()
+        #expect(throws: WireError.self) { try AckMessage.decode(bad) }
+        #expect(throws: WireError.self) { try AckMessage.decode([0xff, 0xff, 0xff, 0xff]) }
+    }
+
+    @Test("data chunk header round trip")
+    func chunkHeader() throws {
+        let header = DataChunkHeader(stream: 2, sequence: 99, offset: 1 << 33)
+        var bytes = [UInt8](repeating: 0, count: DataChunkHeader.byteCount)
+        bytes.withUnsafeMutableBytes { header.write(into: $0) }
+        #expect(try bytes.withUnsafeBytes { try DataChunkHeader.parse($0) } == header)
+        #expect(throws: WireError.self) { try [UInt8](repeating: 0, count: 5).withUnsafeBytes { try DataChunkHeader.parse($0) } }
+    }
+
+    @Test("boot file pieces round trip")
+    func fileChunk() throws {
+        let piece = FileChunkMessage(sha256: Self.kernel.sha256, offset: 4096, bytes: [1, 2, 3])
+        #expect(try FileChunkMessage.decode(piece.encoded()) == piece)
+        #expect(throws: WireError.self) { try FileChunkMessage.decode([1, 2, 3]) }
+    }
+
+    @Test("version negotiation picks the highest common version")
+    func negotiation() {
+        #expect(ProtocolVersion.negotiate(peerMin: 1, peerMax: 1) == 1)
+        #expect(ProtocolVersion.negotiate(peerMin: 1, peerMax: 9) == ProtocolVersion.current)
+        #expect(ProtocolVersion.negotiate(peerMin: 2, peerMax: 9) == nil)
+        #expect(ProtocolVersion.negotiate(peerMin: 0, peerMax: 0) == nil)
+    }
+
+    @Test("channel binding proofs: only the key holder can bind")
+    func binding() {
+        let key = [UInt8](repeating: 7, count: 32)
+        let proof = ChannelBinding.proof(bindKey: key, session: "s1", channel: 3)
+        #expect(ChannelBinding.verify(proof: proof, bindKey: key, session: "s1", channel: 3))
+        #expect(!ChannelBinding.verify(proof: proof, bindKey: key, session: "s1", channel: 4))
+        #expect(!ChannelBinding.verify(proof: proof, bindKey: key, session: "s2", channel: 3))
+        #expect(!ChannelBinding.verify(proof: proof, bindKey: [UInt8](repeating: 8, count: 32), session: "s1", channel: 3))
+        #expect(!ChannelBinding.verify(proof: "00", bindKey: key, session: "s1", channel: 3))
+    }
+
+    @Test("VM names", arguments: [("ok-name_1.2", true), ("", false), ("../etc", false), ("-x", false), ("a b", false),
+                                  (String(repeating: "x", count: 65), false), ("vm", true)])
+    func names(name: String, valid: Bool) {
+        #expect((VMSpec.validateName(name) == nil) == valid)
+    }
+
+    @Test("hex")
+    func hex() {
+        #expect(Hex.encode([0, 1, 0xab, 0xff]) == "0001abff")
+        #expect(Hex.decode("0001ABff") == [0, 1, 0xab, 0xff])
+        #expect(Hex.decode("abc") == nil)
+        #expect(Hex.decode("zz") == nil)
+        #expect(Hex.random(byteCount: 16).count == 32)
+    }
+}
