@@ -56,6 +56,6 @@ let package = Package(
         .testTarget(name: "FerryVMTests", dependencies: ["FerryVM", "FerryWire"]),
         .testTarget(name: "FerryCLITests", dependencies: ["ferry"]),
         // Root-only suites: lab (namespaces) and end-to-end (two QEMUs, the real binary).
-        .testTarget(name: "FerryIntegrationTests", dependencies: ["FerryWire", "FerryIO"], path: "IntegrationTests"),
+        .testTarget(name: "FerryIntegrationTests", dependencies: ["FerryWire", "FerryIO", "FerryVM", "FerryLab", "FerryMigration"], path: "IntegrationTests"),
     ]
 )

@@ -68,9 +68,13 @@ public struct VMSpec: Codable, Equatable, Sendable {
     /// emulate the same hardware even if their QEMU default aliases differ.
     public var machine: String
     public var cpuModel: String
+    /// KiB added to the guest RAM beyond `memoryMiB` (see `QEMU.tcgDirtyTrackingPadKiB`).
+    /// Part of the spec because both ends must give QEMU the same RAM size.
+    public var ramPadKiB: Int
 
     public init(name: String, memoryMiB: Int, cpus: Int, kernel: BootFile, initrd: BootFile?,
-                append: String, accelerator: Accelerator, machine: String, cpuModel: String) {
+                append: String, accelerator: Accelerator, machine: String, cpuModel: String, ramPadKiB: Int = 0) {
+        self.ramPadKiB = ramPadKiB
         self.name = name
         self.memoryMiB = memoryMiB
         self.cpus = cpus
@@ -83,6 +87,20 @@ public struct VMSpec: Codable, Equatable, Sendable {
     }
 
     public var bootFiles: [BootFile] { [kernel] + (initrd.map { [$0] } ?? []) }
+
+    public init(from decoder: Decoder) throws {
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        name = try c.decode(String.self, forKey: .name)
+        memoryMiB = try c.decode(Int.self, forKey: .memoryMiB)
+        cpus = try c.decode(Int.self, forKey: .cpus)
+        kernel = try c.decode(BootFile.self, forKey: .kernel)
+        initrd = try c.decodeIfPresent(BootFile.self, forKey: .initrd)
+        append = try c.decode(String.self, forKey: .append)
+        accelerator = try c.decode(Accelerator.self, forKey: .accelerator)
+        machine = try c.decode(String.self, forKey: .machine)
+        cpuModel = try c.decode(String.self, forKey: .cpuModel)
+        ramPadKiB = try c.decodeIfPresent(Int.self, forKey: .ramPadKiB) ?? 0
+    }
 
     /// VM names are used as directory names and QEMU ids: keep them to a safe alphabet.
     public static func validateName(_ name: String) -> String? {

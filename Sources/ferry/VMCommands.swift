@@ -58,7 +58,8 @@ struct VM: ParsableCommand {
             let initrdFile = try initrd.map { try store.bootFiles.importFile(at: $0) }
             let spec = VMSpec(name: name, memoryMiB: memory.mebibytes, cpus: cpus, kernel: kernelFile, initrd: initrdFile,
                               append: append, accelerator: accelerator, machine: try QEMU.defaultMachineType(),
-                              cpuModel: QEMU.defaultCPUModel(for: accelerator))
+                              cpuModel: QEMU.defaultCPUModel(for: accelerator),
+                              ramPadKiB: QEMU.tcgDirtyTrackingPadKiB(accelerator: accelerator, qemuVersion: QEMU.version()))
             let (record, qmp) = try store.start(spec: spec, incoming: false)
             let state = try qmp.queryStatus()
             qmp.close()

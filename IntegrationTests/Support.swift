@@ -1,0 +1,107 @@
+import FerryIO
+import FerryLab
+import FerryMigration
+import FerryVM
+import FerryWire
+import Foundation
+import Testing
+
+/// What the root-only suites need: the real ferry binary, QEMU, the demo guest, root.
+enum Env {
+    static var isRoot: Bool { getuid() == 0 }
+
+    static var ferry: String {
+        if let bin = ProcessInfo.processInfo.environment["FERRY_BIN"] { return bin }
+        let repo = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+        return repo.appendingPathComponent(".build/debug/ferry").path
+    }
+
+    static var guest: GuestImage { GuestImage() }
+
+    /// Root, QEMU and the demo guest are there (the test command provides all three).
+    static var canRunLab: Bool { isRoot && Command.exists("ip") }
+    static var canRunEndToEnd: Bool {
+        canRunLab && Command.exists("qemu-system-x86_64") && guest.isBuilt && FileManager.default.isExecutableFile(atPath: ferry)
+    }
+}
+
+/// A lab for one test: its own name, torn down at the end.
+final class TestLab: @unchecked Sendable {
+    let lab: Lab
+    let a: LabHost
+    let b: LabHost
+    private var servePIDs: [Int32] = []
+
+    init(nics: Int = 2, rate: String? = nil) throws {
+        lab = Lab(name: "ft\(Int.random(in: 1000...9999))")
+        try lab.up(nics: nics, rate: rate)
+        a = LabHost(lab: lab, host: "a", binary: Env.ferry)
+        b = LabHost(lab: lab, host: "b", binary: Env.ferry)
+    }
+
+    deinit {
+        for pid in servePIDs { ProcessStats.terminate(pid: pid) }
+        try? lab.down()
+    }
+
+    func host(_ name: String) -> LabHost { name == "a" ? a : b }
+
+    @discardableResult
+    func serve(on host: String = "b") throws -> Int32 {
+        let pid = try self.host(host).startServe()
+        servePIDs.append(pid)
+        return pid
+    }
+
+    /// Starts the demo guest on `host` and waits until its memory is filled and checked.
+    func startDemoVM(_ name: String, on host: String = "a", memory: Int = 256, fill: Int = 64, dirty: Int = 4) throws -> VMRecord {
+        let h = self.host(host)
+        let result = try h.ferry(["vm", "run", name, "--memory", "\(memory)M", "--cpus", "2",
+                                  "--kernel", Env.guest.kernel, "--initrd", Env.guest.initrd,
+                                  "--append", GuestImage.append(fillMiB: fill, dirtyMiBPerSecond: dirty)])
+        try #require(result.succeeded, "vm run failed: \(result.stderr)")
+        let record = try h.store.record(name)
+        let console = GuestConsole(path: record.paths.serialLog)
+        try #require(console.wait(timeout: .seconds(120)) { $0.contains("FERRY-READY") }, "guest never became ready:\n\(console.text.suffix(2000))")
+        try #require(console.wait(timeout: .seconds(10)) { _ in (console.lastHeartbeat?.sequence ?? 0) > 0 })
+        return record
+    }
+
+    /// Runs `ferry migrate` on `from`; returns the exit status, output and parsed report.
+    func migrate(_ name: String, from: String = "a", to: String = "b", extra: [String] = []) throws -> (CommandResult, MigrationReport?) {
+        let target = lab.address(to, nic: 0)
+        let reportPath = lab.directory + "/report-\(UUID().uuidString).json"
+        let result = try host(from).ferry(["migrate", name, "--to", target, "--report-file", reportPath, "--quiet"] + extra)
+        let decoder = JSONDecoder()
+        decoder.dateDecodingStrategy = .iso8601
+        let report = FileManager.default.contents(atPath: reportPath).flatMap { try? decoder.decode(MigrationReport.self, from: $0) }
+        return (result, report)
+    }
+
+    /// Asserts the guest `name` runs on `host`, its heartbeats advance and its memory check is OK.
+    func expectRunningAndHealthy(_ name: String, on host: String, sourceLocation: SourceLocation = #_sourceLocation) throws {
+        let record = try self.host(host).store.record(name)
+        #expect(record.alive, "VM \(name) is not running on \(host)", sourceLocation: sourceLocation)
+        let console = GuestConsole(path: record.paths.serialLog)
+        _ = console.wait(timeout: .seconds(10)) { _ in console.lastHeartbeat != nil }
+        let first = try #require(console.lastHeartbeat, "no heartbeat on \(host)", sourceLocation: sourceLocation)
+        let advanced = console.wait(timeout: .seconds(15)) { _ in (console.lastHeartbeat?.sequence ?? 0) >= first.sequence + 5 }
+        #expect(advanced, "heartbeats do not advance on \(host)", sourceLocation: sourceLocation)
+        let last = try #require(console.lastHeartbeat, sourceLocation: sourceLocation)
+        #expect(last.ok, "guest memory check failed on \(host): \(console.errorLines.prefix(3))", sourceLocation: sourceLocation)
+        let allOK = console.heartbeats.allSatisfy { $0.ok }
+        #expect(allOK, "a heartbeat reported FAIL on \(host)", sourceLocation: sourceLocation)
+    }
+
+    /// Asserts `name` is not on `host`: no record and no QEMU.
+    func expectAbsent(_ name: String, on host: String, sourceLocation: SourceLocation = #_sourceLocation) {
+        let record = try? self.host(host).store.record(name)
+        #expect(record == nil || record?.alive == false, "VM \(name) is still on \(host)", sourceLocation: sourceLocation)
+    }
+
+    /// Runs a shell command inside `host`'s namespace.
+    @discardableResult
+    func shell(_ host: String, _ script: String) throws -> CommandResult {
+        try Command.run(["ip", "netns", "exec", lab.namespace(host), "bash", "-c", script])
+    }
+}
