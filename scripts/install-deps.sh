@@ -12,6 +12,7 @@ have cpio || need+=(cpio)
 have gcc || need+=(gcc)
 have ip || need+=(iproute2)
 have tc || need+=(iproute2)
+have ping || need+=(iputils-ping)
 for p in libzstd-dev liblz4-dev liburing-dev; do pkg_installed "$p" || need+=("$p"); done
 
 if [ ${#need[@]} -gt 0 ]; then

@@ -98,5 +98,10 @@ struct Endpoint: ExpressibleByArgument, Equatable {
             port = Self.defaultPort
         }
         guard !host.isEmpty, host.allSatisfy({ $0.isLetter || $0.isNumber || ".-:_".contains($0) }) else { return nil }
+        if host.contains(":") {
+            // A bare IPv6 literal must be one.
+            var addr = in6_addr()
+            guard inet_pton(AF_INET6, host, &addr) == 1 else { return nil }
+        }
     }
 }

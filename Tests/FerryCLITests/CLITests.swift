@@ -1,0 +1,88 @@
+import ArgumentParser
+import Foundation
+import Testing
+@testable import ferry
+
+@Suite("Command line")
+struct CLITests {
+    @Test("sizes", arguments: [("2G", 2048), ("512M", 512), ("512", 512), ("1.5GiB", 1536), ("1T", 1_048_576)])
+    func sizes(text: String, mib: Int) {
+        #expect(MemorySize(argument: text)?.mebibytes == mib)
+    }
+
+    @Test("bad sizes", arguments: ["", "0", "-1G", "lots", "0.1M", "1X"])
+    func badSizes(text: String) {
+        #expect(MemorySize(argument: text) == nil)
+    }
+
+    @Test("rates: tc-style bits or bytes")
+    func rates() {
+        #expect(Rate(argument: "1gbit")?.bytesPerSecond == 125_000_000)
+        #expect(Rate(argument: "500mbit")?.bytesPerSecond == 62_500_000)
+        #expect(Rate(argument: "100MB")?.bytesPerSecond == 100_000_000)
+        #expect(Rate(argument: "1GiB/s")?.bytesPerSecond == 1 << 30)
+        #expect(Rate(argument: "fast") == nil)
+        #expect(Rate(argument: "0mbit") == nil)
+    }
+
+    @Test("durations")
+    func durations() {
+        #expect(DurationArgument(argument: "300ms")?.duration == .milliseconds(300))
+        #expect(DurationArgument(argument: "2m")?.duration == .seconds(120))
+        #expect(DurationArgument(argument: "5")?.duration == .seconds(5))
+        #expect(DurationArgument(argument: "-5s") == nil)
+    }
+
+    @Test("endpoints", arguments: [("10.0.0.2", "10.0.0.2", 7470), ("host-b:9000", "host-b", 9000), ("[fd00::2]:81", "fd00::2", 81),
+                                   ("[fd00::2]", "fd00::2", 7470)])
+    func endpoints(text: String, host: String, port: Int) {
+        let e = Endpoint(argument: text)
+        #expect(e?.host == host && e?.port == UInt16(port))
+    }
+
+    @Test("bad endpoints", arguments: ["", "host:0", "host:99999", "a b", "[::1", "h:1:2x", "host;rm"])
+    func badEndpoints(text: String) {
+        #expect(Endpoint(argument: text) == nil)
+    }
+
+    @Test("bad arguments are usage errors with a message", arguments: [
+        ["migrate", "vm1"],
+        ["migrate", "vm1", "--to", "host:0"],
+        ["migrate", "../x", "--to", "b"],
+        ["migrate", "vm1", "--to", "b", "--multifd", "99"],
+        ["migrate", "vm1", "--to", "b", "--bandwidth", "fast"],
+        ["vm", "run", "x", "--kernel", "/nonexistent"],
+        ["vm", "run", "x", "--kernel", "/etc/hostname", "--memory", "0"],
+        ["vm", "run", "bad name", "--kernel", "/etc/hostname"],
+        ["lab", "up", "--nics", "0"],
+        ["lab", "up", "--rate", "fast"],
+        ["lab", "nic", "sideways", "a", "1"],
+        ["nonsense"],
+    ])
+    func badArguments(args: [String]) {
+        do {
+            _ = try Ferry.parseAsRoot(args)
+            Issue.record("\(args) must not parse")
+        } catch {
+            let message = Ferry.message(for: error)
+            #expect(!message.isEmpty)
+            #expect(Ferry.exitCode(for: error) == .validationFailure, "\(args): \(message)")
+        }
+    }
+
+    @Test("help states every option's default")
+    func help() {
+        let migrate = Ferry.helpMessage(for: Migrate.self)
+        for text in ["--to", "--multifd", "default: 2", "--channels-per-nic", "default: 4", "--bandwidth", "--downtime", "default: 300ms", "--json"] {
+            #expect(migrate.contains(text), "migrate help lacks \(text)")
+        }
+        let run = Ferry.helpMessage(for: VM.Run.self)
+        for text in ["--memory", "default: 512M", "--accel", "default: auto", "--kernel", "--initrd", "--append"] {
+            #expect(run.contains(text), "vm run help lacks \(text)")
+        }
+        let root = Ferry.helpMessage()
+        for command in ["serve", "vm", "migrate", "status", "guest", "lab", "demo"] {
+            #expect(root.contains(command))
+        }
+    }
+}

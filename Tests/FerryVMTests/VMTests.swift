@@ -1,0 +1,112 @@
+import FerryIO
+import Foundation
+import Testing
+@testable import FerryVM
+@testable import FerryWire
+
+@Suite("VM specs, boot files, state")
+struct VMTests {
+    func tempStore() throws -> VMStore {
+        let root = FileManager.default.temporaryDirectory.appendingPathComponent("ferry-vm-\(UUID().uuidString.prefix(8))").path
+        let paths = StatePaths(root: root)
+        try paths.ensure()
+        return VMStore(paths: paths)
+    }
+
+    @Test("boot files are stored by content and received only with the right hash")
+    func bootFiles() throws {
+        let store = try tempStore()
+        let src = store.paths.root + "/kernel"
+        let bytes = (0..<3_000_000).map { UInt8(truncatingIfNeeded: $0 &* 13) }
+        try Data(bytes).write(to: URL(fileURLWithPath: src))
+        let file = try store.bootFiles.importFile(at: src)
+        #expect(file.byteCount == 3_000_000 && file.sha256.count == 64)
+        #expect(store.bootFiles.has(file))
+
+        // A second host receives it in pieces.
+        let other = try tempStore()
+        #expect(!other.bootFiles.has(file))
+        let receiver = try BootFileReceiver(file: file, store: other.bootFiles)
+        try receiver.append(offset: 0, bytes: Array(bytes[0..<1_000_000]))
+        #expect(throws: VMError.self) { try receiver.append(offset: 5, bytes: [1]) }  // a gap
+        try receiver.append(offset: 1_000_000, bytes: Array(bytes[1_000_000...]))
+        #expect(other.bootFiles.has(file))
+
+        // A piece with the wrong content fails the hash and stores nothing.
+        let third = try tempStore()
+        let bad = try BootFileReceiver(file: file, store: third.bootFiles)
+        var wrong = bytes
+        wrong[10] ^= 1
+        #expect(throws: VMError.self) { try bad.append(offset: 0, bytes: wrong) }
+        #expect(!third.bootFiles.has(file))
+        #expect(throws: VMError.self) { try bad.append(offset: 3_000_000, bytes: [1]) }
+    }
+
+    @Test("QEMU's command line follows the spec; incoming VMs wait paused")
+    func arguments() throws {
+        let store = try tempStore()
+        let kernel = BootFile(name: "k", byteCount: 1, sha256: String(repeating: "a", count: 64))
+        let spec = VMSpec(name: "v", memoryMiB: 384, cpus: 2, kernel: kernel, initrd: nil, append: "console=ttyS0",
+                          accelerator: .tcg, machine: "pc-i440fx-7.2", cpuModel: "qemu64", ramPadKiB: 8)
+        let argv = QEMU.arguments(spec: spec, paths: store.vmPaths("v"), store: store.bootFiles, incoming: true)
+        let joined = argv.joined(separator: " ")
+        #expect(joined.contains("-m 393224k"))
+        #expect(joined.contains("-machine pc-i440fx-7.2"))
+        #expect(joined.contains("-accel tcg"))
+        #expect(joined.contains("-S -incoming defer"))
+        #expect(joined.contains("-daemonize"))
+        #expect(!QEMU.arguments(spec: spec, paths: store.vmPaths("v"), store: store.bootFiles, incoming: false).contains("-incoming"))
+    }
+
+    @Test("the TCG dirty-tracking pad applies to TCG under QEMU before 9 only")
+    func pad() {
+        #expect(QEMU.tcgDirtyTrackingPadKiB(accelerator: .tcg, qemuVersion: "7.2.22") == 8)
+        #expect(QEMU.tcgDirtyTrackingPadKiB(accelerator: .tcg, qemuVersion: "9.0.0") == 0)
+        #expect(QEMU.tcgDirtyTrackingPadKiB(accelerator: .kvm, qemuVersion: "7.2.22") == 0)
+    }
+
+    @Test("a spec written before ramPadKiB existed still reads")
+    func specCompatibility() throws {
+        let json = #"{"name":"v","memoryMiB":64,"cpus":1,"kernel":{"name":"k","byteCount":1,"sha256":"aa"},"append":"","accelerator":"tcg","machine":"pc","cpuModel":"qemu64"}"#
+        let spec = try JSONDecoder().decode(VMSpec.self, from: Data(json.utf8))
+        #expect(spec.ramPadKiB == 0 && spec.initrd == nil)
+    }
+
+    @Test("a VM whose QEMU is gone is listed as not alive; unknown names are clear errors")
+    func listing() throws {
+        let store = try tempStore()
+        let kernel = BootFile(name: "k", byteCount: 1, sha256: String(repeating: "a", count: 64))
+        let spec = VMSpec(name: "ghost", memoryMiB: 64, cpus: 1, kernel: kernel, initrd: nil, append: "",
+                          accelerator: .tcg, machine: "pc", cpuModel: "qemu64")
+        try FileManager.default.createDirectory(atPath: store.paths.vmDirectory("ghost"), withIntermediateDirectories: true)
+        try store.write(spec, to: store.vmPaths("ghost").spec)
+        try store.write(VMState(phase: .running, pid: getpid()), to: store.vmPaths("ghost").state)
+        let record = try store.record("ghost")
+        #expect(!record.alive, "our own pid is not a QEMU running 'ghost'")
+        #expect(store.list().map(\.spec.name) == ["ghost"])
+        #expect(throws: VMError.self) { try store.record("nope") }
+        #expect(throws: VMError.self) { try store.record("../etc") }
+        store.archiveAndRemove("ghost", reason: "test")
+        #expect(store.list().isEmpty)
+    }
+
+    @Test("heartbeat lines parse; FAIL and errors are not OK")
+    func heartbeats() {
+        let ok = Heartbeat(line: "FERRY-HB seq=12 ms=1200 mem_mib=64 gen=5 checked=100 passes=3 errors=0 status=OK")
+        #expect(ok?.sequence == 12 && ok?.ok == true && ok?.passes == 3)
+        #expect(Heartbeat(line: "FERRY-HB seq=13 ms=1300 errors=1 status=FAIL")?.ok == false)
+        #expect(Heartbeat(line: "[    1.0] random kernel line") == nil)
+        #expect(Heartbeat(line: "FERRY-HB ms=1") == nil)
+    }
+
+    @Test("a VM lock is exclusive")
+    func lock() throws {
+        let store = try tempStore()
+        let paths = store.vmPaths("x")
+        try FileManager.default.createDirectory(atPath: paths.directory, withIntermediateDirectories: true)
+        let first = try VMLock(paths: paths, name: "x")
+        // flock is per open file description: a second open in this process conflicts too.
+        #expect(throws: VMError.self) { try VMLock(paths: paths, name: "x") }
+        _ = first
+    }
+}
