@@ -67,7 +67,7 @@ struct EndToEndTests {
         let (result, report) = try lab.migrate("plain", extra: ["--multifd", "0"])
         #expect(result.succeeded, "migrate failed: \(result.stdout)\(result.stderr)")
         #expect(report?.multifdChannels == 0)
-        let lastOnA = Self.lastAlive(in: try String(contentsOfFile: try #require(Self.archivedLog(lab, "plain")), encoding: .utf8))
+        let lastOnA = Self.lastAlive(in: GuestConsole(path: try #require(Self.archivedLog(lab, "plain"))).text)
         let dest = GuestConsole(path: try lab.b.store.record("plain").paths.serialLog)
         #expect(dest.wait(timeout: .seconds(15)) { Self.lastAlive(in: $0) > lastOnA + 5 },
                 "the plain guest's counter does not go on at b (last on a: \(lastOnA))")

@@ -101,14 +101,20 @@ public final class Socket: @unchecked Sendable {
 
     /// Connects to a Unix stream socket.
     public static func connectUnix(path: String) throws(SocketError) -> Socket {
+        try unixSocket(path, operation: "connect to", Glibc.connect)
+    }
+
+    /// A Unix stream socket on which `call` (connect or bind) was made with `path`.
+    private static func unixSocket(_ path: String, operation: String,
+                                   _ call: (Int32, UnsafePointer<sockaddr>, socklen_t) -> Int32) throws(SocketError) -> Socket {
         let fd = Glibc.socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
         guard fd >= 0 else { throw .errno("socket for", peer: path) }
         let socket = Socket(fd: fd, peer: path)
         var addr = try unixAddress(path)
         let rc = withUnsafePointer(to: &addr) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { call(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
         }
-        guard rc == 0 else { throw .errno("connect to", peer: path) }
+        guard rc == 0 else { throw .errno(operation, peer: path) }
         return socket
     }
 
@@ -155,15 +161,8 @@ public final class Socket: @unchecked Sendable {
     /// Listens on a Unix stream socket at `path` (an old socket file there is replaced).
     public static func listenUnix(path: String, backlog: Int32 = 64) throws(SocketError) -> Socket {
         unlink(path)
-        let fd = Glibc.socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-        guard fd >= 0 else { throw .errno("socket for", peer: path) }
-        let socket = Socket(fd: fd, peer: path)
-        var addr = try unixAddress(path)
-        let rc = withUnsafePointer(to: &addr) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
-        }
-        guard rc == 0 else { throw .errno("bind", peer: path) }
-        guard Glibc.listen(fd, backlog) == 0 else { throw .errno("listen on", peer: path) }
+        let socket = try unixSocket(path, operation: "bind", Glibc.bind)
+        guard Glibc.listen(socket.fd, backlog) == 0 else { throw .errno("listen on", peer: path) }
         return socket
     }
 

@@ -30,8 +30,14 @@ public struct GuestConsole: Sendable {
     public let path: String
     public init(path: String) { self.path = path }
 
+    /// The log, with the serial console's CR LF line ends made LF (Swift's String treats
+    /// "\r\n" as one Character, which `split(separator: "\n")` would not split at).
     public var text: String {
-        (FileManager.default.contents(atPath: path)).map { String(decoding: $0, as: UTF8.self) } ?? ""
+        (FileManager.default.contents(atPath: path)).map { Self.normalize($0) } ?? ""
+    }
+
+    public static func normalize(_ data: Data) -> String {
+        String(decoding: data.filter { $0 != 13 }, as: UTF8.self)
     }
 
     public var heartbeats: [Heartbeat] {
@@ -122,7 +128,7 @@ public final class HeartbeatWatcher: @unchecked Sendable {
         let now = (ContinuousClock.now - origin).seconds
         lock.withLock {
             offsets[path] = offset + UInt64(data.count)
-            var text = (partial[path] ?? "") + String(decoding: data, as: UTF8.self)
+            var text = (partial[path] ?? "") + GuestConsole.normalize(data)
             var lines = text.split(separator: "\n", omittingEmptySubsequences: false)
             text = String(lines.removeLast())
             partial[path] = text

@@ -90,6 +90,16 @@ struct VMTests {
         #expect(store.list().isEmpty)
     }
 
+    @Test("a serial log with CR LF line ends yields every heartbeat, the last one last")
+    func crlf() throws {
+        let path = FileManager.default.temporaryDirectory.appendingPathComponent("crlf-\(UUID().uuidString.prefix(8)).log").path
+        let text = (1...5).map { "FERRY-HB seq=\($0) ms=\($0 * 100) errors=0 status=OK\r\n" }.joined()
+        try Data(("[ 0.1] boot\r\n" + text).utf8).write(to: URL(fileURLWithPath: path))
+        let console = GuestConsole(path: path)
+        #expect(console.heartbeats.map(\.sequence) == [1, 2, 3, 4, 5])
+        #expect(console.lastHeartbeat?.sequence == 5)
+    }
+
     @Test("heartbeat lines parse; FAIL and errors are not OK")
     func heartbeats() {
         let ok = Heartbeat(line: "FERRY-HB seq=12 ms=1200 mem_mib=64 gen=5 checked=100 passes=3 errors=0 status=OK")
@@ -108,5 +118,36 @@ struct VMTests {
         // flock is per open file description: a second open in this process conflicts too.
         #expect(throws: VMError.self) { try VMLock(paths: paths, name: "x") }
         _ = first
+    }
+}
+
+@Suite("Heartbeat watcher")
+struct HeartbeatWatcherTests {
+    @Test("measures the largest gap between heartbeats across two logs, by the host's clock")
+    func gap() throws {
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("hbw-\(UUID().uuidString.prefix(8))").path
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        let a = dir + "/a.log", b = dir + "/b.log"
+        _ = FileManager.default.createFile(atPath: a, contents: Data("FERRY-HB seq=1 ms=0 errors=0 status=OK\n".utf8))
+        let watcher = HeartbeatWatcher(paths: [a])
+        watcher.add(path: b)
+        let ha = try FileHandle(forWritingTo: URL(fileURLWithPath: a))
+        ha.seekToEndOfFile()
+        for seq in 2...4 {
+            ha.write(Data("FERRY-HB seq=\(seq) ms=\(seq * 100) errors=0 status=OK\r\n".utf8))
+            Thread.sleep(forTimeInterval: 0.1)
+        }
+        Thread.sleep(forTimeInterval: 0.4)  // the "migration": no heartbeat anywhere
+        _ = FileManager.default.createFile(atPath: b, contents: Data("boot noise\nFERRY-HB seq=5 ms=500 errors=0 status=OK\n".utf8))
+        Thread.sleep(forTimeInterval: 0.1)
+        let hb = try FileHandle(forWritingTo: URL(fileURLWithPath: b))
+        hb.seekToEndOfFile()
+        hb.write(Data("FERRY-HB seq=6 ms=600 errors=0 status=OK\r\n".utf8))
+        Thread.sleep(forTimeInterval: 0.1)
+        watcher.stop()
+        #expect(watcher.heartbeatCount == 5, "seq 2...6 are new")
+        #expect(watcher.lastSeq == 6)
+        #expect(watcher.largestGapSeconds > 0.4 && watcher.largestGapSeconds < 0.9, "gap \(watcher.largestGapSeconds)")
+        #expect(!watcher.sawErrors)
     }
 }
