@@ -78,6 +78,7 @@ public final class HeartbeatWatcher: @unchecked Sendable {
     private var _count = 0
     private var _errors = false
     private var _sequenceRegressed = false
+    private var _skipped: UInt64 = 0
     private var stopped = false
     private let clock = ContinuousClock()
     private let origin = ContinuousClock.now
@@ -105,6 +106,9 @@ public final class HeartbeatWatcher: @unchecked Sendable {
     public var sawErrors: Bool { lock.withLock { _errors } }
     public var sequenceWentBack: Bool { lock.withLock { _sequenceRegressed } }
     public var lastSeq: UInt64? { lock.withLock { lastSequence } }
+    /// Heartbeat numbers that never appeared between two that did (the guest's counter
+    /// is continuous across a migration, so this should stay 0).
+    public var skippedSequences: UInt64 { lock.withLock { _skipped } }
 
     public func stop() { lock.withLock { stopped = true } }
 
@@ -136,6 +140,7 @@ public final class HeartbeatWatcher: @unchecked Sendable {
                 guard let hb = Heartbeat(line: line) else { continue }
                 if let last = lastSequence, hb.sequence <= last { _sequenceRegressed = hb.sequence < last; continue }
                 if let at = lastSeenAt { _largestGap = max(_largestGap, now - at) }
+                if let last = lastSequence { _skipped += hb.sequence - last - 1 }
                 lastSeenAt = now
                 lastSequence = hb.sequence
                 _count += 1

@@ -110,10 +110,13 @@ struct Demo: ParsableCommand {
         var failures: [String] = []
         if !destination.alive { failures.append("the VM's QEMU on b is not running") }
         if after.sequence <= before.sequence { failures.append("heartbeats did not continue on b (\(before.sequence) -> \(after.sequence))") }
+        if watcher.skippedSequences > 0 || watcher.sequenceWentBack {
+            failures.append("the guest's heartbeat counter is not continuous across the hosts (\(watcher.skippedSequences) missing)")
+        }
         if !after.ok || watcher.sawErrors { failures.append("the guest's memory check failed: \(destConsole.errorLines.prefix(3))") }
         if ProcessStats.isAlive(pid: sourceRecord.state.pid) { failures.append("the source QEMU (pid \(sourceRecord.state.pid)) still runs") }
         if (try? a.store.record(vm)) != nil { failures.append("host a still lists the VM") }
-        print("  heartbeats: \(before.sequence) on a before -> \(after.sequence) on b now; \(watcher.heartbeatCount) seen during the migration, largest gap \(Int(watcher.largestGapSeconds * 1000)) ms")
+        print("  heartbeats: \(before.sequence) on a before -> \(after.sequence) on b now; \(watcher.heartbeatCount) seen during the migration (none missing: \(watcher.skippedSequences == 0)), largest gap \(Int(watcher.largestGapSeconds * 1000)) ms")
         print("  guest memory check: \(after.ok ? "OK" : "FAILED") (\(after.passes) full passes, \(after.errors) errors)")
         print("  source QEMU pid \(sourceRecord.state.pid): \(ProcessStats.isAlive(pid: sourceRecord.state.pid) ? "STILL RUNNING" : "gone")")
         print("  destination QEMU pid \(destination.state.pid): \(destination.alive ? "running" : "NOT RUNNING")")

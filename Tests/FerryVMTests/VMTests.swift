@@ -149,5 +149,6 @@ struct HeartbeatWatcherTests {
         #expect(watcher.lastSeq == 6)
         #expect(watcher.largestGapSeconds > 0.4 && watcher.largestGapSeconds < 0.9, "gap \(watcher.largestGapSeconds)")
         #expect(!watcher.sawErrors)
+        #expect(watcher.skippedSequences == 0)
     }
 }
