@@ -38,15 +38,17 @@ let package = Package(
             .product(name: "Crypto", package: "swift-crypto"),
             .product(name: "Logging", package: "swift-log"),
         ]),
+        // NIC discovery (getifaddrs, /sys/class/net): speed, MTU, carrier, addresses; pairing.
+        .target(name: "FerryInterfaces"),
         // Orchestration: source and destination state machines, policy, report.
         .target(name: "FerryMigration", dependencies: [
-            "FerryWire", "FerryQMP", "FerryTransport", "FerryVM",
+            "FerryWire", "FerryQMP", "FerryTransport", "FerryVM", "FerryInterfaces",
             .product(name: "Logging", package: "swift-log"),
         ]),
         // The test lab: network namespaces, veth NICs, tc rates.
         .target(name: "FerryLab", dependencies: ["FerryVM", "FerryIO"]),
         .executableTarget(name: "ferry", dependencies: [
-            "FerryWire", "FerryIO", "FerryQMP", "FerryTransport", "FerryVM", "FerryMigration", "FerryLab",
+            "FerryWire", "FerryIO", "FerryQMP", "FerryTransport", "FerryVM", "FerryMigration", "FerryLab", "FerryInterfaces",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),
         ]),
@@ -54,6 +56,7 @@ let package = Package(
         .testTarget(name: "FerryQMPTests", dependencies: ["FerryQMP", "FerryWire"]),
         .testTarget(name: "FerryTransportTests", dependencies: ["FerryTransport", "FerryWire", "FerryIO"]),
         .testTarget(name: "FerryVMTests", dependencies: ["FerryVM", "FerryWire"]),
+        .testTarget(name: "FerryInterfacesTests", dependencies: ["FerryInterfaces"]),
         .testTarget(name: "FerryCLITests", dependencies: ["ferry"]),
         // Root-only suites: lab (namespaces) and end-to-end (two QEMUs, the real binary).
         .testTarget(name: "FerryIntegrationTests", dependencies: ["FerryWire", "FerryIO", "FerryVM", "FerryLab", "FerryMigration"], path: "IntegrationTests"),

@@ -15,7 +15,7 @@ public final class DestinationDataPath: @unchecked Sendable {
     public typealias Connector = @Sendable (UInt32) throws -> Socket
 
     private final class StreamState {
-        var pending: [UInt64: [UInt8]] = [:]
+        var pending: [UInt64: ChunkBuffer] = [:]
         var pendingOffsets: [UInt64: UInt64] = [:]
         var nextSequence: UInt64 = 0
         var writtenBytes: UInt64 = 0
@@ -38,6 +38,8 @@ public final class DestinationDataPath: @unchecked Sendable {
     public private(set) var peakBufferedBytes = 0
     private var receivedPayloadBytes: UInt64 = 0
     private var duplicateChunks = 0
+    private let pool = BufferPool(bufferByteCount: ChunkPolicy.maximumChunkByteCount,
+                                  keep: ChunkPolicy.windowByteCount / ChunkPolicy.chunkByteCount + 16)
 
     public init(streamCount: Int, logger: Logger, connector: @escaping Connector,
                 onFailure: @escaping @Sendable (TransportError) -> Void) {
@@ -62,9 +64,12 @@ public final class DestinationDataPath: @unchecked Sendable {
 
     private func receiveLoop(_ id: Int, _ connection: FrameConnection) {
         while true {
-            let frame: Frame
+            let received: FrameConnection.Received
             do {
-                frame = try connection.receive()
+                received = try connection.receive(dataInto: pool)
+            } catch let error as WireError {
+                fail(.protocolViolation("data channel \(id): \(error)"))
+                return
             } catch {
                 // A channel that breaks is the source's to handle: it sends the chunks
                 // again on the channels that remain.
@@ -75,12 +80,14 @@ public final class DestinationDataPath: @unchecked Sendable {
                 connection.shutdown()
                 return
             }
-            guard frame.type == .data else {
-                fail(.protocolViolation("\(frame.type) frame on data channel \(id)"))
+            guard case .data(let header, let buffer) = received else {
+                if case .frame(let frame) = received {
+                    fail(.protocolViolation("\(frame.type) frame on data channel \(id)"))
+                }
                 return
             }
             do {
-                try accept(frame.payload)
+                try accept(header, buffer)
             } catch let error as TransportError {
                 fail(error)
                 return
@@ -91,15 +98,11 @@ public final class DestinationDataPath: @unchecked Sendable {
         }
     }
 
-    private func accept(_ payload: [UInt8]) throws {
-        let header = try payload.withUnsafeBytes { try DataChunkHeader.parse($0) }
+    private func accept(_ header: DataChunkHeader, _ buffer: ChunkBuffer) throws {
         guard Int(header.stream) < streamCount else {
             throw TransportError.protocolViolation("chunk for stream \(header.stream), only \(streamCount) streams")
         }
-        let size = payload.count - DataChunkHeader.byteCount
-        guard size <= ChunkPolicy.maximumChunkByteCount else {
-            throw TransportError.protocolViolation("chunk of \(size) bytes exceeds \(ChunkPolicy.maximumChunkByteCount)")
-        }
+        let size = buffer.count
         condition.lock()
         defer { condition.unlock() }
         let stream = streams[Int(header.stream)]
@@ -111,7 +114,7 @@ public final class DestinationDataPath: @unchecked Sendable {
         if let end = stream.end, header.sequence >= end.chunkCount {
             throw TransportError.protocolViolation("chunk \(header.sequence) beyond the end of stream \(header.stream)")
         }
-        stream.pending[header.sequence] = Array(payload[DataChunkHeader.byteCount...])
+        stream.pending[header.sequence] = buffer
         stream.pendingOffsets[header.sequence] = header.offset
         bufferedBytes += size
         peakBufferedBytes = max(peakBufferedBytes, bufferedBytes)
@@ -138,7 +141,7 @@ public final class DestinationDataPath: @unchecked Sendable {
         while true {
             condition.lock()
             // Wait for: our turn to connect and our first bytes, or the next chunk, or the end.
-            var chunk: [UInt8]?
+            var chunk: ChunkBuffer?
             var offset: UInt64 = 0
             while failure == nil && !stopped {
                 let s = streams[index]
@@ -188,7 +191,7 @@ public final class DestinationDataPath: @unchecked Sendable {
                 }
             }
             do {
-                try bytes.withUnsafeBytes { try socket!.writeAll($0) }
+                try socket!.writeAll(bytes.bytes)
             } catch {
                 fail(.aborted("writing stream \(id) to the destination QEMU: \(error)"))
                 return

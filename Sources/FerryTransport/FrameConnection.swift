@@ -72,6 +72,51 @@ public final class FrameConnection: @unchecked Sendable {
         return Frame(type: header.type, flags: header.flags, payload: payload)
     }
 
+    /// What ``receive(dataInto:)`` read: a data chunk in a pooled buffer, or another frame.
+    public enum Received {
+        case data(DataChunkHeader, ChunkBuffer)
+        case frame(Frame)
+    }
+
+    /// Reads one frame; a `data` frame's bytes go straight into a buffer from `pool`
+    /// (checked against the payload CRC there), other frames are returned whole.
+    public func receive(dataInto pool: BufferPool) throws -> Received {
+        var headerBytes = [UInt8](repeating: 0, count: FrameHeader.byteCount + DataChunkHeader.byteCount)
+        try headerBytes.withUnsafeMutableBytes { try socket.readExact(into: UnsafeMutableRawBufferPointer(rebasing: $0[0..<FrameHeader.byteCount])) }
+        let header = try headerBytes.withUnsafeBytes { try FrameHeader.parse($0) }
+        guard header.flags.isSubset(of: .known) else { throw WireError.unknownFlags(header.flags.rawValue) }
+        let length = Int(header.length)
+        guard header.type == .data else {
+            var payload = [UInt8](repeating: 0, count: length)
+            if length > 0 { try payload.withUnsafeMutableBytes { try socket.readExact(into: $0) } }
+            guard CRC32C.checksum(payload) == header.payloadCRC else { throw WireError.payloadChecksumMismatch }
+            counters.withLock { $0.receivedBytes += UInt64(FrameHeader.byteCount + length) }
+            return .frame(Frame(type: header.type, flags: header.flags, payload: payload))
+        }
+        let size = length - DataChunkHeader.byteCount
+        guard size >= 0 else { throw WireError.malformedMessage(.data, "shorter than its header") }
+        guard size <= pool.bufferByteCount else {
+            throw WireError.malformedMessage(.data, "chunk of \(size) bytes exceeds \(pool.bufferByteCount)")
+        }
+        let sub = try headerBytes.withUnsafeMutableBytes { raw -> DataChunkHeader in
+            let region = UnsafeMutableRawBufferPointer(rebasing: raw[FrameHeader.byteCount...])
+            try socket.readExact(into: region)
+            return try DataChunkHeader.parse(UnsafeRawBufferPointer(region))
+        }
+        let buffer = pool.take()
+        try socket.readExact(into: UnsafeMutableRawBufferPointer(rebasing: buffer.space[0..<size]))
+        buffer.count = size
+        let crc = headerBytes.withUnsafeBytes { raw in
+            CRC32C.update(CRC32C.checksum(UnsafeRawBufferPointer(rebasing: raw[FrameHeader.byteCount...])), buffer.bytes)
+        }
+        guard crc == header.payloadCRC else { throw WireError.payloadChecksumMismatch }
+        counters.withLock {
+            $0.receivedBytes += UInt64(FrameHeader.byteCount + length)
+            $0.receivedPayloadBytes += UInt64(size)
+        }
+        return .data(sub, buffer)
+    }
+
     /// Reads a frame; an `error` frame from the peer is thrown as ``ErrorMessage``.
     public func receiveChecked() throws -> Frame {
         let frame = try receive()
@@ -103,4 +148,5 @@ public struct ConnectionCounters: Sendable {
     public var sentBytes: UInt64 = 0
     public var sentPayloadBytes: UInt64 = 0
     public var receivedBytes: UInt64 = 0
+    public var receivedPayloadBytes: UInt64 = 0
 }

@@ -21,10 +21,13 @@ public enum ChunkPolicy {
 /// A piece of a QEMU stream on its way to the destination.
 public struct Chunk: Sendable {
     public var header: DataChunkHeader
-    public var bytes: [UInt8]
-    public init(header: DataChunkHeader, bytes: [UInt8]) {
+    /// The bytes; nil once the chunk was acknowledged while it waited for a resend.
+    public var buffer: ChunkBuffer?
+    public let byteCount: Int
+    public init(header: DataChunkHeader, buffer: ChunkBuffer) {
         self.header = header
-        self.bytes = bytes
+        self.buffer = buffer
+        self.byteCount = buffer.count
     }
 }
 
@@ -85,12 +88,12 @@ public final class SendScheduler: @unchecked Sendable {
     public func enqueue(_ chunk: Chunk) throws(TransportError) {
         condition.lock()
         defer { condition.unlock() }
-        while failure == nil && outstandingBytes + chunk.bytes.count > windowByteCount && outstandingBytes > 0 {
+        while failure == nil && outstandingBytes + chunk.byteCount > windowByteCount && outstandingBytes > 0 {
             condition.wait()
         }
         if let failure { throw failure }
         queue.append(chunk)
-        outstandingBytes += chunk.bytes.count
+        outstandingBytes += chunk.byteCount
         peakOutstandingBytes = max(peakOutstandingBytes, outstandingBytes)
         condition.broadcast()
     }
@@ -122,7 +125,7 @@ public final class SendScheduler: @unchecked Sendable {
                     queueHead = 0
                 }
                 // A chunk that was acknowledged while it waited for a resend is dropped.
-                if chunk.header.sequence < acked[chunk.header.stream, default: 0] { continue }
+                if chunk.buffer == nil || chunk.header.sequence < acked[chunk.header.stream, default: 0] { continue }
                 inFlight[chunk.header.stream, default: [:]][chunk.header.sequence] = InFlight(chunk: chunk, channel: channel)
                 return chunk
             }
@@ -141,12 +144,12 @@ public final class SendScheduler: @unchecked Sendable {
         if var chunks = inFlight[stream] {
             if UInt64(chunks.count) < nextSequence - from {
                 for (seq, entry) in chunks where seq < nextSequence {
-                    outstandingBytes -= entry.chunk.bytes.count
+                    outstandingBytes -= entry.chunk.byteCount
                     chunks[seq] = nil
                 }
             } else {
                 for seq in from..<nextSequence {
-                    if let entry = chunks.removeValue(forKey: seq) { outstandingBytes -= entry.chunk.bytes.count }
+                    if let entry = chunks.removeValue(forKey: seq) { outstandingBytes -= entry.chunk.byteCount }
                 }
             }
             inFlight[stream] = chunks
@@ -154,9 +157,9 @@ public final class SendScheduler: @unchecked Sendable {
         // Chunks still queued for a resend but now acknowledged are freed when dequeued;
         // count their bytes out now so the window opens.
         for i in queueHead..<queue.count where queue[i].header.stream == stream && queue[i].header.sequence < nextSequence {
-            if queue[i].bytes.count > 0 {
-                outstandingBytes -= queue[i].bytes.count
-                queue[i].bytes = []
+            if queue[i].buffer != nil {
+                outstandingBytes -= queue[i].byteCount
+                queue[i].buffer = nil
             }
         }
         condition.broadcast()
@@ -181,7 +184,7 @@ public final class SendScheduler: @unchecked Sendable {
         if !requeue.isEmpty {
             queue.replaceSubrange(queueHead..<queueHead, with: requeue)
             retransmittedChunks += requeue.count
-            retransmittedBytes += requeue.reduce(0) { $0 + UInt64($1.bytes.count) }
+            retransmittedBytes += requeue.reduce(0) { $0 + UInt64($1.byteCount) }
         }
         if liveChannels.isEmpty && failure == nil {
             failure = .noChannelsLeft(reason)

@@ -33,11 +33,15 @@ public final class SourceDataPath: @unchecked Sendable {
     private var streamBytes: [UInt32: UInt64] = [:]
     private var finished = false
     private var threads: [Thread] = []
+    /// Chunk buffers: the window's worth stays allocated and is reused.
+    private let pool: BufferPool
 
     public init(scheduler: SendScheduler, logger: Logger, onEvent: @escaping @Sendable (DataPathEvent) -> Void) {
         self.scheduler = scheduler
         self.logger = logger
         self.onEvent = onEvent
+        self.pool = BufferPool(bufferByteCount: ChunkPolicy.chunkByteCount,
+                               keep: ChunkPolicy.windowByteCount / ChunkPolicy.chunkByteCount + 16)
     }
 
     // MARK: Channels
@@ -53,10 +57,9 @@ public final class SourceDataPath: @unchecked Sendable {
 
     private func sendLoop(_ id: Int, _ connection: FrameConnection, _ interface: String) {
         while let chunk = scheduler.next(for: id) {
+            guard let buffer = chunk.buffer else { continue }
             do {
-                try chunk.bytes.withUnsafeBytes { raw in
-                    try connection.sendData(chunk.header, bytes: raw)
-                }
+                try connection.sendData(chunk.header, bytes: buffer.bytes)
             } catch {
                 channelDown(id, connection, interface, reason: "send: \(error)")
                 return
@@ -132,18 +135,19 @@ public final class SourceDataPath: @unchecked Sendable {
     private func readLoop(_ id: UInt32, _ socket: Socket) {
         var sequence: UInt64 = 0
         var offset: UInt64 = 0
-        var buffer = [UInt8](repeating: 0, count: ChunkPolicy.chunkByteCount)
         while true {
+            let buffer = pool.take()
             let n: Int
             do {
-                n = try buffer.withUnsafeMutableBytes { try socket.read(into: $0) }
+                n = try socket.read(into: buffer.space)
             } catch {
                 scheduler.fail(.aborted("reading QEMU stream \(id): \(error)"))
                 onEvent(.failed(.aborted("reading QEMU stream \(id): \(error)")))
                 return
             }
             if n == 0 { break }
-            let chunk = Chunk(header: DataChunkHeader(stream: id, sequence: sequence, offset: offset), bytes: Array(buffer[0..<n]))
+            buffer.count = n
+            let chunk = Chunk(header: DataChunkHeader(stream: id, sequence: sequence, offset: offset), buffer: buffer)
             do {
                 try scheduler.enqueue(chunk)
             } catch {

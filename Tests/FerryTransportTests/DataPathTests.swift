@@ -179,7 +179,7 @@ struct DataPathTests {
 struct SendSchedulerTests {
     func chunk(_ stream: UInt32, _ seq: UInt64, _ size: Int = 100) -> Chunk {
         Chunk(header: DataChunkHeader(stream: stream, sequence: seq, offset: seq * UInt64(size)),
-              bytes: [UInt8](repeating: 1, count: size))
+              buffer: ChunkBuffer(copying: [UInt8](repeating: 1, count: size)))
     }
 
     @Test("acknowledgements free the window")

@@ -1,0 +1,83 @@
+import Foundation
+
+/// A chunk's bytes: a fixed-capacity buffer that goes back to its pool when the last
+/// reference to it is dropped (after the destination acknowledged it, or QEMU was given it).
+///
+/// Steady state allocates nothing: the window bounds how many buffers are alive, and the
+/// pool keeps them for the next chunks. Reads from QEMU and from the network land directly
+/// in these buffers, and sends go out from them, so a chunk's bytes are not copied in
+/// user space on either side.
+public final class ChunkBuffer: @unchecked Sendable {
+    public let capacity: Int
+    public let base: UnsafeMutableRawPointer
+    /// Bytes in use, from `base`.
+    public var count: Int
+    private let pool: BufferPool?
+
+    init(capacity: Int, base: UnsafeMutableRawPointer, pool: BufferPool?) {
+        self.capacity = capacity
+        self.base = base
+        self.count = 0
+        self.pool = pool
+    }
+
+    /// A standalone buffer holding a copy of `bytes` (tests, small control data).
+    public convenience init(copying bytes: [UInt8]) {
+        let capacity = max(1, bytes.count)
+        let base = UnsafeMutableRawPointer.allocate(byteCount: capacity, alignment: 64)
+        self.init(capacity: capacity, base: base, pool: nil)
+        bytes.withUnsafeBytes { base.copyMemory(from: $0.baseAddress!, byteCount: bytes.count) }
+        count = bytes.count
+    }
+
+    deinit {
+        if let pool { pool.giveBack(base) } else { base.deallocate() }
+    }
+
+    public var bytes: UnsafeRawBufferPointer { UnsafeRawBufferPointer(start: base, count: count) }
+    public var space: UnsafeMutableRawBufferPointer { UnsafeMutableRawBufferPointer(start: base, count: capacity) }
+    public var array: [UInt8] { Array(bytes) }
+}
+
+/// Buffers of one size, reused.
+public final class BufferPool: @unchecked Sendable {
+    public let bufferByteCount: Int
+    private let lock = NSLock()
+    private var free: [UnsafeMutableRawPointer] = []
+    private var allocated = 0
+    /// Keep at most this many free buffers; more are released to the system.
+    private let keep: Int
+
+    public init(bufferByteCount: Int, keep: Int) {
+        self.bufferByteCount = bufferByteCount
+        self.keep = keep
+    }
+
+    deinit {
+        for p in free { p.deallocate() }
+    }
+
+    public func take() -> ChunkBuffer {
+        let base = lock.withLock { () -> UnsafeMutableRawPointer? in
+            if let p = free.popLast() { return p }
+            allocated += 1
+            return nil
+        } ?? UnsafeMutableRawPointer.allocate(byteCount: bufferByteCount, alignment: 4096)
+        return ChunkBuffer(capacity: bufferByteCount, base: base, pool: self)
+    }
+
+    func giveBack(_ base: UnsafeMutableRawPointer) {
+        let release = lock.withLock { () -> Bool in
+            if free.count < keep {
+                free.append(base)
+                return false
+            }
+            allocated -= 1
+            return true
+        }
+        if release { base.deallocate() }
+    }
+
+    /// Buffers alive now (in use or kept free).
+    public var allocatedCount: Int { lock.withLock { allocated } }
+}
