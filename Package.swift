@@ -57,6 +57,7 @@ let package = Package(
         .testTarget(name: "FerryTransportTests", dependencies: ["FerryTransport", "FerryWire", "FerryIO"]),
         .testTarget(name: "FerryVMTests", dependencies: ["FerryVM", "FerryWire"]),
         .testTarget(name: "FerryInterfacesTests", dependencies: ["FerryInterfaces"]),
+        .testTarget(name: "FerryMigrationTests", dependencies: ["FerryMigration", "FerryInterfaces", "FerryWire"]),
         .testTarget(name: "FerryCLITests", dependencies: ["ferry"]),
         // Root-only suites: lab (namespaces) and end-to-end (two QEMUs, the real binary).
         .testTarget(name: "FerryIntegrationTests", dependencies: ["FerryWire", "FerryIO", "FerryVM", "FerryLab", "FerryMigration"], path: "IntegrationTests"),

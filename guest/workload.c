@@ -60,7 +60,8 @@ static struct {
     enum fill_mode fill;
     unsigned hz;
     int workload; /* ferry.workload (used by /init; parsed for completeness) */
-} cfg = {64, 0.0, FILL_RANDOM, 10, 1};
+    double verify_mib_s; /* ferry.verify: verification rate; < 0 = as fast as time allows */
+} cfg = {64, 0.0, FILL_RANDOM, 10, 1, -1.0};
 
 static uint64_t *region;      /* npages * PAGE_WORDS words */
 static uint64_t *page_gen;    /* generation each page must carry */
@@ -488,6 +489,14 @@ static void parse_cmdline(const char *cmdline)
                 cfg.hz = (unsigned)v;
         } else if (!strcmp(key, "workload")) {
             cfg.workload = atoi(val);
+        } else if (!strcmp(key, "verify")) {
+            if (!strcmp(val, "max")) {
+                cfg.verify_mib_s = -1.0;
+            } else {
+                double v = strtod(val, &end);
+                if (end != val && v > 0 && v < 1e6)
+                    cfg.verify_mib_s = v;
+            }
         }
     }
 }
@@ -514,6 +523,7 @@ static void usage(void)
             "  settings (kernel command line, or --cmdline):\n"
             "    ferry.mem=<MiB> (64)  ferry.dirty=<MiB/s> (0)  "
             "ferry.fill=random|text (random)  ferry.hz=<n> (10)\n"
+            "    ferry.verify=<MiB/s>|max (max: as fast as time allows)\n"
             "  --seconds N     exit after N seconds: 0 if no errors, else 1\n"
             "  --corrupt-test  corrupt two pages after the fill (a flipped "
             "byte, a stale page);\n"
@@ -653,6 +663,9 @@ int main(int argc, char **argv)
     const uint64_t end_ns =
         seconds > 0 ? start_ns + (uint64_t)(seconds * 1e9) : UINT64_MAX;
     double credit = 0;
+    /* verification at a set rate leaves the vCPU idle the rest of the time */
+    const double verify_pages_per_ns = cfg.verify_mib_s > 0 ? cfg.verify_mib_s * 256.0 / 1e9 : 0;
+    double verify_credit = 0;
     uint64_t seq = 0;
     uint64_t last = now_ns();
     uint64_t deadline = last + period;
@@ -675,10 +688,20 @@ int main(int argc, char **argv)
             if (now_ns() >= dirty_end)
                 break;
         }
-        /* 2. verify with the time left, keeping some slack */
+        /* 2. verify with the time left, keeping some slack (or at the set rate) */
         uint64_t verify_end = deadline > slack ? deadline - slack : deadline;
-        while (now_ns() < verify_end)
-            verify_some(32);
+        if (verify_pages_per_ns > 0) {
+            verify_credit += (double)period * verify_pages_per_ns;
+            while (verify_credit >= 32.0 && now_ns() < verify_end) {
+                verify_some(32);
+                verify_credit -= 32.0;
+            }
+            if (verify_credit > 4.0 * (double)npages)
+                verify_credit = 4.0 * (double)npages;
+        } else {
+            while (now_ns() < verify_end)
+                verify_some(32);
+        }
         /* 3. heartbeat */
         sleep_until(deadline);
         emit("FERRY-HB seq=%llu ms=%llu mem_mib=%llu gen=%llu checked=%llu "

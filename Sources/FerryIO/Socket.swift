@@ -474,3 +474,22 @@ extension Socket {
         return (Socket(fd: fds[0], peer: name + "/0"), Socket(fd: fds[1], peer: name + "/1"))
     }
 }
+
+extension Socket {
+    /// What the kernel knows of a TCP connection's progress (TCP_INFO).
+    public struct TCPProgress: Sendable {
+        /// Segments sent and not yet acknowledged by the peer.
+        public var unackedSegments: UInt32
+        /// Milliseconds since the peer last acknowledged anything.
+        public var millisecondsSinceLastAck: UInt32
+        public var rttMicroseconds: UInt32
+    }
+
+    public func tcpProgress() -> TCPProgress? {
+        var info = tcp_info()
+        var len = socklen_t(MemoryLayout<tcp_info>.size)
+        guard getsockopt(fd, Int32(IPPROTO_TCP), TCP_INFO, &info, &len) == 0 else { return nil }
+        return TCPProgress(unackedSegments: info.tcpi_unacked, millisecondsSinceLastAck: info.tcpi_last_ack_recv,
+                           rttMicroseconds: info.tcpi_rtt)
+    }
+}

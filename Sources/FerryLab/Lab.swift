@@ -11,8 +11,15 @@ public struct Lab: Sendable {
     public struct Config: Codable, Sendable, Equatable {
         public var name: String
         public var nics: Int
-        /// tc rate per NIC (e.g. "1gbit"), nil for unlimited.
+        /// tc rate of every NIC (e.g. "1gbit"), or one per NIC ("1gbit,500mbit"); nil for unlimited.
         public var rate: String?
+
+        /// The rate of NIC `nic`, if limited.
+        public func rate(nic: Int) -> String? {
+            guard let rate else { return nil }
+            let list = rate.split(separator: ",").map(String.init)
+            return list.count == 1 ? list[0] : (nic < list.count ? list[nic] : nil)
+        }
         public var createdAt: Date
     }
 
@@ -57,6 +64,15 @@ public struct Lab: Sendable {
         }
     }
 
+    /// One rate for every NIC, or a comma-separated rate per NIC.
+    public static func validateRates(_ rates: String, nics: Int) throws {
+        let list = rates.split(separator: ",", omittingEmptySubsequences: false).map(String.init)
+        guard list.count == 1 || list.count == nics else {
+            throw LabError.badInput("--rate has \(list.count) rates for \(nics) NICs: give one, or one per NIC")
+        }
+        for rate in list { try validateRate(rate) }
+    }
+
     public static func validateRate(_ rate: String) throws {
         let lower = rate.lowercased()
         let units = ["kbit", "mbit", "gbit", "bit"]
@@ -70,7 +86,7 @@ public struct Lab: Sendable {
     public func up(nics: Int, rate: String?) throws {
         try Self.validateName(name)
         guard (1...8).contains(nics) else { throw LabError.badInput("--nics must be between 1 and 8, not \(nics)") }
-        if let rate { try Self.validateRate(rate) }
+        if let rate { try Self.validateRates(rate, nics: nics) }
         guard getuid() == 0 else { throw LabError.setup("the lab needs root (network namespaces)") }
         guard Command.exists("ip") && Command.exists("tc") else {
             throw LabError.setup("the lab needs iproute2 (ip, tc): apt-get install iproute2")
@@ -84,6 +100,7 @@ public struct Lab: Sendable {
                 try Command.check(["ip", "-n", namespace(host), "link", "set", "lo", "up"])
                 try FileManager.default.createDirectory(atPath: stateDirectory(host), withIntermediateDirectories: true)
             }
+            let plan = Config(name: name, nics: nics, rate: rate, createdAt: Date())
             for nic in 0..<nics {
                 let ta = "\(name)a\(nic)", tb = "\(name)b\(nic)"
                 try Command.check(["ip", "link", "add", ta, "type", "veth", "peer", "name", tb])
@@ -93,13 +110,13 @@ public struct Lab: Sendable {
                     try Command.check(["ip", "-n", ns, "link", "set", tmp, "name", interface(nic: nic)])
                     try Command.check(["ip", "-n", ns, "addr", "add", "\(address(host, nic: nic))/24", "dev", interface(nic: nic)])
                     try Command.check(["ip", "-n", ns, "link", "set", interface(nic: nic), "up"])
-                    if let rate {
+                    if let rate = plan.rate(nic: nic) {
                         try Command.check(["tc", "-n", ns, "qdisc", "add", "dev", interface(nic: nic), "root", "tbf",
                                            "rate", rate, "burst", Self.burst(for: rate), "latency", "20ms"])
                     }
                 }
             }
-            let config = Config(name: name, nics: nics, rate: rate, createdAt: Date())
+            let config = plan
             let encoder = JSONEncoder()
             encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
             encoder.dateEncodingStrategy = .iso8601
@@ -156,8 +173,13 @@ public struct Lab: Sendable {
     public func execArguments(_ host: String, _ command: [String]) throws -> [String] {
         guard Self.hosts.contains(host) else { throw LabError.badInput("lab host must be a or b, not '\(host)'") }
         guard isUp else { throw LabError.notUp(name) }
-        return ["ip", "netns", "exec", namespace(host), "env",
-                "FERRY_STATE_DIR=\(stateDirectory(host))", "FERRY_HOST_NAME=\(host)", "FERRY_LAB=\(name)"] + command
+        var env = ["FERRY_STATE_DIR=\(stateDirectory(host))", "FERRY_HOST_NAME=\(host)", "FERRY_LAB=\(name)"]
+        // veth reports no link speed: tell Ferry the rate each lab NIC is limited to.
+        if let config, config.rate != nil {
+            let speeds = (0..<config.nics).compactMap { nic in config.rate(nic: nic).map { "\(interface(nic: nic))=\($0)" } }
+            env.append("FERRY_NIC_SPEEDS=" + speeds.joined(separator: ","))
+        }
+        return ["ip", "netns", "exec", namespace(host), "env"] + env + command
     }
 
     /// Takes NIC `nic` of `host` down or up.

@@ -79,7 +79,8 @@ final class DestinationSession: @unchecked Sendable {
             endpoints.append(DataEndpoint(address: local, port: server.port, interface: server.interfaceName(for: local)))
         }
         try control.send(.accept, AcceptMessage(session: session, bindKey: Hex.encode(bindKey),
-                                                missingFiles: missing.map(\.sha256), endpoints: endpoints))
+                                                missingFiles: missing.map(\.sha256), endpoints: endpoints,
+                                                interfaces: server.offeredInterfaces(), dataPort: server.port))
         logger.info("incoming migration accepted", metadata: ["vm": "\(offer.spec.name)", "from": "\(sourceHost)", "missingFiles": "\(missing.count)"])
 
         // Boot files, checked by hash.
@@ -126,6 +127,7 @@ final class DestinationSession: @unchecked Sendable {
         self.dataPath = dataPath
         control.socket.setReceiveTimeout(nil)
         try control.send(.ready, ReadyMessage(qemuVersion: qmp.qemuVersion))
+        server.startedTransfer(self)
 
         spawnThread("ferry-control-rx") { [events, control] in
             while true {
@@ -138,6 +140,11 @@ final class DestinationSession: @unchecked Sendable {
             }
         }
         try receive(dataPath: dataPath, qmp: qmp, name: offer.spec.name)
+    }
+
+    /// Tells the source the most it may send (this host's share of its bandwidth).
+    func sendLimit(_ bytesPerSecond: UInt64) {
+        try? control.send(.limit, LimitMessage(bytesPerSecond: bytesPerSecond))
     }
 
     /// Attaches a data channel that has proven it belongs to this session.

@@ -1,4 +1,5 @@
 import FerryIO
+import FerryInterfaces
 import FerryQMP
 import FerryTransport
 import FerryVM
@@ -17,6 +18,13 @@ public final class MigrationServer: @unchecked Sendable {
         public var handshakeTimeout: Duration = .seconds(10)
         /// Connections that have not yet said what they are, at most; more are dropped.
         public var maxPendingConnections = 32
+        /// This host's NICs that may carry migrations (default: all but loopback).
+        public var nics: NICSelection = .all
+        /// Link speeds where the kernel reports none (veth), by interface name.
+        public var nicSpeeds: [String: UInt64] = [:]
+        /// The most all incoming migrations together may use, bytes per second; each
+        /// migration gets an equal share (nil: no limit).
+        public var maxBandwidthBytesPerSecond: UInt64?
         public init(host: String, port: UInt16) {
             self.host = host
             self.port = port
@@ -32,6 +40,8 @@ public final class MigrationServer: @unchecked Sendable {
     private var sessions: [String: DestinationSession] = [:]
     private var incomingNames: [String: String] = [:]
     private var pending = 0
+    /// Sessions that are receiving streams, for the host's bandwidth shares.
+    private var transferring: [String: DestinationSession] = [:]
 
     public init(store: VMStore, options: Options, logger: Logger) throws {
         self.store = store
@@ -154,8 +164,32 @@ public final class MigrationServer: @unchecked Sendable {
     func unregister(_ session: DestinationSession) {
         lock.withLock {
             sessions[session.session] = nil
+            transferring[session.session] = nil
             if let name = session.vmName, incomingNames[name] == session.session { incomingNames[name] = nil }
         }
+        rebalance()
+    }
+
+    /// A session starts receiving: the host's bandwidth is shared anew.
+    func startedTransfer(_ session: DestinationSession) {
+        lock.withLock { transferring[session.session] = session }
+        rebalance()
+    }
+
+    /// Gives every transferring session an equal share of `--max-bandwidth`.
+    private func rebalance() {
+        guard let max = options.maxBandwidthBytesPerSecond else { return }
+        let active = lock.withLock { Array(transferring.values) }
+        guard !active.isEmpty else { return }
+        let share = max / UInt64(active.count)
+        for session in active { session.sendLimit(share) }
+    }
+
+    /// This host's NICs as the destination offers them (interface discovery).
+    func offeredInterfaces() -> [InterfaceMessage] {
+        InterfaceDiscovery.list(speeds: options.nicSpeeds)
+            .filter { !$0.isLoopback && options.nics.allows($0.name) }
+            .map(InterfaceMessage.init)
     }
 
     /// The interface that holds `address` (for reports); "default" when unknown.

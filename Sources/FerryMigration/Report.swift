@@ -27,6 +27,19 @@ public struct MigrationReport: Codable, Sendable {
         public var alive: Bool
     }
 
+    public struct NIC: Codable, Sendable {
+        public var interface: String
+        public var localAddress: String
+        public var remoteAddress: String
+        public var speedBitsPerSecond: UInt64?
+    }
+
+    /// Bytes sent per interface so far, sampled a few times a second.
+    public struct Sample: Codable, Sendable {
+        public var at: Double
+        public var interfaceBytes: [String: UInt64]
+    }
+
     public struct Event: Codable, Sendable {
         /// Seconds since the migration started.
         public var at: Double
@@ -57,7 +70,9 @@ public struct MigrationReport: Codable, Sendable {
     public var throughputBitsPerSecond: Double?
     public var multifdChannels: Int
     public var channels: [Channel]
+    public var nics: [NIC]
     public var events: [Event]
+    public var timeline: [Sample]
     public var source: Side
     public var destination: Side
 
@@ -87,7 +102,7 @@ extension MigrationReport {
         if retransmittedBytes > 0 { moved += ", \(Format.bytes(retransmittedBytes)) sent again" }
         lines.append("  moved          " + moved)
         if let bps = throughputBitsPerSecond { lines.append("  throughput     \(Format.rate(bps))") }
-        lines.append("  streams        main + \(multifdChannels) multifd, over \(channels.count) data channel(s)")
+        lines.append("  streams        main + \(multifdChannels) multifd, over \(channels.count) data channel(s) on \(nics.count) NIC(s)")
         for nic in Dictionary(grouping: channels, by: \.interface).sorted(by: { $0.key < $1.key }) {
             let bytes = nic.value.reduce(0) { $0 + $1.payloadBytes }
             let share = wireBytes > 0 ? Double(bytes) / Double(max(1, channels.reduce(0) { $0 + $1.payloadBytes })) * 100 : 0

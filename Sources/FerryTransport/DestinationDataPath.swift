@@ -38,8 +38,11 @@ public final class DestinationDataPath: @unchecked Sendable {
     public private(set) var peakBufferedBytes = 0
     private var receivedPayloadBytes: UInt64 = 0
     private var duplicateChunks = 0
-    private let pool = BufferPool(bufferByteCount: ChunkPolicy.maximumChunkByteCount,
+    /// Chunks land in buffers of the usual chunk size; a peer that sends larger chunks
+    /// (up to the protocol's maximum) gets buffers of that size from a second pool.
+    private let pool = BufferPool(bufferByteCount: ChunkPolicy.chunkByteCount,
                                   keep: ChunkPolicy.windowByteCount / ChunkPolicy.chunkByteCount + 16)
+    private let largePool = BufferPool(bufferByteCount: ChunkPolicy.maximumChunkByteCount, keep: 8)
 
     public init(streamCount: Int, logger: Logger, connector: @escaping Connector,
                 onFailure: @escaping @Sendable (TransportError) -> Void) {
@@ -66,7 +69,7 @@ public final class DestinationDataPath: @unchecked Sendable {
         while true {
             let received: FrameConnection.Received
             do {
-                received = try connection.receive(dataInto: pool)
+                received = try connection.receive(dataInto: pool, largerInto: largePool)
             } catch let error as WireError {
                 fail(.protocolViolation("data channel \(id): \(error)"))
                 return

@@ -80,7 +80,7 @@ public final class FrameConnection: @unchecked Sendable {
 
     /// Reads one frame; a `data` frame's bytes go straight into a buffer from `pool`
     /// (checked against the payload CRC there), other frames are returned whole.
-    public func receive(dataInto pool: BufferPool) throws -> Received {
+    public func receive(dataInto pool: BufferPool, largerInto largePool: BufferPool? = nil) throws -> Received {
         var headerBytes = [UInt8](repeating: 0, count: FrameHeader.byteCount + DataChunkHeader.byteCount)
         try headerBytes.withUnsafeMutableBytes { try socket.readExact(into: UnsafeMutableRawBufferPointer(rebasing: $0[0..<FrameHeader.byteCount])) }
         let header = try headerBytes.withUnsafeBytes { try FrameHeader.parse($0) }
@@ -95,15 +95,16 @@ public final class FrameConnection: @unchecked Sendable {
         }
         let size = length - DataChunkHeader.byteCount
         guard size >= 0 else { throw WireError.malformedMessage(.data, "shorter than its header") }
-        guard size <= pool.bufferByteCount else {
-            throw WireError.malformedMessage(.data, "chunk of \(size) bytes exceeds \(pool.bufferByteCount)")
+        let target = size <= pool.bufferByteCount ? pool : largePool
+        guard let target, size <= target.bufferByteCount else {
+            throw WireError.malformedMessage(.data, "chunk of \(size) bytes exceeds \(largePool?.bufferByteCount ?? pool.bufferByteCount)")
         }
         let sub = try headerBytes.withUnsafeMutableBytes { raw -> DataChunkHeader in
             let region = UnsafeMutableRawBufferPointer(rebasing: raw[FrameHeader.byteCount...])
             try socket.readExact(into: region)
             return try DataChunkHeader.parse(UnsafeRawBufferPointer(region))
         }
-        let buffer = pool.take()
+        let buffer = target.take()
         try socket.readExact(into: UnsafeMutableRawBufferPointer(rebasing: buffer.space[0..<size]))
         buffer.count = size
         let crc = headerBytes.withUnsafeBytes { raw in

@@ -24,10 +24,14 @@ public struct Chunk: Sendable {
     /// The bytes; nil once the chunk was acknowledged while it waited for a resend.
     public var buffer: ChunkBuffer?
     public let byteCount: Int
+    /// Memory the chunk holds (its buffer's capacity): what the window counts, so that
+    /// many small reads cannot hold many large buffers.
+    public let memoryCost: Int
     public init(header: DataChunkHeader, buffer: ChunkBuffer) {
         self.header = header
         self.buffer = buffer
         self.byteCount = buffer.count
+        self.memoryCost = buffer.capacity
     }
 }
 
@@ -67,6 +71,7 @@ public final class SendScheduler: @unchecked Sendable {
     private var queueHead = 0
     private var inFlight: [UInt32: [UInt64: InFlight]] = [:]
     private var acked: [UInt32: UInt64] = [:]
+    /// Memory held by chunks read and not yet acknowledged (buffer capacities).
     private var outstandingBytes = 0
     private var liveChannels = Set<Int>()
     private var everHadChannel = false
@@ -77,9 +82,49 @@ public final class SendScheduler: @unchecked Sendable {
     public private(set) var retransmittedChunks = 0
     public private(set) var retransmittedBytes: UInt64 = 0
     public private(set) var peakOutstandingBytes = 0
+    /// How long the transfer may go on with no channel at all, waiting for a NIC to come
+    /// back, before it fails. Zero: fail as soon as the last channel is gone.
+    private let noChannelGrace: Duration
+    private var noChannelsSince: ContinuousClock.Instant?
+    /// Token bucket for the bandwidth limit (nil: unlimited), shared by all channels.
+    private var rateBytesPerSecond: UInt64?
+    private var tokens = 0.0
+    private var tokensAt = ContinuousClock.now
 
-    public init(windowByteCount: Int = ChunkPolicy.windowByteCount) {
+    public init(windowByteCount: Int = ChunkPolicy.windowByteCount, noChannelGrace: Duration = .zero) {
         self.windowByteCount = windowByteCount
+        self.noChannelGrace = noChannelGrace
+    }
+
+    /// Limits the rate at which chunks leave, all channels together (nil: no limit).
+    public func setRateLimit(bytesPerSecond: UInt64?) {
+        condition.withLock {
+            rateBytesPerSecond = bytesPerSecond
+            tokens = 0
+            tokensAt = ContinuousClock.now
+            condition.broadcast()
+        }
+    }
+
+    public var rateLimit: UInt64? { condition.withLock { rateBytesPerSecond } }
+
+    /// Waits (lock held, released while waiting) until the bucket holds `bytes`, then takes
+    /// them. The bucket holds at most 10 ms of the rate (at least one chunk), so a pause
+    /// does not turn into a burst. Returns false if the transport failed meanwhile.
+    private func takeTokens(_ bytes: Int) -> Bool {
+        while let rate = rateBytesPerSecond, failure == nil {
+            let now = ContinuousClock.now
+            let depth = max(Double(rate) / 100, Double(ChunkPolicy.maximumChunkByteCount))
+            tokens = min(depth, tokens + Double(rate) * (now - tokensAt).seconds)
+            tokensAt = now
+            if tokens >= Double(bytes) {
+                tokens -= Double(bytes)
+                return true
+            }
+            let wait = (Double(bytes) - tokens) / Double(rate)
+            _ = condition.wait(until: Date().addingTimeInterval(wait))
+        }
+        return failure == nil
     }
 
     // MARK: Producers (one reader thread per QEMU stream)
@@ -88,12 +133,12 @@ public final class SendScheduler: @unchecked Sendable {
     public func enqueue(_ chunk: Chunk) throws(TransportError) {
         condition.lock()
         defer { condition.unlock() }
-        while failure == nil && outstandingBytes + chunk.byteCount > windowByteCount && outstandingBytes > 0 {
+        while failure == nil && outstandingBytes + chunk.memoryCost > windowByteCount && outstandingBytes > 0 {
             condition.wait()
         }
         if let failure { throw failure }
         queue.append(chunk)
-        outstandingBytes += chunk.byteCount
+        outstandingBytes += chunk.memoryCost
         peakOutstandingBytes = max(peakOutstandingBytes, outstandingBytes)
         condition.broadcast()
     }
@@ -103,6 +148,7 @@ public final class SendScheduler: @unchecked Sendable {
     public func addChannel(_ id: Int) {
         condition.lock()
         liveChannels.insert(id)
+        noChannelsSince = nil
         everHadChannel = true
         condition.broadcast()
         condition.unlock()
@@ -118,9 +164,16 @@ public final class SendScheduler: @unchecked Sendable {
         while true {
             if failure != nil || !liveChannels.contains(channel) { return nil }
             if queueHead < queue.count {
+                if rateBytesPerSecond != nil {
+                    guard takeTokens(queue[queueHead].byteCount) else { return nil }
+                    guard queueHead < queue.count, liveChannels.contains(channel) else { continue }
+                }
                 let chunk = queue[queueHead]
+                // The queue's slot lets go of the bytes at once (the in-flight entry holds
+                // them now); dequeued slots are dropped in batches.
+                queue[queueHead].buffer = nil
                 queueHead += 1
-                if queueHead > 1024 && queueHead * 2 > queue.count {
+                if queueHead >= 64 && queueHead * 2 > queue.count {
                     queue.removeFirst(queueHead)
                     queueHead = 0
                 }
@@ -144,12 +197,12 @@ public final class SendScheduler: @unchecked Sendable {
         if var chunks = inFlight[stream] {
             if UInt64(chunks.count) < nextSequence - from {
                 for (seq, entry) in chunks where seq < nextSequence {
-                    outstandingBytes -= entry.chunk.byteCount
+                    outstandingBytes -= entry.chunk.memoryCost
                     chunks[seq] = nil
                 }
             } else {
                 for seq in from..<nextSequence {
-                    if let entry = chunks.removeValue(forKey: seq) { outstandingBytes -= entry.chunk.byteCount }
+                    if let entry = chunks.removeValue(forKey: seq) { outstandingBytes -= entry.chunk.memoryCost }
                 }
             }
             inFlight[stream] = chunks
@@ -158,7 +211,7 @@ public final class SendScheduler: @unchecked Sendable {
         // count their bytes out now so the window opens.
         for i in queueHead..<queue.count where queue[i].header.stream == stream && queue[i].header.sequence < nextSequence {
             if queue[i].buffer != nil {
-                outstandingBytes -= queue[i].byteCount
+                outstandingBytes -= queue[i].memoryCost
                 queue[i].buffer = nil
             }
         }
@@ -187,7 +240,11 @@ public final class SendScheduler: @unchecked Sendable {
             retransmittedBytes += requeue.reduce(0) { $0 + UInt64($1.byteCount) }
         }
         if liveChannels.isEmpty && failure == nil {
-            failure = .noChannelsLeft(reason)
+            if noChannelGrace == .zero {
+                failure = .noChannelsLeft(reason)
+            } else {
+                noChannelsSince = ContinuousClock.now
+            }
         }
         condition.broadcast()
         return requeue.count
@@ -214,6 +271,21 @@ public final class SendScheduler: @unchecked Sendable {
             }
         }
         if let failure { throw failure }
+    }
+
+    /// Fails the transport if it has had no channel for longer than the grace period.
+    /// Returns the time without channels so far (nil: there are channels).
+    @discardableResult
+    public func checkNoChannelGrace() -> Duration? {
+        condition.lock()
+        defer { condition.unlock() }
+        guard let since = noChannelsSince else { return nil }
+        let elapsed = ContinuousClock.now - since
+        if elapsed > noChannelGrace && failure == nil {
+            failure = .noChannelsLeft("\(lastChannelError); no NIC came back within \(Int(noChannelGrace.seconds)) s")
+            condition.broadcast()
+        }
+        return elapsed
     }
 
     /// Stops everything: producers and channel senders return.

@@ -48,11 +48,59 @@ public final class SourceDataPath: @unchecked Sendable {
 
     /// Starts sending on a bound data channel.
     public func addChannel(_ id: Int, connection: FrameConnection, interface: String) {
-        lock.withLock { channels[id] = (connection, interface, true) }
+        let startWatchdog = lock.withLock { () -> Bool in
+            channels[id] = (connection, interface, true)
+            defer { watchdogStarted = true }
+            return !watchdogStarted
+        }
         scheduler.addChannel(id)
         spawn("ferry-tx-\(id)") { [self] in sendLoop(id, connection, interface) }
         spawn("ferry-ack-\(id)") { [self] in ackLoop(id, connection, interface) }
+        if startWatchdog { spawn("ferry-watchdog") { [self] in watchdog() } }
         onEvent(.channelUp(channel: id, interface: interface))
+    }
+
+    /// A channel whose peer's kernel has acknowledged nothing for this long while data is
+    /// outstanding is dead (a NIC or a path that died silently). Normal acknowledgements
+    /// come within a round trip plus the NIC queue (tbf's 20 ms in the lab); TCP's own
+    /// retransmission gives up far later. 1 s keeps a failover well inside 2 s.
+    public var stallTimeout: Duration = .milliseconds(1000)
+    private var watchdogStarted = false
+
+    private func watchdog() {
+        let stallMs = UInt32(stallTimeout.milliseconds)
+        while scheduler.failureReason == nil && !lock.withLock({ finished }) {
+            let live = lock.withLock { channels.filter { $0.value.2 }.map { ($0.key, $0.value.0, $0.value.1) } }
+            for (id, connection, interface) in live {
+                if let p = connection.socket.tcpProgress(), p.unackedSegments > 0, p.millisecondsSinceLastAck > stallMs {
+                    channelDown(id, connection, interface, reason: "no TCP acknowledgement for \(p.millisecondsSinceLastAck) ms")
+                }
+            }
+            scheduler.checkNoChannelGrace()
+            if let failure = scheduler.failureReason {
+                onEvent(.failed(failure))
+                return
+            }
+            usleep(100_000)
+        }
+    }
+
+    /// Ends every live channel on `interface` (its NIC lost carrier or its address).
+    /// Returns how many were ended.
+    @discardableResult
+    public func failChannels(onInterface interface: String, reason: String) -> Int {
+        let victims = lock.withLock { channels.filter { $0.value.2 && $0.value.1 == interface }.map { ($0.key, $0.value.0) } }
+        for (id, connection) in victims { channelDown(id, connection, interface, reason: reason) }
+        return victims.count
+    }
+
+    /// Live channels per interface.
+    public var liveChannelsByInterface: [String: Int] {
+        lock.withLock {
+            var out: [String: Int] = [:]
+            for (_, value) in channels where value.2 { out[value.1, default: 0] += 1 }
+            return out
+        }
     }
 
     private func sendLoop(_ id: Int, _ connection: FrameConnection, _ interface: String) {
@@ -160,6 +208,9 @@ public final class SourceDataPath: @unchecked Sendable {
         socket.close()
         onEvent(.streamEnded(StreamEndMessage(stream: id, chunkCount: sequence, byteCount: offset)))
     }
+
+    /// Chunk buffers allocated now (in flight or kept for reuse): bounded by the window.
+    public var allocatedBufferCount: Int { pool.allocatedCount }
 
     /// Bytes read from QEMU so far, all streams.
     public var streamByteCount: UInt64 { lock.withLock { streamBytes.values.reduce(0, +) } }

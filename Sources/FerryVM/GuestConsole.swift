@@ -71,7 +71,9 @@ public final class HeartbeatWatcher: @unchecked Sendable {
     private let lock = NSLock()
     private var paths: [String]
     private var offsets: [String: UInt64] = [:]
-    private var partial: [String: String] = [:]
+    /// The unfinished last line. One for all logs: the guest writes to one console at a
+    /// time, and a line cut by the switchover is finished in the destination's log.
+    private var partial = ""
     private var lastSeenAt: Double?
     private var lastSequence: UInt64?
     private var _largestGap = 0.0
@@ -132,10 +134,9 @@ public final class HeartbeatWatcher: @unchecked Sendable {
         let now = (ContinuousClock.now - origin).seconds
         lock.withLock {
             offsets[path] = offset + UInt64(data.count)
-            var text = (partial[path] ?? "") + GuestConsole.normalize(data)
+            let text = partial + GuestConsole.normalize(data)
             var lines = text.split(separator: "\n", omittingEmptySubsequences: false)
-            text = String(lines.removeLast())
-            partial[path] = text
+            partial = String(lines.removeLast())
             for line in lines {
                 guard let hb = Heartbeat(line: line) else { continue }
                 if let last = lastSequence, hb.sequence <= last { _sequenceRegressed = hb.sequence < last; continue }

@@ -49,7 +49,9 @@ public struct GuestImage: Sendable {
     }
 
     /// The kernel command line for the demo workload.
-    public static func append(fillMiB: Int, dirtyMiBPerSecond: Int, fill: String = "random") -> String {
+    /// `verifyMiBPerSecond` nil verifies continuously (the vCPU never idles).
+    public static func append(fillMiB: Int, dirtyMiBPerSecond: Int, fill: String = "random", verifyMiBPerSecond: Int? = nil) -> String {
         "console=ttyS0 panic=-1 ferry.mem=\(fillMiB) ferry.dirty=\(dirtyMiBPerSecond) ferry.fill=\(fill)"
+            + (verifyMiBPerSecond.map { " ferry.verify=\($0)" } ?? "")
     }
 }

@@ -112,6 +112,8 @@ public enum FrameType: UInt8, Sendable, CaseIterable {
     case abort = 17
     /// Either side: progress or keep-alive, no reply expected.
     case status = 18
+    /// Destination: a bandwidth limit for this migration (the host's share).
+    case limit = 19
 }
 
 /// Frame flags. Bits not defined here must be zero; a receiver refuses unknown bits.

@@ -197,6 +197,23 @@ public struct DataEndpoint: Codable, Equatable, Sendable {
     }
 }
 
+/// A destination NIC, as interface discovery reports it (SMB's NETWORK_INTERFACE_INFO).
+public struct InterfaceMessage: Codable, Equatable, Sendable {
+    public var name: String
+    /// "address/prefix", IPv4 or IPv6.
+    public var addresses: [String]
+    public var speedBitsPerSecond: UInt64?
+    public var mtu: Int
+    public var carrier: Bool
+    public init(name: String, addresses: [String], speedBitsPerSecond: UInt64?, mtu: Int, carrier: Bool) {
+        self.name = name
+        self.addresses = addresses
+        self.speedBitsPerSecond = speedBitsPerSecond
+        self.mtu = mtu
+        self.carrier = carrier
+    }
+}
+
 public struct AcceptMessage: Codable, Equatable, Sendable {
     /// 16 random bytes, hex: names the session in `bind`.
     public var session: String
@@ -204,13 +221,29 @@ public struct AcceptMessage: Codable, Equatable, Sendable {
     public var bindKey: String
     /// SHA-256 of each boot file the destination does not have and wants sent.
     public var missingFiles: [String]
+    /// Where data channels may connect when no NIC pair is found: the control
+    /// connection's own address.
     public var endpoints: [DataEndpoint]
-    public init(session: String, bindKey: String, missingFiles: [String], endpoints: [DataEndpoint]) {
+    /// The destination's NICs (interface discovery); the source pairs them with its own.
+    public var interfaces: [InterfaceMessage]
+    /// The port data channels connect to on any of `interfaces`.
+    public var dataPort: UInt16
+    public init(session: String, bindKey: String, missingFiles: [String], endpoints: [DataEndpoint],
+                interfaces: [InterfaceMessage] = [], dataPort: UInt16 = 0) {
         self.session = session
         self.bindKey = bindKey
         self.missingFiles = missingFiles
         self.endpoints = endpoints
+        self.interfaces = interfaces
+        self.dataPort = dataPort
     }
+}
+
+/// Destination: the most this migration may send, all channels together (the host's
+/// `--max-bandwidth` shared among its migrations); nil lifts the limit.
+public struct LimitMessage: Codable, Equatable, Sendable {
+    public var bytesPerSecond: UInt64?
+    public init(bytesPerSecond: UInt64?) { self.bytesPerSecond = bytesPerSecond }
 }
 
 public struct ReadyMessage: Codable, Equatable, Sendable {

@@ -30,11 +30,14 @@ struct Demo: ParsableCommand {
     @Option(help: "Rate at which the workload keeps rewriting its memory, MiB/s (default: 8).")
     var dirty = 8
 
+    @Option(help: "Rate at which the workload re-verifies all its memory, MiB/s, or 0 for as fast as it can (default: 256: a full pass every 2 s, leaving CPU to the migration on small hosts).")
+    var verify = 256
+
     @Option(help: "Guest vCPUs (default: 2).")
     var cpus = 2
 
-    @Option(help: "QEMU multifd channels (default: 2).")
-    var multifd = 2
+    @Option(help: "QEMU multifd channels, or auto (default: auto).")
+    var multifd = "auto"
 
     @Flag(help: "Leave the lab up afterwards (ferry lab down --name demo removes it).")
     var keep = false
@@ -43,7 +46,9 @@ struct Demo: ParsableCommand {
         guard fill >= 1 && fill + 128 <= memory.mebibytes else {
             throw ValidationError("--fill must be at least 1 and leave 128 MiB of --memory for the guest kernel")
         }
-        guard rate == "none" || (try? Lab.validateRate(rate)) != nil else { throw ValidationError("--rate must be like 1gbit, or none") }
+        guard rate == "none" || (try? Lab.validateRates(rate, nics: nics)) != nil else {
+            throw ValidationError("--rate must be like 1gbit, one rate per NIC (1gbit,500mbit), or none")
+        }
     }
 
     func run() throws {
@@ -71,7 +76,8 @@ struct Demo: ParsableCommand {
         step("3/6 VM '\(vm)' on a: \(memory.mebibytes) MiB, \(cpus) vCPU, workload fills \(fill) MiB and dirties \(dirty) MiB/s")
         let run = try a.ferry(["vm", "run", vm, "--memory", "\(memory.mebibytes)M", "--cpus", "\(cpus)",
                                "--kernel", image.kernel, "--initrd", image.initrd,
-                               "--append", GuestImage.append(fillMiB: fill, dirtyMiBPerSecond: dirty)])
+                               "--append", GuestImage.append(fillMiB: fill, dirtyMiBPerSecond: dirty,
+                                                             verifyMiBPerSecond: verify > 0 ? verify : nil)])
         guard run.succeeded else { throw UserError("vm run failed: \(run.stderr)\(run.stdout)") }
         print(run.stdout.trimmingCharacters(in: .whitespacesAndNewlines))
         let sourceRecord = try a.store.record(vm)

@@ -19,13 +19,13 @@ struct LabCommand: ParsableCommand {
         static let configuration = CommandConfiguration(abstract: "Create the lab.")
         @Option(help: "NICs between a and b (default: 2).")
         var nics = 2
-        @Option(help: "Rate of each NIC, as tc writes it, e.g. 1gbit or 500mbit (default: unlimited).")
+        @Option(help: "Rate of each NIC as tc writes it (1gbit, 500mbit), or one per NIC (1gbit,500mbit) (default: unlimited).")
         var rate: String?
         @OptionGroup var labName: LabName
 
         func validate() throws {
             guard (1...8).contains(nics) else { throw ValidationError("--nics must be between 1 and 8") }
-            if let rate { do { try Lab.validateRate(rate) } catch { throw ValidationError("\(error)") } }
+            if let rate { do { try Lab.validateRates(rate, nics: nics) } catch { throw ValidationError("\(error)") } }
             do { try Lab.validateName(labName.name) } catch { throw ValidationError("\(error)") }
         }
 

@@ -1,5 +1,6 @@
 import ArgumentParser
 import FerryIO
+import FerryInterfaces
 import FerryMigration
 import FerryQMP
 import FerryVM
@@ -21,14 +22,23 @@ struct Migrate: ParsableCommand {
     @Option(help: "The destination, HOST[:PORT] (default port \(Endpoint.defaultPort)).")
     var to: Endpoint
 
-    @Option(help: "QEMU multifd channels; 0 sends everything in QEMU's main stream (default: 2).")
-    var multifd = 2
+    @Option(help: "QEMU multifd channels: 0 sends everything in QEMU's main stream (Ferry still stripes it over every NIC); auto uses one stream up to 10 Gbit/s of NICs, one channel per 10 Gbit/s above, 2 where NIC speeds are unknown (default: auto).")
+    var multifd: MultifdChoice = .auto
 
     @Option(name: .customLong("channels-per-nic"), help: "Data connections per NIC pair (default: 4).")
     var channelsPerNIC = 4
 
-    @Option(help: "Cap on the migration's rate, e.g. 500mbit or 100MB (default: none).")
+    @Option(help: "Cap on the migration's rate over all NICs together, e.g. 500mbit or 100MB (default: none).")
     var bandwidth: Rate?
+
+    @Option(help: "NICs of this host that may carry data: eth0,eth1 (only these) or -eth2 (all but these) (default: all).")
+    var nics: NICSelection?
+
+    @Option(name: .customLong("nic-speed"), help: "Link speeds the kernel does not report, e.g. eth0=10gbit (default: $FERRY_NIC_SPEEDS, else the kernel's).")
+    var nicSpeed: NICSpeeds?
+
+    @Option(name: .customLong("link-timeout"), help: "With every NIC down, wait this long for one to come back before giving up (default: 10s).")
+    var linkTimeout = DurationArgument(.seconds(10))
 
     @Option(help: "Longest guest pause QEMU may plan for at switchover (default: 300ms).")
     var downtime = DurationArgument(.milliseconds(300))
@@ -49,7 +59,7 @@ struct Migrate: ParsableCommand {
 
     func validate() throws {
         if let problem = VMSpec.validateName(name) { throw ValidationError(problem) }
-        guard (0...64).contains(multifd) else { throw ValidationError("--multifd must be between 0 and 64") }
+        if case .count(let n) = multifd, !(0...64).contains(n) { throw ValidationError("--multifd must be auto or between 0 and 64") }
         guard (1...64).contains(channelsPerNIC) else { throw ValidationError("--channels-per-nic must be between 1 and 64") }
     }
 
@@ -57,9 +67,12 @@ struct Migrate: ParsableCommand {
         signal(SIGPIPE, SIG_IGN)
         let logger = host.logger("ferry.migrate")
         var options = MigrationOptions(host: to.host, port: to.port)
-        options.multifdChannels = multifd
+        if case .count(let n) = multifd { options.multifdChannels = n }
         options.channelsPerEndpoint = channelsPerNIC
         options.bandwidthBytesPerSecond = bandwidth?.bytesPerSecond
+        options.nics = nics ?? .all
+        options.nicSpeeds = NICSpeeds.resolve(nicSpeed)
+        options.linkTimeout = linkTimeout.duration
         options.downtimeLimit = downtime.duration
         options.timeout = timeout.duration
         let display = ProgressDisplay(enabled: !quiet)
@@ -129,5 +142,20 @@ final class ProgressDisplay: @unchecked Sendable {
         lock.withLock {
             if drew { FileHandle.standardError.write(Data("\n".utf8)) }
         }
+    }
+}
+
+/// `--multifd auto|N`.
+enum MultifdChoice: ExpressibleByArgument, Equatable {
+    case auto
+    case count(Int)
+    init?(argument: String) {
+        if argument == "auto" { self = .auto; return }
+        guard let n = Int(argument) else { return nil }
+        self = .count(n)
+    }
+    var defaultValueDescription: String {
+        if case .count(let n) = self { return "\(n)" }
+        return "auto"
     }
 }

@@ -1,5 +1,6 @@
 import ArgumentParser
 import FerryIO
+import FerryInterfaces
 import FerryMigration
 import Foundation
 
@@ -13,6 +14,15 @@ struct Serve: ParsableCommand {
     @Option(name: .customLong("pid-file"), help: "Write the daemon's pid here (default: <state-dir>/run/serve.pid).")
     var pidFile: String?
 
+    @Option(help: "NICs that may carry migrations: eth0,eth1 (only these) or -eth2 (all but these) (default: all).")
+    var nics: NICSelection?
+
+    @Option(name: .customLong("nic-speed"), help: "Link speeds the kernel does not report, e.g. eth0=10gbit,eth1=10gbit (default: $FERRY_NIC_SPEEDS, else the kernel's).")
+    var nicSpeed: NICSpeeds?
+
+    @Option(name: .customLong("max-bandwidth"), help: "Most all incoming migrations together may use, shared equally, e.g. 2gbit (default: no limit).")
+    var maxBandwidth: Rate?
+
     @OptionGroup var host: HostOptions
 
     func run() throws {
@@ -21,7 +31,11 @@ struct Serve: ParsableCommand {
         try paths.ensure()
         let server: MigrationServer
         do {
-            server = try MigrationServer(store: host.store, options: .init(host: listen.host, port: listen.port), logger: logger)
+            var options = MigrationServer.Options(host: listen.host, port: listen.port)
+            options.nics = nics ?? .all
+            options.nicSpeeds = NICSpeeds.resolve(nicSpeed)
+            options.maxBandwidthBytesPerSecond = maxBandwidth?.bytesPerSecond
+            server = try MigrationServer(store: host.store, options: options, logger: logger)
         } catch {
             throw UserError("cannot listen on \(listen.host):\(listen.port): \(error)")
         }

@@ -105,3 +105,24 @@ struct Endpoint: ExpressibleByArgument, Equatable {
         }
     }
 }
+
+import FerryInterfaces
+
+extension NICSelection: ExpressibleByArgument {}
+
+/// `--nic-speed eth0=1gbit,eth1=500mbit`.
+struct NICSpeeds: ExpressibleByArgument {
+    var speeds: [String: UInt64]
+    init(speeds: [String: UInt64]) { self.speeds = speeds }
+    init?(argument: String) {
+        guard let parsed = SpeedList.parse(argument) else { return nil }
+        speeds = parsed
+    }
+
+    /// The operator's value, else `FERRY_NIC_SPEEDS` (the lab sets it), else none.
+    static func resolve(_ given: NICSpeeds?) -> [String: UInt64] {
+        if let given { return given.speeds }
+        if let env = ProcessInfo.processInfo.environment["FERRY_NIC_SPEEDS"], let parsed = SpeedList.parse(env) { return parsed }
+        return [:]
+    }
+}

@@ -73,7 +73,7 @@ struct CLITests {
     @Test("help states every option's default")
     func help() {
         let migrate = Ferry.helpMessage(for: Migrate.self)
-        for text in ["--to", "--multifd", "default: 2", "--channels-per-nic", "default: 4", "--bandwidth", "--downtime", "default: 300ms", "--json"] {
+        for text in ["--to", "--multifd", "default: auto", "--channels-per-nic", "default: 4", "--bandwidth", "--downtime", "default: 300ms", "--json"] {
             #expect(migrate.contains(text), "migrate help lacks \(text)")
         }
         let run = Ferry.helpMessage(for: VM.Run.self)

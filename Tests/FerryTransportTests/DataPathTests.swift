@@ -121,6 +121,25 @@ struct DataPathTests {
         h.destination.stop()
     }
 
+    @Test("memory stays bounded by the window however much is sent")
+    func boundedMemory() throws {
+        let window = 2 << 20
+        let h = try Harness(streams: 1, channels: 2, window: window)
+        let data = Self.payload(9, 40_000_000)
+        try h.feed(0, data)
+        try h.pumpEnds(expect: 1)
+        try h.destination.waitUntilComplete(timeout: .seconds(30))
+        #expect(h.done.wait(timeout: .now() + 10) == .success)
+        #expect(h.received.current[0] == data)
+        // The window's worth of buffers, plus one per reader and sender in hand.
+        let bound = window / ChunkPolicy.chunkByteCount + 4
+        #expect(h.source.allocatedBufferCount <= bound, "\(h.source.allocatedBufferCount) buffers for a \(bound)-buffer window")
+        #expect(h.destination.peakBufferedBytes <= window, "destination buffered \(h.destination.peakBufferedBytes)")
+        h.source.markFinished()
+        h.source.closeChannels()
+        h.destination.stop()
+    }
+
     @Test("a channel that dies mid-transfer loses nothing: its chunks go again on the others")
     func failover() throws {
         // A small window keeps chunks in flight on every channel when one dies.
