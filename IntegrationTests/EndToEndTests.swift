@@ -103,7 +103,10 @@ struct EndToEndTests {
 
         case .destinationDaemonKilled, .destinationQEMUKilled:
             let outcome = Locked<(CommandResult, MigrationReport?)?>(nil)
-            let thread = Thread { outcome.withLock { $0 = try? lab.migrate("vm1") } }
+            let thread = Thread {
+                let result = try? lab.migrate("vm1")
+                outcome.withLock { $0 = result }
+            }
             thread.start()
             // Wait until the destination QEMU exists and data flows, then break it.
             var destPID: Int32 = 0

@@ -105,3 +105,53 @@ final class TestLab: @unchecked Sendable {
         try Command.run(["ip", "netns", "exec", lab.namespace(host), "bash", "-c", script])
     }
 }
+
+/// A `ferry migrate` running in the background, with its progress as it goes.
+final class RunningMigration: @unchecked Sendable {
+    let progressPath: String
+    private let outcome = Locked<(CommandResult, MigrationReport?)?>(nil)
+
+    init(_ lab: TestLab, _ name: String, from: String = "a", to: String = "b", extra: [String] = []) {
+        progressPath = lab.lab.directory + "/progress-\(UUID().uuidString.prefix(8)).jsonl"
+        let args = extra + ["--progress-file", progressPath]
+        let outcome = self.outcome
+        Thread {
+            let result = try? lab.migrate(name, from: from, to: to, extra: args)  // not under the lock: others poll it
+            outcome.withLock { $0 = result }
+        }.start()
+    }
+
+    struct Progress: Decodable {
+        var elapsedSeconds: Double
+        var phase: String
+        var fraction: Double
+        var streamBytes: UInt64
+        var interfaceBitsPerSecond: [String: Double]
+        var liveChannels: Int
+    }
+
+    var progress: [Progress] {
+        GuestConsole(path: progressPath).text.split(separator: "\n").compactMap {
+            try? JSONDecoder().decode(Progress.self, from: Data($0.utf8))
+        }
+    }
+
+    /// Waits until QEMU reports `fraction` of the memory sent (or the migration ended).
+    @discardableResult
+    func wait(forFraction fraction: Double, timeout: Duration = .seconds(60)) -> Bool {
+        let deadline = ContinuousClock.now + timeout
+        while ContinuousClock.now < deadline {
+            if let last = progress.last, last.fraction >= fraction && last.phase == "transferring" { return true }
+            if outcome.current != nil { return false }
+            Thread.sleep(forTimeInterval: 0.05)
+        }
+        return false
+    }
+
+    /// Waits for `ferry migrate` to end; its status, output and report.
+    func finish(timeout: Duration = .seconds(120)) throws -> (CommandResult, MigrationReport?) {
+        let deadline = ContinuousClock.now + timeout
+        while outcome.current == nil && ContinuousClock.now < deadline { Thread.sleep(forTimeInterval: 0.1) }
+        return try #require(outcome.current, "ferry migrate did not finish in time")
+    }
+}

@@ -89,6 +89,9 @@ public final class MigrationServer: @unchecked Sendable {
     }
 
     private func handle(_ socket: Socket) {
+        // A source that vanishes (its NICs or host died) is noticed within seconds, not
+        // after TCP's minutes of retransmissions.
+        socket.setUserTimeout(.seconds(5))
         let connection = FrameConnection(socket: socket)
         socket.setReceiveTimeout(options.handshakeTimeout)
         let first: Frame

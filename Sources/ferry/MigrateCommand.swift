@@ -55,6 +55,9 @@ struct Migrate: ParsableCommand {
     @Flag(name: .shortAndLong, help: "No progress display.")
     var quiet = false
 
+    @Option(name: .customLong("progress-file"), help: "Append progress as JSON lines to this file, a few times a second (for automation).")
+    var progressFile: String?
+
     @OptionGroup var host: HostOptions
 
     func validate() throws {
@@ -75,7 +78,7 @@ struct Migrate: ParsableCommand {
         options.linkTimeout = linkTimeout.duration
         options.downtimeLimit = downtime.duration
         options.timeout = timeout.duration
-        let display = ProgressDisplay(enabled: !quiet)
+        let display = ProgressDisplay(enabled: !quiet, jsonPath: progressFile)
         let migration = SourceMigration(store: host.store, name: name, options: options, logger: logger) { progress in
             display.show(progress)
         }
@@ -101,13 +104,43 @@ final class ProgressDisplay: @unchecked Sendable {
     private var lastLine = 0.0
     private var drew = false
     private let lock = NSLock()
+    private let json: FileHandle?
 
-    init(enabled: Bool) { self.enabled = enabled }
+    init(enabled: Bool, jsonPath: String? = nil) {
+        self.enabled = enabled
+        if let jsonPath {
+            _ = FileManager.default.createFile(atPath: jsonPath, contents: nil)
+            json = FileHandle(forWritingAtPath: jsonPath)
+        } else {
+            json = nil
+        }
+    }
+
+    struct Line: Encodable {
+        var elapsedSeconds: Double
+        var phase: String
+        var fraction: Double
+        var streamBytes: UInt64
+        var remainingBytes: UInt64?
+        var bitsPerSecond: Double
+        var interfaceBitsPerSecond: [String: Double]
+        var liveChannels: Int
+    }
 
     func show(_ p: MigrationProgress) {
-        guard enabled else { return }
         lock.lock()
         defer { lock.unlock() }
+        if let json {
+            let total = p.qemu.map { $0.transferredBytes + $0.remainingBytes } ?? 0
+            let line = Line(elapsedSeconds: p.elapsedSeconds, phase: p.phase.rawValue,
+                            fraction: total > 0 ? Double(p.qemu!.transferredBytes) / Double(total) : 0,
+                            streamBytes: p.streamBytes, remainingBytes: p.qemu?.remainingBytes, bitsPerSecond: p.bitsPerSecond,
+                            interfaceBitsPerSecond: p.interfaceBitsPerSecond, liveChannels: p.channels.filter(\.alive).count)
+            let encoder = JSONEncoder()
+            encoder.outputFormatting = [.sortedKeys]
+            if let data = try? encoder.encode(line) { json.write(data + Data("\n".utf8)) }
+        }
+        guard enabled else { return }
         if !tty && p.elapsedSeconds - lastLine < 1 && p.phase == .transferring { return }
         lastLine = p.elapsedSeconds
         var parts: [String] = []

@@ -1,0 +1,136 @@
+import FerryIO
+import FerryLab
+import FerryMigration
+import FerryVM
+import FerryWire
+import Foundation
+import Testing
+
+/// Multichannel in the lab with real QEMU: shares per NIC, failover when a NIC dies or a
+/// channel is killed, a NIC that comes back is used again, every NIC down.
+@Suite("Multichannel in the lab", .serialized, .enabled(if: Env.canRunEndToEnd, "needs root, QEMU and the demo guest (scripts/test.sh)"))
+struct MultichannelTests {
+    /// Bytes each interface carried, from the report.
+    func shares(_ r: MigrationReport) -> [String: UInt64] {
+        var out: [String: UInt64] = [:]
+        for c in r.channels { out[c.interface, default: 0] += c.payloadBytes }
+        return out
+    }
+
+    @Test("NICs of unequal speed are filled in proportion to their rates")
+    func proportional() throws {
+        // Rates low enough that the links, not this machine's two cores, are the bottleneck.
+        let lab = try TestLab(nics: 2, rate: "160mbit,80mbit")
+        try lab.serve()
+        _ = try lab.startDemoVM("vm1", memory: 320, fill: 160, dirty: 0)
+        let (result, report) = try lab.migrate("vm1")
+        #expect(result.succeeded, "\(result.stdout)")
+        let r = try #require(report)
+        #expect(r.nics.map(\.interface).sorted() == ["eth0", "eth1"])
+        let s = shares(r)
+        let total = Double(s.values.reduce(0, +))
+        let eth0 = Double(s["eth0"] ?? 0) / total
+        // eth0 has 2/3 of the capacity.
+        #expect(eth0 > 0.58 && eth0 < 0.75, "eth0 carried \(Int(eth0 * 100))%, eth1 \(Int((1 - eth0) * 100))%")
+        // Together they run near the sum of their rates (240 Mbit/s of TCP payload at most).
+        let rate = try #require(r.throughputBitsPerSecond)
+        #expect(rate > 0.8 * 240e6, "aggregate \(Format.rate(rate))")
+        try lab.expectRunningAndHealthy("vm1", on: "b")
+    }
+
+    @Test("a NIC that dies a third of the way loses nothing, is used again when it comes back, and dies again near the end")
+    func nicDownUpDown() throws {
+        let lab = try TestLab(nics: 2, rate: "150mbit")
+        try lab.serve()
+        _ = try lab.startDemoVM("vm1", memory: 384, fill: 256, dirty: 2)
+        let run = RunningMigration(lab, "vm1")
+        #expect(run.wait(forFraction: 0.33), "the migration never reached a third")
+        try lab.lab.setNIC("a", nic: 1, up: false)
+        #expect(run.wait(forFraction: 0.5))
+        try lab.lab.setNIC("a", nic: 1, up: true)
+        #expect(run.wait(forFraction: 0.85))
+        try lab.lab.setNIC("b", nic: 1, up: false)  // the far end this time: a sees the carrier go
+        let (result, report) = try run.finish()
+        #expect(result.succeeded, "\(result.stdout)")
+        let r = try #require(report)
+        let events = r.events.map(\.what)
+        #expect(events.filter { $0.contains("NIC eth1 lost carrier") }.count == 2, "\(events)")
+        let back = try #require(r.events.first { $0.what.contains("NIC eth1 is back") }, "\(events)")
+        // eth1 carried data after it came back.
+        let atBack = r.timeline.last { $0.at <= back.at }?.interfaceBytes["eth1"] ?? 0
+        let later = r.timeline.last?.interfaceBytes["eth1"] ?? 0
+        #expect(later > atBack + (8 << 20), "eth1 carried \(later - atBack) bytes after it came back")
+        #expect(r.retransmittedBytes > 0, "the dead NIC's chunks were sent again")
+        try lab.lab.setNIC("b", nic: 1, up: true)
+        try lab.expectRunningAndHealthy("vm1", on: "b")
+        lab.expectAbsent("vm1", on: "a")
+    }
+
+    @Test("channels killed from outside (ss -K) mid-migration: the others carry on, the NIC gets channels again")
+    func channelsKilled() throws {
+        let lab = try TestLab(nics: 2, rate: "150mbit")
+        try lab.serve()
+        _ = try lab.startDemoVM("vm1", memory: 320, fill: 192, dirty: 2)
+        let run = RunningMigration(lab, "vm1")
+        #expect(run.wait(forFraction: 0.3))
+        let killed = try lab.shell("a", "ss -K dst \(lab.lab.address("b", nic: 1))")
+        #expect(killed.succeeded, "\(killed.stderr)")
+        let (result, report) = try run.finish()
+        #expect(result.succeeded, "\(result.stdout)")
+        let r = try #require(report)
+        #expect(r.events.contains { $0.what.contains("failed") && $0.what.contains("eth1") }, "\(r.events.map(\.what))")
+        #expect(r.events.contains { $0.what.contains("NIC eth1 is back") }, "\(r.events.map(\.what))")
+        try lab.expectRunningAndHealthy("vm1", on: "b")
+    }
+
+    @Test("every NIC down: the migration fails within the link timeout and the VM runs on the source")
+    func allNICsDown() throws {
+        let lab = try TestLab(nics: 2, rate: "100mbit")
+        try lab.serve()
+        let source = try lab.startDemoVM("vm1", memory: 320, fill: 192, dirty: 2)
+        let run = RunningMigration(lab, "vm1", extra: ["--link-timeout", "3s"])
+        #expect(run.wait(forFraction: 0.25))
+        let downAt = ContinuousClock.now
+        try lab.lab.setNIC("a", nic: 0, up: false)
+        try lab.lab.setNIC("a", nic: 1, up: false)
+        let (result, report) = try run.finish(timeout: .seconds(60))
+        let took = ContinuousClock.now - downAt
+        #expect(result.status == 1, "\(result.stdout)")
+        #expect(report?.outcome == .failedVMOnSource)
+        #expect(took < .seconds(20), "failing took \(took)")
+        #expect(ProcessStats.isAlive(pid: source.state.pid))
+        try lab.expectRunningAndHealthy("vm1", on: "a")
+        try lab.lab.setNIC("a", nic: 0, up: true)
+        try lab.lab.setNIC("a", nic: 1, up: true)
+        // The destination notices the source is gone and discards its copy.
+        let deadline = ContinuousClock.now + .seconds(30)
+        while (try? lab.b.store.record("vm1")) != nil && ContinuousClock.now < deadline { Thread.sleep(forTimeInterval: 0.2) }
+        lab.expectAbsent("vm1", on: "b")
+    }
+
+    @Test("garbage and an unbound channel on the data port are refused without disturbing the migration in flight")
+    func intruders() throws {
+        let lab = try TestLab(nics: 2, rate: "150mbit")
+        try lab.serve()
+        _ = try lab.startDemoVM("vm1", memory: 320, fill: 192, dirty: 2)
+        let run = RunningMigration(lab, "vm1")
+        #expect(run.wait(forFraction: 0.3))
+        // A bind for a session that does not exist, one with a forged proof for a real-looking
+        // session, and plain garbage, on both NICs.
+        let forged = ControlCoding.frame(.bind, BindMessage(version: 1, session: Hex.random(byteCount: 16), channel: 0,
+                                                            interface: "eth0", proof: Hex.random(byteCount: 32)))
+        let path = lab.lab.directory + "/forged.bin"
+        try Data(forged.encoded()).write(to: URL(fileURLWithPath: path))
+        for nic in 0..<2 {
+            let b = lab.lab.address("b", nic: nic)
+            try lab.shell("a", "cat \(path) > /dev/tcp/\(b)/7470; head -c 300000 /dev/urandom > /dev/tcp/\(b)/7470; printf 'FERY\\001' > /dev/tcp/\(b)/7470")
+        }
+        let (result, report) = try run.finish()
+        #expect(result.succeeded, "\(result.stdout)")
+        #expect(report?.retransmittedBytes == 0, "nothing was disturbed")
+        let log = GuestConsole(path: lab.b.serveLog).text
+        #expect(log.contains("refused data channel") || log.contains("unknown-session") || log.contains("no such session"), "\(log.suffix(2000))")
+        #expect(log.contains("refused connection"))
+        try lab.expectRunningAndHealthy("vm1", on: "b")
+    }
+}
