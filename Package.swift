@@ -47,7 +47,10 @@ let package = Package(
         ]),
         // The test lab: network namespaces, veth NICs, tc rates.
         .target(name: "FerryLab", dependencies: ["FerryVM", "FerryIO"]),
+        // `ferry bench`: Ferry and its peers (QEMU alone, ECMP, MPTCP) side by side in the lab.
+        .target(name: "FerryBench", dependencies: ["FerryLab", "FerryVM", "FerryQMP", "FerryIO", "FerryMigration", "FerryWire"]),
         .executableTarget(name: "ferry", dependencies: [
+            "FerryBench",
             "FerryWire", "FerryIO", "FerryQMP", "FerryTransport", "FerryVM", "FerryMigration", "FerryLab", "FerryInterfaces",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),

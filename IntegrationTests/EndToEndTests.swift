@@ -19,7 +19,8 @@ struct EndToEndTests {
 
         let watcher = HeartbeatWatcher(paths: [source.paths.serialLog])
         watcher.add(path: lab.b.store.vmPaths("vm1").serialLog)
-        let (result, report) = try lab.migrate("vm1")
+        // multifd explicitly: this test covers QEMU's multi-stream path (auto picks one stream here).
+        let (result, report) = try lab.migrate("vm1", extra: ["--multifd", "2"])
         #expect(result.succeeded, "migrate failed: \(result.stdout)\(result.stderr)")
         Thread.sleep(forTimeInterval: 1)
         watcher.stop()

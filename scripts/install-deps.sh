@@ -13,6 +13,7 @@ have gcc || need+=(gcc)
 have ip || need+=(iproute2)
 have tc || need+=(iproute2)
 have ping || need+=(iputils-ping)
+have mptcpize || need+=(mptcpize)
 for p in libzstd-dev liblz4-dev liburing-dev; do pkg_installed "$p" || need+=("$p"); done
 
 if [ ${#need[@]} -gt 0 ]; then

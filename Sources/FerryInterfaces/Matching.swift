@@ -1,5 +1,5 @@
 /// Which NICs an operator lets Ferry use: `--nics eth0,eth1` (only these) or
-/// `--nics -eth2` (all but these).
+/// `--nics=-eth2` (all but these; the `=` keeps the leading dash from reading as an option).
 public struct NICSelection: Sendable, Equatable {
     public var include: Set<String>?
     public var exclude: Set<String>

@@ -17,7 +17,7 @@ struct Ferry: ParsableCommand {
             Try it on one box:  ferry demo
             """,
         version: FerryVersion.version,
-        subcommands: [Serve.self, VM.self, Migrate.self, Status.self, Guest.self, LabCommand.self, Demo.self])
+        subcommands: [Serve.self, VM.self, Migrate.self, Status.self, Guest.self, LabCommand.self, Demo.self, Bench.self])
 }
 
 /// Options every command that touches host state shares.

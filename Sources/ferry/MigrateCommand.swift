@@ -22,7 +22,7 @@ struct Migrate: ParsableCommand {
     @Option(help: "The destination, HOST[:PORT] (default port \(Endpoint.defaultPort)).")
     var to: Endpoint
 
-    @Option(help: "QEMU multifd channels: 0 sends everything in QEMU's main stream (Ferry still stripes it over every NIC); auto uses one stream up to 10 Gbit/s of NICs, one channel per 10 Gbit/s above, 2 where NIC speeds are unknown (default: auto).")
+    @Option(help: "QEMU multifd channels: 0 sends everything in QEMU's main stream (Ferry still stripes it over every NIC); auto uses one stream up to 10 Gbit/s of NICs and one channel per 10 Gbit/s above, NICs of unknown speed counting as nothing (default: auto).")
     var multifd: MultifdChoice = .auto
 
     @Option(name: .customLong("channels-per-nic"), help: "Data connections per NIC pair (default: 4).")
@@ -31,7 +31,7 @@ struct Migrate: ParsableCommand {
     @Option(help: "Cap on the migration's rate over all NICs together, e.g. 500mbit or 100MB (default: none).")
     var bandwidth: Rate?
 
-    @Option(help: "NICs of this host that may carry data: eth0,eth1 (only these) or -eth2 (all but these) (default: all).")
+    @Option(help: "NICs of this host that may carry data: eth0,eth1 (only these) or --nics=-eth2 (all but these) (default: all).")
     var nics: NICSelection?
 
     @Option(name: .customLong("nic-speed"), help: "Link speeds the kernel does not report, e.g. eth0=10gbit (default: $FERRY_NIC_SPEEDS, else the kernel's).")

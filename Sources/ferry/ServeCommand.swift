@@ -14,7 +14,7 @@ struct Serve: ParsableCommand {
     @Option(name: .customLong("pid-file"), help: "Write the daemon's pid here (default: <state-dir>/run/serve.pid).")
     var pidFile: String?
 
-    @Option(help: "NICs that may carry migrations: eth0,eth1 (only these) or -eth2 (all but these) (default: all).")
+    @Option(help: "NICs that may carry migrations: eth0,eth1 (only these) or --nics=-eth2 (all but these) (default: all).")
     var nics: NICSelection?
 
     @Option(name: .customLong("nic-speed"), help: "Link speeds the kernel does not report, e.g. eth0=10gbit,eth1=10gbit (default: $FERRY_NIC_SPEEDS, else the kernel's).")

@@ -10,7 +10,7 @@ struct PolicyTests {
                          speedBitsPerSecond: speed, mtu: 1500, carrier: carrier, isLoopback: false)
     }
 
-    @Test("one QEMU stream up to 10 Gbit/s of NICs, more above, QEMU's 2 when speeds are unknown")
+    @Test("one QEMU stream up to 10 Gbit/s of NICs, a multifd channel per 10 Gbit/s above")
     func multifd() {
         let g: UInt64 = 1_000_000_000
         #expect(StreamPolicy.multifdChannels(for: [nic("a", speed: g), nic("b", speed: g)], selection: .all) == 0)
@@ -18,7 +18,8 @@ struct PolicyTests {
         #expect(StreamPolicy.multifdChannels(for: [nic("a", speed: 25 * g), nic("b", speed: 25 * g)], selection: .all) == 5)
         #expect(StreamPolicy.multifdChannels(for: [nic("a", speed: 100 * g), nic("b", speed: 100 * g)], selection: .all) == 8)
         #expect(StreamPolicy.multifdChannels(for: [nic("a", speed: 10 * g), nic("b", speed: 1 * g)], selection: .all) == 2)
-        #expect(StreamPolicy.multifdChannels(for: [nic("a", speed: g), nic("b", speed: nil)], selection: .all) == 2)
+        #expect(StreamPolicy.multifdChannels(for: [nic("a", speed: g), nic("b", speed: nil)], selection: .all) == 0)
+        #expect(StreamPolicy.multifdChannels(for: [nic("a", speed: 30 * g), nic("b", speed: nil)], selection: .all) == 3)
         // Down or excluded NICs do not count.
         #expect(StreamPolicy.multifdChannels(for: [nic("a", speed: g), nic("b", speed: 40 * g, carrier: false)], selection: .all) == 0)
         #expect(StreamPolicy.multifdChannels(for: [nic("a", speed: g), nic("b", speed: 40 * g)], selection: NICSelection(argument: "-b")!) == 0)

@@ -1,0 +1,37 @@
+import FerryBench
+import FerryIO
+import Foundation
+import Testing
+
+/// The bench harness itself, on its smallest scenario (speeds are not asserted: they are
+/// `ferry bench`'s to report, not the tests' to judge).
+@Suite("Bench harness", .serialized, .enabled(if: Env.canRunEndToEnd && Command.exists("mptcpize"), "needs root, QEMU, the demo guest and mptcpize"))
+struct BenchTests {
+    @Test("every mode migrates the tiny guest and lands in the table, the JSON and the picture")
+    func tiny() throws {
+        let out = FileManager.default.temporaryDirectory.appendingPathComponent("bench-\(getpid())").path
+        let result = try Command.run([Env.ferry, "bench", "--scenario", "tiny", "--repeats", "1", "--out", out])
+        #expect(result.succeeded, "\(result.stderr.suffix(3000))")
+        let markdown = try String(contentsOfFile: out + "/bench.md", encoding: .utf8)
+        for mode in BenchMode.allCases { #expect(markdown.contains(mode.label), "no row for \(mode.rawValue)") }
+        #expect(markdown.contains("1/1"))
+        let decoder = JSONDecoder()
+        decoder.dateDecodingStrategy = .iso8601
+        let results = try decoder.decode([BenchResult].self, from: Data(contentsOf: URL(fileURLWithPath: out + "/bench.json")))
+        let runs = try #require(results.first).runs
+        #expect(runs.count == BenchMode.allCases.count)
+        for run in runs {
+            #expect(run.succeeded && run.guestOK, "\(run.mode.rawValue): \(run.error ?? "guest check failed")")
+            #expect(run.ramBytes > 64 << 20, "\(run.mode.rawValue) moved the guest's memory")
+            #expect(run.throughputBitsPerSecond > 0 && run.sourceQEMUCPUSeconds != nil)
+            #expect(run.wireBytes >= run.ramBytes, "\(run.mode.rawValue): the NICs' counters saw the traffic")
+        }
+        // Ferry and MPTCP used both NICs. (ECMP hashes QEMU's three flows onto the two
+        // nexthops; a quarter of the time all three land on one: not asserted.)
+        for run in runs where [.qemuMPTCP, .ferryMultichannel].contains(run.mode) {
+            #expect(run.nicTxBytes.values.filter { $0 > 8 << 20 }.count == 2, "\(run.mode.rawValue) split \(run.nicTxBytes)")
+        }
+        let svg = try String(contentsOfFile: out + "/tiny.svg", encoding: .utf8)
+        #expect(svg.hasPrefix("<svg") && svg.contains("<polyline"))
+    }
+}

@@ -1,0 +1,183 @@
+import FerryMigration
+import Foundation
+
+/// One measured migration.
+public struct BenchRun: Codable, Sendable {
+    public var mode: BenchMode
+    public var iteration: Int
+    public var succeeded: Bool
+    public var error: String?
+    /// From the command that started the migration to the VM running at b.
+    public var totalSeconds: Double
+    /// From QEMU's `migrate` to the destination having loaded everything.
+    public var transferSeconds: Double
+    /// Guest RAM bytes QEMU sent.
+    public var ramBytes: UInt64
+    public var throughputBitsPerSecond: Double
+    public var qemuDowntimeMilliseconds: Double?
+    /// The longest time between two guest heartbeats, by the host's clock.
+    public var guestGapMilliseconds: Double
+    public var guestOK: Bool
+    /// Bytes sent by a's NICs during the migration (all traffic: payload, headers, resends).
+    public var nicTxBytes: [String: UInt64]
+    public var sourceQEMUCPUSeconds: Double?
+    public var sourceFerryCPUSeconds: Double?
+    public var destinationQEMUCPUSeconds: Double?
+    public var destinationFerryCPUSeconds: Double?
+    public var sourceFerryPeakRSSBytes: UInt64?
+    public var destinationFerryPeakRSSBytes: UInt64?
+    /// Ferry only: bytes per interface over time, and the report's events.
+    public var timeline: [MigrationReport.Sample]
+    public var events: [MigrationReport.Event]
+
+    public var wireBytes: UInt64 { nicTxBytes.values.reduce(0, +) }
+    var gib: Double { max(Double(ramBytes), 1) / Double(1 << 30) }
+    public func perGiB(_ seconds: Double?) -> Double? { seconds.map { $0 / gib } }
+}
+
+/// What a scenario measured.
+public struct BenchResult: Codable, Sendable {
+    public var scenario: BenchScenario
+    public var date: Date
+    public var machine: String
+    public var qemuVersion: String
+    public var ferryVersion: String
+    public var repeats: Int
+    public var runs: [BenchRun]
+}
+
+/// Median and spread of a figure over the repeats.
+struct Stat {
+    var median: Double
+    var low: Double
+    var high: Double
+    init?(_ values: [Double]) {
+        guard !values.isEmpty else { return nil }
+        let sorted = values.sorted()
+        let mid = sorted.count / 2
+        median = sorted.count % 2 == 1 ? sorted[mid] : (sorted[mid - 1] + sorted[mid]) / 2
+        low = sorted.first!
+        high = sorted.last!
+    }
+}
+
+extension BenchResult {
+    func runs(_ mode: BenchMode) -> [BenchRun] { runs.filter { $0.mode == mode && $0.succeeded } }
+
+    func stat(_ mode: BenchMode, _ value: (BenchRun) -> Double?) -> Stat? {
+        Stat(runs(mode).compactMap(value))
+    }
+
+    public var modes: [BenchMode] { BenchMode.allCases.filter { m in runs.contains { $0.mode == m } } }
+
+    /// The Markdown table, like the field report's, with a line of ratios under it.
+    public var markdown: String {
+        var out: [String] = []
+        out.append("### \(scenario.name): \(scenario.summary)")
+        out.append("")
+        out.append("\(machine), QEMU \(qemuVersion), \(ferryVersion), \(ISO8601DateFormatter().string(from: date)); median of \(repeats) (min-max)")
+        out.append("")
+        out.append("| mode | throughput Gbit/s | of line rate | total s | QEMU downtime ms | guest gap ms | wire GiB | CPU s/GiB src QEMU | src Ferry | dst QEMU | dst Ferry | Ferry peak RSS MiB | NIC split | ok |")
+        out.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        for mode in modes {
+            let all = runs.filter { $0.mode == mode }
+            let ok = runs(mode)
+            func f(_ s: Stat?, _ scale: Double = 1, _ digits: Int = 2) -> String {
+                guard let s else { return "-" }
+                let fmt = "%.\(digits)f"
+                if repeats == 1 || s.low == s.high { return String(format: fmt, s.median * scale) }
+                return String(format: "\(fmt) (\(fmt)-\(fmt))", s.median * scale, s.low * scale, s.high * scale)
+            }
+            let line = scenario.lineRateBitsPerSecond
+            let split: String = {
+                guard let first = ok.first, first.wireBytes > 0 else { return "-" }
+                return first.nicTxBytes.sorted { $0.key < $1.key }
+                    .map { "\($0.key) \(Int((Double($0.value) / Double(first.wireBytes) * 100).rounded()))%" }.joined(separator: ", ")
+            }()
+            let rss = stat(mode) { r in
+                [r.sourceFerryPeakRSSBytes, r.destinationFerryPeakRSSBytes].compactMap { $0 }.max().map { Double($0) / 1048576 }
+            }
+            out.append("| \(mode.label) | \(f(stat(mode) { $0.throughputBitsPerSecond / 1e9 })) | "
+                + (line.map { l in f(stat(mode) { $0.throughputBitsPerSecond / l }) } ?? "-") + " | "
+                + "\(f(stat(mode) { $0.totalSeconds }, 1, 1)) | \(f(stat(mode) { $0.qemuDowntimeMilliseconds }, 1, 0)) | "
+                + "\(f(stat(mode) { $0.guestGapMilliseconds }, 1, 0)) | \(f(stat(mode) { Double($0.wireBytes) / Double(1 << 30) })) | "
+                + "\(f(stat(mode) { $0.perGiB($0.sourceQEMUCPUSeconds) })) | \(f(stat(mode) { $0.perGiB($0.sourceFerryCPUSeconds) })) | "
+                + "\(f(stat(mode) { $0.perGiB($0.destinationQEMUCPUSeconds) })) | \(f(stat(mode) { $0.perGiB($0.destinationFerryCPUSeconds) })) | "
+                + "\(f(rss, 1, 0)) | \(split) | \(ok.count)/\(all.count) |")
+        }
+        let ratios = self.ratios
+        if !ratios.isEmpty {
+            out.append("")
+            out.append("Ferry's median throughput against the others in this run: " + ratios.map { "\($0.0) \(String(format: "%.2f", $0.1))x" }.joined(separator: ", ") + ".")
+        }
+        let failures = runs.filter { !$0.succeeded }
+        if !failures.isEmpty {
+            out.append("")
+            out.append("Failed runs: " + failures.map { "\($0.mode.rawValue) #\($0.iteration + 1): \($0.error ?? "?")" }.joined(separator: "; "))
+        }
+        return out.joined(separator: "\n")
+    }
+
+    /// Ferry (defaults) over each other mode and over the line rate, by median throughput.
+    public var ratios: [(String, Double)] {
+        guard let ferry = stat(.ferryMultichannel, { $0.throughputBitsPerSecond })?.median else { return [] }
+        var out: [(String, Double)] = []
+        if let line = scenario.lineRateBitsPerSecond { out.append(("line rate", ferry / line)) }
+        for mode in modes where mode != .ferryMultichannel {
+            if let other = stat(mode, { $0.throughputBitsPerSecond })?.median, other > 0 { out.append((mode.rawValue, ferry / other)) }
+        }
+        return out
+    }
+
+    public var json: String {
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
+        encoder.dateEncodingStrategy = .iso8601
+        return String(decoding: (try? encoder.encode(self)) ?? Data(), as: UTF8.self)
+    }
+
+    /// Throughput per NIC over time for each Ferry mode (its first successful run), with
+    /// the report's events (failover, NICs coming back) as marks.
+    public var svg: String {
+        let ferryRuns = modes.filter(\.isFerry).compactMap { m in runs(m).first }
+        let width = 760.0, panelHeight = 200.0, left = 60.0, top = 40.0
+        let height = top + Double(max(ferryRuns.count, 1)) * (panelHeight + 50) + 10
+        var out = ["<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"\(Int(width))\" height=\"\(Int(height))\" font-family=\"sans-serif\" font-size=\"12\">",
+                   "<rect width=\"100%\" height=\"100%\" fill=\"white\"/>",
+                   "<text x=\"\(left)\" y=\"20\" font-size=\"14\">\(scenario.name): throughput per NIC over time (\(scenario.summary))</text>"]
+        let colors = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
+        for (index, run) in ferryRuns.enumerated() {
+            let y0 = top + Double(index) * (panelHeight + 50)
+            // Rates between samples.
+            var series: [String: [(Double, Double)]] = [:]
+            for (a, b) in zip(run.timeline, run.timeline.dropFirst()) where b.at > a.at {
+                for (nic, bytes) in b.interfaceBytes {
+                    let before = a.interfaceBytes[nic] ?? 0
+                    series[nic, default: []].append((b.at, Double(bytes &- min(before, bytes)) * 8 / (b.at - a.at)))
+                }
+            }
+            let tMax = max(run.timeline.last?.at ?? 1, 1)
+            let rMax = max(series.values.flatMap { $0.map(\.1) }.max() ?? 1, scenario.nicBitsPerSecond ?? 0) * 1.1
+            func x(_ t: Double) -> Double { left + t / tMax * (width - left - 20) }
+            func y(_ r: Double) -> Double { y0 + panelHeight - r / rMax * panelHeight }
+            out.append("<text x=\"\(left)\" y=\"\(y0 - 6)\">\(run.mode.label), run \(run.iteration + 1)</text>")
+            out.append("<rect x=\"\(left)\" y=\"\(y0)\" width=\"\(width - left - 20)\" height=\"\(panelHeight)\" fill=\"none\" stroke=\"#999\"/>")
+            for frac in [0.0, 0.5, 1.0] {
+                let r = rMax * frac
+                out.append("<text x=\"4\" y=\"\(y(r) + 4)\">\(String(format: "%.2f", r / 1e9)) Gb/s</text>")
+            }
+            out.append("<text x=\"\(width - 60)\" y=\"\(y0 + panelHeight + 16)\">\(String(format: "%.1f", tMax)) s</text>")
+            for event in run.events where event.what.contains("NIC") || event.what.contains("channel") && event.what.contains("failed") {
+                out.append("<line x1=\"\(x(event.at))\" y1=\"\(y0)\" x2=\"\(x(event.at))\" y2=\"\(y0 + panelHeight)\" stroke=\"#aaa\" stroke-dasharray=\"4 3\"><title>\(event.what)</title></line>")
+            }
+            for (i, nic) in series.keys.sorted().enumerated() {
+                let points = series[nic]!.map { "\(String(format: "%.1f", x($0.0))),\(String(format: "%.1f", y($0.1)))" }.joined(separator: " ")
+                let color = colors[i % colors.count]
+                out.append("<polyline fill=\"none\" stroke=\"\(color)\" stroke-width=\"1.5\" points=\"\(points)\"/>")
+                out.append("<text x=\"\(width - 150 + Double(i) * 60)\" y=\"\(y0 - 6)\" fill=\"\(color)\">\(nic)</text>")
+            }
+        }
+        out.append("</svg>")
+        return out.joined(separator: "\n")
+    }
+}

@@ -1,0 +1,268 @@
+import FerryIO
+import FerryLab
+import FerryMigration
+import FerryQMP
+import FerryVM
+import FerryWire
+import Foundation
+
+public struct BenchError: Error, CustomStringConvertible {
+    public var description: String
+    init(_ d: String) { description = d }
+}
+
+/// Runs every mode of one scenario in the lab, the same guest for each, and measures.
+public final class BenchRunner {
+    let scenario: BenchScenario
+    let modes: [BenchMode]
+    let repeats: Int
+    let binary: String
+    let guest: GuestImage
+    let log: (String) -> Void
+    let lab: Lab
+    let a: LabHost
+    let b: LabHost
+    static let qemuPort: UInt16 = 7480
+    static let ecmpAddress = "10.77.100.2"
+
+    public init(scenario: BenchScenario, modes: [BenchMode], repeats: Int, binary: String, guest: GuestImage,
+                log: @escaping (String) -> Void) {
+        self.scenario = scenario
+        self.modes = modes
+        self.repeats = repeats
+        self.binary = binary
+        self.guest = guest
+        self.log = log
+        lab = Lab(name: "bench")
+        a = LabHost(lab: lab, host: "a", binary: binary)
+        b = LabHost(lab: lab, host: "b", binary: binary)
+    }
+
+    public func run() throws -> BenchResult {
+        if lab.isUp { try lab.down() }
+        try lab.up(nics: scenario.nics, rate: scenario.rate)
+        defer { try? lab.down() }
+        try preparePeers()
+        let servePID = try b.startServe()
+        defer { ProcessStats.terminate(pid: servePID) }
+        var runs: [BenchRun] = []
+        let total = repeats * modes.count
+        // Modes interleave within each repeat, so that drift on the machine hits all alike.
+        for iteration in 0..<repeats {
+            for mode in modes {
+                log("[\(runs.count + 1)/\(total)] \(scenario.name): \(mode.label), run \(iteration + 1)")
+                let run = measure(mode, iteration)
+                if run.succeeded {
+                    log(String(format: "    %.2f Gbit/s, %.1f s, QEMU downtime %@ ms, guest gap %.0f ms, guest %@",
+                               run.throughputBitsPerSecond / 1e9, run.totalSeconds,
+                               run.qemuDowntimeMilliseconds.map { String(Int($0)) } ?? "-", run.guestGapMilliseconds,
+                               run.guestOK ? "OK" : "FAILED"))
+                } else {
+                    log("    failed: \(run.error ?? "?")")
+                }
+                runs.append(run)
+            }
+        }
+        return BenchResult(scenario: scenario, date: Date(), machine: Self.machine, qemuVersion: QEMU.version(),
+                           ferryVersion: FerryVersion.software, repeats: repeats, runs: runs)
+    }
+
+    static var machine: String {
+        let cpu = (try? String(contentsOfFile: "/proc/cpuinfo", encoding: .utf8))?
+            .split(separator: "\n").first { $0.hasPrefix("model name") }?
+            .split(separator: ":").last?.trimmingCharacters(in: .whitespaces) ?? "unknown CPU"
+        return "\(ProcessInfo.processInfo.activeProcessorCount) x \(cpu), \(ProcessInfo.processInfo.physicalMemory >> 30) GiB"
+    }
+
+    // MARK: Peers' plumbing
+
+    /// ECMP: a /32 on b reached through one nexthop per NIC, hashed on layer 4
+    /// (fib_multipath_hash_policy=1), as switch-independent teaming spreads flows.
+    /// MPTCP: b announces its other NICs' addresses; a accepts them and opens a subflow each.
+    private func preparePeers() throws {
+        let na = lab.namespace("a"), nb = lab.namespace("b")
+        if modes.contains(.qemuECMP) && scenario.nics > 1 {
+            let hops = (0..<scenario.nics).flatMap { ["nexthop", "via", lab.address("b", nic: $0), "dev", lab.interface(nic: $0)] }
+            let back = (0..<scenario.nics).flatMap { ["nexthop", "via", lab.address("a", nic: $0), "dev", lab.interface(nic: $0)] }
+            for ns in [na, nb] {
+                try Command.check(["ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv4.fib_multipath_hash_policy=1"])
+                for key in ["all", "default"] + (0..<scenario.nics).map { lab.interface(nic: $0) } {
+                    _ = try? Command.run(["ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv4.conf.\(key).rp_filter=0"])
+                }
+            }
+            try Command.check(["ip", "-n", nb, "addr", "add", "\(Self.ecmpAddress)/32", "dev", "lo"])
+            try Command.check(["ip", "-n", na, "route", "add", "\(Self.ecmpAddress)/32"] + hops)
+            try Command.check(["ip", "-n", nb, "route", "add", "10.77.100.1/32"] + back)
+        }
+        if modes.contains(.qemuMPTCP) && scenario.nics > 1 {
+            guard Command.exists("mptcpize") else { throw BenchError("the MPTCP mode needs mptcpize (apt-get install mptcpize)") }
+            let n = String(scenario.nics)
+            try Command.check(["ip", "-n", na, "mptcp", "limits", "set", "subflow", n, "add_addr_accepted", n])
+            try Command.check(["ip", "-n", nb, "mptcp", "limits", "set", "subflow", n, "add_addr_accepted", n])
+            for nic in 1..<scenario.nics {
+                try Command.check(["ip", "-n", nb, "mptcp", "endpoint", "add", lab.address("b", nic: nic), "dev", lab.interface(nic: nic), "signal"])
+            }
+        }
+    }
+
+    // MARK: One run
+
+    private func measure(_ mode: BenchMode, _ iteration: Int) -> BenchRun {
+        var run = BenchRun(mode: mode, iteration: iteration, succeeded: false, error: nil, totalSeconds: 0, transferSeconds: 0,
+                           ramBytes: 0, throughputBitsPerSecond: 0, qemuDowntimeMilliseconds: nil, guestGapMilliseconds: 0,
+                           guestOK: false, nicTxBytes: [:], timeline: [], events: [])
+        let vm = "bench"
+        defer {
+            for host in [a, b] { if (try? host.store.record(vm)) != nil { try? host.store.stop(vm, reason: "bench") } }
+        }
+        do {
+            let source = try startGuest(vm, mptcp: mode == .qemuMPTCP)
+            let before = try nicTxBytes()
+            let watcher = HeartbeatWatcher(paths: [source.paths.serialLog])
+            defer { watcher.stop() }
+            let destinationLog: String
+            var destinationPID: Int32?
+            defer { if let destinationPID { ProcessStats.terminate(pid: destinationPID) } }
+            if mode.isFerry {
+                destinationLog = b.store.vmPaths(vm).serialLog
+                watcher.add(path: destinationLog)
+                try migrateWithFerry(mode, vm, &run)
+            } else {
+                (destinationLog, destinationPID) = try migrateWithQEMU(mode, source, watcher, &run)
+            }
+            let after = try nicTxBytes()
+            for (nic, bytes) in after { run.nicTxBytes[nic] = bytes &- (before[nic] ?? 0) }
+            // The guest at b: heartbeats go on and its memory check holds.
+            let console = GuestConsole(path: destinationLog)
+            let alive = console.wait(timeout: .seconds(10)) { _ in (console.heartbeats.count) >= 5 }
+            run.guestOK = alive && console.heartbeats.allSatisfy(\.ok) && !watcher.sawErrors
+            run.guestGapMilliseconds = watcher.largestGapSeconds * 1000
+            run.succeeded = alive
+            if !alive { run.error = "no heartbeats from the guest at b" }
+            if !run.guestOK && alive { run.error = "the guest's memory check failed at b" }
+        } catch {
+            run.error = "\(error)"
+        }
+        return run
+    }
+
+    /// Starts the scenario's guest on a. `mptcp`: under mptcpize, so that QEMU's TCP
+    /// sockets are MPTCP sockets (the LD_PRELOAD passes from `ferry vm run` to QEMU).
+    private func startGuest(_ vm: String, mptcp: Bool) throws -> VMRecord {
+        let args = ["vm", "run", vm, "--memory", "\(scenario.fillMiB + 256)M", "--cpus", "2",
+                                  "--kernel", guest.kernel, "--initrd", guest.initrd,
+                                  "--append", GuestImage.append(fillMiB: scenario.fillMiB, dirtyMiBPerSecond: scenario.dirtyMiBPerSecond,
+                                                                fill: scenario.fill, verifyMiBPerSecond: 32)]
+        let result = try Command.run(try lab.execArguments("a", (mptcp ? ["mptcpize", "run"] : []) + [binary] + args))
+        guard result.succeeded else { throw BenchError("vm run: \(result.stderr)") }
+        let record = try a.store.record(vm)
+        let console = GuestConsole(path: record.paths.serialLog)
+        guard console.wait(timeout: .seconds(600), poll: .milliseconds(200), { $0.contains("FERRY-READY") }) else {
+            throw BenchError("the guest did not finish its fill")
+        }
+        Thread.sleep(forTimeInterval: 1)
+        return record
+    }
+
+    private func nicTxBytes() throws -> [String: UInt64] {
+        var out: [String: UInt64] = [:]
+        for nic in 0..<scenario.nics {
+            let name = lab.interface(nic: nic)
+            let text = try Command.check(["ip", "netns", "exec", lab.namespace("a"), "cat", "/sys/class/net/\(name)/statistics/tx_bytes"]).stdout
+            out[name] = UInt64(text.trimmingCharacters(in: .whitespacesAndNewlines)) ?? 0
+        }
+        return out
+    }
+
+    private func migrateWithFerry(_ mode: BenchMode, _ vm: String, _ run: inout BenchRun) throws {
+        let reportPath = lab.directory + "/bench-report.json"
+        try? FileManager.default.removeItem(atPath: reportPath)
+        var args = ["migrate", vm, "--to", lab.address("b", nic: 0), "--report-file", reportPath, "--quiet"]
+        if mode == .ferryOneChannel { args += ["--nics", lab.interface(nic: 0), "--channels-per-nic", "1"] }
+        let started = ContinuousClock.now
+        let result = try a.ferry(args)
+        run.totalSeconds = (ContinuousClock.now - started).seconds
+        let decoder = JSONDecoder()
+        decoder.dateDecodingStrategy = .iso8601
+        guard let data = FileManager.default.contents(atPath: reportPath),
+              let report = try? decoder.decode(MigrationReport.self, from: data) else {
+            throw BenchError("ferry migrate wrote no report: \(result.stdout.suffix(300))")
+        }
+        guard report.succeeded else { throw BenchError("ferry migrate failed: \(report.error ?? "?")") }
+        let startedAt = report.events.first { $0.what.hasPrefix("QEMU started migrating") }?.at ?? 0
+        let loadedAt = report.events.first { $0.what.hasPrefix("destination loaded") }?.at ?? report.totalSeconds
+        run.transferSeconds = loadedAt - startedAt
+        run.ramBytes = report.qemuTransferredBytes ?? report.streamBytes
+        run.throughputBitsPerSecond = Double(report.streamBytes) * 8 / max(run.transferSeconds, 0.001)
+        run.qemuDowntimeMilliseconds = report.qemuDowntimeMilliseconds
+        run.sourceQEMUCPUSeconds = report.source.qemuCPUSeconds
+        run.sourceFerryCPUSeconds = report.source.ferryCPUSeconds
+        run.destinationQEMUCPUSeconds = report.destination.qemuCPUSeconds
+        run.destinationFerryCPUSeconds = report.destination.ferryCPUSeconds
+        run.sourceFerryPeakRSSBytes = report.source.ferryPeakRSSBytes
+        run.destinationFerryPeakRSSBytes = report.destination.ferryPeakRSSBytes
+        run.timeline = report.timeline
+        run.events = report.events
+    }
+
+    /// QEMU alone: a destination QEMU started by hand in b's namespace, migrated to over TCP.
+    /// Returns the destination's serial log and its QEMU's pid (the caller stops it).
+    private func migrateWithQEMU(_ mode: BenchMode, _ source: VMRecord, _ watcher: HeartbeatWatcher,
+                                 _ run: inout BenchRun) throws -> (String, Int32) {
+        let dir = lab.directory + "/bench-dst"
+        try? FileManager.default.removeItem(atPath: dir)
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        let paths = VMPaths(directory: dir)
+        watcher.add(path: paths.serialLog)
+        var argv = QEMU.arguments(spec: source.spec, paths: paths, store: a.store.bootFiles, incoming: true)
+        let mptcp = mode == .qemuMPTCP
+        if mptcp { argv = ["mptcpize", "run"] + argv }
+        let launched = try Command.run(["ip", "netns", "exec", lab.namespace("b")] + argv)
+        guard launched.succeeded, let pidText = try? String(contentsOfFile: paths.pidFile, encoding: .utf8),
+              let destPID = Int32(pidText.trimmingCharacters(in: .whitespacesAndNewlines)) else {
+            throw BenchError("cannot start the destination QEMU: \(launched.stderr)")
+        }
+        var handedOver = false
+        defer { if !handedOver { ProcessStats.terminate(pid: destPID) } }
+        let dst = try QMPClient(path: paths.qmpSocket)
+        let src = try QMPClient(path: source.paths.qmpSocket)
+        let multifd = mode == .qemuMultifd || mode == .qemuECMP
+        for q in [src, dst] {
+            try q.setMigrationCapabilities([("multifd", multifd)])
+            if multifd { try q.setMigrationParameters(["multifd-channels": 2]) }
+        }
+        try src.setMigrationParameters(["max-bandwidth": .number(100_000_000_000), "downtime-limit": 300])
+        let host = mode == .qemuECMP ? Self.ecmpAddress : lab.address("b", nic: 0)
+        let uri = "tcp:\(host):\(Self.qemuPort)"
+        // Under MPTCP the destination listens on every address, so that the subflows the
+        // source opens to b's other (announced) addresses find the listener.
+        let listenURI = mptcp ? "tcp:0.0.0.0:\(Self.qemuPort)" : uri
+        try dst.execute("migrate-incoming", arguments: ["uri": .string(listenURI)])
+        let cpuBefore = ProcessStats.cpuSeconds(pid: source.state.pid) ?? 0
+        let started = ContinuousClock.now
+        try src.execute("migrate", arguments: ["uri": .string(uri)])
+        var info = MigrationInfo(status: "setup")
+        while true {
+            info = try src.queryMigrate()
+            if info.status == "failed" || info.status == "cancelled" {
+                throw BenchError("QEMU: migration \(info.status): \(info.errorDescription ?? "")")
+            }
+            let d = try dst.queryMigrate()
+            if d.status == "completed" && info.status == "completed" { break }
+            if d.status == "failed" { throw BenchError("destination QEMU failed to load") }
+            if ContinuousClock.now - started > .seconds(900) { throw BenchError("timed out") }
+            Thread.sleep(forTimeInterval: 0.02)
+        }
+        run.transferSeconds = (ContinuousClock.now - started).seconds
+        run.sourceQEMUCPUSeconds = (ProcessStats.cpuSeconds(pid: source.state.pid) ?? cpuBefore) - cpuBefore
+        run.destinationQEMUCPUSeconds = ProcessStats.cpuSeconds(pid: destPID)
+        try dst.execute("cont")
+        run.totalSeconds = (ContinuousClock.now - started).seconds
+        run.ramBytes = info.transferredBytes
+        run.throughputBitsPerSecond = Double(info.transferredBytes) * 8 / max(run.transferSeconds, 0.001)
+        run.qemuDowntimeMilliseconds = info.downtimeMilliseconds
+        try? src.quit()
+        handedOver = true
+        return (paths.serialLog, destPID)
+    }
+}

@@ -1,0 +1,84 @@
+import Foundation
+
+/// One lab and guest configuration the bench measures every mode on.
+public struct BenchScenario: Codable, Sendable, Equatable {
+    public var name: String
+    public var nics: Int
+    /// tc rate per NIC ("1gbit"), nil for unlimited veth.
+    public var rate: String?
+    /// Guest memory the workload fills, MiB.
+    public var fillMiB: Int
+    /// "random" (incompressible) or "text" (compressible like a server heap).
+    public var fill: String
+    /// MiB/s the guest keeps rewriting after the fill (0: idle after fill).
+    public var dirtyMiBPerSecond: Int
+
+    public init(name: String, nics: Int, rate: String?, fillMiB: Int, fill: String, dirtyMiBPerSecond: Int) {
+        self.name = name
+        self.nics = nics
+        self.rate = rate
+        self.fillMiB = fillMiB
+        self.fill = fill
+        self.dirtyMiBPerSecond = dirtyMiBPerSecond
+    }
+
+    /// Bits per second of one NIC, if limited.
+    public var nicBitsPerSecond: Double? {
+        guard let rate else { return nil }
+        let lower = rate.lowercased()
+        for (unit, f) in [("gbit", 1e9), ("mbit", 1e6), ("kbit", 1e3)] where lower.hasSuffix(unit) {
+            return Double(lower.dropLast(unit.count)).map { $0 * f }
+        }
+        return nil
+    }
+
+    /// The aggregate line rate of all NICs, if limited.
+    public var lineRateBitsPerSecond: Double? { nicBitsPerSecond.map { $0 * Double(nics) } }
+
+    public var summary: String {
+        "\(nics) x \(rate ?? "unlimited"), \(fillMiB) MiB \(fill == "random" ? "incompressible" : "compressible") guest, "
+            + (dirtyMiBPerSecond == 0 ? "idle after fill" : "dirtying \(dirtyMiBPerSecond) MiB/s")
+    }
+
+    /// The scenarios `ferry bench` knows by name.
+    public static let catalog: [BenchScenario] = [
+        BenchScenario(name: "2x1gbit", nics: 2, rate: "1gbit", fillMiB: 1024, fill: "random", dirtyMiBPerSecond: 0),
+        BenchScenario(name: "2xunlimited", nics: 2, rate: nil, fillMiB: 1024, fill: "random", dirtyMiBPerSecond: 0),
+        BenchScenario(name: "2x1gbit-dirty", nics: 2, rate: "1gbit", fillMiB: 1024, fill: "random", dirtyMiBPerSecond: 16),
+        BenchScenario(name: "1x1gbit-text", nics: 1, rate: "1gbit", fillMiB: 1024, fill: "text", dirtyMiBPerSecond: 0),
+        BenchScenario(name: "2x1gbit-4g", nics: 2, rate: "1gbit", fillMiB: 4096, fill: "random", dirtyMiBPerSecond: 0),
+        // For the test suite: proves the harness, in a minute or two.
+        BenchScenario(name: "tiny", nics: 2, rate: nil, fillMiB: 64, fill: "random", dirtyMiBPerSecond: 0),
+    ]
+
+    public static let defaults = ["2x1gbit", "2xunlimited"]
+}
+
+/// How a migration is carried.
+public enum BenchMode: String, Codable, Sendable, CaseIterable {
+    /// QEMU alone, one TCP stream (no multifd), to b's address on NIC 0.
+    case qemuOneStream = "qemu-1-stream"
+    /// QEMU alone, multifd 2 channels, to one address (one NIC).
+    case qemuMultifd = "qemu-multifd"
+    /// QEMU alone, multifd 2 over an ECMP route with layer-4 hashing (a nexthop per NIC).
+    case qemuECMP = "qemu-multifd-ecmp"
+    /// QEMU alone, one stream over MPTCP with a subflow per NIC (mptcpize).
+    case qemuMPTCP = "qemu-mptcp"
+    /// Ferry over one data channel on one NIC.
+    case ferryOneChannel = "ferry-1-channel"
+    /// Ferry with its defaults: every NIC, several channels each.
+    case ferryMultichannel = "ferry"
+
+    public var isFerry: Bool { self == .ferryOneChannel || self == .ferryMultichannel }
+
+    public var label: String {
+        switch self {
+        case .qemuOneStream: "QEMU, one TCP stream, one NIC"
+        case .qemuMultifd: "QEMU multifd 2, one address (one NIC)"
+        case .qemuECMP: "QEMU multifd 2 over ECMP (L4 hash)"
+        case .qemuMPTCP: "QEMU, one stream over MPTCP (subflow per NIC)"
+        case .ferryOneChannel: "Ferry, one channel, one NIC"
+        case .ferryMultichannel: "Ferry multichannel (defaults)"
+        }
+    }
+}

@@ -1,0 +1,79 @@
+import ArgumentParser
+import FerryBench
+import FerryIO
+import FerryVM
+import Foundation
+
+struct Bench: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Ferry and its peers (QEMU alone, ECMP, MPTCP) migrating the same guest in the lab, side by side.",
+        discussion: """
+            For each scenario: a lab, a guest that fills its memory, and every mode migrating it
+            in turn, repeated; the medians and spreads go into a Markdown table (printed and
+            written to OUT/bench.md), OUT/bench.json, and OUT/SCENARIO.svg (throughput per NIC
+            over time for the Ferry modes). Scenarios: \(BenchScenario.catalog.map(\.name).joined(separator: ", ")).
+            """)
+
+    @Option(name: .customLong("scenario"), help: "A scenario to run (repeatable) (default: \(BenchScenario.defaults.joined(separator: ", "))).")
+    var scenarios: [String] = []
+
+    @Option(help: "Runs per mode (default: 3).")
+    var repeats = 3
+
+    @Option(help: "Modes to run, comma-separated (default: all): \(BenchMode.allCases.map(\.rawValue).joined(separator: ", ")).")
+    var modes: String?
+
+    @Option(help: "Where to write bench.md, bench.json and the SVGs (default: ./bench-out).")
+    var out = "bench-out"
+
+    @Flag(help: "Print the results as JSON instead of the table.")
+    var json = false
+
+    func validate() throws {
+        for name in scenarios where !BenchScenario.catalog.contains(where: { $0.name == name }) {
+            throw ValidationError("unknown scenario '\(name)'; known: \(BenchScenario.catalog.map(\.name).joined(separator: ", "))")
+        }
+        guard (1...20).contains(repeats) else { throw ValidationError("--repeats must be between 1 and 20") }
+        if let modes { _ = try parseModes(modes) }
+    }
+
+    func parseModes(_ text: String) throws -> [BenchMode] {
+        try text.split(separator: ",").map { name in
+            guard let mode = BenchMode(rawValue: String(name)) else {
+                throw ValidationError("unknown mode '\(name)'; known: \(BenchMode.allCases.map(\.rawValue).joined(separator: ", "))")
+            }
+            return mode
+        }
+    }
+
+    func run() throws {
+        signal(SIGPIPE, SIG_IGN)
+        guard getuid() == 0 else { throw UserError("ferry bench needs root (it builds a lab of network namespaces)") }
+        let chosen = (scenarios.isEmpty ? BenchScenario.defaults : scenarios).compactMap { name in BenchScenario.catalog.first { $0.name == name } }
+        let modeList = try modes.map(parseModes) ?? BenchMode.allCases
+        let image = GuestImage()
+        try image.build()
+        try FileManager.default.createDirectory(atPath: out, withIntermediateDirectories: true)
+        var results: [BenchResult] = []
+        let clock = ContinuousClock.now
+        for scenario in chosen {
+            FileHandle.standardError.write(Data("== \(scenario.name): \(scenario.summary)\n".utf8))
+            let runner = BenchRunner(scenario: scenario, modes: modeList, repeats: repeats, binary: SelfPath.executable, guest: image) { line in
+                FileHandle.standardError.write(Data("\(line)\n".utf8))
+            }
+            let result = try runner.run()
+            results.append(result)
+            try result.svg.write(toFile: out + "/\(scenario.name).svg", atomically: true, encoding: .utf8)
+        }
+        let markdown = results.map(\.markdown).joined(separator: "\n\n")
+        try markdown.write(toFile: out + "/bench.md", atomically: true, encoding: .utf8)
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
+        encoder.dateEncodingStrategy = .iso8601
+        let jsonText = String(decoding: try encoder.encode(results), as: UTF8.self)
+        try jsonText.write(toFile: out + "/bench.json", atomically: true, encoding: .utf8)
+        print(json ? jsonText : markdown)
+        FileHandle.standardError.write(Data(String(format: "bench: %.0f s; results in %@/\n", (ContinuousClock.now - clock).seconds, out).utf8))
+        if results.contains(where: { $0.runs.contains { !$0.succeeded } }) { throw ExitCode(1) }
+    }
+}
