@@ -5,7 +5,7 @@ import Logging
 
 /// The destination half of the data path: takes chunks from every data channel, puts each
 /// stream back in order, writes it to the destination QEMU, and acknowledges what QEMU has
-/// been given (cumulatively, per stream, on every live channel).
+/// been given (cumulatively, per stream, on the live channels in turn).
 ///
 /// QEMU 7.2 tells its channels apart by the order in which they connect (the first is the
 /// main stream), so stream `i` is connected only after stream `i-1`, and only once its
@@ -213,7 +213,14 @@ public final class DestinationDataPath: @unchecked Sendable {
 
     // MARK: Acknowledgements
 
+    /// Sends the cumulative acknowledgement, at most every 2 ms, on one live channel at a
+    /// time in turn (falling through to the next if a send fails). Acknowledgements are
+    /// cumulative, so any channel will do and a lost one is made good by the next; one
+    /// frame per round instead of one per channel spares the source a wake-up per channel
+    /// (8 channels x 1,000 rounds/s measurably cost CPU on a 2-core host). 2 ms is 0.5 MiB
+    /// at 2 Gbit/s, a sixtieth of the window.
     private func ackLoop() {
+        var turn = 0
         while true {
             condition.lock()
             while !ackDirty && failure == nil && !stopped { condition.wait() }
@@ -225,14 +232,15 @@ public final class DestinationDataPath: @unchecked Sendable {
             let ack = AckMessage(entries: streams.enumerated().map {
                 AckMessage.Entry(stream: UInt32($0.offset), nextSequence: $0.element.nextSequence)
             })
-            let targets = Array(channels.values)
+            let targets = channels.keys.sorted().map { channels[$0]! }
             condition.unlock()
             let frame = Frame(type: .ack, payload: ack.encoded())
-            for channel in targets {
-                try? channel.send(frame)
+            for k in 0..<targets.count {
+                let channel = targets[(turn + k) % targets.count]
+                if (try? channel.send(frame)) != nil { break }
             }
-            // Batch: at most one acknowledgement round per millisecond.
-            usleep(1000)
+            turn += 1
+            usleep(2000)
         }
     }
 
