@@ -29,6 +29,11 @@ struct LabTests {
         let stateB = try ferry(["lab", "exec", "b", "--name", name, "--", "printenv", "FERRY_STATE_DIR"]).stdout
         #expect(!stateA.isEmpty && stateA != stateB)
         #expect(try ferry(["lab", "exec", "a", "--name", name, "--", "ferry", "vm", "list"]).stdout.contains("no VMs"))
+        // veth's made-up speed is not believed; the lab tells Ferry the tc rate instead.
+        let status = try ferry(["lab", "exec", "a", "--name", name, "--", "ferry", "status"]).stdout
+        #expect(status.contains("eth0") && status.contains("0.20 Gbit/s"), "\(status)")
+        let unrated = try ferry(["lab", "exec", "a", "--name", name, "--", "env", "-u", "FERRY_NIC_SPEEDS", Env.ferry, "status"]).stdout
+        #expect(unrated.contains("speed unknown"), "\(unrated)")
         // The rate is set on both ends.
         let qdisc = try Command.run(["tc", "-n", "\(name)-b", "qdisc", "show", "dev", "eth1"]).stdout
         #expect(qdisc.contains("tbf") && qdisc.contains("200Mbit"))

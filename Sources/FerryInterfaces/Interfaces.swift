@@ -98,7 +98,8 @@ public enum InterfaceDiscovery {
             let carrierFlag = read(sys + "/carrier") == "1"
             let up = flags & UInt32(IFF_UP) != 0
             let carrier = up && (operstate == "up" || (operstate == "unknown" && carrierFlag))
-            let kernelSpeed = read(sys + "/speed").flatMap { Int64($0) }.flatMap { $0 > 0 ? UInt64($0) * 1_000_000 : nil }
+            let kernelSpeed = reportsRealSpeed(name)
+                ? read(sys + "/speed").flatMap { Int64($0) }.flatMap { $0 > 0 ? UInt64($0) * 1_000_000 : nil } : nil
             return NetworkInterface(
                 name: name, addresses: byName[name] ?? [],
                 speedBitsPerSecond: speeds[name] ?? kernelSpeed,
@@ -106,6 +107,16 @@ public enum InterfaceDiscovery {
                 carrier: carrier,
                 isLoopback: flags & UInt32(IFF_LOOPBACK) != 0)
         }
+    }
+
+    /// Whether the kernel's speed for `name` means anything. A NIC with hardware behind it
+    /// (`device`) does, and so do bonds, VLANs and bridges (their DEVTYPE), which derive
+    /// theirs from real NICs. veth, dummy and tun have neither and report made-up figures
+    /// (veth says 10 Gbit/s whatever the tc rate on it).
+    static func reportsRealSpeed(_ name: String) -> Bool {
+        let sys = "/sys/class/net/\(name)"
+        if FileManager.default.fileExists(atPath: sys + "/device") { return true }
+        return (read(sys + "/uevent") ?? "").contains("DEVTYPE=")
     }
 
     /// Whether `name` has carrier right now (cheap: two small sysfs reads).

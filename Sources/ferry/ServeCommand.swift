@@ -64,6 +64,12 @@ struct Status: ParsableCommand {
             print("ferry serve: not running")
         }
         print("host: \(HostInfo.hostname), state: \(paths.root), accelerator: \(HostInfo.hasHardwareVirtualization ? "kvm" : "tcg")")
+        print("NICs:")
+        for nic in InterfaceDiscovery.list(speeds: NICSpeeds.resolve(nil)) where !nic.isLoopback {
+            let speed = nic.speedBitsPerSecond.map { String(format: "%.2f Gbit/s", Double($0) / 1e9) } ?? "speed unknown"
+            let addrs = nic.addresses.filter { !$0.isLinkLocal }.map { "\($0.address)/\($0.prefixLength)" }.joined(separator: " ")
+            print("  \(nic.name.padding(10))\(nic.carrier ? "up  " : "down")  \(speed.padding(16))mtu \(nic.mtu)  \(addrs)")
+        }
         let records = host.store.list()
         print("VMs: \(records.count)" + (records.isEmpty ? "" : " (" + records.map { "\($0.spec.name) \($0.alive ? $0.state.phase.rawValue : "dead")" }.joined(separator: ", ") + ")"))
     }
