@@ -118,6 +118,7 @@ public final class BenchRunner {
         do {
             let source = try startGuest(vm, mptcp: mode == .qemuMPTCP)
             let before = try nicTxBytes()
+            let sampler = NICSampler(pid: source.state.pid, nics: (0..<scenario.nics).map { lab.interface(nic: $0) })
             let watcher = HeartbeatWatcher(paths: [source.paths.serialLog])
             defer { watcher.stop() }
             let destinationLog: String
@@ -130,6 +131,8 @@ public final class BenchRunner {
             } else {
                 (destinationLog, destinationPID) = try migrateWithQEMU(mode, source, watcher, &run)
             }
+            sampler.stop()
+            run.streamingBitsPerSecond = sampler.streamingBitsPerSecond
             let after = try nicTxBytes()
             for (nic, bytes) in after { run.nicTxBytes[nic] = bytes &- (before[nic] ?? 0) }
             // The guest at b: heartbeats go on and its memory check holds.
@@ -264,5 +267,50 @@ public final class BenchRunner {
         try? src.quit()
         handedOver = true
         return (paths.serialLog, destPID)
+    }
+}
+
+/// Samples a namespace's NIC transmit counters every 50 ms, through /proc/PID/net/dev of a
+/// process inside it (no process spawned per sample).
+final class NICSampler: @unchecked Sendable {
+    private let lock = NSLock()
+    private var samples: [(Double, UInt64)] = []
+    private var stopped = false
+
+    init(pid: Int32, nics: [String]) {
+        let origin = ContinuousClock.now
+        Thread { [self] in
+            while !lock.withLock({ stopped }) {
+                if let total = Self.txBytes(pid: pid, nics: nics) {
+                    let t = (ContinuousClock.now - origin).seconds
+                    lock.withLock { samples.append((t, total)) }
+                }
+                Thread.sleep(forTimeInterval: 0.05)
+            }
+        }.start()
+    }
+
+    func stop() { lock.withLock { stopped = true } }
+
+    static func txBytes(pid: Int32, nics: [String]) -> UInt64? {
+        guard let text = try? String(contentsOfFile: "/proc/\(pid)/net/dev", encoding: .utf8) else { return nil }
+        var total: UInt64 = 0
+        for line in text.split(separator: "\n") {
+            let parts = line.split(separator: ":", maxSplits: 1)
+            guard parts.count == 2, nics.contains(parts[0].trimmingCharacters(in: .whitespaces)) else { continue }
+            let fields = parts[1].split(separator: " ")
+            if fields.count > 8, let tx = UInt64(fields[8]) { total += tx }
+        }
+        return total
+    }
+
+    /// Bits per second between 1% and 99% of the bytes sent while sampling.
+    var streamingBitsPerSecond: Double? {
+        let s = lock.withLock { samples }
+        guard let first = s.first, let last = s.last, last.1 > first.1 else { return nil }
+        let total = Double(last.1 - first.1)
+        guard let lo = s.first(where: { Double($0.1 - first.1) >= 0.01 * total }),
+              let hi = s.first(where: { Double($0.1 - first.1) >= 0.99 * total }), hi.0 > lo.0 else { return nil }
+        return Double(hi.1 - lo.1) * 8 / (hi.0 - lo.0)
     }
 }

@@ -291,23 +291,18 @@ public final class Socket: @unchecked Sendable {
     }
 
     /// Blocking reads fail with `.timedOut` after this long without data (nil: never).
-    public func setReceiveTimeout(_ timeout: Duration?) {
-        var tv = timeval(tv_sec: 0, tv_usec: 0)
-        if let timeout {
-            let ms = max(1, timeout.milliseconds)
-            tv = timeval(tv_sec: ms / 1000, tv_usec: (ms % 1000) * 1000)
-        }
-        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
-    }
+    public func setReceiveTimeout(_ timeout: Duration?) { setTimeout(SO_RCVTIMEO, timeout) }
 
     /// Blocking writes fail with `.timedOut` after this long without progress (nil: never).
-    public func setSendTimeout(_ timeout: Duration?) {
+    public func setSendTimeout(_ timeout: Duration?) { setTimeout(SO_SNDTIMEO, timeout) }
+
+    private func setTimeout(_ option: Int32, _ timeout: Duration?) {
         var tv = timeval(tv_sec: 0, tv_usec: 0)
         if let timeout {
             let ms = max(1, timeout.milliseconds)
             tv = timeval(tv_sec: ms / 1000, tv_usec: (ms % 1000) * 1000)
         }
-        setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+        setsockopt(fd, SOL_SOCKET, option, &tv, socklen_t(MemoryLayout<timeval>.size))
     }
 
     /// Waits until the socket is readable, up to `timeout`. True if readable (or at EOF/error).

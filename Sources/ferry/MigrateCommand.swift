@@ -31,11 +31,7 @@ struct Migrate: ParsableCommand {
     @Option(help: "Cap on the migration's rate over all NICs together, e.g. 500mbit or 100MB (default: none).")
     var bandwidth: Rate?
 
-    @Option(help: "NICs of this host that may carry data: eth0,eth1 (only these) or --nics=-eth2 (all but these) (default: all).")
-    var nics: NICSelection?
-
-    @Option(name: .customLong("nic-speed"), help: "Link speeds the kernel does not report, e.g. eth0=10gbit (default: $FERRY_NIC_SPEEDS, else the kernel's).")
-    var nicSpeed: NICSpeeds?
+    @OptionGroup var nicOptions: NICOptions
 
     @Option(name: .customLong("link-timeout"), help: "With every NIC down, wait this long for one to come back before giving up (default: 10s).")
     var linkTimeout = DurationArgument(.seconds(10))
@@ -73,8 +69,8 @@ struct Migrate: ParsableCommand {
         if case .count(let n) = multifd { options.multifdChannels = n }
         options.channelsPerEndpoint = channelsPerNIC
         options.bandwidthBytesPerSecond = bandwidth?.bytesPerSecond
-        options.nics = nics ?? .all
-        options.nicSpeeds = NICSpeeds.resolve(nicSpeed)
+        options.nics = nicOptions.nics ?? .all
+        options.nicSpeeds = NICSpeeds.resolve(nicOptions.nicSpeed)
         options.linkTimeout = linkTimeout.duration
         options.downtimeLimit = downtime.duration
         options.timeout = timeout.duration

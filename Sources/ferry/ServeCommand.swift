@@ -14,11 +14,7 @@ struct Serve: ParsableCommand {
     @Option(name: .customLong("pid-file"), help: "Write the daemon's pid here (default: <state-dir>/run/serve.pid).")
     var pidFile: String?
 
-    @Option(help: "NICs that may carry migrations: eth0,eth1 (only these) or --nics=-eth2 (all but these) (default: all).")
-    var nics: NICSelection?
-
-    @Option(name: .customLong("nic-speed"), help: "Link speeds the kernel does not report, e.g. eth0=10gbit,eth1=10gbit (default: $FERRY_NIC_SPEEDS, else the kernel's).")
-    var nicSpeed: NICSpeeds?
+    @OptionGroup var nicOptions: NICOptions
 
     @Option(name: .customLong("max-bandwidth"), help: "Most all incoming migrations together may use, shared equally, e.g. 2gbit (default: no limit).")
     var maxBandwidth: Rate?
@@ -32,8 +28,8 @@ struct Serve: ParsableCommand {
         let server: MigrationServer
         do {
             var options = MigrationServer.Options(host: listen.host, port: listen.port)
-            options.nics = nics ?? .all
-            options.nicSpeeds = NICSpeeds.resolve(nicSpeed)
+            options.nics = nicOptions.nics ?? .all
+            options.nicSpeeds = NICSpeeds.resolve(nicOptions.nicSpeed)
             options.maxBandwidthBytesPerSecond = maxBandwidth?.bytesPerSecond
             server = try MigrationServer(store: host.store, options: options, logger: logger)
         } catch {

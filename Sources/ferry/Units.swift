@@ -126,3 +126,12 @@ struct NICSpeeds: ExpressibleByArgument {
         return [:]
     }
 }
+
+/// The NIC options `migrate` and `serve` share.
+struct NICOptions: ParsableArguments {
+    @Option(help: "NICs of this host that may carry migrations: eth0,eth1 (only these) or --nics=-eth2 (all but these) (default: all).")
+    var nics: NICSelection?
+
+    @Option(name: .customLong("nic-speed"), help: "Link speeds the kernel does not report, e.g. eth0=10gbit,eth1=10gbit (default: $FERRY_NIC_SPEEDS, else the kernel's).")
+    var nicSpeed: NICSpeeds?
+}
