@@ -152,7 +152,9 @@ public final class BenchRunner {
     /// Starts the scenario's guest on a. `mptcp`: under mptcpize, so that QEMU's TCP
     /// sockets are MPTCP sockets (the LD_PRELOAD passes from `ferry vm run` to QEMU).
     private func startGuest(_ vm: String, mptcp: Bool) throws -> VMRecord {
-        let args = ["vm", "run", vm, "--memory", "\(scenario.fillMiB + 256)M", "--cpus", "2",
+        // Room for the guest kernel beside the filled memory: 256 MiB, plus its page tables
+        // and the workload's bookkeeping, which grow with the fill (a 4 GiB fill OOMs in 4.25 GiB).
+        let args = ["vm", "run", vm, "--memory", "\(scenario.fillMiB + 256 + scenario.fillMiB / 8)M", "--cpus", "2",
                                   "--kernel", guest.kernel, "--initrd", guest.initrd,
                                   "--append", GuestImage.append(fillMiB: scenario.fillMiB, dirtyMiBPerSecond: scenario.dirtyMiBPerSecond,
                                                                 fill: scenario.fill, verifyMiBPerSecond: 32)]
