@@ -46,9 +46,9 @@ let package = Package(
             .product(name: "Logging", package: "swift-log"),
         ]),
         // The test lab: network namespaces, veth NICs, tc rates.
-        .target(name: "FerryLab", dependencies: ["FerryVM", "FerryIO"]),
+        .target(name: "FerryLab", dependencies: ["FerryVM", "FerryIO", "FerryInterfaces"]),
         // `ferry bench`: Ferry and its peers (QEMU alone, ECMP, MPTCP) side by side in the lab.
-        .target(name: "FerryBench", dependencies: ["FerryLab", "FerryVM", "FerryQMP", "FerryIO", "FerryMigration", "FerryWire"]),
+        .target(name: "FerryBench", dependencies: ["FerryLab", "FerryVM", "FerryQMP", "FerryIO", "FerryMigration", "FerryWire", "FerryInterfaces"]),
         .executableTarget(name: "ferry", dependencies: [
             "FerryBench",
             "FerryWire", "FerryIO", "FerryQMP", "FerryTransport", "FerryVM", "FerryMigration", "FerryLab", "FerryInterfaces",

@@ -1,3 +1,4 @@
+import FerryInterfaces
 import Foundation
 
 /// One lab and guest configuration the bench measures every mode on.
@@ -24,12 +25,7 @@ public struct BenchScenario: Codable, Sendable, Equatable {
 
     /// Bits per second of one NIC, if limited.
     public var nicBitsPerSecond: Double? {
-        guard let rate else { return nil }
-        let lower = rate.lowercased()
-        for (unit, f) in [("gbit", 1e9), ("mbit", 1e6), ("kbit", 1e3)] where lower.hasSuffix(unit) {
-            return Double(lower.dropLast(unit.count)).map { $0 * f }
-        }
-        return nil
+        rate.flatMap(SpeedList.parseRate).map(Double.init)
     }
 
     /// The aggregate line rate of all NICs, if limited.

@@ -109,6 +109,11 @@ public enum InterfaceDiscovery {
         }
     }
 
+    /// The interface that holds `address`, if any.
+    public static func name(holding address: String) -> String? {
+        list().first { $0.addresses.contains { $0.address == address } }?.name
+    }
+
     /// Whether the kernel's speed for `name` means anything. A NIC with hardware behind it
     /// (`device`) does, and so do bonds, VLANs and bridges (their DEVTYPE), which derive
     /// theirs from real NICs. veth, dummy and tun have neither and report made-up figures

@@ -111,7 +111,7 @@ public enum NICMatcher {
     }
 }
 
-/// Parses link speeds: "eth0=10gbit,eth1=1gbit" (tc-style units: kbit, mbit, gbit).
+/// Parses link speeds: "eth0=10gbit,eth1=1gbit" (tc-style units: bit, kbit, mbit, gbit).
 public enum SpeedList {
     public static func parse(_ text: String) -> [String: UInt64]? {
         var out: [String: UInt64] = [:]
@@ -123,9 +123,11 @@ public enum SpeedList {
         return out.isEmpty ? nil : out
     }
 
+    /// A rate as tc writes it ("1gbit", "500mbit", "100kbit", "9600bit"), in bits per second.
+    /// The lab, the bench and `--nic-speed` all read rates through this.
     public static func parseRate(_ text: String) -> UInt64? {
         let lower = text.lowercased().trimmingCharacters(in: .whitespaces)
-        for (unit, factor) in [("gbit", 1e9), ("mbit", 1e6), ("kbit", 1e3)] where lower.hasSuffix(unit) {
+        for (unit, factor) in [("gbit", 1e9), ("mbit", 1e6), ("kbit", 1e3), ("bit", 1.0)] where lower.hasSuffix(unit) {
             guard let v = Double(lower.dropLast(unit.count)), v > 0 else { return nil }
             return UInt64(v * factor)
         }

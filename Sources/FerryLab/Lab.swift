@@ -1,4 +1,5 @@
 import FerryIO
+import FerryInterfaces
 import FerryVM
 import Foundation
 
@@ -74,10 +75,7 @@ public struct Lab: Sendable {
     }
 
     public static func validateRate(_ rate: String) throws {
-        let lower = rate.lowercased()
-        let units = ["kbit", "mbit", "gbit", "bit"]
-        guard let unit = units.first(where: { lower.hasSuffix($0) }),
-              let value = Double(lower.dropLast(unit.count)), value > 0 else {
+        guard SpeedList.parseRate(rate) != nil else {
             throw LabError.badInput("rate '\(rate)' is not like 1gbit, 500mbit or 100kbit")
         }
     }
@@ -129,13 +127,7 @@ public struct Lab: Sendable {
 
     /// tbf's bucket: 4 ms of the rate, at least 64 KiB (one GSO super-packet must fit).
     static func burst(for rate: String) -> String {
-        let lower = rate.lowercased()
-        let multipliers: [(String, Double)] = [("gbit", 1e9), ("mbit", 1e6), ("kbit", 1e3), ("bit", 1)]
-        var bitsPerSecond = 1e9
-        for (unit, m) in multipliers where lower.hasSuffix(unit) {
-            bitsPerSecond = (Double(lower.dropLast(unit.count)) ?? 1) * m
-            break
-        }
+        let bitsPerSecond = Double(SpeedList.parseRate(rate) ?? 1_000_000_000)
         let bytes = max(64 * 1024, Int(bitsPerSecond / 8 * 0.004))
         return "\(bytes)b"
     }

@@ -74,12 +74,8 @@ final class DestinationSession: @unchecked Sendable {
         try server.register(self, name: offer.spec.name)
 
         let missing = offer.spec.bootFiles.filter { !store.bootFiles.has($0) }
-        var endpoints: [DataEndpoint] = []
-        if let local = control.socket.localAddress {
-            endpoints.append(DataEndpoint(address: local, port: server.port, interface: server.interfaceName(for: local)))
-        }
         try control.send(.accept, AcceptMessage(session: session, bindKey: Hex.encode(bindKey),
-                                                missingFiles: missing.map(\.sha256), endpoints: endpoints,
+                                                missingFiles: missing.map(\.sha256),
                                                 interfaces: server.offeredInterfaces(), dataPort: server.port))
         logger.info("incoming migration accepted", metadata: ["vm": "\(offer.spec.name)", "from": "\(sourceHost)", "missingFiles": "\(missing.count)"])
 

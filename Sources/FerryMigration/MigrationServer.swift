@@ -194,32 +194,4 @@ public final class MigrationServer: @unchecked Sendable {
             .filter { !$0.isLoopback && options.nics.allows($0.name) }
             .map(InterfaceMessage.init)
     }
-
-    /// The interface that holds `address` (for reports); "default" when unknown.
-    func interfaceName(for address: String) -> String {
-        InterfaceNames.name(holding: address) ?? "default"
-    }
-}
-
-/// Looks up which interface holds an address (via getifaddrs).
-enum InterfaceNames {
-    static func name(holding address: String) -> String? {
-        var list: UnsafeMutablePointer<ifaddrs>?
-        guard getifaddrs(&list) == 0, let first = list else { return nil }
-        defer { freeifaddrs(first) }
-        var cursor: UnsafeMutablePointer<ifaddrs>? = first
-        while let ifa = cursor {
-            defer { cursor = ifa.pointee.ifa_next }
-            guard let sa = ifa.pointee.ifa_addr else { continue }
-            let family = Int32(sa.pointee.sa_family)
-            guard family == AF_INET || family == AF_INET6 else { continue }
-            var host = [CChar](repeating: 0, count: Int(NI_MAXHOST))
-            let len = socklen_t(family == AF_INET ? MemoryLayout<sockaddr_in>.size : MemoryLayout<sockaddr_in6>.size)
-            guard getnameinfo(sa, len, &host, socklen_t(host.count), nil, 0, NI_NUMERICHOST) == 0 else { continue }
-            var text = cString(host)
-            if let percent = text.firstIndex(of: "%") { text = String(text[..<percent]) }
-            if text == address { return String(cString: ifa.pointee.ifa_name) }
-        }
-        return nil
-    }
 }

@@ -273,7 +273,7 @@ public final class SourceMigration: @unchecked Sendable {
             // No NIC pair found (e.g. loopback, or the peer hid its NICs): use the path the
             // control connection took.
             let localAddress = control.socket.localAddress ?? "0.0.0.0"
-            pairs = [NICPair(localInterface: InterfaceNames.name(holding: localAddress) ?? "default", localAddress: localAddress,
+            pairs = [NICPair(localInterface: InterfaceDiscovery.name(holding: localAddress) ?? "default", localAddress: localAddress,
                              remoteInterface: "?", remoteAddress: options.host, speedBitsPerSecond: nil)]
         }
         note("NICs: " + pairs.map { p in

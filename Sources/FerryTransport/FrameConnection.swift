@@ -59,10 +59,20 @@ public final class FrameConnection: @unchecked Sendable {
 
     /// Reads one whole, checked frame (blocking). End of stream is `.closed`.
     public func receive() throws -> Frame {
-        var headerBytes = [UInt8](repeating: 0, count: FrameHeader.byteCount)
-        try headerBytes.withUnsafeMutableBytes { try socket.readExact(into: $0) }
-        let header = try headerBytes.withUnsafeBytes { try FrameHeader.parse($0) }
+        try readPayload(of: try readHeader())
+    }
+
+    /// Reads and checks a frame header (magic, version, CRC, type, length, flags).
+    private func readHeader() throws -> FrameHeader {
+        var bytes = [UInt8](repeating: 0, count: FrameHeader.byteCount)
+        try bytes.withUnsafeMutableBytes { try socket.readExact(into: $0) }
+        let header = try bytes.withUnsafeBytes { try FrameHeader.parse($0) }
         guard header.flags.isSubset(of: .known) else { throw WireError.unknownFlags(header.flags.rawValue) }
+        return header
+    }
+
+    /// Reads the payload `header` announces into a new frame, checking its CRC.
+    private func readPayload(of header: FrameHeader) throws -> Frame {
         var payload = [UInt8](repeating: 0, count: Int(header.length))
         if header.length > 0 {
             try payload.withUnsafeMutableBytes { try socket.readExact(into: $0) }
@@ -81,35 +91,24 @@ public final class FrameConnection: @unchecked Sendable {
     /// Reads one frame; a `data` frame's bytes go straight into a buffer from `pool`
     /// (checked against the payload CRC there), other frames are returned whole.
     public func receive(dataInto pool: BufferPool, largerInto largePool: BufferPool? = nil) throws -> Received {
-        var headerBytes = [UInt8](repeating: 0, count: FrameHeader.byteCount + DataChunkHeader.byteCount)
-        try headerBytes.withUnsafeMutableBytes { try socket.readExact(into: UnsafeMutableRawBufferPointer(rebasing: $0[0..<FrameHeader.byteCount])) }
-        let header = try headerBytes.withUnsafeBytes { try FrameHeader.parse($0) }
-        guard header.flags.isSubset(of: .known) else { throw WireError.unknownFlags(header.flags.rawValue) }
+        let header = try readHeader()
+        guard header.type == .data else { return .frame(try readPayload(of: header)) }
         let length = Int(header.length)
-        guard header.type == .data else {
-            var payload = [UInt8](repeating: 0, count: length)
-            if length > 0 { try payload.withUnsafeMutableBytes { try socket.readExact(into: $0) } }
-            guard CRC32C.checksum(payload) == header.payloadCRC else { throw WireError.payloadChecksumMismatch }
-            counters.withLock { $0.receivedBytes += UInt64(FrameHeader.byteCount + length) }
-            return .frame(Frame(type: header.type, flags: header.flags, payload: payload))
-        }
         let size = length - DataChunkHeader.byteCount
         guard size >= 0 else { throw WireError.malformedMessage(.data, "shorter than its header") }
         let target = size <= pool.bufferByteCount ? pool : largePool
         guard let target, size <= target.bufferByteCount else {
             throw WireError.malformedMessage(.data, "chunk of \(size) bytes exceeds \(largePool?.bufferByteCount ?? pool.bufferByteCount)")
         }
-        let sub = try headerBytes.withUnsafeMutableBytes { raw -> DataChunkHeader in
-            let region = UnsafeMutableRawBufferPointer(rebasing: raw[FrameHeader.byteCount...])
-            try socket.readExact(into: region)
-            return try DataChunkHeader.parse(UnsafeRawBufferPointer(region))
+        var subBytes = [UInt8](repeating: 0, count: DataChunkHeader.byteCount)
+        let sub = try subBytes.withUnsafeMutableBytes { raw -> DataChunkHeader in
+            try socket.readExact(into: raw)
+            return try DataChunkHeader.parse(UnsafeRawBufferPointer(raw))
         }
         let buffer = target.take()
         try socket.readExact(into: UnsafeMutableRawBufferPointer(rebasing: buffer.space[0..<size]))
         buffer.count = size
-        let crc = headerBytes.withUnsafeBytes { raw in
-            CRC32C.update(CRC32C.checksum(UnsafeRawBufferPointer(rebasing: raw[FrameHeader.byteCount...])), buffer.bytes)
-        }
+        let crc = CRC32C.update(CRC32C.checksum(subBytes), buffer.bytes)
         guard crc == header.payloadCRC else { throw WireError.payloadChecksumMismatch }
         counters.withLock {
             $0.receivedBytes += UInt64(FrameHeader.byteCount + length)

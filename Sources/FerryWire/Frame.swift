@@ -84,7 +84,7 @@ public enum FrameType: UInt8, Sendable, CaseIterable {
     case error = 3
     /// Source: the VM to migrate (spec, boot files, streams).
     case offer = 4
-    /// Destination: offer accepted, session id, missing boot files, data endpoints.
+    /// Destination: offer accepted, session id, missing boot files, its NICs and data port.
     case accept = 5
     /// Source: a piece of a boot file the destination lacks.
     case file = 6

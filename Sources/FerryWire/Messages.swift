@@ -185,18 +185,6 @@ public struct OfferMessage: Codable, Equatable, Sendable {
     }
 }
 
-/// Where the source may open data channels.
-public struct DataEndpoint: Codable, Equatable, Sendable {
-    public var address: String
-    public var port: UInt16
-    public var interface: String
-    public init(address: String, port: UInt16, interface: String) {
-        self.address = address
-        self.port = port
-        self.interface = interface
-    }
-}
-
 /// A destination NIC, as interface discovery reports it (SMB's NETWORK_INTERFACE_INFO).
 public struct InterfaceMessage: Codable, Equatable, Sendable {
     public var name: String
@@ -221,19 +209,16 @@ public struct AcceptMessage: Codable, Equatable, Sendable {
     public var bindKey: String
     /// SHA-256 of each boot file the destination does not have and wants sent.
     public var missingFiles: [String]
-    /// Where data channels may connect when no NIC pair is found: the control
-    /// connection's own address.
-    public var endpoints: [DataEndpoint]
     /// The destination's NICs (interface discovery); the source pairs them with its own.
+    /// With no pair, the source opens its channels to the control connection's address.
     public var interfaces: [InterfaceMessage]
-    /// The port data channels connect to on any of `interfaces`.
+    /// The port data channels connect to, on any of `interfaces`.
     public var dataPort: UInt16
-    public init(session: String, bindKey: String, missingFiles: [String], endpoints: [DataEndpoint],
+    public init(session: String, bindKey: String, missingFiles: [String],
                 interfaces: [InterfaceMessage] = [], dataPort: UInt16 = 0) {
         self.session = session
         self.bindKey = bindKey
         self.missingFiles = missingFiles
-        self.endpoints = endpoints
         self.interfaces = interfaces
         self.dataPort = dataPort
     }
