@@ -148,6 +148,20 @@ final class RunningMigration: @unchecked Sendable {
         return false
     }
 
+    /// Waits until Ferry has carried `bytes` of QEMU's streams while still transferring.
+    /// Unlike QEMU's fraction (zero pages count a page in `remaining` but a few bytes in
+    /// `transferred`, so it leaps), the stream bytes grow with time.
+    @discardableResult
+    func wait(forStreamBytes bytes: UInt64, timeout: Duration = .seconds(60)) -> Bool {
+        let deadline = ContinuousClock.now + timeout
+        while ContinuousClock.now < deadline {
+            if let last = progress.last, last.streamBytes >= bytes && last.phase == "transferring" { return true }
+            if outcome.current != nil { return false }
+            Thread.sleep(forTimeInterval: 0.05)
+        }
+        return false
+    }
+
     /// Waits for `ferry migrate` to end; its status, output and report.
     func finish(timeout: Duration = .seconds(120)) throws -> (CommandResult, MigrationReport?) {
         let deadline = ContinuousClock.now + timeout

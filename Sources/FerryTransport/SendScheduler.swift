@@ -16,6 +16,14 @@ public enum ChunkPolicy {
     /// bandwidth-delay product of 2 x 10 Gbit/s at 10 ms (25 MiB) with room to spare, and
     /// is what a failover may have to send again.
     public static let windowByteCount = 32 << 20
+    /// Bytes each stream may have outstanding even when the shared window is full. QEMU's
+    /// streams depend on one another: the destination's multifd threads stop at each sync
+    /// point until the main stream brings the matching flag, so a window filled with
+    /// multifd data that the destination QEMU cannot take yet would starve the main stream
+    /// and deadlock the migration. With a reserve per stream every stream can always move.
+    /// 2 MiB is 8 chunks, enough for the main stream's sync flags and device state to
+    /// flow at a useful rate; it adds at most 2 MiB per stream to the memory bound.
+    public static let streamReserveByteCount = 2 << 20
 }
 
 /// A piece of a QEMU stream on its way to the destination.
@@ -73,6 +81,9 @@ public final class SendScheduler: @unchecked Sendable {
     private var acked: [UInt32: UInt64] = [:]
     /// Memory held by chunks read and not yet acknowledged (buffer capacities).
     private var outstandingBytes = 0
+    /// The same, per stream (see `ChunkPolicy.streamReserveByteCount`).
+    private var streamOutstanding: [UInt32: Int] = [:]
+    private let streamReserveByteCount: Int
     private var liveChannels = Set<Int>()
     private var everHadChannel = false
     private var failure: TransportError?
@@ -91,8 +102,10 @@ public final class SendScheduler: @unchecked Sendable {
     private var tokens = 0.0
     private var tokensAt = ContinuousClock.now
 
-    public init(windowByteCount: Int = ChunkPolicy.windowByteCount, noChannelGrace: Duration = .zero) {
+    public init(windowByteCount: Int = ChunkPolicy.windowByteCount,
+                streamReserveByteCount: Int = ChunkPolicy.streamReserveByteCount, noChannelGrace: Duration = .zero) {
         self.windowByteCount = windowByteCount
+        self.streamReserveByteCount = streamReserveByteCount
         self.noChannelGrace = noChannelGrace
     }
 
@@ -129,16 +142,20 @@ public final class SendScheduler: @unchecked Sendable {
 
     // MARK: Producers (one reader thread per QEMU stream)
 
-    /// Queues a chunk, waiting while the window is full. Throws once the transport has failed.
+    /// Queues a chunk, waiting while the window is full and the chunk's stream has used its
+    /// reserve. Throws once the transport has failed.
     public func enqueue(_ chunk: Chunk) throws(TransportError) {
         condition.lock()
         defer { condition.unlock() }
-        while failure == nil && outstandingBytes + chunk.memoryCost > windowByteCount && outstandingBytes > 0 {
+        let stream = chunk.header.stream
+        while failure == nil && outstandingBytes + chunk.memoryCost > windowByteCount && outstandingBytes > 0
+                && streamOutstanding[stream, default: 0] + chunk.memoryCost > streamReserveByteCount {
             condition.wait()
         }
         if let failure { throw failure }
         queue.append(chunk)
         outstandingBytes += chunk.memoryCost
+        streamOutstanding[stream, default: 0] += chunk.memoryCost
         peakOutstandingBytes = max(peakOutstandingBytes, outstandingBytes)
         condition.broadcast()
     }
@@ -197,12 +214,12 @@ public final class SendScheduler: @unchecked Sendable {
         if var chunks = inFlight[stream] {
             if UInt64(chunks.count) < nextSequence - from {
                 for (seq, entry) in chunks where seq < nextSequence {
-                    outstandingBytes -= entry.chunk.memoryCost
+                    release(entry.chunk)
                     chunks[seq] = nil
                 }
             } else {
                 for seq in from..<nextSequence {
-                    if let entry = chunks.removeValue(forKey: seq) { outstandingBytes -= entry.chunk.memoryCost }
+                    if let entry = chunks.removeValue(forKey: seq) { release(entry.chunk) }
                 }
             }
             inFlight[stream] = chunks
@@ -211,11 +228,17 @@ public final class SendScheduler: @unchecked Sendable {
         // count their bytes out now so the window opens.
         for i in queueHead..<queue.count where queue[i].header.stream == stream && queue[i].header.sequence < nextSequence {
             if queue[i].buffer != nil {
-                outstandingBytes -= queue[i].memoryCost
+                release(queue[i])
                 queue[i].buffer = nil
             }
         }
         condition.broadcast()
+    }
+
+    /// Counts an acknowledged chunk's memory out of the window (lock held).
+    private func release(_ chunk: Chunk) {
+        outstandingBytes -= chunk.memoryCost
+        streamOutstanding[chunk.header.stream, default: 0] -= chunk.memoryCost
     }
 
     /// `channel` is gone: its unacknowledged chunks go to the front of the queue.

@@ -203,7 +203,7 @@ struct SendSchedulerTests {
 
     @Test("acknowledgements free the window")
     func window() throws {
-        let s = SendScheduler(windowByteCount: 250)
+        let s = SendScheduler(windowByteCount: 250, streamReserveByteCount: 0)
         s.addChannel(0)
         try s.enqueue(chunk(0, 0))
         try s.enqueue(chunk(0, 1))
@@ -220,6 +220,31 @@ struct SendSchedulerTests {
         Thread.sleep(forTimeInterval: 0.1)
         #expect(!blocked.current)
         #expect(s.outstanding == 200)
+    }
+
+    @Test("a full window still lets every stream use its reserve, so one stream cannot starve another")
+    func reserve() throws {
+        let s = SendScheduler(windowByteCount: 300, streamReserveByteCount: 200)
+        s.addChannel(0)
+        // Stream 1 (a multifd channel the destination QEMU is not reading yet) fills the
+        // window and its own reserve.
+        for i in 0..<3 { try s.enqueue(chunk(1, UInt64(i))) }
+        #expect(s.outstanding == 300)
+        let stream1 = Locked(false)
+        Thread { try? s.enqueue(chunk(1, 3)); stream1.withLock { $0 = true } }.start()
+        // The main stream still gets its two chunks through; the third waits.
+        try s.enqueue(chunk(0, 0))
+        try s.enqueue(chunk(0, 1))
+        let stream0 = Locked(false)
+        Thread { try? s.enqueue(chunk(0, 2)); stream0.withLock { $0 = true } }.start()
+        Thread.sleep(forTimeInterval: 0.1)
+        #expect(!stream1.current && !stream0.current)
+        // Acknowledging the main stream frees its reserve.
+        s.acknowledge(stream: 0, nextSequence: 1)
+        Thread.sleep(forTimeInterval: 0.1)
+        #expect(stream0.current)
+        #expect(!stream1.current)
+        s.fail(.aborted("test over"))
     }
 
     @Test("a failed channel's chunks are sent again, first, on another channel")
@@ -257,7 +282,7 @@ struct SendSchedulerTests {
 
     @Test("losing the last channel fails the scheduler and wakes producers")
     func lastChannel() throws {
-        let s = SendScheduler(windowByteCount: 100)
+        let s = SendScheduler(windowByteCount: 100, streamReserveByteCount: 0)
         s.addChannel(0)
         try s.enqueue(chunk(0, 0))
         let result = Locked<String>("")
