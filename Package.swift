@@ -46,7 +46,7 @@ let package = Package(
             .product(name: "Logging", package: "swift-log"),
         ]),
         // The test lab: network namespaces, veth NICs, tc rates.
-        .target(name: "FerryLab", dependencies: ["FerryVM", "FerryIO", "FerryInterfaces"]),
+        .target(name: "FerryLab", dependencies: ["FerryVM", "FerryIO", "FerryInterfaces", "FerryWire"]),
         // `ferry bench`: Ferry and its peers (QEMU alone, ECMP, MPTCP) side by side in the lab.
         .target(name: "FerryBench", dependencies: ["FerryLab", "FerryVM", "FerryQMP", "FerryIO", "FerryMigration", "FerryWire", "FerryInterfaces"]),
         .executableTarget(name: "ferry", dependencies: [
@@ -55,9 +55,9 @@ let package = Package(
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),
         ]),
-        .testTarget(name: "FerryWireTests", dependencies: ["FerryWire"]),
+        .testTarget(name: "FerryWireTests", dependencies: ["FerryWire", .product(name: "Crypto", package: "swift-crypto")]),
         .testTarget(name: "FerryQMPTests", dependencies: ["FerryQMP", "FerryWire"]),
-        .testTarget(name: "FerryTransportTests", dependencies: ["FerryTransport", "FerryWire", "FerryIO"]),
+        .testTarget(name: "FerryTransportTests", dependencies: ["FerryTransport", "FerryWire", "FerryIO", .product(name: "Crypto", package: "swift-crypto")]),
         .testTarget(name: "FerryVMTests", dependencies: ["FerryVM", "FerryWire"]),
         .testTarget(name: "FerryInterfacesTests", dependencies: ["FerryInterfaces"]),
         .testTarget(name: "FerryMigrationTests", dependencies: ["FerryMigration", "FerryInterfaces", "FerryWire"]),

@@ -31,6 +31,7 @@ struct EndToEndTests {
         #expect(r.outcome == .succeeded)
         #expect(r.streamBytes > 128 << 20, "the filled memory crossed the wire")
         #expect(r.multifdChannels == 0)
+        #expect(r.security?.hasPrefix("AES-256-GCM") == true, "the lab's default is authenticated and encrypted: \(r.security ?? "nil")")
         #expect(r.qemuDowntimeMilliseconds != nil)
         #expect(r.destination.qemuCPUSeconds != nil)
         // Lifecycle in order: connected, destination waiting, channels bound, QEMU migrating,

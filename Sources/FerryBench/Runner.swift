@@ -45,6 +45,9 @@ public final class BenchRunner {
         try preparePeers()
         let servePID = try b.startServe()
         defer { ProcessStats.terminate(pid: servePID) }
+        // The insecure mode needs a daemon that runs --insecure too: a second one, on its own port.
+        let insecurePID = modes.contains(.ferryInsecure) ? try b.startServe(port: Self.insecurePort, extra: ["--insecure"]) : nil
+        defer { if let insecurePID { ProcessStats.terminate(pid: insecurePID) } }
         var runs: [BenchRun] = []
         let total = repeats * modes.count
         // Modes interleave within each repeat, so that drift on the machine hits all alike.
@@ -66,6 +69,9 @@ public final class BenchRunner {
         return BenchResult(scenario: scenario, date: Date(), machine: Self.machine, qemuVersion: QEMU.version(),
                            ferryVersion: FerryVersion.software, repeats: repeats, runs: runs)
     }
+
+    /// Where b's `--insecure` daemon listens (the secure one has the default port).
+    static let insecurePort: UInt16 = 7471
 
     static var machine: String {
         let cpu = (try? String(contentsOfFile: "/proc/cpuinfo", encoding: .utf8))?
@@ -184,6 +190,8 @@ public final class BenchRunner {
         try? FileManager.default.removeItem(atPath: reportPath)
         var args = ["migrate", vm, "--to", lab.address("b", nic: 0), "--report-file", reportPath, "--quiet"]
         if mode == .ferryOneChannel { args += ["--nics", lab.interface(nic: 0), "--channels-per-nic", "1"] }
+        if mode == .ferryInsecure { args = ["migrate", vm, "--to", "\(lab.address("b", nic: 0)):\(Self.insecurePort)", "--insecure",
+                                            "--report-file", reportPath, "--quiet"] }
         let started = ContinuousClock.now
         let result = try a.ferry(args)
         run.totalSeconds = (ContinuousClock.now - started).seconds

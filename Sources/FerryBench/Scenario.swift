@@ -62,10 +62,12 @@ public enum BenchMode: String, Codable, Sendable, CaseIterable {
     case qemuMPTCP = "qemu-mptcp"
     /// Ferry over one data channel on one NIC.
     case ferryOneChannel = "ferry-1-channel"
-    /// Ferry with its defaults: every NIC, several channels each.
+    /// Ferry multichannel with `--insecure` on both hosts: what encryption costs.
+    case ferryInsecure = "ferry-insecure"
+    /// Ferry with its defaults: every NIC, several channels each, authenticated and encrypted.
     case ferryMultichannel = "ferry"
 
-    public var isFerry: Bool { self == .ferryOneChannel || self == .ferryMultichannel }
+    public var isFerry: Bool { self == .ferryOneChannel || self == .ferryMultichannel || self == .ferryInsecure }
 
     public var label: String {
         switch self {
@@ -74,7 +76,8 @@ public enum BenchMode: String, Codable, Sendable, CaseIterable {
         case .qemuECMP: "QEMU multifd 2 over ECMP (L4 hash)"
         case .qemuMPTCP: "QEMU, one stream over MPTCP (subflow per NIC)"
         case .ferryOneChannel: "Ferry, one channel, one NIC"
-        case .ferryMultichannel: "Ferry multichannel (defaults)"
+        case .ferryInsecure: "Ferry multichannel, --insecure (no encryption)"
+        case .ferryMultichannel: "Ferry multichannel (defaults, AES-256-GCM)"
         }
     }
 }

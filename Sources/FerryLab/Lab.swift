@@ -1,6 +1,7 @@
 import FerryIO
 import FerryInterfaces
 import FerryVM
+import FerryWire
 import Foundation
 
 /// The test lab: two hosts, `a` and `b`, each a network namespace with its own Ferry
@@ -41,6 +42,8 @@ public struct Lab: Sendable {
 
     public var directory: String { "/run/ferry-lab/\(name)" }
     var configPath: String { directory + "/lab.json" }
+    /// The lab's cluster key, shared by both hosts (`FERRY_KEY_FILE` in `exec`).
+    public var keyPath: String { directory + "/cluster.key" }
 
     public func namespace(_ host: String) -> String { "\(name)-\(host)" }
     public func stateDirectory(_ host: String) -> String { directory + "/" + host }
@@ -114,6 +117,11 @@ public struct Lab: Sendable {
                     }
                 }
             }
+            // One cluster key for both hosts, as an operator copies it to every host.
+            let key = KeyRing(keys: [ClusterKey.generate()]).fileText
+            guard FileManager.default.createFile(atPath: keyPath, contents: Data(key.utf8), attributes: [.posixPermissions: 0o600]) else {
+                throw LabError.setup("cannot write the lab's cluster key \(keyPath)")
+            }
             let config = plan
             let encoder = JSONEncoder()
             encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
@@ -165,7 +173,8 @@ public struct Lab: Sendable {
     public func execArguments(_ host: String, _ command: [String]) throws -> [String] {
         guard Self.hosts.contains(host) else { throw LabError.badInput("lab host must be a or b, not '\(host)'") }
         guard isUp else { throw LabError.notUp(name) }
-        var env = ["FERRY_STATE_DIR=\(stateDirectory(host))", "FERRY_HOST_NAME=\(host)", "FERRY_LAB=\(name)"]
+        var env = ["FERRY_STATE_DIR=\(stateDirectory(host))", "FERRY_HOST_NAME=\(host)", "FERRY_LAB=\(name)",
+                   "FERRY_KEY_FILE=\(keyPath)"]
         // veth reports no link speed: tell Ferry the rate each lab NIC is limited to.
         if let config, config.rate != nil {
             let speeds = (0..<config.nics).compactMap { nic in config.rate(nic: nic).map { "\(interface(nic: nic))=\($0)" } }

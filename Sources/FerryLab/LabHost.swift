@@ -42,7 +42,8 @@ public struct LabHost: Sendable {
         process.arguments = try lab.execArguments(host, [binary, "serve", "--listen", "0.0.0.0:\(port)"] + extra)
         _ = FileManager.default.createFile(atPath: serveLog, contents: nil)
         let log = FileHandle(forWritingAtPath: serveLog)!
-        log.seekToEndOfFile()
+        // Only what this daemon writes counts (another may already have said it listens).
+        let start = Int(log.seekToEndOfFile())
         process.standardOutput = log
         process.standardError = log
         process.standardInput = FileHandle.nullDevice
@@ -50,7 +51,8 @@ public struct LabHost: Sendable {
         let pid = process.processIdentifier
         let deadline = ContinuousClock.now + .seconds(10)
         while ContinuousClock.now < deadline {
-            if let text = try? String(contentsOfFile: serveLog, encoding: .utf8), text.contains("listening on") { return pid }
+            if let data = FileManager.default.contents(atPath: serveLog), data.count > start,
+               String(decoding: data[start...], as: UTF8.self).contains("listening on") { return pid }
             if !process.isRunning { break }
             Thread.sleep(forTimeInterval: 0.05)
         }

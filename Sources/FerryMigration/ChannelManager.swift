@@ -15,6 +15,7 @@ final class ChannelManager: @unchecked Sendable {
         var port: UInt16
         var session: String
         var bindKey: [UInt8]
+        var security: SessionSecurity
         var channelsPerPair: Int
         var connectTimeout: Duration
         var deadChannelTimeout: Duration
@@ -135,6 +136,10 @@ final class ChannelManager: @unchecked Sendable {
         let bound = try connection.expect(.bound, as: BoundMessage.self)
         socket.setReceiveTimeout(nil)
         guard bound.channel == UInt32(id) else { throw WireError.malformedMessage(.bound, "bound the wrong channel") }
+        guard ChannelBinding.verify(proof: bound.proof, bindKey: plan.bindKey, session: plan.session, channel: UInt32(id), role: .bound) else {
+            throw SecurityError.authenticationFailed("the destination's answer on channel \(id) does not prove the session key")
+        }
+        plan.security.secureData(connection, channel: UInt32(id), as: .source)
         return connection
     }
 

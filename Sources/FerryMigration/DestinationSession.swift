@@ -18,7 +18,12 @@ final class DestinationSession: @unchecked Sendable {
     }
 
     let session = Hex.random(byteCount: 16)
-    let bindKey: [UInt8] = Hex.decode(Hex.random(byteCount: 32))!
+    let security: SessionSecurity
+    var bindKey: [UInt8] { security.bindKey }
+    /// Channel numbers bound so far: a number is never bound twice in a session, so a
+    /// recorded `bind` cannot be replayed and no nonce repeats (``FrameSeal``).
+    private var boundChannels = Set<UInt32>()
+    private let lock = NSLock()
     private let control: FrameConnection
     private let store: VMStore
     private let server: MigrationServer
@@ -32,8 +37,11 @@ final class DestinationSession: @unchecked Sendable {
     private var sourceHost = "?"
     private var committed = false
 
-    init(control: FrameConnection, store: VMStore, server: MigrationServer, logger: Logger) {
+    init(control: FrameConnection, store: VMStore, server: MigrationServer, logger: Logger,
+         security: SessionSecurity, sourceHost: String) {
         self.control = control
+        self.security = security
+        self.sourceHost = sourceHost
         self.store = store
         self.server = server
         var logger = logger
@@ -44,9 +52,9 @@ final class DestinationSession: @unchecked Sendable {
     var vmName: String? { spec?.name }
 
     /// Runs the session to its end; every failure is reported to the source and undone here.
-    func run(hello: Frame) {
+    func run() {
         do {
-            try handle(hello: hello)
+            try handle()
         } catch {
             let (code, message) = classify(error)
             logger.warning("incoming migration failed", metadata: ["vm": "\(spec?.name ?? "?")", "error": "\(message)"])
@@ -58,15 +66,13 @@ final class DestinationSession: @unchecked Sendable {
         control.shutdown()
     }
 
-    private func handle(hello: Frame) throws {
+    /// Claims a channel number for a binding connection; false if it was bound before.
+    func claim(channel: UInt32) -> Bool {
+        lock.withLock { boundChannels.insert(channel).inserted }
+    }
+
+    private func handle() throws {
         control.socket.setReceiveTimeout(.seconds(30))
-        let helloMessage = try ControlCoding.decode(HelloMessage.self, from: hello)
-        guard let version = ProtocolVersion.negotiate(peerMin: helloMessage.minVersion, peerMax: helloMessage.maxVersion) else {
-            throw ErrorMessage(code: .unsupportedVersion,
-                               message: "the source speaks protocol v\(helloMessage.minVersion)-v\(helloMessage.maxVersion), this host v\(ProtocolVersion.oldestSupported)-v\(ProtocolVersion.current)")
-        }
-        try control.send(.welcome, WelcomeMessage(version: version, software: FerryVersion.software, host: HostInfo.hostname))
-        sourceHost = helloMessage.host
 
         let offer = try control.expect(.offer, as: OfferMessage.self)
         try validate(offer)
@@ -74,7 +80,7 @@ final class DestinationSession: @unchecked Sendable {
         try server.register(self, name: offer.spec.name)
 
         let missing = offer.spec.bootFiles.filter { !store.bootFiles.has($0) }
-        try control.send(.accept, AcceptMessage(session: session, bindKey: Hex.encode(bindKey),
+        try control.send(.accept, AcceptMessage(session: session, bindKey: security.keys == nil ? Hex.encode(bindKey) : "",
                                                 missingFiles: missing.map(\.sha256),
                                                 interfaces: server.offeredInterfaces(), dataPort: server.port))
         logger.info("incoming migration accepted", metadata: ["vm": "\(offer.spec.name)", "from": "\(sourceHost)", "missingFiles": "\(missing.count)"])

@@ -25,6 +25,8 @@ public final class MigrationServer: @unchecked Sendable {
         /// The most all incoming migrations together may use, bytes per second; each
         /// migration gets an equal share (nil: no limit).
         public var maxBandwidthBytesPerSecond: UInt64?
+        /// The cluster keys this host accepts; nil runs insecure (`--insecure`).
+        public var keys: KeyRing?
         public init(host: String, port: UInt16) {
             self.host = host
             self.port = port
@@ -110,16 +112,32 @@ public final class MigrationServer: @unchecked Sendable {
             socket.close()
             return
         }
-        lock.withLock { pending -= 1 }
         switch first.type {
         case .hello:
-            let session = DestinationSession(control: connection, store: store, server: self, logger: logger)
+            // Still unauthenticated (and counted as pending) until the handshake is done.
+            let hello: HelloMessage, security: SessionSecurity
+            do {
+                (hello, _, security) = try HandshakeRunner.destination(connection, hello: first, keys: options.keys, host: HostInfo.hostname)
+            } catch {
+                lock.withLock { pending -= 1 }
+                let (code, message): (ErrorCode, String) = (error as? ErrorMessage).map { ($0.code, $0.message) } ?? (.authenticationFailed, "\(error)")
+                logger.warning("refused connection", metadata: ["peer": "\(socket.peer)", "reason": "\(message)"])
+                connection.fail(code, message)
+                socket.close()
+                return
+            }
+            lock.withLock { pending -= 1 }
+            logger.info("source authenticated", metadata: ["peer": "\(socket.peer)", "host": "\(hello.host)", "security": "\(security.summary)"])
+            let session = DestinationSession(control: connection, store: store, server: self, logger: logger,
+                                             security: security, sourceHost: hello.host)
             lock.withLock { sessions[session.session] = session }
-            session.run(hello: first)
+            session.run()
             socket.close()
         case .bind:
+            lock.withLock { pending -= 1 }
             bind(first, connection)
         default:
+            lock.withLock { pending -= 1 }
             logger.warning("refused connection", metadata: ["peer": "\(socket.peer)", "reason": "first frame was \(first.type)"])
             connection.fail(.protocolViolation, "expected hello or bind, got \(first.type)")
             socket.close()
@@ -144,11 +162,17 @@ public final class MigrationServer: @unchecked Sendable {
         guard ChannelBinding.verify(proof: message.proof, bindKey: session.bindKey, session: message.session, channel: message.channel) else {
             return refuse(.authenticationFailed, "the channel's proof of the session key is wrong")
         }
+        guard session.claim(channel: message.channel) else {
+            return refuse(.authenticationFailed, "channel \(message.channel) was bound before in this session (a replayed bind)")
+        }
         do {
-            try connection.send(.bound, BoundMessage(channel: message.channel))
+            try connection.send(.bound, BoundMessage(channel: message.channel,
+                                                     proof: ChannelBinding.proof(bindKey: session.bindKey, session: message.session,
+                                                                                 channel: message.channel, role: .bound)))
         } catch {
             return refuse(.aborted, "\(error)")
         }
+        session.security.secureData(connection, channel: message.channel, as: .destination)
         connection.socket.setReceiveTimeout(nil)
         guard session.attach(channel: Int(message.channel), connection: connection) else {
             return refuse(.protocolViolation, "the session is not ready for data channels")

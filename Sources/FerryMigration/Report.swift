@@ -75,6 +75,9 @@ public struct MigrationReport: Codable, Sendable {
     public var timeline: [Sample]
     public var source: Side
     public var destination: Side
+    /// How the migration was protected (cipher and key id, or insecure); nil if it ended
+    /// before the handshake.
+    public var security: String? = nil
 
     public var succeeded: Bool { outcome == .succeeded }
 }
@@ -102,6 +105,7 @@ extension MigrationReport {
         if retransmittedBytes > 0 { moved += ", \(Format.bytes(retransmittedBytes)) sent again" }
         lines.append("  moved          " + moved)
         if let bps = throughputBitsPerSecond { lines.append("  throughput     \(Format.rate(bps))") }
+        if let security { lines.append("  security       \(security)") }
         lines.append("  streams        main + \(multifdChannels) multifd, over \(channels.count) data channel(s) on \(nics.count) NIC(s)")
         for nic in Dictionary(grouping: channels, by: \.interface).sorted(by: { $0.key < $1.key }) {
             let bytes = nic.value.reduce(0) { $0 + $1.payloadBytes }

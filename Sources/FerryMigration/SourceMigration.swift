@@ -36,6 +36,8 @@ public struct MigrationOptions: Sendable {
     /// A connection with data unacknowledged by the peer's kernel this long is dead
     /// (TCP_USER_TIMEOUT): how fast a silently dead NIC is detected.
     public var deadChannelTimeout: Duration = .seconds(5)
+    /// The cluster keys; the first is proven to the destination. nil: `--insecure`.
+    public var keys: KeyRing?
 
     public init(host: String, port: UInt16) {
         self.host = host
@@ -101,6 +103,7 @@ public final class SourceMigration: @unchecked Sendable {
     private var destinationLimit: UInt64?
     private var timeline: [MigrationReport.Sample] = []
     private var multifdUsed = 0
+    private var securitySummary: String?
 
     public init(store: VMStore, name: String, options: MigrationOptions, logger: Logger,
                 progress: @escaping @Sendable (MigrationProgress) -> Void) {
@@ -196,14 +199,15 @@ public final class SourceMigration: @unchecked Sendable {
         control.socket.setReceiveTimeout(.seconds(30))
         phase = .negotiating
         let welcome: WelcomeMessage
+        let security: SessionSecurity
         do {
-            try control.send(.hello, HelloMessage(software: FerryVersion.software, host: HostInfo.hostname))
-            welcome = try control.expect(.welcome, as: WelcomeMessage.self)
+            (welcome, security) = try HandshakeRunner.source(control, keys: options.keys, host: HostInfo.hostname)
         } catch {
             throw MigrationError(.negotiating, "handshake with \(destinationHost) failed: \(describe(error))")
         }
+        securitySummary = security.summary
         destinationHost = "\(welcome.host) (\(options.host))"
-        note("connected to \(welcome.host), protocol v\(welcome.version), \(welcome.software)")
+        note("connected to \(welcome.host), protocol v\(welcome.version), \(welcome.software); security: \(security.summary)")
 
         let local = InterfaceDiscovery.list(speeds: options.nicSpeeds)
         let plan = StreamPlan(multifdChannels: options.multifdChannels ?? StreamPolicy.multifdChannels(for: local, selection: options.nics))
@@ -215,8 +219,12 @@ public final class SourceMigration: @unchecked Sendable {
         } catch {
             throw MigrationError(.negotiating, "the destination refused the VM: \(describe(error))")
         }
-        guard let bindKey = Hex.decode(accept.bindKey), bindKey.count == 32 else {
-            throw MigrationError(.negotiating, "the destination sent a malformed bind key")
+        var bindKey = security.bindKey
+        if security.keys == nil {
+            guard let sent = Hex.decode(accept.bindKey), sent.count == 32 else {
+                throw MigrationError(.negotiating, "the destination sent a malformed bind key")
+            }
+            bindKey = sent
         }
 
         // Boot files the destination lacks.
@@ -281,7 +289,7 @@ public final class SourceMigration: @unchecked Sendable {
         }.joined(separator: ", ") + (match.skipped.isEmpty ? "" : "; left out: " + match.skipped.joined(separator: ", ")))
         let manager = ChannelManager(
             plan: .init(pairs: pairs, port: accept.dataPort == 0 ? options.port : accept.dataPort, session: accept.session,
-                        bindKey: bindKey, channelsPerPair: max(1, options.channelsPerEndpoint),
+                        bindKey: bindKey, security: security, channelsPerPair: max(1, options.channelsPerEndpoint),
                         connectTimeout: min(options.connectTimeout, .seconds(2)), deadChannelTimeout: options.deadChannelTimeout),
             dataPath: dataPath, logger: logger, note: { [events] text in events.post(.note(text)) })
         channelManager = manager
@@ -600,6 +608,7 @@ public final class SourceMigration: @unchecked Sendable {
         if let e = error as? ErrorMessage { return e.description }
         if let e = error as? SocketError { return e.description }
         if let e = error as? WireError { return e.description }
+        if let e = error as? SecurityError { return e.description }
         return "\(error)"
     }
 
@@ -631,7 +640,8 @@ public final class SourceMigration: @unchecked Sendable {
             source: .init(host: HostInfo.hostname, ferryCPUSeconds: ProcessStats.ownCPUSeconds() - ferryCPUStart,
                           qemuCPUSeconds: qemuCPU, ferryPeakRSSBytes: ProcessStats.peakRSSBytes(pid: getpid())),
             destination: .init(host: destinationHost, ferryCPUSeconds: committed?.ferryCPUSeconds,
-                               qemuCPUSeconds: committed?.qemuCPUSeconds, ferryPeakRSSBytes: committed?.ferryPeakRSSBytes))
+                               qemuCPUSeconds: committed?.qemuCPUSeconds, ferryPeakRSSBytes: committed?.ferryPeakRSSBytes),
+            security: securitySummary)
     }
 }
 

@@ -73,6 +73,11 @@ public final class DestinationDataPath: @unchecked Sendable {
             } catch let error as WireError {
                 fail(.protocolViolation("data channel \(id): \(error)"))
                 return
+            } catch let error as SecurityError {
+                // A chunk that fails authentication (tampered, replayed, reordered) is an
+                // attack, not a broken link: the migration stops and the VM stays on the source.
+                fail(.protocolViolation("data channel \(id): \(error)"))
+                return
             } catch {
                 // A channel that breaks is the source's to handle: it sends the chunks
                 // again on the channels that remain.

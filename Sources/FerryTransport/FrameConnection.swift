@@ -10,17 +10,36 @@ public final class FrameConnection: @unchecked Sendable {
     private var headerScratch = [UInt8](repeating: 0, count: FrameHeader.byteCount + DataChunkHeader.byteCount)
     /// Payload bytes sent and received (frames included), for the report.
     public let counters = Locked(ConnectionCounters())
+    /// Set once the connection is authenticated (``secure(send:receive:)``): from then on
+    /// every frame in both directions is sealed, and an unsealed one is refused.
+    private var sealer: FrameSealer?  // under writeLock
+    private var opener: FrameOpener?  // the receiving thread's
+    private var receivedSealed = false
 
     public init(socket: Socket) { self.socket = socket }
+
+    /// Seals every frame sent from now on and requires every frame received to be sealed.
+    /// Call between frames, before the receiving thread reads the next one.
+    public func secure(send: FrameSealer, receive: FrameOpener) {
+        writeLock.withLock { sealer = send }
+        opener = receive
+    }
+
+    public var isSecured: Bool { writeLock.withLock { sealer != nil } }
 
     public var peer: String { socket.peer }
 
     // MARK: Sending
 
     public func send(_ frame: Frame) throws(SocketError) {
-        let bytes = frame.encoded()
         writeLock.lock()
         defer { writeLock.unlock() }
+        var frame = frame
+        if let sealer {
+            frame.flags.insert(.sealed)
+            frame.payload = Array(frame.payload.withUnsafeBytes { sealer.seal(frame.type, frame.flags, $0) })
+        }
+        let bytes = frame.encoded()
         try socket.writeAll(bytes)
         counters.withLock { $0.sentBytes += UInt64(bytes.count) }
     }
@@ -37,16 +56,23 @@ public final class FrameConnection: @unchecked Sendable {
         let failure: SocketError? = headerScratch.withUnsafeMutableBytes { scratch in
             let sub = UnsafeMutableRawBufferPointer(rebasing: scratch[FrameHeader.byteCount...])
             header.write(into: sub)
-            var crc = CRC32C.checksum(UnsafeRawBufferPointer(sub))
-            crc = CRC32C.update(crc, bytes)
-            let frameHeader = FrameHeader(type: .data, length: UInt32(DataChunkHeader.byteCount + bytes.count), payloadCRC: crc)
-            frameHeader.write(into: scratch)
-            do {
-                try socket.writeAll([UnsafeRawBufferPointer(scratch), bytes])
-                return nil
-            } catch {
-                return error as? SocketError
+            let flags: FrameFlags = sealer == nil ? [] : [.sealed]
+            // Sealed: the sub-header stays clear (authenticated), the bytes are encrypted.
+            let sealed = sealer.map { $0.seal(.data, flags, header: UnsafeRawBufferPointer(sub), bytes) }
+            func send(_ body: UnsafeRawBufferPointer) -> SocketError? {
+                var crc = CRC32C.checksum(UnsafeRawBufferPointer(sub))
+                crc = CRC32C.update(crc, body)
+                let frameHeader = FrameHeader(type: .data, flags: flags, length: UInt32(DataChunkHeader.byteCount + body.count), payloadCRC: crc)
+                frameHeader.write(into: scratch)
+                do {
+                    try socket.writeAll([UnsafeRawBufferPointer(scratch), body])
+                    return nil
+                } catch {
+                    return error as? SocketError
+                }
             }
+            if let sealed { return sealed.withUnsafeBytes { send($0) } }
+            return send(bytes)
         }
         if let failure { throw failure }
         counters.withLock {
@@ -71,7 +97,8 @@ public final class FrameConnection: @unchecked Sendable {
         return header
     }
 
-    /// Reads the payload `header` announces into a new frame, checking its CRC.
+    /// Reads the payload `header` announces into a new frame, checking its CRC and, on a
+    /// secured connection, opening its seal.
     private func readPayload(of header: FrameHeader) throws -> Frame {
         var payload = [UInt8](repeating: 0, count: Int(header.length))
         if header.length > 0 {
@@ -79,7 +106,28 @@ public final class FrameConnection: @unchecked Sendable {
         }
         guard CRC32C.checksum(payload) == header.payloadCRC else { throw WireError.payloadChecksumMismatch }
         counters.withLock { $0.receivedBytes += UInt64(FrameHeader.byteCount + payload.count) }
-        return Frame(type: header.type, flags: header.flags, payload: payload)
+        if try checkSeal(header), let opener {
+            payload = Array(try payload.withUnsafeBytes { raw in try opener.open(header.type, header.flags, raw) })
+            receivedSealed = true
+        }
+        return Frame(type: header.type, flags: header.flags.subtracting(.sealed), payload: payload)
+    }
+
+    /// A secured connection takes only sealed frames, an unsecured one none. The one
+    /// exception: an unsealed `error` before the first sealed frame, which is how a peer
+    /// that refused our proof says why (it has no keys to seal with). Such an error can
+    /// only end the connection, which anyone on the path could do anyway.
+    /// Returns whether the frame is to be opened.
+    private func checkSeal(_ header: FrameHeader) throws(SecurityError) -> Bool {
+        let sealed = header.flags.contains(.sealed)
+        if opener != nil && !sealed {
+            if header.type == .error && !receivedSealed { return false }
+            throw .sealedFrameRejected("an unsealed \(header.type) frame on an authenticated connection")
+        }
+        if opener == nil && sealed {
+            throw .sealedFrameRejected("a sealed \(header.type) frame before the connection was authenticated")
+        }
+        return sealed
     }
 
     /// What ``receive(dataInto:)`` read: a data chunk in a pooled buffer, or another frame.
@@ -93,8 +141,12 @@ public final class FrameConnection: @unchecked Sendable {
     public func receive(dataInto pool: BufferPool, largerInto largePool: BufferPool? = nil) throws -> Received {
         let header = try readHeader()
         guard header.type == .data else { return .frame(try readPayload(of: header)) }
+        guard try checkSeal(header) || opener == nil else {
+            throw SecurityError.sealedFrameRejected("an unsealed data frame on an authenticated connection")
+        }
         let length = Int(header.length)
-        let size = length - DataChunkHeader.byteCount
+        let tagSize = opener == nil ? 0 : FrameSeal.tagByteCount
+        let size = length - DataChunkHeader.byteCount - tagSize
         guard size >= 0 else { throw WireError.malformedMessage(.data, "shorter than its header") }
         let target = size <= pool.bufferByteCount ? pool : largePool
         guard let target, size <= target.bufferByteCount else {
@@ -108,8 +160,20 @@ public final class FrameConnection: @unchecked Sendable {
         let buffer = target.take()
         try socket.readExact(into: UnsafeMutableRawBufferPointer(rebasing: buffer.space[0..<size]))
         buffer.count = size
-        let crc = CRC32C.update(CRC32C.checksum(subBytes), buffer.bytes)
+        var tag = [UInt8](repeating: 0, count: tagSize)
+        if tagSize > 0 { try tag.withUnsafeMutableBytes { try socket.readExact(into: $0) } }
+        let bodyCRC = CRC32C.update(CRC32C.checksum(subBytes), buffer.bytes)
+        let crc = tag.withUnsafeBytes { CRC32C.update(bodyCRC, $0) }
         guard crc == header.payloadCRC else { throw WireError.payloadChecksumMismatch }
+        if let opener {
+            let plain = try subBytes.withUnsafeBytes { sub in
+                try tag.withUnsafeBytes { t in
+                    try opener.open(.data, header.flags, header: sub, ciphertext: buffer.bytes, tag: t)
+                }
+            }
+            guard plain.count == size else { throw SecurityError.sealedFrameRejected("data frame opened to \(plain.count) bytes, expected \(size)") }
+            if size > 0 { plain.withUnsafeBytes { buffer.base.copyMemory(from: $0.baseAddress!, byteCount: size) } }
+        }
         counters.withLock {
             $0.receivedBytes += UInt64(FrameHeader.byteCount + length)
             $0.receivedPayloadBytes += UInt64(size)

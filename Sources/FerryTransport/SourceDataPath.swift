@@ -120,6 +120,13 @@ public final class SourceDataPath: @unchecked Sendable {
             let frame: Frame
             do {
                 frame = try connection.receive()
+            } catch let error as SecurityError {
+                // Not a broken link but a forged or replayed frame: someone is on the path.
+                // The migration stops; the VM stays on the source.
+                let failure = TransportError.protocolViolation("data channel \(id) on \(interface): \(error)")
+                scheduler.fail(failure)
+                onEvent(.failed(failure))
+                return
             } catch {
                 channelDown(id, connection, interface, reason: "receive: \(error)")
                 return

@@ -118,8 +118,11 @@ public struct FileChunkMessage: Equatable, Sendable {
 /// an HMAC over the session id and channel index under a key only the two control
 /// endpoints know. A connection that only knows the session id cannot bind.
 public enum ChannelBinding {
-    public static func proof(bindKey: [UInt8], session: String, channel: UInt32) -> String {
-        var message = Array("ferry-bind-v1".utf8)
+    /// The proofs' labels: the source's `bind`, the destination's `bound` answer.
+    public enum Role: String, Sendable { case bind = "ferry-bind-v1", bound = "ferry-bound-v1" }
+
+    public static func proof(bindKey: [UInt8], session: String, channel: UInt32, role: Role = .bind) -> String {
+        var message = Array(role.rawValue.utf8)
         message.append(contentsOf: Array(session.utf8))
         withUnsafeBytes(of: channel.bigEndian) { message.append(contentsOf: $0) }
         let mac = HMAC<SHA256>.authenticationCode(for: message, using: SymmetricKey(data: bindKey))
@@ -127,8 +130,8 @@ public enum ChannelBinding {
     }
 
     /// Constant-time check of a proof.
-    public static func verify(proof: String, bindKey: [UInt8], session: String, channel: UInt32) -> Bool {
-        let expected = Array(self.proof(bindKey: bindKey, session: session, channel: channel).utf8)
+    public static func verify(proof: String, bindKey: [UInt8], session: String, channel: UInt32, role: Role = .bind) -> Bool {
+        let expected = Array(self.proof(bindKey: bindKey, session: session, channel: channel, role: role).utf8)
         let given = Array(proof.utf8)
         guard expected.count == given.count else { return false }
         var diff: UInt8 = 0

@@ -114,13 +114,16 @@ public enum FrameType: UInt8, Sendable, CaseIterable {
     case status = 18
     /// Destination: a bandwidth limit for this migration (the host's share).
     case limit = 19
+    /// Source, after `welcome`: its proof of the cluster key over the exchange.
+    case auth = 20
 }
 
 /// Frame flags. Bits not defined here must be zero; a receiver refuses unknown bits.
 public struct FrameFlags: OptionSet, Sendable, Equatable {
     public let rawValue: UInt16
     public init(rawValue: UInt16) { self.rawValue = rawValue }
-    /// Reserved for the encryption issue: the payload is AEAD-sealed.
+    /// The payload is sealed with AES-256-GCM (ciphertext, then a 16-byte tag; a data
+    /// frame's sub-header stays clear and is authenticated). See ``FrameSeal``.
     public static let sealed = FrameFlags(rawValue: 1 << 0)
     /// Reserved for the compression issue: the chunk payload is compressed.
     public static let compressed = FrameFlags(rawValue: 1 << 1)

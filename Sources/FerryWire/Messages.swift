@@ -135,12 +135,15 @@ public struct HelloMessage: Codable, Equatable, Sendable {
     public var maxVersion: UInt16
     public var software: String
     public var host: String
+    /// The source's key id and nonce; nil from a source run with `--insecure`.
+    public var auth: AuthOffer?
     public init(minVersion: UInt16 = ProtocolVersion.oldestSupported, maxVersion: UInt16 = ProtocolVersion.current,
-                software: String, host: String) {
+                software: String, host: String, auth: AuthOffer? = nil) {
         self.minVersion = minVersion
         self.maxVersion = maxVersion
         self.software = software
         self.host = host
+        self.auth = auth
     }
 }
 
@@ -148,10 +151,13 @@ public struct WelcomeMessage: Codable, Equatable, Sendable {
     public var version: UInt16
     public var software: String
     public var host: String
-    public init(version: UInt16, software: String, host: String) {
+    /// The destination's nonce and proof of the key; nil from a host run with `--insecure`.
+    public var auth: AuthReply?
+    public init(version: UInt16, software: String, host: String, auth: AuthReply? = nil) {
         self.version = version
         self.software = software
         self.host = host
+        self.auth = auth
     }
 }
 
@@ -205,7 +211,9 @@ public struct InterfaceMessage: Codable, Equatable, Sendable {
 public struct AcceptMessage: Codable, Equatable, Sendable {
     /// 16 random bytes, hex: names the session in `bind`.
     public var session: String
-    /// 32 random bytes, hex: the key a data channel proves knowledge of when it binds.
+    /// Insecure sessions only: 32 random bytes, hex, the key a data channel proves
+    /// knowledge of when it binds. Empty in authenticated sessions, where the bind key is
+    /// derived from the cluster key and never sent (``SessionKeys``).
     public var bindKey: String
     /// SHA-256 of each boot file the destination does not have and wants sent.
     public var missingFiles: [String]
@@ -255,7 +263,13 @@ public struct BindMessage: Codable, Equatable, Sendable {
 
 public struct BoundMessage: Codable, Equatable, Sendable {
     public var channel: UInt32
-    public init(channel: UInt32) { self.channel = channel }
+    /// Hex HMAC-SHA256(bindKey, "ferry-bound-v1" | session | channel): the destination,
+    /// too, proves it knows the session.
+    public var proof: String
+    public init(channel: UInt32, proof: String) {
+        self.channel = channel
+        self.proof = proof
+    }
 }
 
 public struct StreamOpenMessage: Codable, Equatable, Sendable {

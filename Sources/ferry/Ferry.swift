@@ -11,13 +11,14 @@ struct Ferry: ParsableCommand {
         commandName: "ferry",
         abstract: "Live-migrates QEMU/KVM virtual machines over every NIC between two hosts.",
         discussion: """
+            Once per cluster:   ferry keygen   (then copy /etc/ferry/cluster.key to every host)
             On every host:      ferry serve
             Start a VM:         ferry vm run NAME --memory 2G --cpus 2 --kernel K --initrd I
             Move it:            ferry migrate NAME --to HOST
             Try it on one box:  ferry demo
             """,
         version: FerryVersion.version,
-        subcommands: [Serve.self, VM.self, Migrate.self, Status.self, Guest.self, LabCommand.self, Demo.self, Bench.self])
+        subcommands: [Serve.self, VM.self, Migrate.self, Status.self, Keygen.self, Guest.self, LabCommand.self, Demo.self, Bench.self])
 }
 
 /// Options every command that touches host state shares.

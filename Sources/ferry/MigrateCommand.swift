@@ -54,6 +54,8 @@ struct Migrate: ParsableCommand {
     @Option(name: .customLong("progress-file"), help: "Append progress as JSON lines to this file, a few times a second (for automation).")
     var progressFile: String?
 
+    @OptionGroup var security: SecurityOptions
+
     @OptionGroup var host: HostOptions
 
     func validate() throws {
@@ -64,8 +66,10 @@ struct Migrate: ParsableCommand {
 
     func run() throws {
         signal(SIGPIPE, SIG_IGN)
+        let keys = try security.keys(for: "migrate")
         let logger = host.logger("ferry.migrate")
         var options = MigrationOptions(host: to.host, port: to.port)
+        options.keys = keys
         if case .count(let n) = multifd { options.multifdChannels = n }
         options.channelsPerEndpoint = channelsPerNIC
         options.bandwidthBytesPerSecond = bandwidth?.bytesPerSecond

@@ -19,9 +19,12 @@ struct Serve: ParsableCommand {
     @Option(name: .customLong("max-bandwidth"), help: "Most all incoming migrations together may use, shared equally, e.g. 2gbit (default: no limit).")
     var maxBandwidth: Rate?
 
+    @OptionGroup var security: SecurityOptions
+
     @OptionGroup var host: HostOptions
 
     func run() throws {
+        let keys = try security.keys(for: "serve")
         let logger = host.logger("ferry.serve", default: .info)
         let paths = host.paths
         try paths.ensure()
@@ -31,6 +34,7 @@ struct Serve: ParsableCommand {
             options.nics = nicOptions.nics ?? .all
             options.nicSpeeds = NICSpeeds.resolve(nicOptions.nicSpeed)
             options.maxBandwidthBytesPerSecond = maxBandwidth?.bytesPerSecond
+            options.keys = keys
             server = try MigrationServer(store: host.store, options: options, logger: logger)
         } catch {
             throw UserError("cannot listen on \(listen.host):\(listen.port): \(error)")
@@ -39,7 +43,8 @@ struct Serve: ParsableCommand {
         let pidPath = pidFile ?? paths.runDirectory + "/serve.pid"
         try "\(getpid())\n".write(toFile: pidPath, atomically: true, encoding: .utf8)
         signal(SIGPIPE, SIG_IGN)
-        print("ferry serve: listening on \(listen.host):\(server.port) (state in \(paths.root))")
+        print("ferry serve: listening on \(listen.host):\(server.port) (state in \(paths.root); "
+              + (keys.map { "cluster key \($0.primary.id)" + ($0.keys.count > 1 ? " + \($0.keys.count - 1) accepted" : "") } ?? "INSECURE") + ")")
         fflush(nil)
         server.run()
     }

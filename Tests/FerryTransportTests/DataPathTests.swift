@@ -1,3 +1,4 @@
+import Crypto
 import FerryIO
 import Foundation
 import Logging
@@ -19,7 +20,8 @@ struct DataPathTests {
         var readers: [Thread] = []
         let done = DispatchGroup()
 
-        init(streams: Int, channels: Int, window: Int = ChunkPolicy.windowByteCount) throws {
+        init(streams: Int, channels: Int, window: Int = ChunkPolicy.windowByteCount, sealed: Bool = false) throws {
+            let toDestination = SymmetricKey(size: .bits256), toSource = SymmetricKey(size: .bits256)
             let logger = Logger(label: "test")
             let events = self.events
             source = SourceDataPath(scheduler: SendScheduler(windowByteCount: window), logger: logger) { e in
@@ -50,8 +52,13 @@ struct DataPathTests {
                 let client = try Socket.connectTCP(host: "127.0.0.1", port: listener.localPort)
                 let server = try #require(try listener.accept(timeout: .seconds(5)))
                 let c = FrameConnection(socket: client)
+                let d = FrameConnection(socket: server)
+                if sealed {
+                    c.secure(send: FrameSealer(key: toDestination, connection: UInt32(id)), receive: FrameOpener(key: toSource, connection: UInt32(id)))
+                    d.secure(send: FrameSealer(key: toSource, connection: UInt32(id)), receive: FrameOpener(key: toDestination, connection: UInt32(id)))
+                }
                 sourceChannels.append(c)
-                destination.addChannel(id, connection: FrameConnection(socket: server))
+                destination.addChannel(id, connection: d)
                 source.addChannel(id, connection: c, interface: "lo\(id % 2)")
             }
         }
@@ -119,6 +126,86 @@ struct DataPathTests {
         h.source.markFinished()
         h.source.closeChannels()
         h.destination.stop()
+    }
+
+    @Test("sealed channels (AES-GCM) carry every stream intact, and a failed channel's chunks are sealed again on the others")
+    func sealedFailover() throws {
+        let h = try Harness(streams: 2, channels: 3, window: 2 << 20, sealed: true)
+        let data = [Self.payload(7, 12_000_000), Self.payload(8, 3_000_000)]
+        for (i, d) in data.enumerated() { try h.feed(UInt32(i), d) }
+        let deadline = ContinuousClock.now + .seconds(10)
+        while h.source.streamByteCount < 3_000_000 && ContinuousClock.now < deadline { Thread.sleep(forTimeInterval: 0.001) }
+        h.sourceChannels[2].socket.shutdown()
+        try h.pumpEnds(expect: 2)
+        try h.destination.waitUntilComplete(timeout: .seconds(30))
+        #expect(h.done.wait(timeout: .now() + 10) == .success)
+        for (i, d) in data.enumerated() { #expect(h.received.current[UInt32(i)] == d, "stream \(i)") }
+        #expect(h.failure.current == nil)
+        #expect(h.sourceChannels[0].isSecured)
+        h.source.markFinished()
+        h.source.closeChannels()
+        h.destination.stop()
+    }
+
+    /// The bytes of two sealed data frames as a sealing sender puts them on the wire.
+    static func sealedFrames(key: SymmetricKey, chunk: [UInt8]) throws -> [[UInt8]] {
+        let (near, far) = try Socket.pair(name: "capture")
+        let tx = FrameConnection(socket: near)
+        tx.secure(send: FrameSealer(key: key, connection: 0), receive: FrameOpener(key: key, connection: 0))
+        let frameSize = FrameHeader.byteCount + DataChunkHeader.byteCount + chunk.count + FrameSeal.tagByteCount
+        var frames: [[UInt8]] = []
+        for seq in 0..<2 {
+            try chunk.withUnsafeBytes { try tx.sendData(DataChunkHeader(stream: 0, sequence: UInt64(seq), offset: UInt64(seq * chunk.count)), bytes: $0) }
+            var frame = [UInt8](repeating: 0, count: frameSize)
+            try frame.withUnsafeMutableBytes { try far.readExact(into: $0) }
+            frames.append(frame)
+        }
+        near.close()
+        far.close()
+        return frames
+    }
+
+    @Test("a flipped bit (with the CRC made good), a replayed chunk or an unsealed chunk fails the destination with a clear error", arguments: ["flip", "replay", "unsealed"])
+    func tamperedChunk(attack: String) throws {
+        let key = SymmetricKey(size: .bits256)
+        let failure = Locked<TransportError?>(nil)
+        let drains = Locked<[Socket]>([])
+        let destination = DestinationDataPath(streamCount: 1, logger: Logger(label: "test"), connector: { _ in
+            let (near, far) = try Socket.pair(name: "qemu")
+            drains.withLock { $0.append(far) }
+            return near
+        }, onFailure: { e in failure.withLock { $0 = e } })
+        let (wire, end) = try Socket.pair(name: "wire")
+        let rx = FrameConnection(socket: end)
+        rx.secure(send: FrameSealer(key: SymmetricKey(size: .bits256), connection: 0), receive: FrameOpener(key: key, connection: 0))
+        destination.addChannel(0, connection: rx)
+
+        let chunk = Self.payload(11, 1000)
+        var frames = try Self.sealedFrames(key: key, chunk: chunk)
+        switch attack {
+        case "flip":
+            // An attacker who flips a bit also fixes the CRC; only the AEAD tag stands in the way.
+            frames[1][FrameHeader.byteCount + DataChunkHeader.byteCount + 100] ^= 0x01
+            let header = try frames[1].withUnsafeBytes { try FrameHeader.parse($0) }
+            let crc = CRC32C.checksum(Array(frames[1][FrameHeader.byteCount...]))
+            frames[1].withUnsafeMutableBytes { FrameHeader(type: .data, flags: header.flags, length: header.length, payloadCRC: crc).write(into: $0) }
+        case "replay":
+            frames[1] = frames[0]
+        default:
+            var payload = [UInt8](repeating: 0, count: DataChunkHeader.byteCount)
+            payload.withUnsafeMutableBytes { DataChunkHeader(stream: 0, sequence: 1, offset: 1000).write(into: $0) }
+            frames[1] = Frame(type: .data, payload: payload + chunk).encoded()
+        }
+        for frame in frames { try wire.writeAll(frame) }
+        let deadline = ContinuousClock.now + .seconds(5)
+        while failure.current == nil && ContinuousClock.now < deadline { Thread.sleep(forTimeInterval: 0.01) }
+        let error = try #require(failure.current, "the destination accepted a bad chunk (\(attack))")
+        let expected = attack == "unsealed" ? "unsealed data frame" : "failed authentication"
+        #expect("\(error)".contains(expected), "\(error)")
+        // The first, genuine chunk was delivered; the bad one was not.
+        #expect(destination.deliveredByteCount <= UInt64(chunk.count))
+        destination.stop()
+        wire.close()
     }
 
     @Test("memory stays bounded by the window however much is sent")

@@ -1,0 +1,306 @@
+import Crypto
+import Foundation
+
+// Authentication and encryption: the cluster key, the handshake that proves both hosts
+// hold it, the per-session keys derived from it, and the AEAD that seals frames.
+// docs/SECURITY.md has the threat model and the reasoning; docs/PROTOCOL.md the bytes.
+
+/// Why a security check failed. Every case says what was being checked.
+public enum SecurityError: Error, Equatable, Sendable, CustomStringConvertible {
+    case keyFile(String)
+    case authenticationFailed(String)
+    case sealedFrameRejected(String)
+
+    public var description: String {
+        switch self {
+        case .keyFile(let why): return "cluster key: \(why)"
+        case .authenticationFailed(let why): return "authentication failed: \(why)"
+        case .sealedFrameRejected(let why): return "sealed frame rejected: \(why)"
+        }
+    }
+}
+
+/// A 256-bit secret shared by every host of a cluster (see docs/SECURITY.md for why a
+/// shared key rather than per-host key pairs). It never crosses the wire: hosts prove
+/// they hold it by MAC over fresh nonces, and name it by a short one-way id.
+public struct ClusterKey: Sendable, Equatable {
+    public static let byteCount = 32
+    /// The first word of a key line in a key file, with the format's version.
+    public static let linePrefix = "ferry-cluster-key-v1"
+    public let bytes: [UInt8]
+
+    public init(bytes: [UInt8]) {
+        precondition(bytes.count == Self.byteCount)
+        self.bytes = bytes
+    }
+
+    public static func generate() -> ClusterKey {
+        let key = SymmetricKey(size: .bits256)
+        return ClusterKey(bytes: key.withUnsafeBytes { Array($0) })
+    }
+
+    /// 16 hex digits of SHA-256("ferry-key-id-v1" | key): names the key in `hello` so a
+    /// host holding several keys (during a rotation) knows which one to prove, and says
+    /// nothing useful about the key itself.
+    public var id: String {
+        var h = SHA256()
+        h.update(data: Array("ferry-key-id-v1".utf8))
+        h.update(data: bytes)
+        return Hex.encode(Array(h.finalize()).prefix(8))
+    }
+
+    public var line: String { "\(Self.linePrefix) \(Hex.encode(bytes))" }
+    var symmetric: SymmetricKey { SymmetricKey(data: bytes) }
+}
+
+/// The keys a host accepts, the first being the one it uses when it migrates out. A key
+/// file holds one key per line (`ferry-cluster-key-v1 <64 hex digits>`); `#` starts a
+/// comment. Two lines let a cluster rotate its key without a flag day.
+public struct KeyRing: Sendable, Equatable {
+    public let keys: [ClusterKey]
+
+    public init(keys: [ClusterKey]) {
+        precondition(!keys.isEmpty)
+        self.keys = keys
+    }
+
+    public var primary: ClusterKey { keys[0] }
+    public func key(id: String) -> ClusterKey? { keys.first { $0.id == id } }
+    public var fileText: String { keys.map(\.line).joined(separator: "\n") + "\n" }
+
+    public static func parse(_ text: String) throws(SecurityError) -> KeyRing {
+        var keys: [ClusterKey] = []
+        for (number, raw) in text.split(separator: "\n", omittingEmptySubsequences: false).enumerated() {
+            let line = raw.split(separator: "#", maxSplits: 1, omittingEmptySubsequences: false).first.map(String.init)?
+                .trimmingCharacters(in: .whitespaces) ?? ""
+            if line.isEmpty { continue }
+            let words = line.split(separator: " ", omittingEmptySubsequences: true)
+            guard words.count == 2, words[0] == ClusterKey.linePrefix else {
+                throw .keyFile("line \(number + 1) is not '\(ClusterKey.linePrefix) <64 hex digits>'")
+            }
+            guard let bytes = Hex.decode(String(words[1])), bytes.count == ClusterKey.byteCount else {
+                throw .keyFile("line \(number + 1): the key must be 64 hex digits (256 bits)")
+            }
+            keys.append(ClusterKey(bytes: bytes))
+        }
+        guard !keys.isEmpty else { throw .keyFile("no key in the file") }
+        return KeyRing(keys: keys)
+    }
+
+    /// Reads a key file, refusing one that others than its owner may read or write (as
+    /// ssh does with private keys: a readable key is a leaked key).
+    public static func load(path: String) throws(SecurityError) -> KeyRing {
+        var info = stat()
+        guard stat(path, &info) == 0 else {
+            throw .keyFile("cannot read \(path): \(String(cString: strerror(errno))) (create one with `ferry keygen`)")
+        }
+        guard info.st_mode & S_IFMT == S_IFREG else { throw .keyFile("\(path) is not a regular file") }
+        guard info.st_mode & 0o077 == 0 else {
+            throw .keyFile("\(path) is accessible to group or others (mode \(String(info.st_mode & 0o777, radix: 8))); chmod 600 it")
+        }
+        guard let data = FileManager.default.contents(atPath: path), let text = String(data: data, encoding: .utf8) else {
+            throw .keyFile("cannot read \(path)")
+        }
+        do {
+            return try parse(text)
+        } catch {
+            if case .keyFile(let why) = error { throw .keyFile("\(path): \(why)") }
+            throw error
+        }
+    }
+}
+
+// MARK: - The handshake
+
+/// In `hello`: the source names its key and brings a fresh nonce.
+public struct AuthOffer: Codable, Equatable, Sendable {
+    public var keyID: String
+    /// 32 random bytes, hex.
+    public var nonce: String
+    public init(keyID: String, nonce: String) {
+        self.keyID = keyID
+        self.nonce = nonce
+    }
+}
+
+/// In `welcome`: the destination's fresh nonce and its proof of the key over both.
+public struct AuthReply: Codable, Equatable, Sendable {
+    public var nonce: String
+    public var proof: String
+    public init(nonce: String, proof: String) {
+        self.nonce = nonce
+        self.proof = proof
+    }
+}
+
+/// The `auth` frame: the source's proof of the key over the whole exchange.
+public struct AuthMessage: Codable, Equatable, Sendable {
+    public var proof: String
+    public init(proof: String) { self.proof = proof }
+}
+
+/// Mutual authentication by proof of the cluster key, with no secret on the wire and no
+/// replay: each side's proof is an HMAC over the other side's fresh nonce (carried in the
+/// transcript), so a recorded proof is worthless in any other exchange.
+///
+/// 1. source → `hello` {…, auth: {keyID, nonceS}}
+/// 2. destination → `welcome` {…, auth: {nonceD, proofD}}
+///    proofD = HMAC(K, "ferry-auth-v1 destination" | SHA-256(hello payload) | nonceD | version)
+/// 3. source checks proofD → `auth` {proofS}
+///    proofS = HMAC(K, "ferry-auth-v1 source" | SHA-256(hello payload) | SHA-256(welcome payload))
+/// 4. destination checks proofS. Both derive the session keys from K and both nonces.
+public enum Handshake {
+    public static let nonceByteCount = 32
+
+    public static func newNonce() -> String { Hex.random(byteCount: nonceByteCount) }
+
+    public static func destinationProof(key: ClusterKey, helloPayload: [UInt8], destinationNonce: String, version: UInt16) -> String {
+        var m = Array("ferry-auth-v1 destination".utf8)
+        m += Array(SHA256.hash(data: helloPayload))
+        m += Array(destinationNonce.utf8)
+        withUnsafeBytes(of: version.bigEndian) { m += $0 }
+        return Hex.encode(Array(HMAC<SHA256>.authenticationCode(for: m, using: key.symmetric)))
+    }
+
+    public static func sourceProof(key: ClusterKey, helloPayload: [UInt8], welcomePayload: [UInt8]) -> String {
+        var m = Array("ferry-auth-v1 source".utf8)
+        m += Array(SHA256.hash(data: helloPayload))
+        m += Array(SHA256.hash(data: welcomePayload))
+        return Hex.encode(Array(HMAC<SHA256>.authenticationCode(for: m, using: key.symmetric)))
+    }
+
+    /// Compares two proofs in time independent of where they differ.
+    public static func equal(_ a: String, _ b: String) -> Bool {
+        let x = Array(a.utf8), y = Array(b.utf8)
+        guard x.count == y.count else { return false }
+        var diff: UInt8 = 0
+        for (p, q) in zip(x, y) { diff |= p ^ q }
+        return diff == 0
+    }
+
+    /// A nonce as the peer sent it: exactly 32 bytes of hex, or nil.
+    public static func validNonce(_ text: String) -> Bool {
+        Hex.decode(text)?.count == nonceByteCount
+    }
+}
+
+/// The keys of one migration session, derived with HKDF-SHA256 from the cluster key and
+/// both nonces: fresh for every session, one per direction and purpose, so that a nonce
+/// never repeats under a key however the channels are numbered.
+/// (`SymmetricKey` is immutable but not marked Sendable by swift-crypto 3.)
+public struct SessionKeys: @unchecked Sendable {
+    public let controlToDestination: SymmetricKey
+    public let controlToSource: SymmetricKey
+    public let dataToDestination: SymmetricKey
+    public let dataToSource: SymmetricKey
+    /// Binds data channels to the session (``ChannelBinding``).
+    public let bind: [UInt8]
+
+    public init(key: ClusterKey, sourceNonce: String, destinationNonce: String) {
+        let salt = Array(sourceNonce.utf8) + Array(destinationNonce.utf8)
+        func derive(_ label: String) -> SymmetricKey {
+            HKDF<SHA256>.deriveKey(inputKeyMaterial: key.symmetric, salt: salt,
+                                   info: Array("ferry-session-v1 \(label)".utf8), outputByteCount: 32)
+        }
+        controlToDestination = derive("control source-to-destination")
+        controlToSource = derive("control destination-to-source")
+        dataToDestination = derive("data source-to-destination")
+        dataToSource = derive("data destination-to-source")
+        bind = derive("bind").withUnsafeBytes { Array($0) }
+    }
+}
+
+// MARK: - Sealing frames
+
+/// AES-256-GCM over frame payloads, with implicit nonces: the 12-byte nonce is the
+/// connection's number (4 bytes; the control connection is 0xFFFFFFFF, data channels
+/// their bound index) and a per-connection frame counter (8 bytes), neither sent. The
+/// receiver computes the nonce it expects, so a frame that is replayed, reordered,
+/// dropped or moved to another connection fails authentication like a tampered one.
+/// Keys are per session and direction and a session never binds a channel number twice,
+/// so no (key, nonce) pair repeats: a chunk sent again after a failover goes out on
+/// another connection under that connection's next nonce.
+///
+/// The frame type, the flags and any cleartext sub-header are authenticated data; the
+/// 16-byte tag follows the ciphertext in the payload.
+public enum FrameSeal {
+    public static let tagByteCount = 16
+    public static let controlConnection: UInt32 = 0xFFFF_FFFF
+
+    static func nonce(_ connection: UInt32, _ counter: UInt64) -> AES.GCM.Nonce {
+        var bytes = [UInt8](repeating: 0, count: 12)
+        bytes.withUnsafeMutableBytes {
+            $0.storeBytes(of: connection.bigEndian, toByteOffset: 0, as: UInt32.self)
+            $0.storeBytes(of: counter.bigEndian, toByteOffset: 4, as: UInt64.self)
+        }
+        return try! AES.GCM.Nonce(data: bytes)  // 12 bytes: always valid
+    }
+
+    static func aad(_ type: FrameType, _ flags: FrameFlags, _ extra: UnsafeRawBufferPointer) -> [UInt8] {
+        var a: [UInt8] = [0x46, 0x45, 0x52, 0x59, type.rawValue, UInt8(flags.rawValue >> 8), UInt8(flags.rawValue & 0xFF)]
+        a.append(contentsOf: extra)
+        return a
+    }
+}
+
+/// Seals the frames one connection sends (one sender at a time: the caller serialises).
+public final class FrameSealer: @unchecked Sendable {
+    private let key: SymmetricKey
+    private let connection: UInt32
+    private var counter: UInt64 = 0
+
+    public init(key: SymmetricKey, connection: UInt32) {
+        self.key = key
+        self.connection = connection
+    }
+
+    /// Ciphertext followed by the tag.
+    public func seal(_ type: FrameType, _ flags: FrameFlags, header extra: UnsafeRawBufferPointer = UnsafeRawBufferPointer(start: nil, count: 0),
+                     _ plaintext: UnsafeRawBufferPointer) -> Data {
+        let nonce = FrameSeal.nonce(connection, counter)
+        counter += 1
+        // Sealing with a valid key and nonce cannot fail.
+        let box = try! AES.GCM.seal(plaintext, using: key, nonce: nonce, authenticating: FrameSeal.aad(type, flags, extra))
+        var out = box.ciphertext
+        out.append(box.tag)
+        return out
+    }
+}
+
+/// Opens the frames one connection receives, in order.
+public final class FrameOpener: @unchecked Sendable {
+    private let key: SymmetricKey
+    private let connection: UInt32
+    private var counter: UInt64 = 0
+
+    public init(key: SymmetricKey, connection: UInt32) {
+        self.key = key
+        self.connection = connection
+    }
+
+    /// The plaintext of `sealed` (ciphertext and tag), or an error if it is not the next
+    /// frame this connection's peer sealed.
+    public func open(_ type: FrameType, _ flags: FrameFlags, header extra: UnsafeRawBufferPointer = UnsafeRawBufferPointer(start: nil, count: 0),
+                     _ sealed: UnsafeRawBufferPointer) throws(SecurityError) -> Data {
+        guard sealed.count >= FrameSeal.tagByteCount else {
+            throw .sealedFrameRejected("\(type) frame of \(sealed.count) bytes is shorter than its tag")
+        }
+        let split = sealed.count - FrameSeal.tagByteCount
+        return try open(type, flags, header: extra, ciphertext: UnsafeRawBufferPointer(rebasing: sealed[..<split]),
+                        tag: UnsafeRawBufferPointer(rebasing: sealed[split...]))
+    }
+
+    /// The same with ciphertext and tag apart (a data chunk's ciphertext sits in its buffer).
+    public func open(_ type: FrameType, _ flags: FrameFlags, header extra: UnsafeRawBufferPointer = UnsafeRawBufferPointer(start: nil, count: 0),
+                     ciphertext: UnsafeRawBufferPointer, tag: UnsafeRawBufferPointer) throws(SecurityError) -> Data {
+        let nonce = FrameSeal.nonce(connection, counter)
+        do {
+            let box = try AES.GCM.SealedBox(nonce: nonce, ciphertext: ciphertext, tag: tag)
+            let plain = try AES.GCM.open(box, using: key, authenticating: FrameSeal.aad(type, flags, extra))
+            counter += 1
+            return plain
+        } catch {
+            throw .sealedFrameRejected("\(type) frame \(counter) failed authentication (tampered, replayed, reordered or under another key)")
+        }
+    }
+}

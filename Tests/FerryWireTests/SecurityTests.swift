@@ -1,0 +1,147 @@
+import Crypto
+import Foundation
+import Testing
+@testable import FerryWire
+
+@Suite("Cluster keys")
+struct ClusterKeyTests {
+    func temporaryFile(_ text: String, mode: mode_t) throws -> String {
+        let path = NSTemporaryDirectory() + "ferry-key-\(UUID().uuidString)"
+        #expect(FileManager.default.createFile(atPath: path, contents: Data(text.utf8), attributes: [.posixPermissions: Int(mode)]))
+        return path
+    }
+
+    @Test("a key file round-trips; several keys keep their order; ids are stable and differ")
+    func roundTrip() throws {
+        let ring = KeyRing(keys: [.generate(), .generate()])
+        let parsed = try KeyRing.parse("# comment\n\n" + ring.fileText)
+        #expect(parsed == ring)
+        #expect(parsed.primary.id == ring.keys[0].id)
+        #expect(ring.keys[0].id != ring.keys[1].id)
+        #expect(ring.keys[0].id.count == 16)
+        #expect(parsed.key(id: ring.keys[1].id) == ring.keys[1])
+        #expect(parsed.key(id: "0000000000000000") == nil)
+    }
+
+    @Test("bad key files are refused with the line and the reason", arguments: [
+        ("", "no key"),
+        ("ferry-cluster-key-v1 abcd\n", "64 hex digits"),
+        ("ferry-cluster-key-v2 " + String(repeating: "a", count: 64), "line 1"),
+        ("ferry-cluster-key-v1 " + String(repeating: "g", count: 64), "64 hex digits"),
+        ("# ok\nferry-cluster-key-v1\n", "line 2"),
+    ])
+    func badFiles(text: String, why: String) {
+        #expect(throws: SecurityError.self) { try KeyRing.parse(text) }
+        do { _ = try KeyRing.parse(text) } catch { #expect("\(error)".contains(why), "\(error)") }
+    }
+
+    @Test("a key file others may read is refused; a missing one says how to make one")
+    func permissions() throws {
+        let text = KeyRing(keys: [.generate()]).fileText
+        let open = try temporaryFile(text, mode: 0o644)
+        defer { unlink(open) }
+        do {
+            _ = try KeyRing.load(path: open)
+            Issue.record("a world-readable key file was accepted")
+        } catch {
+            #expect("\(error)".contains("chmod 600"))
+        }
+        let closed = try temporaryFile(text, mode: 0o600)
+        defer { unlink(closed) }
+        #expect(try KeyRing.load(path: closed).keys.count == 1)
+        do {
+            _ = try KeyRing.load(path: "/nonexistent/ferry.key")
+            Issue.record("a missing key file was accepted")
+        } catch {
+            #expect("\(error)".contains("ferry keygen"))
+        }
+    }
+}
+
+@Suite("Handshake and sealing")
+struct SealingTests {
+    let key = ClusterKey.generate()
+    let hello = Array(#"{"host":"a","nonce":"x"}"#.utf8)
+
+    @Test("each side's proof verifies only under the same key, the same hello and the same nonce")
+    func proofs() {
+        let nonce = Handshake.newNonce()
+        let proof = Handshake.destinationProof(key: key, helloPayload: hello, destinationNonce: nonce, version: 1)
+        #expect(Handshake.equal(proof, Handshake.destinationProof(key: key, helloPayload: hello, destinationNonce: nonce, version: 1)))
+        #expect(!Handshake.equal(proof, Handshake.destinationProof(key: .generate(), helloPayload: hello, destinationNonce: nonce, version: 1)))
+        // A recorded proof is worthless against a fresh nonce (replay) or another hello.
+        #expect(!Handshake.equal(proof, Handshake.destinationProof(key: key, helloPayload: hello, destinationNonce: Handshake.newNonce(), version: 1)))
+        #expect(!Handshake.equal(proof, Handshake.destinationProof(key: key, helloPayload: hello + [0x20], destinationNonce: nonce, version: 1)))
+        #expect(!Handshake.equal(proof, Handshake.destinationProof(key: key, helloPayload: hello, destinationNonce: nonce, version: 2)))
+        let welcome = Array("welcome".utf8)
+        let s = Handshake.sourceProof(key: key, helloPayload: hello, welcomePayload: welcome)
+        #expect(!Handshake.equal(s, Handshake.sourceProof(key: key, helloPayload: hello, welcomePayload: welcome + [1])))
+        #expect(!Handshake.equal(s, proof))
+        #expect(Handshake.validNonce(nonce) && !Handshake.validNonce("abcd") && !Handshake.validNonce(nonce + "zz"))
+    }
+
+    @Test("session keys are fresh for every pair of nonces and differ per direction and purpose")
+    func sessionKeys() {
+        let n1 = Handshake.newNonce(), n2 = Handshake.newNonce()
+        let a = SessionKeys(key: key, sourceNonce: n1, destinationNonce: n2)
+        let b = SessionKeys(key: key, sourceNonce: n1, destinationNonce: Handshake.newNonce())
+        func bytes(_ k: SymmetricKey) -> [UInt8] { k.withUnsafeBytes { Array($0) } }
+        #expect(bytes(a.dataToDestination) == bytes(SessionKeys(key: key, sourceNonce: n1, destinationNonce: n2).dataToDestination))
+        #expect(bytes(a.dataToDestination) != bytes(b.dataToDestination))
+        let all = [a.controlToDestination, a.controlToSource, a.dataToDestination, a.dataToSource].map(bytes) + [a.bind]
+        #expect(Set(all).count == 5)
+    }
+
+    func seal(_ sealer: FrameSealer, _ text: String, header: [UInt8] = []) -> [UInt8] {
+        header.withUnsafeBytes { h in Array(text.utf8).withUnsafeBytes { Array(sealer.seal(.data, [.sealed], header: h, $0)) } }
+    }
+
+    func open(_ opener: FrameOpener, _ sealed: [UInt8], header: [UInt8] = [], type: FrameType = .data) throws -> String {
+        let plain = try header.withUnsafeBytes { h in try sealed.withUnsafeBytes { try opener.open(type, [.sealed], header: h, $0) } }
+        return String(decoding: plain, as: UTF8.self)
+    }
+
+    @Test("sealed frames open in order; a flipped bit, a replay, a reorder, another channel, another key or a changed header fail")
+    func sealing() throws {
+        let k = SymmetricKey(size: .bits256)
+        let tx = FrameSealer(key: k, connection: 3)
+        let f0 = seal(tx, "first", header: [1, 2, 3])
+        let f1 = seal(tx, "second")
+        let f2 = seal(tx, "third")
+        #expect(f0.count == 5 + FrameSeal.tagByteCount)
+        #expect(!f0.starts(with: Array("first".utf8)), "the bytes are encrypted")
+
+        let rx = FrameOpener(key: k, connection: 3)
+        // A changed clear header (the chunk's stream, sequence, offset) fails.
+        #expect(throws: SecurityError.self) { try open(rx, f0, header: [1, 2, 4]) }
+        #expect(try open(rx, f0, header: [1, 2, 3]) == "first")
+        // Replay of the frame just opened.
+        #expect(throws: SecurityError.self) { try open(rx, f0, header: [1, 2, 3]) }
+        // Reordering: the third before the second.
+        #expect(throws: SecurityError.self) { try open(rx, f2) }
+        // A flipped bit, in the ciphertext and in the tag.
+        for index in [0, f1.count - 1] {
+            var bad = f1
+            bad[index] ^= 0x10
+            #expect(throws: SecurityError.self) { try open(rx, bad) }
+        }
+        // A different frame type over the same bytes.
+        #expect(throws: SecurityError.self) { try open(rx, f1, type: .ack) }
+        #expect(try open(rx, f1) == "second")
+        #expect(try open(rx, f2) == "third")
+
+        // The same frames on another channel number, or under another key, do not open.
+        #expect(throws: SecurityError.self) { try open(FrameOpener(key: k, connection: 4), f0, header: [1, 2, 3]) }
+        #expect(throws: SecurityError.self) { try open(FrameOpener(key: SymmetricKey(size: .bits256), connection: 3), f0, header: [1, 2, 3]) }
+        // Shorter than a tag.
+        #expect(throws: SecurityError.self) { try open(FrameOpener(key: k, connection: 3), [1, 2, 3]) }
+    }
+
+    @Test("the same chunk sealed on two channels never repeats ciphertext (distinct nonces)")
+    func noNonceReuse() {
+        let k = SymmetricKey(size: .bits256)
+        let a = seal(FrameSealer(key: k, connection: 0), "same chunk")
+        let b = seal(FrameSealer(key: k, connection: 1), "same chunk")
+        #expect(a != b)
+    }
+}
