@@ -63,6 +63,6 @@ let package = Package(
         .testTarget(name: "FerryMigrationTests", dependencies: ["FerryMigration", "FerryInterfaces", "FerryWire"]),
         .testTarget(name: "FerryCLITests", dependencies: ["ferry"]),
         // Root-only suites: lab (namespaces) and end-to-end (two QEMUs, the real binary).
-        .testTarget(name: "FerryIntegrationTests", dependencies: ["FerryWire", "FerryIO", "FerryVM", "FerryLab", "FerryMigration", "FerryBench"], path: "IntegrationTests"),
+        .testTarget(name: "FerryIntegrationTests", dependencies: ["FerryWire", "FerryIO", "FerryVM", "FerryLab", "FerryMigration", "FerryBench", "FerryTransport"], path: "IntegrationTests"),
     ]
 )

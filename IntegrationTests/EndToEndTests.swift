@@ -98,6 +98,7 @@ struct EndToEndTests {
 
     enum Failure: String, CaseIterable, CustomTestStringConvertible {
         case destinationNotListening, destinationDaemonKilled, destinationQEMUKilled, garbageOnPort, wrongProtocolVersion, unknownVM
+        case wrongKey, insecureSource, insecureDestination
         var testDescription: String { rawValue }
     }
 
@@ -107,7 +108,8 @@ struct EndToEndTests {
         // 100 mbit makes a 96 MiB guest take several seconds: time to break things mid-way.
         let slow = kind == .destinationDaemonKilled || kind == .destinationQEMUKilled
         let lab = try TestLab(nics: 1, rate: slow ? "100mbit" : nil)
-        var servePID: Int32? = kind == .destinationNotListening ? nil : try lab.serve()
+        var servePID: Int32? = kind == .destinationNotListening ? nil
+            : try lab.serve(extra: kind == .insecureDestination ? ["--insecure"] : [])
         let source = try lab.startDemoVM("vm1", memory: 256, fill: slow ? 96 : 48, dirty: 2)
 
         switch kind {
@@ -171,6 +173,28 @@ struct EndToEndTests {
             let error = try ControlCoding.decode(ErrorMessage.self, from: frame)
             #expect(error.code == .unsupportedVersion)
             #expect(error.message.contains("v90-v99"))
+
+        case .wrongKey, .insecureSource, .insecureDestination:
+            var extra: [String] = []
+            if kind == .wrongKey {
+                let path = lab.lab.directory + "/other.key"
+                _ = FileManager.default.createFile(atPath: path, contents: Data(KeyRing(keys: [.generate()]).fileText.utf8),
+                                                   attributes: [.posixPermissions: 0o600])
+                extra = ["--key-file", path]
+            }
+            if kind == .insecureSource { extra = ["--insecure"] }
+            let (result, report) = try lab.migrate("vm1", extra: extra)
+            #expect(result.status == 1, "\(result.stdout)")
+            #expect(report?.outcome == .failedVMOnSource)
+            let why = ["not one this host holds", "requires authentication", "runs --insecure"][[Failure.wrongKey, .insecureSource, .insecureDestination].firstIndex(of: kind)!]
+            #expect(result.stdout.contains("authentication failed") || result.stdout.contains("authentication-failed"), "\(result.stdout)")
+            #expect(result.stdout.contains(why), "\(result.stdout)")
+            if kind == .insecureSource { #expect(result.stderr.contains("WARNING"), "--insecure must say so loudly") }
+            if kind == .insecureDestination {
+                // Back to a daemon with the key, for the next migration.
+                ProcessStats.terminate(pid: servePID!)
+                servePID = try lab.serve()
+            }
 
         case .unknownVM:
             let (result, report) = try lab.migrate("no-such-vm")

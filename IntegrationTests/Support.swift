@@ -47,8 +47,8 @@ final class TestLab: @unchecked Sendable {
     func host(_ name: String) -> LabHost { name == "a" ? a : b }
 
     @discardableResult
-    func serve(on host: String = "b") throws -> Int32 {
-        let pid = try self.host(host).startServe()
+    func serve(on host: String = "b", extra: [String] = []) throws -> Int32 {
+        let pid = try self.host(host).startServe(extra: extra)
         servePIDs.append(pid)
         return pid
     }
