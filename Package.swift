@@ -27,6 +27,10 @@ let package = Package(
             "FerryWire", "FerryIO",
             .product(name: "Logging", package: "swift-log"),
         ]),
+        // The system's LZ4 and zstd libraries.
+        .systemLibrary(name: "CFerryCompress", providers: [.apt(["liblz4-dev", "libzstd-dev"])]),
+        // Chunk compression: codecs, reusable per-thread contexts, the automatic codec choice.
+        .target(name: "FerryCompress", dependencies: ["CFerryCompress"]),
         // Data channels, striping, reordering, acknowledgements, failover.
         .target(name: "FerryTransport", dependencies: [
             "FerryWire", "FerryIO", "CFerryLinux",
@@ -57,6 +61,7 @@ let package = Package(
         ]),
         .testTarget(name: "FerryWireTests", dependencies: ["FerryWire", .product(name: "Crypto", package: "swift-crypto")]),
         .testTarget(name: "FerryQMPTests", dependencies: ["FerryQMP", "FerryWire"]),
+        .testTarget(name: "FerryCompressTests", dependencies: ["FerryCompress"]),
         .testTarget(name: "FerryTransportTests", dependencies: ["FerryTransport", "FerryWire", "FerryIO", .product(name: "Crypto", package: "swift-crypto")]),
         .testTarget(name: "FerryVMTests", dependencies: ["FerryVM", "FerryWire"]),
         .testTarget(name: "FerryInterfacesTests", dependencies: ["FerryInterfaces"]),
