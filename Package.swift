@@ -66,7 +66,7 @@ let package = Package(
         .testTarget(name: "FerryVMTests", dependencies: ["FerryVM", "FerryWire"]),
         .testTarget(name: "FerryInterfacesTests", dependencies: ["FerryInterfaces"]),
         .testTarget(name: "FerryMigrationTests", dependencies: ["FerryMigration", "FerryInterfaces", "FerryWire"]),
-        .testTarget(name: "FerryCLITests", dependencies: ["ferry"]),
+        .testTarget(name: "FerryCLITests", dependencies: ["ferry", "FerryWire"]),
         // Root-only suites: lab (namespaces) and end-to-end (two QEMUs, the real binary).
         .testTarget(name: "FerryIntegrationTests", dependencies: ["FerryWire", "FerryIO", "FerryVM", "FerryLab", "FerryMigration", "FerryBench", "FerryTransport"], path: "IntegrationTests"),
     ]

@@ -12,7 +12,10 @@ import Logging
 /// it, answers with an error where it can, and goes on serving.
 public final class MigrationServer: @unchecked Sendable {
     public struct Options: Sendable {
-        public var host: String
+        /// The addresses to listen on, all on `port`: only these take connections, and
+        /// only NICs holding one of them are offered for data channels. "0.0.0.0" or "::"
+        /// listens everywhere.
+        public var addresses: [String]
         public var port: UInt16
         /// A new connection must say what it is (hello or bind) within this time.
         public var handshakeTimeout: Duration = .seconds(10)
@@ -27,8 +30,9 @@ public final class MigrationServer: @unchecked Sendable {
         public var maxBandwidthBytesPerSecond: UInt64?
         /// The cluster keys this host accepts; nil runs insecure (`--insecure`).
         public var keys: KeyRing?
-        public init(host: String, port: UInt16) {
-            self.host = host
+        public init(addresses: [String], port: UInt16) {
+            precondition(!addresses.isEmpty)
+            self.addresses = addresses
             self.port = port
         }
     }
@@ -37,7 +41,7 @@ public final class MigrationServer: @unchecked Sendable {
     public let port: UInt16
     private let store: VMStore
     private let logger: Logger
-    private let listener: Socket
+    private let listeners: [Socket]
     private let lock = NSLock()
     private var sessions: [String: DestinationSession] = [:]
     private var incomingNames: [String: String] = [:]
@@ -49,8 +53,16 @@ public final class MigrationServer: @unchecked Sendable {
         self.store = store
         self.options = options
         self.logger = logger
-        listener = try Socket.listenTCP(host: options.host, port: options.port)
-        port = listener.localPort
+        var listeners: [Socket] = []
+        var port = options.port
+        for address in options.addresses {
+            // The first listener fixes the port (an ephemeral one if 0); the others use it.
+            let listener = try Socket.listenTCP(host: address, port: port)
+            port = listener.localPort
+            listeners.append(listener)
+        }
+        self.listeners = listeners
+        self.port = port
     }
 
     /// Cleans up what a previous, crashed daemon left: destination QEMUs that were still
@@ -63,9 +75,16 @@ public final class MigrationServer: @unchecked Sendable {
         }
     }
 
-    /// Accepts connections until the process ends.
+    /// Accepts connections on every listener until the process ends.
     public func run() -> Never {
-        logger.info("ferry serve listening", metadata: ["address": "\(options.host)", "port": "\(port)"])
+        logger.info("ferry serve listening", metadata: ["addresses": "\(options.addresses.joined(separator: ","))", "port": "\(port)"])
+        for listener in listeners.dropFirst() {
+            spawnThread("ferry-listen") { [self] in acceptLoop(listener) }
+        }
+        acceptLoop(listeners[0])
+    }
+
+    private func acceptLoop(_ listener: Socket) -> Never {
         while true {
             let socket: Socket?
             do {
@@ -212,10 +231,27 @@ public final class MigrationServer: @unchecked Sendable {
         for session in active { session.sendLimit(share) }
     }
 
-    /// This host's NICs as the destination offers them (interface discovery).
+    /// This host's NICs as the destination offers them (interface discovery): those
+    /// allowed, with only the addresses the daemon listens on.
     func offeredInterfaces() -> [InterfaceMessage] {
-        InterfaceDiscovery.list(speeds: options.nicSpeeds)
+        let everywhere = options.addresses.contains { $0 == "0.0.0.0" || $0 == "::" }
+        return InterfaceDiscovery.list(speeds: options.nicSpeeds)
             .filter { !$0.isLoopback && options.nics.allows($0.name) }
             .map(InterfaceMessage.init)
+            .compactMap { nic in
+                var nic = nic
+                if !everywhere {
+                    nic.addresses = nic.addresses.filter { options.addresses.contains(String($0.split(separator: "/")[0])) }
+                }
+                return nic.addresses.isEmpty ? nil : nic
+            }
+    }
+
+    /// Where to listen when not told: every address of this host's migration NICs (those
+    /// `nics` allows, not loopback, not link-local), never the wildcard.
+    public static func defaultAddresses(nics: NICSelection, speeds: [String: UInt64]) -> [String] {
+        InterfaceDiscovery.list(speeds: speeds)
+            .filter { !$0.isLoopback && nics.allows($0.name) }
+            .flatMap { $0.addresses.filter { !$0.isLinkLocal }.map(\.address) }
     }
 }

@@ -38,7 +38,7 @@ struct SecurityOptions: ParsableArguments {
             return try KeyRing.load(path: path)
         } catch {
             throw UserError("""
-                ferry \(command) needs the cluster key: \(error)
+                ferry \(command): \(error)
                 Create it once with `ferry keygen --output \(path)`, copy it to every host (mode 600),
                 or pass --insecure on an isolated test network.
                 """)

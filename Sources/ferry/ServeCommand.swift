@@ -8,8 +8,8 @@ struct Serve: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Accept incoming migrations on this host (runs in the foreground; use your service manager).")
 
-    @Option(help: "Address and port to listen on (default: 0.0.0.0:\(Endpoint.defaultPort)).")
-    var listen = Endpoint(host: "0.0.0.0", port: Endpoint.defaultPort)
+    @Option(help: "An address (and port) to listen on; repeat for several, all on one port. Only NICs with such an address carry data channels. 0.0.0.0 listens everywhere (default: every address of the migration NICs --nics selects, port \(Endpoint.defaultPort)).")
+    var listen: [Endpoint] = []
 
     @Option(name: .customLong("pid-file"), help: "Write the daemon's pid here (default: <state-dir>/run/serve.pid).")
     var pidFile: String?
@@ -23,6 +23,12 @@ struct Serve: ParsableCommand {
 
     @OptionGroup var host: HostOptions
 
+    func validate() throws {
+        if Set(listen.map(\.port)).count > 1 {
+            throw ValidationError("every --listen must use the same port (data channels are told one port)")
+        }
+    }
+
     func run() throws {
         let keys = try security.keys(for: "serve")
         let logger = host.logger("ferry.serve", default: .info)
@@ -30,20 +36,26 @@ struct Serve: ParsableCommand {
         try paths.ensure()
         let server: MigrationServer
         do {
-            var options = MigrationServer.Options(host: listen.host, port: listen.port)
-            options.nics = nicOptions.nics ?? .all
-            options.nicSpeeds = NICSpeeds.resolve(nicOptions.nicSpeed)
+            let nics = nicOptions.nics ?? .all
+            let speeds = NICSpeeds.resolve(nicOptions.nicSpeed)
+            let addresses = listen.isEmpty ? MigrationServer.defaultAddresses(nics: nics, speeds: speeds) : listen.map(\.host)
+            guard !addresses.isEmpty else {
+                throw UserError("no NIC address to listen on (none is up, or --nics left none); give --listen ADDRESS")
+            }
+            var options = MigrationServer.Options(addresses: addresses, port: listen.first?.port ?? Endpoint.defaultPort)
+            options.nics = nics
+            options.nicSpeeds = speeds
             options.maxBandwidthBytesPerSecond = maxBandwidth?.bytesPerSecond
             options.keys = keys
             server = try MigrationServer(store: host.store, options: options, logger: logger)
         } catch {
-            throw UserError("cannot listen on \(listen.host):\(listen.port): \(error)")
+            throw UserError("cannot listen: \(error)")
         }
         server.reconcile()
         let pidPath = pidFile ?? paths.runDirectory + "/serve.pid"
         try "\(getpid())\n".write(toFile: pidPath, atomically: true, encoding: .utf8)
         signal(SIGPIPE, SIG_IGN)
-        print("ferry serve: listening on \(listen.host):\(server.port) (state in \(paths.root); "
+        print("ferry serve: listening on \(server.options.addresses.map { ($0.contains(":") ? "[\($0)]" : $0) + ":\(server.port)" }.joined(separator: ", ")) (state in \(paths.root); "
               + (keys.map { "cluster key \($0.primary.id)" + ($0.keys.count > 1 ? " + \($0.keys.count - 1) accepted" : "") } ?? "INSECURE") + ")")
         fflush(nil)
         server.run()

@@ -1,5 +1,6 @@
 import ArgumentParser
 import Foundation
+import FerryWire
 import Testing
 @testable import ferry
 
@@ -58,6 +59,9 @@ struct CLITests {
         ["lab", "up", "--rate", "fast"],
         ["lab", "nic", "sideways", "a", "1"],
         ["nonsense"],
+        ["migrate", "vm1", "--to", "b", "--insecure", "--key-file", "/etc/ferry/cluster.key"],
+        ["serve", "--insecure", "--key-file", "/k"],
+        ["serve", "--listen", "10.0.0.1:7000", "--listen", "10.0.1.1:7001"],
     ])
     func badArguments(args: [String]) {
         do {
@@ -81,8 +85,36 @@ struct CLITests {
             #expect(run.contains(text), "vm run help lacks \(text)")
         }
         let root = Ferry.helpMessage()
-        for command in ["serve", "vm", "migrate", "status", "guest", "lab", "demo"] {
+        let serve = Ferry.helpMessage(for: Serve.self)
+        for text in ["--listen", "--key-file", "--insecure", "FERRY_KEY_FILE"] {
+            #expect(serve.contains(text), "serve help lacks \(text)")
+        }
+        for command in ["serve", "vm", "migrate", "status", "keygen", "guest", "lab", "demo"] {
             #expect(root.contains(command))
         }
+    }
+
+    @Test("keygen writes a private key file, refuses to overwrite it, and rotates with --add")
+    func keygen() throws {
+        let directory = NSTemporaryDirectory() + "ferry-keygen-\(UUID().uuidString)"
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        let path = directory + "/keys/cluster.key"
+        var first = try Ferry.parseAsRoot(["keygen", "--output", path])
+        try first.run()
+        let attributes = try FileManager.default.attributesOfItem(atPath: path)
+        #expect((attributes[.posixPermissions] as? Int) == 0o600)
+        let one = try KeyRing.load(path: path)
+        #expect(one.keys.count == 1)
+
+        var again = try Ferry.parseAsRoot(["keygen", "--output", path])
+        #expect(throws: (any Error).self) { try again.run() }
+        #expect(try KeyRing.load(path: path) == one, "a refused keygen must not touch the file")
+
+        var rotate = try Ferry.parseAsRoot(["keygen", "--output", path, "--add"])
+        try rotate.run()
+        let two = try KeyRing.load(path: path)
+        #expect(two.keys.count == 2)
+        #expect(two.keys[1] == one.primary, "the old key stays accepted, after the new one")
+        #expect(two.primary != one.primary)
     }
 }
