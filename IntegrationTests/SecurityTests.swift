@@ -64,12 +64,14 @@ struct SecurityTests {
         func genuineHandshake(key: ClusterKey) throws -> (hello: Frame, auth: Frame, connection: FrameConnection) {
             let c = try connect()
             let nonce = Handshake.newNonce()
-            let hello = ControlCoding.frame(.hello, HelloMessage(software: "test", host: "recorder", auth: AuthOffer(keyID: key.id, nonce: nonce)))
+            let hello = ControlCoding.frame(.hello, HelloMessage(software: "test", host: "recorder",
+                                                                 auth: AuthOffer(keyID: key.id, nonce: nonce, share: EphemeralKey().share)))
             try c.send(hello)
             let welcomeFrame = try c.receiveChecked()
             let welcome = try ControlCoding.decode(WelcomeMessage.self, from: welcomeFrame)
             let reply = try #require(welcome.auth)
-            #expect(Handshake.equal(reply.proof, Handshake.destinationProof(key: key, helloPayload: hello.payload, destinationNonce: reply.nonce, version: welcome.version)),
+            #expect(Handshake.equal(reply.proof, Handshake.destinationProof(key: key, helloPayload: hello.payload, destinationNonce: reply.nonce,
+                                                                             destinationShare: reply.share, version: welcome.version)),
                     "the daemon proved the key")
             let auth = ControlCoding.frame(.auth, AuthMessage(proof: Handshake.sourceProof(key: key, helloPayload: hello.payload, welcomePayload: welcomeFrame.payload)))
             try c.send(auth)
@@ -97,13 +99,13 @@ struct SecurityTests {
         // A key the daemon does not hold.
         let other = ClusterKey.generate()
         let stranger = try d.connect()
-        try stranger.send(.hello, HelloMessage(software: "test", host: "x", auth: AuthOffer(keyID: other.id, nonce: Handshake.newNonce())))
+        try stranger.send(.hello, HelloMessage(software: "test", host: "x", auth: AuthOffer(keyID: other.id, nonce: Handshake.newNonce(), share: EphemeralKey().share)))
         let unknown = try #require(d.errorReply(stranger))
         #expect(unknown.code == .authenticationFailed && unknown.message.contains("not one this host holds"), "\(unknown)")
 
         // The right key id, but proof made with another key (a peer that guessed the id).
         let guesser = try d.connect()
-        let guessHello = ControlCoding.frame(.hello, HelloMessage(software: "test", host: "x", auth: AuthOffer(keyID: key.id, nonce: Handshake.newNonce())))
+        let guessHello = ControlCoding.frame(.hello, HelloMessage(software: "test", host: "x", auth: AuthOffer(keyID: key.id, nonce: Handshake.newNonce(), share: EphemeralKey().share)))
         try guesser.send(guessHello)
         let guessWelcome = try guesser.receiveChecked()
         try guesser.send(.auth, AuthMessage(proof: Handshake.sourceProof(key: other, helloPayload: guessHello.payload, welcomePayload: guessWelcome.payload)))

@@ -62,8 +62,9 @@ enum HandshakeRunner {
     /// the welcome and the session's security. Throws ``SecurityError`` on any mismatch.
     static func source(_ control: FrameConnection, keys ring: KeyRing?, host: String) throws -> (WelcomeMessage, SessionSecurity) {
         let nonce = Handshake.newNonce()
+        let ephemeral = EphemeralKey()
         let hello = ControlCoding.frame(.hello, HelloMessage(software: FerryVersion.software, host: host,
-                                                             auth: ring.map { AuthOffer(keyID: $0.primary.id, nonce: nonce) }))
+                                                             auth: ring.map { AuthOffer(keyID: $0.primary.id, nonce: nonce, share: ephemeral.share) }))
         try control.send(hello)
         let welcomeFrame = try control.receiveChecked()
         guard welcomeFrame.type == .welcome else { throw WireError.unexpectedFrame(welcomeFrame.type, expected: "welcome") }
@@ -72,12 +73,15 @@ enum HandshakeRunner {
         case (let ring?, let reply?):
             let key = ring.primary
             guard Handshake.validNonce(reply.nonce) else { throw SecurityError.authenticationFailed("the destination's nonce is malformed") }
-            let expected = Handshake.destinationProof(key: key, helloPayload: hello.payload, destinationNonce: reply.nonce, version: welcome.version)
+            let expected = Handshake.destinationProof(key: key, helloPayload: hello.payload, destinationNonce: reply.nonce,
+                                                      destinationShare: reply.share, version: welcome.version)
             guard Handshake.equal(expected, reply.proof) else {
                 throw SecurityError.authenticationFailed("the destination did not prove it holds cluster key \(key.id)")
             }
+            let secret = try ephemeral.agree(with: reply.share)
             try control.send(.auth, AuthMessage(proof: Handshake.sourceProof(key: key, helloPayload: hello.payload, welcomePayload: welcomeFrame.payload)))
-            let security = SessionSecurity.authenticated(SessionKeys(key: key, sourceNonce: nonce, destinationNonce: reply.nonce), keyID: key.id)
+            let keys = SessionKeys(key: key, sharedSecret: secret, sourceNonce: nonce, destinationNonce: reply.nonce)
+            let security = SessionSecurity.authenticated(keys, keyID: key.id)
             security.secureControl(control, as: .source)
             return (welcome, security)
         case (_?, nil):
@@ -105,17 +109,26 @@ enum HandshakeRunner {
             guard Handshake.validNonce(offer.nonce) else {
                 throw ErrorMessage(code: .authenticationFailed, message: "the source's nonce is malformed")
             }
+            let ephemeral = EphemeralKey()
+            let secret: [UInt8]
+            do {
+                secret = try ephemeral.agree(with: offer.share)
+            } catch {
+                throw ErrorMessage(code: .authenticationFailed, message: "\(error)")
+            }
             let nonce = Handshake.newNonce()
-            let proof = Handshake.destinationProof(key: key, helloPayload: helloFrame.payload, destinationNonce: nonce, version: version)
+            let proof = Handshake.destinationProof(key: key, helloPayload: helloFrame.payload, destinationNonce: nonce,
+                                                   destinationShare: ephemeral.share, version: version)
             let welcome = ControlCoding.frame(.welcome, WelcomeMessage(version: version, software: FerryVersion.software, host: host,
-                                                                       auth: AuthReply(nonce: nonce, proof: proof)))
+                                                                       auth: AuthReply(nonce: nonce, share: ephemeral.share, proof: proof)))
             try control.send(welcome)
             let auth = try control.expect(.auth, as: AuthMessage.self)
             let expected = Handshake.sourceProof(key: key, helloPayload: helloFrame.payload, welcomePayload: welcome.payload)
             guard Handshake.equal(expected, auth.proof) else {
                 throw ErrorMessage(code: .authenticationFailed, message: "the source did not prove it holds cluster key \(key.id)")
             }
-            let security = SessionSecurity.authenticated(SessionKeys(key: key, sourceNonce: offer.nonce, destinationNonce: nonce), keyID: key.id)
+            let keys = SessionKeys(key: key, sharedSecret: secret, sourceNonce: offer.nonce, destinationNonce: nonce)
+            let security = SessionSecurity.authenticated(keys, keyID: key.id)
             security.secureControl(control, as: .destination)
             return (hello, version, security)
         case (_?, nil):

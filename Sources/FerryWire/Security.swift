@@ -112,24 +112,52 @@ public struct KeyRing: Sendable, Equatable {
 
 // MARK: - The handshake
 
-/// In `hello`: the source names its key and brings a fresh nonce.
+/// In `hello`: the source names its key and brings a fresh nonce and ephemeral key share.
 public struct AuthOffer: Codable, Equatable, Sendable {
     public var keyID: String
     /// 32 random bytes, hex.
     public var nonce: String
-    public init(keyID: String, nonce: String) {
+    /// The source's ephemeral X25519 public key, hex (32 bytes).
+    public var share: String
+    public init(keyID: String, nonce: String, share: String) {
         self.keyID = keyID
         self.nonce = nonce
+        self.share = share
     }
 }
 
-/// In `welcome`: the destination's fresh nonce and its proof of the key over both.
+/// In `welcome`: the destination's fresh nonce and key share, and its proof of the key
+/// over the whole exchange so far.
 public struct AuthReply: Codable, Equatable, Sendable {
     public var nonce: String
+    public var share: String
     public var proof: String
-    public init(nonce: String, proof: String) {
+    public init(nonce: String, share: String, proof: String) {
         self.nonce = nonce
+        self.share = share
         self.proof = proof
+    }
+}
+
+/// One side's ephemeral X25519 key for one handshake: mixed into the session keys so that
+/// recorded traffic stays secret even if the cluster key leaks later (forward secrecy).
+public struct EphemeralKey: @unchecked Sendable {
+    private let key = Curve25519.KeyAgreement.PrivateKey()
+    public init() {}
+
+    /// The public half, hex, as it travels in `hello`/`welcome`.
+    public var share: String { Hex.encode(Array(key.publicKey.rawRepresentation)) }
+
+    /// The shared secret with the peer's share; refuses a malformed or low-order share.
+    public func agree(with peerShare: String) throws(SecurityError) -> [UInt8] {
+        guard let raw = Hex.decode(peerShare), raw.count == 32,
+              let peer = try? Curve25519.KeyAgreement.PublicKey(rawRepresentation: raw),
+              let secret = try? key.sharedSecretFromKeyAgreement(with: peer) else {
+            throw .authenticationFailed("the peer's key share is malformed")
+        }
+        let bytes = secret.withUnsafeBytes { Array($0) }
+        guard bytes.contains(where: { $0 != 0 }) else { throw .authenticationFailed("the peer's key share is degenerate") }
+        return bytes
     }
 }
 
@@ -143,21 +171,25 @@ public struct AuthMessage: Codable, Equatable, Sendable {
 /// replay: each side's proof is an HMAC over the other side's fresh nonce (carried in the
 /// transcript), so a recorded proof is worthless in any other exchange.
 ///
-/// 1. source → `hello` {…, auth: {keyID, nonceS}}
-/// 2. destination → `welcome` {…, auth: {nonceD, proofD}}
-///    proofD = HMAC(K, "ferry-auth-v1 destination" | SHA-256(hello payload) | nonceD | version)
+/// 1. source → `hello` {…, auth: {keyID, nonceS, shareS}}
+/// 2. destination → `welcome` {…, auth: {nonceD, shareD, proofD}}
+///    proofD = HMAC(K, "ferry-auth-v1 destination" | SHA-256(hello payload) | nonceD | shareD | version)
 /// 3. source checks proofD → `auth` {proofS}
 ///    proofS = HMAC(K, "ferry-auth-v1 source" | SHA-256(hello payload) | SHA-256(welcome payload))
-/// 4. destination checks proofS. Both derive the session keys from K and both nonces.
+/// 4. destination checks proofS. Both derive the session keys from K, the X25519 secret
+///    of the two shares, and both nonces. The proofs cover both shares, so nobody in the
+///    middle can swap them.
 public enum Handshake {
     public static let nonceByteCount = 32
 
     public static func newNonce() -> String { Hex.random(byteCount: nonceByteCount) }
 
-    public static func destinationProof(key: ClusterKey, helloPayload: [UInt8], destinationNonce: String, version: UInt16) -> String {
+    public static func destinationProof(key: ClusterKey, helloPayload: [UInt8], destinationNonce: String,
+                                        destinationShare: String, version: UInt16) -> String {
         var m = Array("ferry-auth-v1 destination".utf8)
         m += Array(SHA256.hash(data: helloPayload))
         m += Array(destinationNonce.utf8)
+        m += Array(destinationShare.utf8)
         withUnsafeBytes(of: version.bigEndian) { m += $0 }
         return Hex.encode(Array(HMAC<SHA256>.authenticationCode(for: m, using: key.symmetric)))
     }
@@ -184,9 +216,9 @@ public enum Handshake {
     }
 }
 
-/// The keys of one migration session, derived with HKDF-SHA256 from the cluster key and
-/// both nonces: fresh for every session, one per direction and purpose, so that a nonce
-/// never repeats under a key however the channels are numbered.
+/// The keys of one migration session, derived with HKDF-SHA256 from the cluster key, the
+/// ephemeral X25519 secret and both nonces: fresh for every session, one per direction and
+/// purpose, so that a nonce never repeats under a key however the channels are numbered.
 /// (`SymmetricKey` is immutable but not marked Sendable by swift-crypto 3.)
 public struct SessionKeys: @unchecked Sendable {
     public let controlToDestination: SymmetricKey
@@ -196,10 +228,11 @@ public struct SessionKeys: @unchecked Sendable {
     /// Binds data channels to the session (``ChannelBinding``).
     public let bind: [UInt8]
 
-    public init(key: ClusterKey, sourceNonce: String, destinationNonce: String) {
+    public init(key: ClusterKey, sharedSecret: [UInt8], sourceNonce: String, destinationNonce: String) {
         let salt = Array(sourceNonce.utf8) + Array(destinationNonce.utf8)
+        let material = SymmetricKey(data: key.bytes + sharedSecret)
         func derive(_ label: String) -> SymmetricKey {
-            HKDF<SHA256>.deriveKey(inputKeyMaterial: key.symmetric, salt: salt,
+            HKDF<SHA256>.deriveKey(inputKeyMaterial: material, salt: salt,
                                    info: Array("ferry-session-v1 \(label)".utf8), outputByteCount: 32)
         }
         controlToDestination = derive("control source-to-destination")

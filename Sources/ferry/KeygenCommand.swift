@@ -52,15 +52,15 @@ struct Keygen: ParsableCommand {
         discussion: """
             The key is 256 random bits in a text file readable by root only. Copy it to every
             host of the cluster over a channel you trust (your configuration management).
-            To rotate: `ferry keygen --add` on one host puts a new key first and keeps the old
-            one accepted; copy that file to every host; once all have it, remove the old line.
-            See docs/SECURITY.md.
+            To rotate: `ferry keygen --add` on one host appends a new key, accepted but not yet
+            used; copy that file to every host. Then move the new line first on every host (the
+            first key is the one used), and finally delete the old line. See docs/SECURITY.md.
             """)
 
     @Option(help: "Where to write the key (default: $FERRY_KEY_FILE or \(KeyFile.defaultPath)).")
     var output: String?
 
-    @Flag(help: "Keep the keys already in the file, accepted, after the new one (rotation).")
+    @Flag(help: "Append a new key to an existing file, accepted but not used until its line is moved first (rotation).")
     var add = false
 
     @Flag(help: "Replace an existing key file.")
@@ -69,11 +69,12 @@ struct Keygen: ParsableCommand {
     func run() throws {
         let path = KeyFile.path(output)
         let exists = FileManager.default.fileExists(atPath: path)
-        var keys = [ClusterKey.generate()]
+        let new = ClusterKey.generate()
+        var keys = [new]
         if add {
             guard exists else { throw UserError("--add: there is no key file at \(path) to add to") }
             do {
-                keys += try KeyRing.load(path: path).keys
+                keys = try KeyRing.load(path: path).keys + [new]
             } catch {
                 throw UserError("--add: \(error)")
             }
@@ -97,6 +98,10 @@ struct Keygen: ParsableCommand {
             unlink(temporary)
             throw UserError("cannot write \(path): \(String(cString: strerror(errno)))")
         }
-        print("wrote \(path): cluster key \(keys[0].id)" + (keys.count > 1 ? " (used), then \(keys.dropFirst().map(\.id).joined(separator: ", ")) (accepted)" : ""))
+        if add {
+            print("added cluster key \(new.id) to \(path), accepted but not used; in use: \(keys[0].id)")
+        } else {
+            print("wrote \(path): cluster key \(new.id)")
+        }
     }
 }

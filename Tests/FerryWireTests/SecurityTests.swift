@@ -63,16 +63,23 @@ struct SealingTests {
     let key = ClusterKey.generate()
     let hello = Array(#"{"host":"a","nonce":"x"}"#.utf8)
 
-    @Test("each side's proof verifies only under the same key, the same hello and the same nonce")
+    @Test("each side's proof verifies only under the same key, the same hello, nonce and key share")
     func proofs() {
         let nonce = Handshake.newNonce()
-        let proof = Handshake.destinationProof(key: key, helloPayload: hello, destinationNonce: nonce, version: 1)
-        #expect(Handshake.equal(proof, Handshake.destinationProof(key: key, helloPayload: hello, destinationNonce: nonce, version: 1)))
-        #expect(!Handshake.equal(proof, Handshake.destinationProof(key: .generate(), helloPayload: hello, destinationNonce: nonce, version: 1)))
-        // A recorded proof is worthless against a fresh nonce (replay) or another hello.
-        #expect(!Handshake.equal(proof, Handshake.destinationProof(key: key, helloPayload: hello, destinationNonce: Handshake.newNonce(), version: 1)))
-        #expect(!Handshake.equal(proof, Handshake.destinationProof(key: key, helloPayload: hello + [0x20], destinationNonce: nonce, version: 1)))
-        #expect(!Handshake.equal(proof, Handshake.destinationProof(key: key, helloPayload: hello, destinationNonce: nonce, version: 2)))
+        let share = EphemeralKey().share
+        func proof(_ k: ClusterKey, _ h: [UInt8], _ n: String, _ sh: String, _ v: UInt16) -> String {
+            Handshake.destinationProof(key: k, helloPayload: h, destinationNonce: n, destinationShare: sh, version: v)
+        }
+        let p = proof(key, hello, nonce, share, 1)
+        #expect(Handshake.equal(p, proof(key, hello, nonce, share, 1)))
+        #expect(!Handshake.equal(p, proof(.generate(), hello, nonce, share, 1)))
+        // A recorded proof is worthless against a fresh nonce (replay), another hello, a
+        // swapped key share (a man in the middle) or another version.
+        #expect(!Handshake.equal(p, proof(key, hello, Handshake.newNonce(), share, 1)))
+        #expect(!Handshake.equal(p, proof(key, hello + [0x20], nonce, share, 1)))
+        #expect(!Handshake.equal(p, proof(key, hello, nonce, EphemeralKey().share, 1)))
+        #expect(!Handshake.equal(p, proof(key, hello, nonce, share, 2)))
+        let proof = p
         let welcome = Array("welcome".utf8)
         let s = Handshake.sourceProof(key: key, helloPayload: hello, welcomePayload: welcome)
         #expect(!Handshake.equal(s, Handshake.sourceProof(key: key, helloPayload: hello, welcomePayload: welcome + [1])))
@@ -80,14 +87,21 @@ struct SealingTests {
         #expect(Handshake.validNonce(nonce) && !Handshake.validNonce("abcd") && !Handshake.validNonce(nonce + "zz"))
     }
 
-    @Test("session keys are fresh for every pair of nonces and differ per direction and purpose")
-    func sessionKeys() {
+    @Test("both sides agree on the X25519 secret; session keys are fresh for every exchange and differ per direction and purpose")
+    func sessionKeys() throws {
+        let s = EphemeralKey(), d = EphemeralKey()
+        let secret = try s.agree(with: d.share)
+        #expect(try d.agree(with: s.share) == secret)
+        #expect(throws: SecurityError.self) { try s.agree(with: "abcd") }
+        #expect(throws: SecurityError.self) { try s.agree(with: String(repeating: "00", count: 32)) }
         let n1 = Handshake.newNonce(), n2 = Handshake.newNonce()
-        let a = SessionKeys(key: key, sourceNonce: n1, destinationNonce: n2)
-        let b = SessionKeys(key: key, sourceNonce: n1, destinationNonce: Handshake.newNonce())
+        let a = SessionKeys(key: key, sharedSecret: secret, sourceNonce: n1, destinationNonce: n2)
+        let b = SessionKeys(key: key, sharedSecret: secret, sourceNonce: n1, destinationNonce: Handshake.newNonce())
+        let c = SessionKeys(key: key, sharedSecret: try s.agree(with: EphemeralKey().share), sourceNonce: n1, destinationNonce: n2)
         func bytes(_ k: SymmetricKey) -> [UInt8] { k.withUnsafeBytes { Array($0) } }
-        #expect(bytes(a.dataToDestination) == bytes(SessionKeys(key: key, sourceNonce: n1, destinationNonce: n2).dataToDestination))
+        #expect(bytes(a.dataToDestination) == bytes(SessionKeys(key: key, sharedSecret: secret, sourceNonce: n1, destinationNonce: n2).dataToDestination))
         #expect(bytes(a.dataToDestination) != bytes(b.dataToDestination))
+        #expect(bytes(a.dataToDestination) != bytes(c.dataToDestination), "the ephemeral secret counts")
         let all = [a.controlToDestination, a.controlToSource, a.dataToDestination, a.dataToSource].map(bytes) + [a.bind]
         #expect(Set(all).count == 5)
     }
