@@ -33,7 +33,7 @@ let package = Package(
         .target(name: "FerryCompress", dependencies: ["CFerryCompress"]),
         // Data channels, striping, reordering, acknowledgements, failover.
         .target(name: "FerryTransport", dependencies: [
-            "FerryWire", "FerryIO", "CFerryLinux",
+            "FerryWire", "FerryIO", "CFerryLinux", "FerryCompress",
             .product(name: "Logging", package: "swift-log"),
         ]),
         // QEMU processes, VM specs, state directories, boot-file store.
@@ -46,7 +46,7 @@ let package = Package(
         .target(name: "FerryInterfaces"),
         // Orchestration: source and destination state machines, policy, report.
         .target(name: "FerryMigration", dependencies: [
-            "FerryWire", "FerryQMP", "FerryTransport", "FerryVM", "FerryInterfaces",
+            "FerryWire", "FerryQMP", "FerryTransport", "FerryVM", "FerryInterfaces", "FerryCompress",
             .product(name: "Logging", package: "swift-log"),
         ]),
         // The test lab: network namespaces, veth NICs, tc rates.
@@ -55,14 +55,14 @@ let package = Package(
         .target(name: "FerryBench", dependencies: ["FerryLab", "FerryVM", "FerryQMP", "FerryIO", "FerryMigration", "FerryWire", "FerryInterfaces"]),
         .executableTarget(name: "ferry", dependencies: [
             "FerryBench",
-            "FerryWire", "FerryIO", "FerryQMP", "FerryTransport", "FerryVM", "FerryMigration", "FerryLab", "FerryInterfaces",
+            "FerryWire", "FerryIO", "FerryQMP", "FerryTransport", "FerryVM", "FerryMigration", "FerryLab", "FerryInterfaces", "FerryCompress",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),
         ]),
         .testTarget(name: "FerryWireTests", dependencies: ["FerryWire", .product(name: "Crypto", package: "swift-crypto")]),
         .testTarget(name: "FerryQMPTests", dependencies: ["FerryQMP", "FerryWire"]),
         .testTarget(name: "FerryCompressTests", dependencies: ["FerryCompress"]),
-        .testTarget(name: "FerryTransportTests", dependencies: ["FerryTransport", "FerryWire", "FerryIO", .product(name: "Crypto", package: "swift-crypto")]),
+        .testTarget(name: "FerryTransportTests", dependencies: ["FerryTransport", "FerryWire", "FerryIO", "FerryCompress", .product(name: "Crypto", package: "swift-crypto")]),
         .testTarget(name: "FerryVMTests", dependencies: ["FerryVM", "FerryWire"]),
         .testTarget(name: "FerryInterfacesTests", dependencies: ["FerryInterfaces"]),
         .testTarget(name: "FerryMigrationTests", dependencies: ["FerryMigration", "FerryInterfaces", "FerryWire"]),

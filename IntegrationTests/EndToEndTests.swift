@@ -76,6 +76,40 @@ struct EndToEndTests {
         try lab.expectRunningAndHealthy("vm1", on: "b")
     }
 
+    @Test("every --compress setting carries a compressible, dirtying guest back and forth; it verifies at the end")
+    func compressionSettings() throws {
+        // 200 mbit: slow enough that the link is the bottleneck, so auto compresses.
+        let lab = try TestLab(nics: 1, rate: "200mbit")
+        try lab.serve(on: "a")
+        try lab.serve(on: "b")
+        _ = try lab.startDemoVM("vm1", memory: 256, fill: 128, dirty: 2, content: "text")
+        var here = "a"
+        for setting in ["none", "lz4", "zstd", "zstd:3", "auto"] {
+            let there = here == "a" ? "b" : "a"
+            let (result, report) = try lab.migrate("vm1", from: here, to: there, extra: ["--compress", setting])
+            #expect(result.succeeded, "--compress \(setting): \(result.stdout)")
+            let r = try #require(report)
+            let c = try #require(r.compression)
+            #expect(c.mode == (setting == "zstd" ? "zstd:1" : setting))
+            let guest = r.channels.reduce(0) { $0 + $1.payloadBytes }
+            let ratio = Double(guest) / Double(max(1, r.wireBytes))
+            if setting == "none" {
+                #expect(c.periods.allSatisfy { $0.codec == "none" })
+                #expect(ratio < 1.01, "none: ratio \(ratio)")
+            } else {
+                // The guest's text pages compress at least 2:1 with any codec; zero pages
+                // were already only flags in QEMU's stream.
+                #expect(ratio > 1.6, "--compress \(setting): guest \(guest) bytes in \(r.wireBytes) on the wire")
+                #expect(c.periods.contains { $0.codec != "none" }, "\(c.periods)")
+            }
+            if setting == "auto" {
+                #expect(r.events.contains { $0.what.hasPrefix("compression: ") }, "auto reported no choice: \(r.events.map(\.what))")
+            }
+            here = there
+        }
+        try lab.expectRunningAndHealthy("vm1", on: here)
+    }
+
     @Test("a guest Ferry did not build (any kernel and initrd) migrates, with multifd off")
     func foreignGuest() throws {
         let lab = try TestLab(nics: 1)

@@ -54,11 +54,12 @@ final class TestLab: @unchecked Sendable {
     }
 
     /// Starts the demo guest on `host` and waits until its memory is filled and checked.
-    func startDemoVM(_ name: String, on host: String = "a", memory: Int = 256, fill: Int = 64, dirty: Int = 4) throws -> VMRecord {
+    func startDemoVM(_ name: String, on host: String = "a", memory: Int = 256, fill: Int = 64, dirty: Int = 4,
+                     content: String = "random") throws -> VMRecord {
         let h = self.host(host)
         let result = try h.ferry(["vm", "run", name, "--memory", "\(memory)M", "--cpus", "2",
                                   "--kernel", Env.guest.kernel, "--initrd", Env.guest.initrd,
-                                  "--append", GuestImage.append(fillMiB: fill, dirtyMiBPerSecond: dirty)])
+                                  "--append", GuestImage.append(fillMiB: fill, dirtyMiBPerSecond: dirty, fill: content)])
         try #require(result.succeeded, "vm run failed: \(result.stderr)")
         let record = try h.store.record(name)
         let console = GuestConsole(path: record.paths.serialLog)

@@ -78,6 +78,19 @@ public struct MigrationReport: Codable, Sendable {
     /// How the migration was protected (cipher and key id, or insecure); nil if it ended
     /// before the handshake.
     public var security: String? = nil
+    /// The codec used over time (nil if the migration ended before its data path started).
+    public var compression: Compression? = nil
+
+    public struct Compression: Codable, Sendable, Equatable {
+        /// `--compress` as given: auto, none, lz4, zstd:N.
+        public var mode: String
+        public var periods: [Period]
+        public struct Period: Codable, Sendable, Equatable {
+            public var codec: String
+            public var fromSeconds: Double
+            public var toSeconds: Double
+        }
+    }
 
     public var succeeded: Bool { outcome == .succeeded }
 }
@@ -104,6 +117,15 @@ extension MigrationReport {
         var moved = "\(Format.bytes(streamBytes)) of QEMU streams, \(Format.bytes(wireBytes)) on the wire"
         if retransmittedBytes > 0 { moved += ", \(Format.bytes(retransmittedBytes)) sent again" }
         lines.append("  moved          " + moved)
+        if let compression {
+            let guest = channels.reduce(0) { $0 + $1.payloadBytes }
+            var line = "\(compression.mode): " + compression.periods.filter { $0.toSeconds > $0.fromSeconds || compression.periods.count == 1 }
+                .map { "\($0.codec) \(String(format: "%.1f-%.1f s", $0.fromSeconds, $0.toSeconds))" }.joined(separator: ", ")
+            if wireBytes > 0 && guest > 0 {
+                line += String(format: "; guest %@ in %@ on the wire (ratio %.2f)", Format.bytes(guest), Format.bytes(wireBytes), Double(guest) / Double(wireBytes))
+            }
+            lines.append("  compression    " + line)
+        }
         if let bps = throughputBitsPerSecond { lines.append("  throughput     \(Format.rate(bps))") }
         if let security { lines.append("  security       \(security)") }
         lines.append("  streams        main + \(multifdChannels) multifd, over \(channels.count) data channel(s) on \(nics.count) NIC(s)")

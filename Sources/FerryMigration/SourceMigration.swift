@@ -1,3 +1,4 @@
+import FerryCompress
 import FerryIO
 import FerryInterfaces
 import FerryQMP
@@ -38,6 +39,8 @@ public struct MigrationOptions: Sendable {
     public var deadChannelTimeout: Duration = .seconds(5)
     /// The cluster keys; the first is proven to the destination. nil: `--insecure`.
     public var keys: KeyRing?
+    /// `--compress`: auto chooses by measurement while the migration runs.
+    public var compression: CompressionMode = .auto
 
     public init(host: String, port: UInt16) {
         self.host = host
@@ -104,6 +107,7 @@ public final class SourceMigration: @unchecked Sendable {
     private var timeline: [MigrationReport.Sample] = []
     private var multifdUsed = 0
     private var securitySummary: String?
+    private var compression: CompressionController?
 
     public init(store: VMStore, name: String, options: MigrationOptions, logger: Logger,
                 progress: @escaping @Sendable (MigrationProgress) -> Void) {
@@ -270,7 +274,12 @@ public final class SourceMigration: @unchecked Sendable {
         emit()
         let scheduler = SendScheduler(noChannelGrace: options.linkTimeout)
         scheduler.setRateLimit(bytesPerSecond: options.bandwidthBytesPerSecond)
-        let dataPath = SourceDataPath(scheduler: scheduler, logger: logger) { [events] event in
+        let compression = CompressionController(
+            mode: options.compression,
+            cores: CompressionController.defaultCores(channels: max(1, options.channelsPerEndpoint) * max(1, accept.interfaces.count)),
+            origin: clock.start)
+        self.compression = compression
+        let dataPath = SourceDataPath(scheduler: scheduler, compression: compression, logger: logger) { [events] event in
             events.post(.dataPath(event))
         }
         dataPath.stallTimeout = options.stallTimeout
@@ -449,6 +458,8 @@ public final class SourceMigration: @unchecked Sendable {
                         if streamEnds.count == plan.streamCount { scheduler.closeInput() }
                     case .failed(let failure):
                         throw MigrationError(phase, "data path: \(failure)")
+                    case .compression(let codec, let reason):
+                        note("compression: \(codec ?? "none") (\(reason))")
                     }
                 case .note(let text):
                     note(text)
@@ -641,7 +652,12 @@ public final class SourceMigration: @unchecked Sendable {
                           qemuCPUSeconds: qemuCPU, ferryPeakRSSBytes: ProcessStats.peakRSSBytes(pid: getpid())),
             destination: .init(host: destinationHost, ferryCPUSeconds: committed?.ferryCPUSeconds,
                                qemuCPUSeconds: committed?.qemuCPUSeconds, ferryPeakRSSBytes: committed?.ferryPeakRSSBytes),
-            security: securitySummary)
+            security: securitySummary,
+            compression: compression.map { c in
+                MigrationReport.Compression(mode: c.mode.description, periods: c.periods().map {
+                    .init(codec: $0.codec?.description ?? "none", fromSeconds: $0.fromSeconds, toSeconds: $0.toSeconds)
+                })
+            })
     }
 }
 

@@ -1,3 +1,4 @@
+import FerryCompress
 import FerryIO
 import FerryWire
 import Foundation
@@ -7,7 +8,9 @@ import Foundation
 public final class FrameConnection: @unchecked Sendable {
     public let socket: Socket
     private let writeLock = NSLock()
-    private var headerScratch = [UInt8](repeating: 0, count: FrameHeader.byteCount + DataChunkHeader.byteCount)
+    private var headerScratch = [UInt8](repeating: 0, count: FrameHeader.byteCount + DataChunkHeader.byteCount + CompressionHeader.byteCount)
+    /// The receiving thread's, made on the first compressed chunk.
+    private var decompressor: Decompressor?
     /// Payload bytes sent and received (frames included), for the report.
     public let counters = Locked(ConnectionCounters())
     /// Set once the connection is authenticated (``secure(send:receive:)``): from then on
@@ -48,35 +51,53 @@ public final class FrameConnection: @unchecked Sendable {
         try send(ControlCoding.frame(type, message))
     }
 
-    /// Sends a data frame for `chunk` without copying its bytes into a frame buffer:
-    /// header and sub-header go out with the bytes in one sendmsg.
-    public func sendData(_ header: DataChunkHeader, bytes: UnsafeRawBufferPointer) throws(SocketError) {
+    /// A chunk's bytes as compressed by the sender: the header that describes them, and
+    /// the compressed bytes.
+    public struct Compressed {
+        public var header: CompressionHeader
+        public var bytes: UnsafeRawBufferPointer
+        public init(header: CompressionHeader, bytes: UnsafeRawBufferPointer) {
+            self.header = header
+            self.bytes = bytes
+        }
+    }
+
+    /// Sends a data frame for a chunk without copying its bytes into a frame buffer:
+    /// header, sub-header(s) and bytes go out in one sendmsg. `bytes` are the chunk's
+    /// own; `compressed`, if given, goes on the wire instead of them.
+    public func sendData(_ header: DataChunkHeader, bytes: UnsafeRawBufferPointer, compressed: Compressed? = nil) throws(SocketError) {
         writeLock.lock()
         defer { writeLock.unlock() }
+        var wire = 0
         let failure: SocketError? = headerScratch.withUnsafeMutableBytes { scratch in
-            let sub = UnsafeMutableRawBufferPointer(rebasing: scratch[FrameHeader.byteCount...])
-            header.write(into: sub)
-            let flags: FrameFlags = sealer == nil ? [] : [.sealed]
-            // Sealed: the sub-header stays clear (authenticated), the bytes are encrypted.
-            let sealed = sealer.map { $0.seal(.data, flags, header: UnsafeRawBufferPointer(sub), bytes) }
+            let clearCount = DataChunkHeader.byteCount + (compressed == nil ? 0 : CompressionHeader.byteCount)
+            let clear = UnsafeMutableRawBufferPointer(rebasing: scratch[FrameHeader.byteCount..<FrameHeader.byteCount + clearCount])
+            header.write(into: clear)
+            if let compressed { compressed.header.write(into: UnsafeMutableRawBufferPointer(rebasing: clear[DataChunkHeader.byteCount...])) }
+            var flags: FrameFlags = sealer == nil ? [] : [.sealed]
+            if compressed != nil { flags.insert(.compressed) }
+            let body = compressed?.bytes ?? bytes
+            // Sealed: the sub-headers stay clear (authenticated), the bytes are encrypted.
+            let sealed = sealer.map { $0.seal(.data, flags, header: UnsafeRawBufferPointer(clear), body) }
             func send(_ body: UnsafeRawBufferPointer) -> SocketError? {
-                var crc = CRC32C.checksum(UnsafeRawBufferPointer(sub))
+                var crc = CRC32C.checksum(UnsafeRawBufferPointer(clear))
                 crc = CRC32C.update(crc, body)
-                let frameHeader = FrameHeader(type: .data, flags: flags, length: UInt32(DataChunkHeader.byteCount + body.count), payloadCRC: crc)
+                let frameHeader = FrameHeader(type: .data, flags: flags, length: UInt32(clearCount + body.count), payloadCRC: crc)
                 frameHeader.write(into: scratch)
+                wire = FrameHeader.byteCount + clearCount + body.count
                 do {
-                    try socket.writeAll([UnsafeRawBufferPointer(scratch), body])
+                    try socket.writeAll([UnsafeRawBufferPointer(rebasing: scratch[..<(FrameHeader.byteCount + clearCount)]), body])
                     return nil
                 } catch {
-                    return error as? SocketError
+                    return error
                 }
             }
             if let sealed { return sealed.withUnsafeBytes { send($0) } }
-            return send(bytes)
+            return send(body)
         }
         if let failure { throw failure }
         counters.withLock {
-            $0.sentBytes += UInt64(FrameHeader.byteCount + DataChunkHeader.byteCount + bytes.count)
+            $0.sentBytes += UInt64(wire)
             $0.sentPayloadBytes += UInt64(bytes.count)
         }
     }
@@ -146,16 +167,32 @@ public final class FrameConnection: @unchecked Sendable {
         }
         let length = Int(header.length)
         let tagSize = opener == nil ? 0 : FrameSeal.tagByteCount
-        let size = length - DataChunkHeader.byteCount - tagSize
+        let isCompressed = header.flags.contains(.compressed)
+        let clearCount = DataChunkHeader.byteCount + (isCompressed ? CompressionHeader.byteCount : 0)
+        let size = length - clearCount - tagSize
         guard size >= 0 else { throw WireError.malformedMessage(.data, "shorter than its header") }
-        let target = size <= pool.bufferByteCount ? pool : largePool
-        guard let target, size <= target.bufferByteCount else {
-            throw WireError.malformedMessage(.data, "chunk of \(size) bytes exceeds \(largePool?.bufferByteCount ?? pool.bufferByteCount)")
+        let smallPool = pool
+        func poolFor(_ size: Int) throws -> BufferPool {
+            let target = size <= smallPool.bufferByteCount ? smallPool : largePool
+            guard let target, size <= target.bufferByteCount else {
+                throw WireError.malformedMessage(.data, "chunk of \(size) bytes exceeds \(largePool?.bufferByteCount ?? smallPool.bufferByteCount)")
+            }
+            return target
         }
-        var subBytes = [UInt8](repeating: 0, count: DataChunkHeader.byteCount)
-        let sub = try subBytes.withUnsafeMutableBytes { raw -> DataChunkHeader in
-            try socket.readExact(into: raw)
-            return try DataChunkHeader.parse(UnsafeRawBufferPointer(raw))
+        let target = try poolFor(size)
+        var subBytes = [UInt8](repeating: 0, count: clearCount)
+        try subBytes.withUnsafeMutableBytes { try socket.readExact(into: $0) }
+        let sub = try subBytes.withUnsafeBytes { try DataChunkHeader.parse($0) }
+        var compression: CompressionHeader?
+        if isCompressed {
+            compression = try subBytes.withUnsafeBytes { try CompressionHeader.parse(UnsafeRawBufferPointer(rebasing: $0[DataChunkHeader.byteCount...])) }
+        }
+        if let compression {
+            // A sender compresses only what shrinks, so the raw size is the larger.
+            guard Int(compression.rawByteCount) > size else {
+                throw WireError.malformedMessage(.data, "compressed chunk of \(size) bytes claims \(compression.rawByteCount) raw")
+            }
+            _ = try poolFor(Int(compression.rawByteCount))
         }
         let buffer = target.take()
         try socket.readExact(into: UnsafeMutableRawBufferPointer(rebasing: buffer.space[0..<size]))
@@ -174,11 +211,37 @@ public final class FrameConnection: @unchecked Sendable {
             guard plain.count == size else { throw SecurityError.sealedFrameRejected("data frame opened to \(plain.count) bytes, expected \(size)") }
             if size > 0 { plain.withUnsafeBytes { buffer.base.copyMemory(from: $0.baseAddress!, byteCount: size) } }
         }
+        var chunk = buffer
+        if let compression {
+            chunk = try decompress(buffer, compression, into: try poolFor(Int(compression.rawByteCount)), chunk: sub)
+        }
         counters.withLock {
             $0.receivedBytes += UInt64(FrameHeader.byteCount + length)
-            $0.receivedPayloadBytes += UInt64(size)
+            $0.receivedPayloadBytes += UInt64(chunk.count)
         }
-        return .data(sub, buffer)
+        return .data(sub, chunk)
+    }
+
+    /// Decompresses a received chunk into a buffer of its raw size and checks its CRC.
+    private func decompress(_ compressed: ChunkBuffer, _ header: CompressionHeader, into pool: BufferPool, chunk: DataChunkHeader) throws -> ChunkBuffer {
+        let what = "compressed chunk \(chunk.sequence) of stream \(chunk.stream)"
+        guard let codec = Codec(wireID: header.codec) else {
+            throw WireError.malformedMessage(.data, "\(what): unknown codec \(header.codec)")
+        }
+        let raw = Int(header.rawByteCount)
+        let output = pool.take()
+        if decompressor == nil { decompressor = Decompressor() }
+        do {
+            try decompressor!.decompress(codec, from: compressed.bytes, into: UnsafeMutableRawBufferPointer(rebasing: output.space[0..<raw]),
+                                         expectedByteCount: raw)
+        } catch {
+            throw WireError.malformedMessage(.data, "\(what) refused: \(error)")
+        }
+        output.count = raw
+        guard CRC32C.checksum(output.bytes) == header.rawCRC else {
+            throw WireError.malformedMessage(.data, "\(what) decompressed to other bytes than were sent (CRC mismatch)")
+        }
+        return output
     }
 
     /// Reads a frame; an `error` frame from the peer is thrown as ``ErrorMessage``.

@@ -97,6 +97,10 @@ public final class SendScheduler: @unchecked Sendable {
     /// back, before it fails. Zero: fail as soon as the last channel is gone.
     private let noChannelGrace: Duration
     private var noChannelsSince: ContinuousClock.Instant?
+    /// Time chunks spent waiting for a channel (the queue not empty): how much of the time
+    /// the channels, not QEMU, were the bottleneck. For the compression advisor.
+    private var backlogSince: ContinuousClock.Instant?
+    private var backlog: Duration = .zero
     /// Token bucket for the bandwidth limit (nil: unlimited), shared by all channels.
     private var rateBytesPerSecond: UInt64?
     private var tokens = 0.0
@@ -154,6 +158,7 @@ public final class SendScheduler: @unchecked Sendable {
         }
         if let failure { throw failure }
         queue.append(chunk)
+        if backlogSince == nil { backlogSince = .now }
         outstandingBytes += chunk.memoryCost
         streamOutstanding[stream, default: 0] += chunk.memoryCost
         peakOutstandingBytes = max(peakOutstandingBytes, outstandingBytes)
@@ -193,6 +198,10 @@ public final class SendScheduler: @unchecked Sendable {
                 if queueHead >= 64 && queueHead * 2 > queue.count {
                     queue.removeFirst(queueHead)
                     queueHead = 0
+                }
+                if queueHead >= queue.count, let since = backlogSince {
+                    backlog += .now - since
+                    backlogSince = nil
                 }
                 // A chunk that was acknowledged while it waited for a resend is dropped.
                 if chunk.buffer == nil || chunk.header.sequence < acked[chunk.header.stream, default: 0] { continue }
@@ -258,6 +267,7 @@ public final class SendScheduler: @unchecked Sendable {
         }
         requeue.sort { ($0.header.sequence, $0.header.stream) < ($1.header.sequence, $1.header.stream) }
         if !requeue.isEmpty {
+            if backlogSince == nil { backlogSince = .now }
             queue.replaceSubrange(queueHead..<queueHead, with: requeue)
             retransmittedChunks += requeue.count
             retransmittedBytes += requeue.reduce(0) { $0 + UInt64($1.byteCount) }
@@ -320,5 +330,19 @@ public final class SendScheduler: @unchecked Sendable {
     }
 
     public var failureReason: TransportError? { condition.withLock { failure } }
+
+    /// The time chunks waited for a channel since the last call.
+    public func takeBacklog() -> Duration {
+        condition.withLock {
+            var total = backlog
+            if let since = backlogSince {
+                let now = ContinuousClock.now
+                total += now - since
+                backlogSince = now
+            }
+            backlog = .zero
+            return total
+        }
+    }
     public var outstanding: Int { condition.withLock { outstandingBytes } }
 }

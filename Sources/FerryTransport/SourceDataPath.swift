@@ -1,4 +1,5 @@
 import CFerryLinux
+import FerryCompress
 import FerryIO
 import FerryWire
 import Foundation
@@ -10,6 +11,8 @@ public enum DataPathEvent: Sendable {
     case channelFailed(channel: Int, interface: String, reason: String, requeuedChunks: Int)
     case streamEnded(StreamEndMessage)
     case failed(TransportError)
+    /// The compression choice changed (`codec` nil: none).
+    case compression(codec: String?, reason: String)
 }
 
 /// Byte counts of one data channel.
@@ -25,6 +28,8 @@ public struct ChannelStats: Sendable, Equatable {
 /// the data channels (via the ``SendScheduler``), and takes the acknowledgements back.
 public final class SourceDataPath: @unchecked Sendable {
     public let scheduler: SendScheduler
+    /// nil: chunks always go raw (no compression at all, not even measured).
+    public let compression: CompressionController?
     private let logger: Logger
     private let onEvent: @Sendable (DataPathEvent) -> Void
     private let lock = NSLock()
@@ -36,8 +41,10 @@ public final class SourceDataPath: @unchecked Sendable {
     /// Chunk buffers: the window's worth stays allocated and is reused.
     private let pool: BufferPool
 
-    public init(scheduler: SendScheduler, logger: Logger, onEvent: @escaping @Sendable (DataPathEvent) -> Void) {
+    public init(scheduler: SendScheduler, compression: CompressionController? = nil, logger: Logger,
+                onEvent: @escaping @Sendable (DataPathEvent) -> Void) {
         self.scheduler = scheduler
+        self.compression = compression
         self.logger = logger
         self.onEvent = onEvent
         self.pool = BufferPool(bufferByteCount: ChunkPolicy.chunkByteCount,
@@ -67,9 +74,23 @@ public final class SourceDataPath: @unchecked Sendable {
     public var stallTimeout: Duration = .milliseconds(1000)
     private var watchdogStarted = false
 
+    /// How often the compression advisor gets its figures: 0.5 s, the period its smoothing
+    /// and pauses are tuned for.
+    static let compressionPeriod: Duration = .milliseconds(500)
+
     private func watchdog() {
         let stallMs = UInt32(stallTimeout.milliseconds)
+        var nextCompressionTick = ContinuousClock.now + Self.compressionPeriod
         while scheduler.failureReason == nil && !lock.withLock({ finished }) {
+            if let compression, ContinuousClock.now >= nextCompressionTick {
+                nextCompressionTick = ContinuousClock.now + Self.compressionPeriod
+                let stats = channelStats
+                if let change = compression.tick(guestBytes: stats.reduce(0) { $0 + $1.payloadBytes },
+                                                 wireBytes: stats.reduce(0) { $0 + $1.wireBytes },
+                                                 backlog: scheduler.takeBacklog()) {
+                    onEvent(.compression(codec: change.codec?.description, reason: change.reason))
+                }
+            }
             let live = lock.withLock { channels.filter { $0.value.2 }.map { ($0.key, $0.value.0, $0.value.1) } }
             for (id, connection, interface) in live {
                 if let p = connection.socket.tcpProgress(), p.unackedSegments > 0, p.millisecondsSinceLastAck > stallMs {
@@ -104,10 +125,12 @@ public final class SourceDataPath: @unchecked Sendable {
     }
 
     private func sendLoop(_ id: Int, _ connection: FrameConnection, _ interface: String) {
+        let compressor = compression.map { _ in ChunkCompressor() }
         while let chunk = scheduler.next(for: id) {
             guard let buffer = chunk.buffer else { continue }
             do {
-                try connection.sendData(chunk.header, bytes: buffer.bytes)
+                let compressed = compression.flatMap { compressor!.compress(buffer.bytes, with: $0) }
+                try connection.sendData(chunk.header, bytes: buffer.bytes, compressed: compressed)
             } catch {
                 channelDown(id, connection, interface, reason: "send: \(error)")
                 return

@@ -39,6 +39,49 @@ public struct DataChunkHeader: Equatable, Sendable {
     }
 }
 
+/// Follows the ``DataChunkHeader`` of a `data` frame with the `compressed` flag, in clear
+/// (and authenticated when sealed); the compressed bytes come after it.
+///
+/// ```
+///  0       1        4              8              12
+///  +-------+--------+--------------+--------------+------...
+///  | codec |reserved| raw length   | raw CRC32C   | compressed bytes
+///  +-------+--------+--------------+--------------+------...
+/// ```
+/// `codec` is 1 for LZ4 (block format), 2 for zstd (one frame); 0 is invalid. The receiver
+/// decompresses into exactly `raw length` bytes and checks their CRC32C, so that a
+/// compressed chunk that decodes to other bytes (a corrupted literal decodes without
+/// complaint in both formats) is refused, not fed to QEMU.
+public struct CompressionHeader: Equatable, Sendable {
+    public static let byteCount = 12
+    public var codec: UInt8
+    public var rawByteCount: UInt32
+    public var rawCRC: UInt32
+
+    public init(codec: UInt8, rawByteCount: UInt32, rawCRC: UInt32) {
+        self.codec = codec
+        self.rawByteCount = rawByteCount
+        self.rawCRC = rawCRC
+    }
+
+    public func write(into buffer: UnsafeMutableRawBufferPointer) {
+        precondition(buffer.count >= Self.byteCount)
+        buffer[0] = codec
+        buffer[1] = 0; buffer[2] = 0; buffer[3] = 0
+        buffer.storeBytes(of: rawByteCount.bigEndian, toByteOffset: 4, as: UInt32.self)
+        buffer.storeBytes(of: rawCRC.bigEndian, toByteOffset: 8, as: UInt32.self)
+    }
+
+    public static func parse(_ raw: UnsafeRawBufferPointer) throws(WireError) -> CompressionHeader {
+        guard raw.count >= byteCount else { throw .malformedMessage(.data, "shorter than its compression header") }
+        guard raw[0] != 0 else { throw .malformedMessage(.data, "compression codec 0 is invalid") }
+        guard raw[1] == 0 && raw[2] == 0 && raw[3] == 0 else { throw .malformedMessage(.data, "reserved compression header bytes are not zero") }
+        return CompressionHeader(codec: raw[0],
+                                 rawByteCount: UInt32(bigEndian: raw.loadUnaligned(fromByteOffset: 4, as: UInt32.self)),
+                                 rawCRC: UInt32(bigEndian: raw.loadUnaligned(fromByteOffset: 8, as: UInt32.self)))
+    }
+}
+
 /// Cumulative acknowledgements: for each stream, every chunk below `nextSequence` has
 /// been written to the destination QEMU. Payload: count (u32), then count x
 /// (stream u32, nextSequence u64).

@@ -125,7 +125,8 @@ public struct FrameFlags: OptionSet, Sendable, Equatable {
     /// The payload is sealed with AES-256-GCM (ciphertext, then a 16-byte tag; a data
     /// frame's sub-header stays clear and is authenticated). See ``FrameSeal``.
     public static let sealed = FrameFlags(rawValue: 1 << 0)
-    /// Reserved for the compression issue: the chunk payload is compressed.
+    /// A `data` frame's bytes are compressed: a ``CompressionHeader`` follows the chunk
+    /// sub-header.
     public static let compressed = FrameFlags(rawValue: 1 << 1)
     public static let known: FrameFlags = [.sealed, .compressed]
 }

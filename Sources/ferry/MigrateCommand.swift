@@ -1,4 +1,5 @@
 import ArgumentParser
+import FerryCompress
 import FerryIO
 import FerryInterfaces
 import FerryMigration
@@ -27,6 +28,9 @@ struct Migrate: ParsableCommand {
 
     @Option(name: .customLong("channels-per-nic"), help: "Data connections per NIC pair (default: 4).")
     var channelsPerNIC = 4
+
+    @Option(help: "Compression of the chunks: auto (measures, and compresses only while the link is the bottleneck and it pays), none, lz4, zstd or zstd:LEVEL (default: auto).")
+    var compress = "auto"
 
     @Option(help: "Cap on the migration's rate over all NICs together, e.g. 500mbit or 100MB (default: none).")
     var bandwidth: Rate?
@@ -62,6 +66,11 @@ struct Migrate: ParsableCommand {
         if let problem = VMSpec.validateName(name) { throw ValidationError(problem) }
         if case .count(let n) = multifd, !(0...64).contains(n) { throw ValidationError("--multifd must be auto or between 0 and 64") }
         guard (1...64).contains(channelsPerNIC) else { throw ValidationError("--channels-per-nic must be between 1 and 64") }
+        do {
+            _ = try CompressionMode(parsing: compress)
+        } catch {
+            throw ValidationError("--compress: \(error)")
+        }
     }
 
     func run() throws {
@@ -70,6 +79,7 @@ struct Migrate: ParsableCommand {
         let logger = host.logger("ferry.migrate")
         var options = MigrationOptions(host: to.host, port: to.port)
         options.keys = keys
+        options.compression = try CompressionMode(parsing: compress)
         if case .count(let n) = multifd { options.multifdChannels = n }
         options.channelsPerEndpoint = channelsPerNIC
         options.bandwidthBytesPerSecond = bandwidth?.bytesPerSecond

@@ -1,4 +1,5 @@
 import Crypto
+import FerryCompress
 import FerryIO
 import Foundation
 import Logging
@@ -20,11 +21,13 @@ struct DataPathTests {
         var readers: [Thread] = []
         let done = DispatchGroup()
 
-        init(streams: Int, channels: Int, window: Int = ChunkPolicy.windowByteCount, sealed: Bool = false) throws {
+        init(streams: Int, channels: Int, window: Int = ChunkPolicy.windowByteCount, sealed: Bool = false,
+             compression: CompressionMode? = nil) throws {
             let toDestination = SymmetricKey(size: .bits256), toSource = SymmetricKey(size: .bits256)
             let logger = Logger(label: "test")
             let events = self.events
-            source = SourceDataPath(scheduler: SendScheduler(windowByteCount: window), logger: logger) { e in
+            source = SourceDataPath(scheduler: SendScheduler(windowByteCount: window),
+                                    compression: compression.map { CompressionController(mode: $0, cores: 2) }, logger: logger) { e in
                 events.withLock { $0.append(e) }
             }
             let received = self.received
@@ -145,6 +148,85 @@ struct DataPathTests {
         h.source.markFinished()
         h.source.closeChannels()
         h.destination.stop()
+    }
+
+    /// Memory-like data that compresses: runs of a few words, some counters, some noise.
+    static func compressible(_ seed: Int, _ size: Int) -> [UInt8] {
+        let words = ["session", "user_id", "expires", "null", "true", "{\"token\":", "GET /api/v1/items", "\u{0}\u{0}\u{0}\u{0}"].map { Array($0.utf8) }
+        var out: [UInt8] = []
+        out.reserveCapacity(size)
+        var x = UInt64(seed) | 1
+        while out.count < size {
+            x ^= x << 13; x ^= x >> 7; x ^= x << 17
+            out += words[Int(x % UInt64(words.count))]
+            if x % 5 == 0 { out += withUnsafeBytes(of: x) { Array($0.prefix(3)) } }
+        }
+        return Array(out.prefix(size))
+    }
+
+    @Test("compressed and sealed chunks, every codec, arrive intact; raw data that does not shrink goes raw", arguments: ["lz4", "zstd", "zstd:3"])
+    func compressedStreams(codec: String) throws {
+        let h = try Harness(streams: 2, channels: 3, sealed: true, compression: try CompressionMode(parsing: codec))
+        let data = [Self.compressible(3, 6_000_000), Self.payload(4, 2_000_000)]
+        for (i, d) in data.enumerated() { try h.feed(UInt32(i), d) }
+        try h.pumpEnds(expect: 2)
+        try h.destination.waitUntilComplete(timeout: .seconds(30))
+        #expect(h.done.wait(timeout: .now() + 10) == .success)
+        for (i, d) in data.enumerated() { #expect(h.received.current[UInt32(i)] == d, "stream \(i)") }
+        let stats = h.source.channelStats
+        let guest = stats.reduce(0) { $0 + $1.payloadBytes }, wire = stats.reduce(0) { $0 + $1.wireBytes }
+        // 6 MB that compress well, 2 MB that do not: the wire carries clearly less.
+        #expect(Double(wire) < 0.7 * Double(guest), "\(codec): \(wire) on the wire for \(guest)")
+        #expect(wire > 2_000_000, "the random stream went raw")
+        #expect(h.failure.current == nil)
+        h.source.markFinished()
+        h.source.closeChannels()
+        h.destination.stop()
+    }
+
+    @Test("a compressed chunk that is corrupted (CRC made good), truncated, or claims a wrong size is refused with a clear error",
+          arguments: ["corrupt", "truncated", "size"])
+    func badCompressedChunk(attack: String) throws {
+        let failure = Locked<TransportError?>(nil)
+        let drains = Locked<[Socket]>([])
+        let destination = DestinationDataPath(streamCount: 1, logger: Logger(label: "test"), connector: { _ in
+            let (near, far) = try Socket.pair(name: "qemu")
+            drains.withLock { $0.append(far) }
+            return near
+        }, onFailure: { e in failure.withLock { $0 = e } })
+        let (wire, end) = try Socket.pair(name: "wire")
+        destination.addChannel(0, connection: FrameConnection(socket: end))
+
+        let raw = Self.compressible(5, 100_000)
+        let compressor = Compressor()
+        var packed = [UInt8](repeating: 0, count: raw.count)
+        let n = try #require(raw.withUnsafeBytes { r in packed.withUnsafeMutableBytes { compressor.compress(.lz4, from: r, into: $0) } })
+        packed = Array(packed[..<n])
+        var rawSize = UInt32(raw.count)
+        switch attack {
+        case "corrupt":
+            // Flip bits in the middle: the frame's CRC is computed over the damaged bytes,
+            // as an attacker or a broken sender would; only the raw CRC stands in the way.
+            for i in stride(from: n / 3, to: n / 3 + 40, by: 4) { packed[i] ^= 0x5A }
+        case "truncated":
+            packed = Array(packed.prefix(n / 2))
+        default:
+            rawSize += 1000
+        }
+        var payload = [UInt8](repeating: 0, count: DataChunkHeader.byteCount + CompressionHeader.byteCount)
+        payload.withUnsafeMutableBytes {
+            DataChunkHeader(stream: 0, sequence: 0, offset: 0).write(into: $0)
+            CompressionHeader(codec: 1, rawByteCount: rawSize, rawCRC: CRC32C.checksum(raw))
+                .write(into: UnsafeMutableRawBufferPointer(rebasing: $0[DataChunkHeader.byteCount...]))
+        }
+        try wire.writeAll(Frame(type: .data, flags: [.compressed], payload: payload + packed).encoded())
+        let deadline = ContinuousClock.now + .seconds(5)
+        while failure.current == nil && ContinuousClock.now < deadline { Thread.sleep(forTimeInterval: 0.01) }
+        let error = try #require(failure.current, "a bad compressed chunk was accepted (\(attack))")
+        #expect("\(error)".contains("compressed chunk 0 of stream 0"), "\(error)")
+        #expect(destination.deliveredByteCount == 0, "nothing of it reached QEMU")
+        destination.stop()
+        wire.close()
     }
 
     /// The bytes of two sealed data frames as a sealing sender puts them on the wire.
