@@ -92,7 +92,7 @@ public final class BenchRunner {
             let back = (0..<scenario.nics).flatMap { ["nexthop", "via", lab.address("a", nic: $0), "dev", lab.interface(nic: $0)] }
             for ns in [na, nb] {
                 try Command.check(["ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv4.fib_multipath_hash_policy=1"])
-                for key in ["all", "default"] + (0..<scenario.nics).map { lab.interface(nic: $0) } {
+                for key in ["all", "default"] + (0..<scenario.nics).map({ lab.interface(nic: $0) }) {
                     _ = try? Command.run(["ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv4.conf.\(key).rp_filter=0"])
                 }
             }
@@ -190,6 +190,7 @@ public final class BenchRunner {
         try? FileManager.default.removeItem(atPath: reportPath)
         var args = ["migrate", vm, "--to", lab.address("b", nic: 0), "--report-file", reportPath, "--quiet"]
         if mode == .ferryOneChannel { args += ["--nics", lab.interface(nic: 0), "--channels-per-nic", "1"] }
+        if mode == .ferryNoCompression { args += ["--compress", "none"] }
         if mode == .ferryInsecure { args = ["migrate", vm, "--to", "\(lab.address("b", nic: 0)):\(Self.insecurePort)", "--insecure",
                                             "--report-file", reportPath, "--quiet"] }
         let started = ContinuousClock.now

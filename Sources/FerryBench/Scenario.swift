@@ -64,10 +64,12 @@ public enum BenchMode: String, Codable, Sendable, CaseIterable {
     case ferryOneChannel = "ferry-1-channel"
     /// Ferry multichannel with `--insecure` on both hosts: what encryption costs.
     case ferryInsecure = "ferry-insecure"
+    /// Ferry multichannel with `--compress none`: what automatic compression gains or costs.
+    case ferryNoCompression = "ferry-nocompress"
     /// Ferry with its defaults: every NIC, several channels each, authenticated and encrypted.
     case ferryMultichannel = "ferry"
 
-    public var isFerry: Bool { self == .ferryOneChannel || self == .ferryMultichannel || self == .ferryInsecure }
+    public var isFerry: Bool { [.ferryOneChannel, .ferryMultichannel, .ferryInsecure, .ferryNoCompression].contains(self) }
 
     public var label: String {
         switch self {
@@ -77,7 +79,8 @@ public enum BenchMode: String, Codable, Sendable, CaseIterable {
         case .qemuMPTCP: "QEMU, one stream over MPTCP (subflow per NIC)"
         case .ferryOneChannel: "Ferry, one channel, one NIC"
         case .ferryInsecure: "Ferry multichannel, --insecure (no encryption)"
-        case .ferryMultichannel: "Ferry multichannel (defaults, AES-256-GCM)"
+        case .ferryNoCompression: "Ferry multichannel, --compress none"
+        case .ferryMultichannel: "Ferry multichannel (defaults: AES-256-GCM, compress auto)"
         }
     }
 }
