@@ -117,4 +117,19 @@ struct CLITests {
         #expect(two.primary == one.primary, "the old key stays in use until the operator moves the new one first")
         #expect(two.keys[1] != one.primary)
     }
+
+    @Test("serve and migrate refuse to run without a cluster key, and say how to make one", arguments: [
+        ["serve", "--listen", "127.0.0.1:7999", "--key-file", "/nonexistent/cluster.key"],
+        ["migrate", "vm1", "--to", "127.0.0.1", "--key-file", "/nonexistent/cluster.key"],
+    ])
+    func noKey(args: [String]) throws {
+        var command = try Ferry.parseAsRoot(args)
+        do {
+            try command.run()
+            Issue.record("\(args[0]) ran without a key")
+        } catch {
+            let message = "\(error)"
+            #expect(message.contains("/nonexistent/cluster.key") && message.contains("ferry keygen") && message.contains("--insecure"), "\(message)")
+        }
+    }
 }
