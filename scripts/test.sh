@@ -6,6 +6,7 @@ cd "$(dirname "$0")/.."
 
 bash scripts/install-deps.sh
 swift build --build-tests
+bash scripts/fuzz.sh --build-only  # before the tests, so no compiler runs beside them
 export FERRY_GUEST_DIR="${FERRY_GUEST_DIR:-/var/cache/ferry/guest}"
 ./.build/debug/ferry guest build --out "$FERRY_GUEST_DIR"
 export FERRY_BIN="$PWD/.build/debug/ferry"
