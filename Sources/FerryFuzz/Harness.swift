@@ -209,18 +209,23 @@ enum HandshakeFuzzing {
         precondition(Hex.decode(offer.nonce)?.count == Handshake.nonceByteCount, "a malformed nonce was accepted")
 
         // The destination answers...
-        let proofD = Handshake.destinationProof(key: key, helloPayload: payload, destinationNonce: Fixtures.destinationNonce, version: version)
+        // A share that is not a valid X25519 public key is refused, never a crash.
+        _ = try? EphemeralKey().agree(with: offer.share)
+        let proofD = Handshake.destinationProof(key: key, helloPayload: payload, destinationNonce: Fixtures.destinationNonce,
+                                                destinationShare: Fixtures.destinationShare, version: version)
         let welcomeFrame = ControlCoding.frame(.welcome, WelcomeMessage(
             version: version, software: Fixtures.software, host: "destination",
-            auth: AuthReply(nonce: Fixtures.destinationNonce, proof: proofD)))
+            auth: AuthReply(nonce: Fixtures.destinationNonce, share: Fixtures.destinationShare, proof: proofD)))
         // ...the source, which sent this hello, checks the answer and proves its key...
         guard let welcome = try? ControlCoding.decode(WelcomeMessage.self, from: welcomeFrame), let reply = welcome.auth else {
             preconditionFailure("a welcome the harness encoded does not decode")
         }
         precondition(Handshake.validNonce(reply.nonce), "the destination's own nonce is malformed")
-        let expectedD = Handshake.destinationProof(key: key, helloPayload: payload, destinationNonce: reply.nonce, version: welcome.version)
+        let expectedD = Handshake.destinationProof(key: key, helloPayload: payload, destinationNonce: reply.nonce,
+                                                   destinationShare: reply.share, version: welcome.version)
         precondition(Handshake.equal(expectedD, reply.proof), "the source refuses a genuine destination proof")
-        let strangerD = Handshake.destinationProof(key: Fixtures.strangerKey, helloPayload: payload, destinationNonce: reply.nonce, version: welcome.version)
+        let strangerD = Handshake.destinationProof(key: Fixtures.strangerKey, helloPayload: payload, destinationNonce: reply.nonce,
+                                                   destinationShare: reply.share, version: welcome.version)
         precondition(!Handshake.equal(strangerD, reply.proof), "a destination proof verifies under another key")
         let proofS = Handshake.sourceProof(key: key, helloPayload: payload, welcomePayload: welcomeFrame.payload)
         // ...and the destination checks that proof over the exchange it saw.
@@ -228,7 +233,7 @@ enum HandshakeFuzzing {
         precondition(Handshake.equal(expectedS, proofS), "the destination refuses a genuine source proof")
         let tampered = Handshake.sourceProof(key: key, helloPayload: payload, welcomePayload: welcomeFrame.payload + [0x20])
         precondition(!Handshake.equal(tampered, proofS), "a source proof ignores the welcome it covers")
-        _ = SessionKeys(key: key, sourceNonce: offer.nonce, destinationNonce: reply.nonce)
+        _ = SessionKeys(key: key, sharedSecret: Fixtures.sharedSecret, sourceNonce: offer.nonce, destinationNonce: reply.nonce)
     }
 
     /// Source: a welcome answering the fixed hello. Its proof verifies exactly when it is
@@ -237,12 +242,13 @@ enum HandshakeFuzzing {
         guard let welcome = try? ControlCoding.decode(WelcomeMessage.self, from: Frame(type: .welcome, payload: payload)),
               let reply = welcome.auth, Handshake.validNonce(reply.nonce) else { return }
         let expected = Handshake.destinationProof(key: Fixtures.key, helloPayload: Fixtures.helloPayload,
-                                                  destinationNonce: reply.nonce, version: welcome.version)
+                                                  destinationNonce: reply.nonce, destinationShare: reply.share, version: welcome.version)
         let accepted = Handshake.equal(expected, reply.proof)
         precondition(accepted == (Array(expected.utf8) == Array(reply.proof.utf8)), "Handshake.equal is not byte equality")
         guard accepted else { return }
         _ = Handshake.sourceProof(key: Fixtures.key, helloPayload: Fixtures.helloPayload, welcomePayload: payload)
-        _ = SessionKeys(key: Fixtures.key, sourceNonce: Fixtures.sourceNonce, destinationNonce: reply.nonce)
+        _ = try? EphemeralKey().agree(with: reply.share)
+        _ = SessionKeys(key: Fixtures.key, sharedSecret: Fixtures.sharedSecret, sourceNonce: Fixtures.sourceNonce, destinationNonce: reply.nonce)
     }
 
     /// Destination: the source's auth after the fixed hello and welcome.

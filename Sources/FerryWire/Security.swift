@@ -70,7 +70,9 @@ public struct KeyRing: Sendable, Equatable {
 
     public static func parse(_ text: String) throws(SecurityError) -> KeyRing {
         var keys: [ClusterKey] = []
-        for (number, raw) in text.split(separator: "\n", omittingEmptySubsequences: false).enumerated() {
+        // `isNewline`, not "\n": Swift takes "\r\n" as one character, so a file with Windows
+        // line ends would otherwise be one long line.
+        for (number, raw) in text.split(omittingEmptySubsequences: false, whereSeparator: \.isNewline).enumerated() {
             let line = raw.split(separator: "#", maxSplits: 1, omittingEmptySubsequences: false).first.map(String.init)?
                 .trimmingCharacters(in: .whitespaces) ?? ""
             if line.isEmpty { continue }

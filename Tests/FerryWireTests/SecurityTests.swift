@@ -21,6 +21,8 @@ struct ClusterKeyTests {
         #expect(ring.keys[0].id.count == 16)
         #expect(parsed.key(id: ring.keys[1].id) == ring.keys[1])
         #expect(parsed.key(id: "0000000000000000") == nil)
+        // Windows line ends (a file edited on the wrong machine) read the same.
+        #expect(try KeyRing.parse(ring.fileText.replacingOccurrences(of: "\n", with: "\r\n")) == ring)
     }
 
     @Test("bad key files are refused with the line and the reason", arguments: [
