@@ -13,13 +13,13 @@ struct BenchTests {
         let result = try Command.run([Env.ferry, "bench", "--scenario", "tiny", "--repeats", "1", "--out", out])
         #expect(result.succeeded, "\(result.stderr.suffix(3000))")
         let markdown = try String(contentsOfFile: out + "/bench.md", encoding: .utf8)
-        for mode in BenchMode.allCases { #expect(markdown.contains(mode.label), "no row for \(mode.rawValue)") }
+        for mode in BenchMode.defaults { #expect(markdown.contains(mode.label), "no row for \(mode.rawValue)") }
         #expect(markdown.contains("1/1"))
         let decoder = JSONDecoder()
         decoder.dateDecodingStrategy = .iso8601
         let results = try decoder.decode([BenchResult].self, from: Data(contentsOf: URL(fileURLWithPath: out + "/bench.json")))
         let runs = try #require(results.first).runs
-        #expect(runs.count == BenchMode.allCases.count)
+        #expect(runs.count == BenchMode.defaults.count)
         for run in runs {
             #expect(run.succeeded && run.guestOK, "\(run.mode.rawValue): \(run.error ?? "guest check failed")")
             #expect(run.ramBytes > 64 << 20, "\(run.mode.rawValue) moved the guest's memory")
@@ -33,5 +33,16 @@ struct BenchTests {
         }
         let svg = try String(contentsOfFile: out + "/tiny.svg", encoding: .utf8)
         #expect(svg.hasPrefix("<svg") && svg.contains("<polyline"))
+    }
+}
+
+@Suite("Bench scenarios")
+struct BenchScenarioTests {
+    @Test("line rates come from the tc rates: 2 x 1gbit is 2 Gbit/s, unlimited has none")
+    func lineRates() throws {
+        let byName = Dictionary(uniqueKeysWithValues: BenchScenario.catalog.map { ($0.name, $0) })
+        #expect(byName["2x1gbit"]?.lineRateBitsPerSecond == 2e9)
+        #expect(byName["1x1gbit-text"]?.lineRateBitsPerSecond == 1e9)
+        #expect(byName["2xunlimited"]?.lineRateBitsPerSecond == nil)
     }
 }

@@ -176,6 +176,12 @@ extension BenchResult {
             for event in run.events where event.what.contains("lost carrier") || event.what.contains("is back") || (event.what.contains("channel") && event.what.contains("failed")) {
                 out.append("<line x1=\"\(x(event.at))\" y1=\"\(y0)\" x2=\"\(x(event.at))\" y2=\"\(y0 + panelHeight)\" stroke=\"#aaa\" stroke-dasharray=\"4 3\"><title>\(event.what)</title></line>")
             }
+            // Compression switches: a green line, labelled with the codec from then on.
+            for event in run.events where event.what.hasPrefix("compression: ") {
+                let codec = event.what.dropFirst("compression: ".count).split(separator: " ").first.map(String.init) ?? "?"
+                out.append("<line x1=\"\(x(event.at))\" y1=\"\(y0)\" x2=\"\(x(event.at))\" y2=\"\(y0 + panelHeight)\" stroke=\"#2ca02c\" stroke-dasharray=\"1 3\"><title>\(Self.escape(event.what))</title></line>")
+                out.append("<text x=\"\(x(event.at) + 3)\" y=\"\(y0 + 14)\" fill=\"#2ca02c\">\(Self.escape(codec))</text>")
+            }
             for (i, nic) in series.keys.sorted().enumerated() {
                 let points = series[nic]!.map { "\(String(format: "%.1f", x($0.0))),\(String(format: "%.1f", y($0.1)))" }.joined(separator: " ")
                 let color = colors[i % colors.count]
@@ -185,5 +191,10 @@ extension BenchResult {
         }
         out.append("</svg>")
         return out.joined(separator: "\n")
+    }
+
+    /// Text for SVG: the reasons of events hold "<" and "&" at times.
+    static func escape(_ text: String) -> String {
+        text.replacingOccurrences(of: "&", with: "&amp;").replacingOccurrences(of: "<", with: "&lt;").replacingOccurrences(of: ">", with: "&gt;")
     }
 }

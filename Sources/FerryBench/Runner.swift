@@ -191,6 +191,8 @@ public final class BenchRunner {
         var args = ["migrate", vm, "--to", lab.address("b", nic: 0), "--report-file", reportPath, "--quiet"]
         if mode == .ferryOneChannel { args += ["--nics", lab.interface(nic: 0), "--channels-per-nic", "1"] }
         if mode == .ferryNoCompression { args += ["--compress", "none"] }
+        if mode == .ferryLZ4 { args += ["--compress", "lz4"] }
+        if mode == .ferryZstd { args += ["--compress", "zstd"] }
         if mode == .ferryInsecure { args = ["migrate", vm, "--to", "\(lab.address("b", nic: 0)):\(Self.insecurePort)", "--insecure",
                                             "--report-file", reportPath, "--quiet"] }
         let started = ContinuousClock.now

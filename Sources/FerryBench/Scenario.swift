@@ -25,7 +25,7 @@ public struct BenchScenario: Codable, Sendable, Equatable {
 
     /// Bits per second of one NIC, if limited.
     public var nicBitsPerSecond: Double? {
-        rate.flatMap(SpeedList.parseRate).map(Double.init)
+        rate.flatMap(SpeedList.parseRate).map { Double($0) }
     }
 
     /// The aggregate line rate of all NICs, if limited.
@@ -66,10 +66,16 @@ public enum BenchMode: String, Codable, Sendable, CaseIterable {
     case ferryInsecure = "ferry-insecure"
     /// Ferry multichannel with `--compress none`: what automatic compression gains or costs.
     case ferryNoCompression = "ferry-nocompress"
+    /// Ferry multichannel with a fixed codec (not in the default set: `--modes` them).
+    case ferryLZ4 = "ferry-lz4"
+    case ferryZstd = "ferry-zstd"
     /// Ferry with its defaults: every NIC, several channels each, authenticated and encrypted.
     case ferryMultichannel = "ferry"
 
-    public var isFerry: Bool { [.ferryOneChannel, .ferryMultichannel, .ferryInsecure, .ferryNoCompression].contains(self) }
+    /// The modes `ferry bench` runs unless told otherwise.
+    public static let defaults: [BenchMode] = allCases.filter { $0 != .ferryLZ4 && $0 != .ferryZstd }
+
+    public var isFerry: Bool { [.ferryOneChannel, .ferryMultichannel, .ferryInsecure, .ferryNoCompression, .ferryLZ4, .ferryZstd].contains(self) }
 
     public var label: String {
         switch self {
@@ -80,6 +86,8 @@ public enum BenchMode: String, Codable, Sendable, CaseIterable {
         case .ferryOneChannel: "Ferry, one channel, one NIC"
         case .ferryInsecure: "Ferry multichannel, --insecure (no encryption)"
         case .ferryNoCompression: "Ferry multichannel, --compress none"
+        case .ferryLZ4: "Ferry multichannel, --compress lz4"
+        case .ferryZstd: "Ferry multichannel, --compress zstd"
         case .ferryMultichannel: "Ferry multichannel (defaults: AES-256-GCM, compress auto)"
         }
     }
