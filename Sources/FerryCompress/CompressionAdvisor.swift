@@ -15,7 +15,8 @@
 /// when the link is not what limits the transfer.
 ///
 /// - While chunks wait for a channel (the backlog), the link is the bottleneck and each
-///   candidate `c` is worth `min(L × ratio(c), speed(c) × cores)` guest bytes per second,
+///   candidate `c` is worth `min(L × ratio(c), speed(c) × cores)` guest bytes per second
+///   (`cores` as measured once a codec has run CPU-bound: `effectiveCores`),
 ///   where `L` is the link's capacity in wire bytes per second (measured while the link
 ///   was the bottleneck without compression), `ratio(c)` is input bytes over the bytes
 ///   sent for them, and `speed(c)` is input bytes per CPU-second. No compression is worth
@@ -74,6 +75,16 @@ public struct CompressionAdvisor: Sendable {
         /// would keep compression on when it no longer pays; one measured too high
         /// corrects itself, as it favours none, whose periods measure the link.
         public static let saturatedBacklog = 0.5
+        /// With a codec on and a backlog, a wire rate under 3/4 of the link's known speed
+        /// means the senders could not compress fast enough to fill it: the CPU is the
+        /// limit, and the cores compression really gets are measured from it. (TCP over a
+        /// full link carries about 94% of its speed, so 3/4 leaves room for scatter.)
+        public static let cpuBoundWireShare = 0.75
+        /// Per period, the measured cores move this share of the way back to `cores`: a
+        /// half-life of about 35 s (69 periods), so a codec given up for want of CPU is
+        /// tried again about every minute and a half (measured in the advisor's tests),
+        /// which costs a few seconds of the slower codec if the CPU is still short.
+        public static let coresRecovery = 0.01
         /// What each step up in CPU cost (none, lz4, zstd:1) must gain in guest bytes
         /// per second. Estimates from 1 chunk in 16 scatter by a few percent; 8% keeps a
         /// codec from being chosen on noise, and keeps CPU for QEMU and the guest when
@@ -225,6 +236,15 @@ public struct CompressionAdvisor: Sendable {
     private var backlog = 0.0
     private var producerBytesPerSecond: Double?
     private var intervals = 0
+    /// The cores compression has really had (smoothed), when that was fewer than `cores`:
+    /// on a host where QEMU and the guest take their share, the senders do not get a core
+    /// each. Measured while a codec runs and the link, at that codec's ratio, could have
+    /// carried more than went: then the CPU was the limit, and the guest rate over the
+    /// codec's speed per core is the cores it had.
+    public private(set) var effectiveCores: Double?
+    /// What the NICs can carry, bytes per second (their speeds, less TCP's overhead), if
+    /// known; without it the cores are taken as given.
+    public var knownLinkBytesPerSecond: Double?
     private var intervalsSinceSwitch = Tuning.calmIntervals
     /// The pause before the next change (see `Tuning.calmIntervals`).
     private var intervalsBetweenSwitches = Tuning.minimumIntervalsBetweenSwitches
@@ -347,6 +367,21 @@ public struct CompressionAdvisor: Sendable {
             }
         }
         producerBytesPerSecond = producerBytesPerSecond.map { (1 - a) * $0 + a * guestRate } ?? guestRate
+
+        // Cores really had, judged against the link's known speed (a measured capacity
+        // scatters too much for this): while a codec ran with a backlog (the senders busy)
+        // and the wire still carried clearly less than the link can, compressing held the
+        // transfer back, and the guest rate over the codec's speed is the cores it had.
+        // Nothing is learnt otherwise (a codec that fills the link says nothing about
+        // cores), but the figure drifts back to `cores` so that a busy spell is forgotten.
+        if let known = knownLinkBytesPerSecond, let current = decision.codec, let e = usable(current) {
+            if fraction >= Tuning.saturatedBacklog, guestRate > 0, wireRate < Tuning.cpuBoundWireShare * known {
+                let had = min(Double(cores), guestRate / e.bytesPerCPUSecond)
+                effectiveCores = effectiveCores.map { (1 - a) * $0 + a * had } ?? had
+            } else if let had = effectiveCores {
+                effectiveCores = had + Tuning.coresRecovery * (Double(cores) - had)
+            }
+        }
     }
 
     /// Figures recent and large enough to decide on.
@@ -362,7 +397,7 @@ public struct CompressionAdvisor: Sendable {
         let link = linkBytesPerSecond ?? .infinity
         guard let codec else { return link }
         guard let e = usable(codec) else { return nil }
-        return min(link * e.ratio, e.bytesPerCPUSecond * Double(cores))
+        return min(link * e.ratio, e.bytesPerCPUSecond * (effectiveCores ?? Double(cores)))
     }
 
     // MARK: - Choice

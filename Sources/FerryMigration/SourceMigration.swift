@@ -286,6 +286,8 @@ public final class SourceMigration: @unchecked Sendable {
         self.dataPath = dataPath
         let match = NICMatcher.match(local: local, remote: accept.interfaces.map(\.networkInterface), localSelection: options.nics)
         pairs = match.pairs
+        let speeds = pairs.map(\.speedBitsPerSecond)
+        compression.setLinkSpeed(bitsPerSecond: speeds.contains(nil) || speeds.isEmpty ? nil : speeds.compactMap { $0 }.reduce(0, +))
         if pairs.isEmpty {
             // No NIC pair found (e.g. loopback, or the peer hid its NICs): use the path the
             // control connection took.

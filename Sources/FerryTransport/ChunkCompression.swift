@@ -40,6 +40,14 @@ public final class CompressionController: @unchecked Sendable {
 
     public var mode: CompressionMode { lock.withLock { advisor.mode } }
 
+    /// The NICs' speeds together (bits per second), when known: lets the advisor tell a
+    /// codec that cannot fill the link for want of CPU (see `effectiveCores`). TCP carries
+    /// about 94% of a NIC's rate as payload.
+    public func setLinkSpeed(bitsPerSecond: UInt64?) {
+        lock.withLock { advisor.knownLinkBytesPerSecond = bitsPerSecond.map { Double($0) / 8 * 0.94 } }
+    }
+    public var currentDecision: CompressionAdvisor.Decision { lock.withLock { decision } }
+
     /// What a sender does with its next chunk: compress it with `codec` (nil: send it
     /// raw), and if `trials` is not empty, also time each of them (and `codec`) on it.
     func plan() -> (codec: Codec?, trials: [Codec]) {
@@ -68,6 +76,13 @@ public final class CompressionController: @unchecked Sendable {
             let now = ContinuousClock.now
             let seconds = (now - lastTick).seconds
             guard seconds > 0 else { return nil }
+            // Before QEMU sends anything (channels opening) there is nothing to judge: a
+            // period of nothing would count as an idle link and delay the first choice.
+            if guestBytes == last.guest && totalGuestBytes == 0 {
+                lastTick = now
+                samples = [:]
+                return nil
+            }
             let interval = CompressionAdvisor.Interval(
                 endSeconds: (now - origin).seconds, seconds: seconds,
                 guestByteCount: Int(guestBytes &- last.guest), wireByteCount: Int(wireBytes &- last.wire),

@@ -77,23 +77,26 @@ public final class FrameConnection: @unchecked Sendable {
             var flags: FrameFlags = sealer == nil ? [] : [.sealed]
             if compressed != nil { flags.insert(.compressed) }
             let body = compressed?.bytes ?? bytes
-            // Sealed: the sub-headers stay clear (authenticated), the bytes are encrypted.
-            let sealed = sealer.map { $0.seal(.data, flags, header: UnsafeRawBufferPointer(clear), body) }
-            func send(_ body: UnsafeRawBufferPointer) -> SocketError? {
+            // The body goes out in one or two pieces: the bytes, or ciphertext and tag.
+            func send(_ pieces: [UnsafeRawBufferPointer]) -> SocketError? {
                 var crc = CRC32C.checksum(UnsafeRawBufferPointer(clear))
-                crc = CRC32C.update(crc, body)
-                let frameHeader = FrameHeader(type: .data, flags: flags, length: UInt32(clearCount + body.count), payloadCRC: crc)
+                for piece in pieces { crc = CRC32C.update(crc, piece) }
+                let bodyCount = pieces.reduce(0) { $0 + $1.count }
+                let frameHeader = FrameHeader(type: .data, flags: flags, length: UInt32(clearCount + bodyCount), payloadCRC: crc)
                 frameHeader.write(into: scratch)
-                wire = FrameHeader.byteCount + clearCount + body.count
+                wire = FrameHeader.byteCount + clearCount + bodyCount
                 do {
-                    try socket.writeAll([UnsafeRawBufferPointer(rebasing: scratch[..<(FrameHeader.byteCount + clearCount)]), body])
+                    try socket.writeAll([UnsafeRawBufferPointer(rebasing: scratch[..<(FrameHeader.byteCount + clearCount)])] + pieces)
                     return nil
                 } catch {
                     return error
                 }
             }
-            if let sealed { return sealed.withUnsafeBytes { send($0) } }
-            return send(body)
+            // Sealed: the sub-headers stay clear (authenticated), the bytes are encrypted.
+            if let sealer {
+                return sealer.seal(.data, flags, header: UnsafeRawBufferPointer(clear), body) { ciphertext, tag in send([ciphertext, tag]) }
+            }
+            return send([body])
         }
         if let failure { throw failure }
         counters.withLock {

@@ -97,10 +97,13 @@ public final class SendScheduler: @unchecked Sendable {
     /// back, before it fails. Zero: fail as soon as the last channel is gone.
     private let noChannelGrace: Duration
     private var noChannelsSince: ContinuousClock.Instant?
-    /// Time chunks spent waiting for a channel (the queue not empty): how much of the time
-    /// the channels, not QEMU, were the bottleneck. For the compression advisor.
+    /// Time the channels were behind QEMU: chunks waited for a channel, or QEMU's reader
+    /// waited for the window (the channels' socket buffers hold the window's worth, so on
+    /// a saturated link the queue itself can stay empty while the reader waits). How much
+    /// of the time the channels, not QEMU, were the bottleneck: for the compression advisor.
     private var backlogSince: ContinuousClock.Instant?
     private var backlog: Duration = .zero
+    private var waitingProducers = 0
     /// Token bucket for the bandwidth limit (nil: unlimited), shared by all channels.
     private var rateBytesPerSecond: UInt64?
     private var tokens = 0.0
@@ -152,13 +155,16 @@ public final class SendScheduler: @unchecked Sendable {
         condition.lock()
         defer { condition.unlock() }
         let stream = chunk.header.stream
+        waitingProducers += 1
+        notePressure()
         while failure == nil && outstandingBytes + chunk.memoryCost > windowByteCount && outstandingBytes > 0
                 && streamOutstanding[stream, default: 0] + chunk.memoryCost > streamReserveByteCount {
             condition.wait()
         }
+        waitingProducers -= 1
         if let failure { throw failure }
         queue.append(chunk)
-        if backlogSince == nil { backlogSince = .now }
+        notePressure()
         outstandingBytes += chunk.memoryCost
         streamOutstanding[stream, default: 0] += chunk.memoryCost
         peakOutstandingBytes = max(peakOutstandingBytes, outstandingBytes)
@@ -199,10 +205,7 @@ public final class SendScheduler: @unchecked Sendable {
                     queue.removeFirst(queueHead)
                     queueHead = 0
                 }
-                if queueHead >= queue.count, let since = backlogSince {
-                    backlog += .now - since
-                    backlogSince = nil
-                }
+                notePressure()
                 // A chunk that was acknowledged while it waited for a resend is dropped.
                 if chunk.buffer == nil || chunk.header.sequence < acked[chunk.header.stream, default: 0] { continue }
                 inFlight[chunk.header.stream, default: [:]][chunk.header.sequence] = InFlight(chunk: chunk, channel: channel)
@@ -267,8 +270,8 @@ public final class SendScheduler: @unchecked Sendable {
         }
         requeue.sort { ($0.header.sequence, $0.header.stream) < ($1.header.sequence, $1.header.stream) }
         if !requeue.isEmpty {
-            if backlogSince == nil { backlogSince = .now }
             queue.replaceSubrange(queueHead..<queueHead, with: requeue)
+            notePressure()
             retransmittedChunks += requeue.count
             retransmittedBytes += requeue.reduce(0) { $0 + UInt64($1.byteCount) }
         }
@@ -331,7 +334,18 @@ public final class SendScheduler: @unchecked Sendable {
 
     public var failureReason: TransportError? { condition.withLock { failure } }
 
-    /// The time chunks waited for a channel since the last call.
+    /// Starts or stops the backlog clock as the queue and the waiting reader say (lock held).
+    private func notePressure() {
+        let behind = queueHead < queue.count || waitingProducers > 0 && outstandingBytes > 0
+        if behind && backlogSince == nil {
+            backlogSince = .now
+        } else if !behind, let since = backlogSince {
+            backlog += .now - since
+            backlogSince = nil
+        }
+    }
+
+    /// The time the channels were behind (see `backlog`) since the last call.
     public func takeBacklog() -> Duration {
         condition.withLock {
             var total = backlog

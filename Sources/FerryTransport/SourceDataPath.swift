@@ -85,9 +85,15 @@ public final class SourceDataPath: @unchecked Sendable {
             if let compression, ContinuousClock.now >= nextCompressionTick {
                 nextCompressionTick = ContinuousClock.now + Self.compressionPeriod
                 let stats = channelStats
-                if let change = compression.tick(guestBytes: stats.reduce(0) { $0 + $1.payloadBytes },
-                                                 wireBytes: stats.reduce(0) { $0 + $1.wireBytes },
-                                                 backlog: scheduler.takeBacklog()) {
+                let backlog = scheduler.takeBacklog()
+                let change = compression.tick(guestBytes: stats.reduce(0) { $0 + $1.payloadBytes },
+                                              wireBytes: stats.reduce(0) { $0 + $1.wireBytes }, backlog: backlog)
+                if logger.logLevel <= .debug {
+                    let d = compression.currentDecision
+                    logger.debug("compression period", metadata: ["backlog-ms": "\(backlog.milliseconds)", "codec": "\(d.codec?.description ?? "none")",
+                                                                   "trials": "\(d.trials.map { $0.description })/\(d.trialPeriod)", "reason": "\(d.reason)"])
+                }
+                if let change {
                     onEvent(.compression(codec: change.codec?.description, reason: change.reason))
                 }
             }

@@ -292,13 +292,19 @@ public final class FrameSealer: @unchecked Sendable {
     /// Ciphertext followed by the tag.
     public func seal(_ type: FrameType, _ flags: FrameFlags, header extra: UnsafeRawBufferPointer = UnsafeRawBufferPointer(start: nil, count: 0),
                      _ plaintext: UnsafeRawBufferPointer) -> Data {
+        seal(type, flags, header: extra, plaintext) { ciphertext, tag in Data(ciphertext) + Data(tag) }
+    }
+
+    /// Seals and hands ciphertext and tag to `body` where they lie, without joining them
+    /// (a chunk's ciphertext is 256 KiB: joining would copy it once more).
+    public func seal<R>(_ type: FrameType, _ flags: FrameFlags, header extra: UnsafeRawBufferPointer = UnsafeRawBufferPointer(start: nil, count: 0),
+                        _ plaintext: UnsafeRawBufferPointer,
+                        _ body: (_ ciphertext: UnsafeRawBufferPointer, _ tag: UnsafeRawBufferPointer) -> R) -> R {
         let nonce = FrameSeal.nonce(connection, counter)
         counter += 1
         // Sealing with a valid key and nonce cannot fail.
         let box = try! AES.GCM.seal(plaintext, using: key, nonce: nonce, authenticating: FrameSeal.aad(type, flags, extra))
-        var out = box.ciphertext
-        out.append(box.tag)
-        return out
+        return box.ciphertext.withUnsafeBytes { c in box.tag.withUnsafeBytes { t in body(c, t) } }
     }
 }
 
