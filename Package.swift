@@ -19,7 +19,7 @@ let package = Package(
         .target(name: "FerryIO", dependencies: ["CFerryLinux"]),
         // Protocol messages and the frame codec: pure values, no sockets.
         .target(name: "FerryWire", dependencies: [
-            "CFerryLinux",
+            "CFerryLinux", "CFerryAEAD",
             .product(name: "Crypto", package: "swift-crypto"),
         ]),
         // QMP client: framing, greeting, commands, events, timeouts.
@@ -29,6 +29,8 @@ let package = Package(
         ]),
         // The system's LZ4 and zstd libraries.
         .systemLibrary(name: "CFerryCompress", providers: [.apt(["liblz4-dev", "libzstd-dev"])]),
+        // AES-256-GCM in place, for chunk payloads (OpenSSL's libcrypto).
+        .systemLibrary(name: "CFerryAEAD", providers: [.apt(["libssl-dev"])]),
         // Chunk compression: codecs, reusable per-thread contexts, the automatic codec choice.
         .target(name: "FerryCompress", dependencies: ["CFerryCompress"]),
         // Data channels, striping, reordering, acknowledgements, failover.

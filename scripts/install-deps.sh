@@ -14,7 +14,7 @@ have ip || need+=(iproute2)
 have tc || need+=(iproute2)
 have ping || need+=(iputils-ping)
 have mptcpize || need+=(mptcpize)
-for p in libzstd-dev liblz4-dev liburing-dev; do pkg_installed "$p" || need+=("$p"); done
+for p in libzstd-dev liblz4-dev liburing-dev libssl-dev; do pkg_installed "$p" || need+=("$p"); done
 
 if [ ${#need[@]} -gt 0 ]; then
     if [ "$(id -u)" -ne 0 ]; then

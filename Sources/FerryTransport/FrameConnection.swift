@@ -206,13 +206,12 @@ public final class FrameConnection: @unchecked Sendable {
         let crc = tag.withUnsafeBytes { CRC32C.update(bodyCRC, $0) }
         guard crc == header.payloadCRC else { throw WireError.payloadChecksumMismatch }
         if let opener {
-            let plain = try subBytes.withUnsafeBytes { sub in
+            // Decrypted where it landed: no copy.
+            try subBytes.withUnsafeBytes { sub in
                 try tag.withUnsafeBytes { t in
-                    try opener.open(.data, header.flags, header: sub, ciphertext: buffer.bytes, tag: t)
+                    try opener.openInPlace(.data, header.flags, header: sub, UnsafeMutableRawBufferPointer(rebasing: buffer.space[0..<size]), tag: t)
                 }
             }
-            guard plain.count == size else { throw SecurityError.sealedFrameRejected("data frame opened to \(plain.count) bytes, expected \(size)") }
-            if size > 0 { plain.withUnsafeBytes { buffer.base.copyMemory(from: $0.baseAddress!, byteCount: size) } }
         }
         var chunk = buffer
         if let compression {

@@ -153,6 +153,21 @@ struct SealingTests {
         #expect(throws: SecurityError.self) { try open(FrameOpener(key: k, connection: 3), [1, 2, 3]) }
     }
 
+    @Test("the sealing is standard AES-256-GCM: swift-crypto opens what the OpenSSL sealer made, and the reverse")
+    func interoperates() throws {
+        let k = SymmetricKey(size: .bits256)
+        let text = Array("a chunk of guest memory".utf8)
+        let header: [UInt8] = [9, 8, 7]
+        let sealed = seal(FrameSealer(key: k, connection: 5), String(decoding: text, as: UTF8.self), header: header)
+        let nonce = try AES.GCM.Nonce(data: FrameSeal.nonceBytes(5, 0))
+        let aad = header.withUnsafeBytes { FrameSeal.aad(.data, [.sealed], $0) }
+        let box = try AES.GCM.SealedBox(nonce: nonce, ciphertext: sealed.dropLast(16), tag: sealed.suffix(16))
+        #expect(Array(try AES.GCM.open(box, using: k, authenticating: aad)) == text)
+        let theirs = try AES.GCM.seal(text, using: k, nonce: nonce, authenticating: aad)
+        #expect(try open(FrameOpener(key: k, connection: 5), Array(theirs.ciphertext) + Array(theirs.tag), header: header)
+                == String(decoding: text, as: UTF8.self))
+    }
+
     @Test("the same chunk sealed on two channels never repeats ciphertext (distinct nonces)")
     func noNonceReuse() {
         let k = SymmetricKey(size: .bits256)
