@@ -38,6 +38,35 @@ struct MultichannelTests {
         try lab.expectRunningAndHealthy("vm1", on: "b")
     }
 
+    @Test("--bandwidth and serve --max-bandwidth hold a migration to the limit over all NICs together")
+    func bandwidthLimits() throws {
+        // Unlimited NICs: only the limits can hold the rate down.
+        let lab = try TestLab(nics: 2)
+        try lab.serve(on: "b")
+        try lab.serve(on: "a", extra: ["--max-bandwidth", "200mbit"])
+        _ = try lab.startDemoVM("vm1", memory: 256, fill: 96, dirty: 0)
+        func streamingRate(_ r: MigrationReport) -> Double {
+            // Bytes over time between the first and the last timeline sample that moved data.
+            let moving = r.timeline.filter { $0.interfaceBytes.values.reduce(0, +) > 0 }
+            guard let first = moving.first, let last = moving.last, last.at > first.at else { return 0 }
+            let bytes = last.interfaceBytes.values.reduce(0, +) - first.interfaceBytes.values.reduce(0, +)
+            return Double(bytes) * 8 / (last.at - first.at)
+        }
+        let (out, outReport) = try lab.migrate("vm1", extra: ["--bandwidth", "160mbit"])
+        #expect(out.succeeded, "\(out.stdout)")
+        let capped = streamingRate(try #require(outReport))
+        #expect(capped < 1.1 * 160e6 && capped > 0.6 * 160e6, "--bandwidth 160mbit: \(Format.rate(capped))")
+        #expect(Set(try #require(outReport).channels.filter { $0.payloadBytes > 0 }.map(\.interface)) == ["eth0", "eth1"], "both NICs carried it")
+
+        let (back, backReport) = try lab.migrate("vm1", from: "b", to: "a")
+        #expect(back.succeeded, "\(back.stdout)")
+        let r = try #require(backReport)
+        #expect(r.events.contains { $0.what.contains("destination limits this migration") }, "\(r.events.map(\.what))")
+        let limited = streamingRate(r)
+        #expect(limited < 1.1 * 200e6 && limited > 0.6 * 200e6, "serve --max-bandwidth 200mbit: \(Format.rate(limited))")
+        try lab.expectRunningAndHealthy("vm1", on: "a")
+    }
+
     @Test("a NIC that dies a third of the way loses nothing, is used again when it comes back, and dies again near the end")
     func nicDownUpDown() throws {
         let lab = try TestLab(nics: 2, rate: "150mbit")

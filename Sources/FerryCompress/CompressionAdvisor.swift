@@ -80,6 +80,18 @@ public struct CompressionAdvisor: Sendable {
         /// limit, and the cores compression really gets are measured from it. (TCP over a
         /// full link carries about 94% of its speed, so 3/4 leaves room for scatter.)
         public static let cpuBoundWireShare = 0.75
+        /// Without compression, the link counts as full when the wire carries 85% of the
+        /// NICs' known speed (TCP's payload is about 94% of it). Below that, a backlog means
+        /// the CPU is the limit and compression is not turned on: on the 2-core lab, 2 x 1
+        /// gbit of random data ran at 186-215 MB/s of the NICs' 235, and turning lz4 or
+        /// zstd:1 on for the odd compressible pages cost throughput.
+        public static let linkFullShare = 0.85
+        /// Where the NICs' speed is unknown (veth, some virtual NICs), a codec must promise
+        /// 30% more guest bytes per second than none before it is turned on: on unlimited
+        /// veth in the lab, where the CPU is the limit, a guest of mostly random data showed
+        /// a ratio of 1.2 and lz4 a promised 22% gain, and turning it on cost a third of the
+        /// throughput. Compressible data (a ratio of 2 or more) clears 30% easily.
+        public static let unknownLinkGain = 0.3
         /// Per period, the measured cores move this share of the way back to `cores`: a
         /// half-life of about 35 s (69 periods), so a codec given up for want of CPU is
         /// tried again about every minute and a half (measured in the advisor's tests),
@@ -422,11 +434,20 @@ public struct CompressionAdvisor: Sendable {
 
         // The link is the bottleneck: the most guest bytes per second, with a margin per
         // step of CPU cost and another for leaving the current choice.
+        if current == nil, let known = knownLinkBytesPerSecond, let link = linkBytesPerSecond, link < Tuning.linkFullShare * known {
+            // The channels are behind, yet the wire carries clearly less than the NICs can:
+            // the CPU holds the transfer back, and compressing would take more of it.
+            return (nil, "the NICs carry \(rate(link)) of their \(rate(known)): the CPU, not the link, is the limit")
+        }
+        // Where the NICs' speed is unknown, a backlog may be the CPU's as well as the
+        // link's, so compression must promise a larger gain before it is turned on.
+        let unknownLinkMargin = knownLinkBytesPerSecond == nil ? 1 + Tuning.unknownLinkGain : 1
         let options: [Codec?] = [nil] + candidates.map { Optional($0) }
         var best: (codec: Codec?, score: Double, rate: Double)?
         for (step, option) in options.enumerated() {
             guard let c = capacity(option) else { continue }
             var score = c / compounded(1 + Tuning.gainPerCostStep, step)
+            if option != nil && current == nil { score /= unknownLinkMargin }
             if option == current { score *= 1 + Tuning.hysteresis }
             if best == nil || score > best!.score { best = (option, score, c) }
         }

@@ -166,7 +166,7 @@ struct AdvisorTests {
         sim.data = .incompressible
         let random = sim.run(40)
         let off = random.firstIndex { $0.codec == nil }
-        #expect(off.map { $0 < 8 } == true, "none within 4 s, at \(String(describing: off))")
+        #expect(off.map { $0 < 8 } == true, "none within 4 s, at \(String(describing: off)): \(sim.timeline)")
         #expect(random.suffix(30).allSatisfy { $0.codec == nil })
         sim.data = .compressible
         let back = sim.run(60)
@@ -225,6 +225,41 @@ struct AdvisorTests {
         blind.actualCores = 0.55
         blind.run(120)
         #expect(blind.advisor.decision.codec == .zstd(level: 1))
+    }
+
+    /// Periods of a transfer held back by the CPU: a full backlog, the wire at `wire`
+    /// bytes/s, and every candidate sampled at `ratio` on 4 MiB.
+    func cpuBoundPeriods(_ advisor: inout Advisor, wire: Double, ratio: Double, count: Int) {
+        for i in 1...count {
+            let sample = Advisor.Sample(inputByteCount: 4 << 20, outputByteCount: Int(Double(4 << 20) / ratio), cpuNanoseconds: 2_500_000)
+            _ = advisor.observe(Advisor.Interval(endSeconds: Double(i) / 2, seconds: 0.5, guestByteCount: Int(wire / 2),
+                                                 wireByteCount: Int(wire / 2), backlogFraction: 0.95,
+                                                 samples: [.lz4: sample, .zstd(level: 1): sample]))
+        }
+    }
+
+    @Test("a backlog while the NICs carry well under their known speed is the CPU's: no compression")
+    func cpuNotLink() {
+        var advisor = Advisor(mode: .auto, cores: 1)
+        advisor.knownLinkBytesPerSecond = 235e6
+        cpuBoundPeriods(&advisor, wire: 190e6, ratio: 1.3, count: 20)
+        #expect(advisor.decision.codec == nil, "\(advisor.decision.reason)")
+        #expect(advisor.decision.reason.contains("the CPU, not the link"))
+        // The same link full (wire at its speed): now compression pays.
+        var full = Advisor(mode: .auto, cores: 1)
+        full.knownLinkBytesPerSecond = 235e6
+        cpuBoundPeriods(&full, wire: 230e6, ratio: 1.3, count: 20)
+        #expect(full.decision.codec != nil, "\(full.decision.reason)")
+    }
+
+    @Test("with the NICs' speed unknown, a small promised gain does not turn compression on; a large one does")
+    func unknownLink() {
+        var slight = Advisor(mode: .auto, cores: 1)
+        cpuBoundPeriods(&slight, wire: 220e6, ratio: 1.2, count: 20)
+        #expect(slight.decision.codec == nil, "\(slight.decision.reason)")
+        var text = Advisor(mode: .auto, cores: 1)
+        cpuBoundPeriods(&text, wire: 110e6, ratio: 2.5, count: 20)
+        #expect(text.decision.codec != nil, "\(text.decision.reason)")
     }
 
     @Test("compression that makes QEMU the bottleneck stays on, at the cheapest codec that suffices")
