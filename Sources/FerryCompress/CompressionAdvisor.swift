@@ -257,6 +257,7 @@ public struct CompressionAdvisor: Sendable {
     /// What the NICs can carry, bytes per second (their speeds, less TCP's overhead), if
     /// known; without it the cores are taken as given.
     public var knownLinkBytesPerSecond: Double?
+    private var lastWireBytesPerSecond = 0.0
     private var intervalsSinceSwitch = Tuning.calmIntervals
     /// The pause before the next change (see `Tuning.calmIntervals`).
     private var intervalsBetweenSwitches = Tuning.minimumIntervalsBetweenSwitches
@@ -343,12 +344,16 @@ public struct CompressionAdvisor: Sendable {
     private mutating func learn(from interval: Interval) {
         let a = Tuning.smoothing
         let wireRate = Double(interval.wireByteCount) / interval.seconds
+        lastWireBytesPerSecond = wireRate
         let guestRate = Double(interval.guestByteCount) / interval.seconds
         let fraction = min(max(interval.backlogFraction, 0), 1)
 
         backlog = intervals == 1 ? fraction : (1 - a) * backlog + a * fraction
         if linkBound, backlog < Tuning.notLinkBoundBacklog { linkBound = false }
-        if !linkBound, backlog >= Tuning.linkBoundBacklog { linkBound = true }
+        // Rising, one period suffices (a period with chunks waiting half the time is no
+        // accident, and each second of doubt sends a second of raw bytes); falling takes
+        // the smoothed figure, so compression does not go off on one quiet period.
+        if !linkBound, backlog >= Tuning.linkBoundBacklog || fraction >= Tuning.linkBoundBacklog { linkBound = true }
 
         for (codec, sample) in interval.samples where sample.inputByteCount > 0 {
             let cpu = Double(max(sample.cpuNanoseconds, 1)) / 1e9
@@ -434,7 +439,10 @@ public struct CompressionAdvisor: Sendable {
 
         // The link is the bottleneck: the most guest bytes per second, with a margin per
         // step of CPU cost and another for leaving the current choice.
-        if current == nil, let known = knownLinkBytesPerSecond, let link = linkBytesPerSecond, link < Tuning.linkFullShare * known {
+        // The latest period counts as well as the smoothed capacity: the first periods of a
+        // transfer start mid-way and would hold the smoothed figure low for a second or two.
+        if current == nil, let known = knownLinkBytesPerSecond, let link = linkBytesPerSecond,
+           max(link, lastWireBytesPerSecond) < Tuning.linkFullShare * known {
             // The channels are behind, yet the wire carries clearly less than the NICs can:
             // the CPU holds the transfer back, and compressing would take more of it.
             return (nil, "the NICs carry \(rate(link)) of their \(rate(known)): the CPU, not the link, is the limit")
