@@ -49,6 +49,7 @@ let package = Package(
         // Orchestration: source and destination state machines, policy, report.
         .target(name: "FerryMigration", dependencies: [
             "FerryWire", "FerryQMP", "FerryTransport", "FerryVM", "FerryInterfaces", "FerryCompress",
+            .product(name: "Crypto", package: "swift-crypto"),
             .product(name: "Logging", package: "swift-log"),
         ]),
         // The test lab: network namespaces, veth NICs, tc rates.

@@ -188,13 +188,14 @@ public final class BenchRunner {
     private func migrateWithFerry(_ mode: BenchMode, _ vm: String, _ run: inout BenchRun) throws {
         let reportPath = lab.directory + "/bench-report.json"
         try? FileManager.default.removeItem(atPath: reportPath)
-        var args = ["migrate", vm, "--to", lab.address("b", nic: 0), "--report-file", reportPath, "--quiet"]
+        // The insecure mode goes to b's --insecure daemon, on its own port.
+        let target = mode == .ferryInsecure ? "\(lab.address("b", nic: 0)):\(Self.insecurePort)" : lab.address("b", nic: 0)
+        var args = ["migrate", vm, "--to", target, "--report-file", reportPath, "--quiet"]
+        if mode == .ferryInsecure { args.append("--insecure") }
         if mode == .ferryOneChannel { args += ["--nics", lab.interface(nic: 0), "--channels-per-nic", "1"] }
         if mode == .ferryNoCompression { args += ["--compress", "none"] }
         if mode == .ferryLZ4 { args += ["--compress", "lz4"] }
         if mode == .ferryZstd { args += ["--compress", "zstd"] }
-        if mode == .ferryInsecure { args = ["migrate", vm, "--to", "\(lab.address("b", nic: 0)):\(Self.insecurePort)", "--insecure",
-                                            "--report-file", reportPath, "--quiet"] }
         let started = ContinuousClock.now
         let result = try a.ferry(args)
         run.totalSeconds = (ContinuousClock.now - started).seconds

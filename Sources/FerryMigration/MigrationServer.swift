@@ -115,51 +115,67 @@ public final class MigrationServer: @unchecked Sendable {
         socket.setUserTimeout(.seconds(5))
         let connection = FrameConnection(socket: socket)
         socket.setReceiveTimeout(options.handshakeTimeout)
-        let first: Frame
-        do {
-            first = try connection.receive()
-        } catch {
-            lock.withLock { pending -= 1 }
-            let message: String
-            if let e = error as? SocketError, e.kind == .timedOut || e.kind == .system(EAGAIN) {
-                message = "said nothing within \(Int(options.handshakeTimeout.seconds)) s"
-            } else {
-                message = "\(error)"
-            }
-            logger.warning("refused connection", metadata: ["peer": "\(socket.peer)", "reason": "\(message)"])
-            connection.fail(.protocolViolation, "refused: \(message)")
-            socket.close()
-            return
-        }
-        switch first.type {
-        case .hello:
-            // Still unauthenticated (and counted as pending) until the handshake is done.
-            let hello: HelloMessage, security: SessionSecurity
-            do {
-                (hello, _, security) = try HandshakeRunner.destination(connection, hello: first, keys: options.keys, host: HostInfo.hostname)
-            } catch {
-                lock.withLock { pending -= 1 }
-                let (code, message): (ErrorCode, String) = (error as? ErrorMessage).map { ($0.code, $0.message) } ?? (.authenticationFailed, "\(error)")
-                logger.warning("refused connection", metadata: ["peer": "\(socket.peer)", "reason": "\(message)"])
-                connection.fail(code, message)
-                socket.close()
-                return
-            }
-            lock.withLock { pending -= 1 }
+        switch identify(connection) {
+        case .source(let hello, let security)?:
             logger.info("source authenticated", metadata: ["peer": "\(socket.peer)", "host": "\(hello.host)", "security": "\(security.summary)"])
             let session = DestinationSession(control: connection, store: store, server: self, logger: logger,
                                              security: security, sourceHost: hello.host)
             lock.withLock { sessions[session.session] = session }
             session.run()
             socket.close()
+        case .channel(let frame)?:
+            bind(frame, connection)
+        case nil:
+            break
+        }
+    }
+
+    /// What a new connection turned out to be.
+    private enum Arrival {
+        /// A source that completed the handshake.
+        case source(HelloMessage, SessionSecurity)
+        /// A data channel's `bind`, to check against its session.
+        case channel(Frame)
+    }
+
+    /// Reads a new connection's first frame and, for a source, runs the handshake. Until
+    /// this returns the connection counts as pending (unidentified); one that is refused
+    /// is logged, answered and closed, and nil returned.
+    private func identify(_ connection: FrameConnection) -> Arrival? {
+        defer { lock.withLock { pending -= 1 } }
+        let refuse = { [self] (code: ErrorCode, reason: String, reply: String) in
+            logger.warning("refused connection", metadata: ["peer": "\(connection.peer)", "reason": "\(reason)"])
+            connection.fail(code, reply)
+            connection.close()
+        }
+        let first: Frame
+        do {
+            first = try connection.receive()
+        } catch {
+            let message: String
+            if let e = error as? SocketError, e.kind == .timedOut || e.kind == .system(EAGAIN) {
+                message = "said nothing within \(Int(options.handshakeTimeout.seconds)) s"
+            } else {
+                message = "\(error)"
+            }
+            refuse(.protocolViolation, message, "refused: \(message)")
+            return nil
+        }
+        switch first.type {
+        case .hello:
+            do {
+                let (hello, _, security) = try HandshakeRunner.destination(connection, hello: first, keys: options.keys, host: HostInfo.hostname)
+                return .source(hello, security)
+            } catch {
+                let (code, message): (ErrorCode, String) = (error as? ErrorMessage).map { ($0.code, $0.message) } ?? (.authenticationFailed, "\(error)")
+                refuse(code, message, message)
+                return nil
+            }
         case .bind:
-            lock.withLock { pending -= 1 }
-            bind(first, connection)
+            return .channel(first)
         default:
-            lock.withLock { pending -= 1 }
-            logger.warning("refused connection", metadata: ["peer": "\(socket.peer)", "reason": "first frame was \(first.type)"])
-            connection.fail(.protocolViolation, "expected hello or bind, got \(first.type)")
-            socket.close()
+            refuse(.protocolViolation, "first frame was \(first.type)", "expected hello or bind, got \(first.type)")
+            return nil
         }
     }
 

@@ -1,3 +1,4 @@
+import Crypto
 import FerryIO
 import FerryTransport
 import FerryWire
@@ -31,28 +32,21 @@ struct SessionSecurity: Sendable {
     /// Seals the control connection from the next frame on.
     func secureControl(_ connection: FrameConnection, as side: Side) {
         guard let keys else { return }
-        let c = FrameSeal.controlConnection
-        switch side {
-        case .source:
-            connection.secure(send: FrameSealer(key: keys.controlToDestination, connection: c),
-                              receive: FrameOpener(key: keys.controlToSource, connection: c))
-        case .destination:
-            connection.secure(send: FrameSealer(key: keys.controlToSource, connection: c),
-                              receive: FrameOpener(key: keys.controlToDestination, connection: c))
-        }
+        secure(connection, number: FrameSeal.controlConnection, as: side,
+               toDestination: keys.controlToDestination, toSource: keys.controlToSource)
     }
 
     /// Seals data channel `channel` from the next frame on.
     func secureData(_ connection: FrameConnection, channel: UInt32, as side: Side) {
         guard let keys else { return }
-        switch side {
-        case .source:
-            connection.secure(send: FrameSealer(key: keys.dataToDestination, connection: channel),
-                              receive: FrameOpener(key: keys.dataToSource, connection: channel))
-        case .destination:
-            connection.secure(send: FrameSealer(key: keys.dataToSource, connection: channel),
-                              receive: FrameOpener(key: keys.dataToDestination, connection: channel))
-        }
+        secure(connection, number: channel, as: side, toDestination: keys.dataToDestination, toSource: keys.dataToSource)
+    }
+
+    /// Each side sends under the key of its direction and receives under the other.
+    private func secure(_ connection: FrameConnection, number: UInt32, as side: Side,
+                        toDestination: SymmetricKey, toSource: SymmetricKey) {
+        let (send, receive) = side == .source ? (toDestination, toSource) : (toSource, toDestination)
+        connection.secure(send: FrameSealer(key: send, connection: number), receive: FrameOpener(key: receive, connection: number))
     }
 }
 

@@ -174,12 +174,7 @@ public enum ChannelBinding {
 
     /// Constant-time check of a proof.
     public static func verify(proof: String, bindKey: [UInt8], session: String, channel: UInt32, role: Role = .bind) -> Bool {
-        let expected = Array(self.proof(bindKey: bindKey, session: session, channel: channel, role: role).utf8)
-        let given = Array(proof.utf8)
-        guard expected.count == given.count else { return false }
-        var diff: UInt8 = 0
-        for (a, b) in zip(expected, given) { diff |= a ^ b }
-        return diff == 0
+        Handshake.equal(self.proof(bindKey: bindKey, session: session, channel: channel, role: role), proof)
     }
 }
 

@@ -131,25 +131,6 @@ struct DataPathTests {
         h.destination.stop()
     }
 
-    @Test("sealed channels (AES-GCM) carry every stream intact, and a failed channel's chunks are sealed again on the others")
-    func sealedFailover() throws {
-        let h = try Harness(streams: 2, channels: 3, window: 2 << 20, sealed: true)
-        let data = [Self.payload(7, 12_000_000), Self.payload(8, 3_000_000)]
-        for (i, d) in data.enumerated() { try h.feed(UInt32(i), d) }
-        let deadline = ContinuousClock.now + .seconds(10)
-        while h.source.streamByteCount < 3_000_000 && ContinuousClock.now < deadline { Thread.sleep(forTimeInterval: 0.001) }
-        h.sourceChannels[2].socket.shutdown()
-        try h.pumpEnds(expect: 2)
-        try h.destination.waitUntilComplete(timeout: .seconds(30))
-        #expect(h.done.wait(timeout: .now() + 10) == .success)
-        for (i, d) in data.enumerated() { #expect(h.received.current[UInt32(i)] == d, "stream \(i)") }
-        #expect(h.failure.current == nil)
-        #expect(h.sourceChannels[0].isSecured)
-        h.source.markFinished()
-        h.source.closeChannels()
-        h.destination.stop()
-    }
-
     /// Memory-like data that compresses: runs of a few words, some counters, some noise.
     static func compressible(_ seed: Int, _ size: Int) -> [UInt8] {
         let words = ["session", "user_id", "expires", "null", "true", "{\"token\":", "GET /api/v1/items", "\u{0}\u{0}\u{0}\u{0}"].map { Array($0.utf8) }
@@ -309,10 +290,11 @@ struct DataPathTests {
         h.destination.stop()
     }
 
-    @Test("a channel that dies mid-transfer loses nothing: its chunks go again on the others")
-    func failover() throws {
+    @Test("a channel that dies mid-transfer loses nothing: its chunks go again on the others (sealed with AES-GCM: sealed again there)",
+          arguments: [false, true])
+    func failover(sealed: Bool) throws {
         // A small window keeps chunks in flight on every channel when one dies.
-        let h = try Harness(streams: 2, channels: 3, window: 2 << 20)
+        let h = try Harness(streams: 2, channels: 3, window: 2 << 20, sealed: sealed)
         let data = [Self.payload(4, 24_000_000), Self.payload(5, 8_000_000)]
         for (i, d) in data.enumerated() { try h.feed(UInt32(i), d) }
         // Let some data flow, then kill channel 1 under the sender.
@@ -327,6 +309,7 @@ struct DataPathTests {
         #expect(failed)
         #expect(h.source.channelStats.first { $0.channel == 1 }?.alive == false)
         #expect(h.failure.current == nil)
+        #expect(h.sourceChannels[0].isSecured == sealed)
         h.source.markFinished()
         h.source.closeChannels()
         h.destination.stop()
