@@ -58,7 +58,7 @@ let package = Package(
         .target(name: "FerryBench", dependencies: ["FerryLab", "FerryVM", "FerryQMP", "FerryIO", "FerryMigration", "FerryWire", "FerryInterfaces"]),
         .executableTarget(name: "ferry", dependencies: [
             "FerryBench",
-            "FerryWire", "FerryIO", "FerryQMP", "FerryTransport", "FerryVM", "FerryMigration", "FerryLab", "FerryInterfaces", "FerryCompress",
+            "FerryWire", "FerryIO", "FerryQMP", "FerryTransport", "FerryVM", "FerryMigration", "FerryLab", "FerryInterfaces", "FerryCompress", "CFerryLinux",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),
         ]),
@@ -68,7 +68,7 @@ let package = Package(
         .testTarget(name: "FerryWireTests", dependencies: ["FerryWire", .product(name: "Crypto", package: "swift-crypto")]),
         .testTarget(name: "FerryQMPTests", dependencies: ["FerryQMP", "FerryWire"]),
         .testTarget(name: "FerryCompressTests", dependencies: ["FerryCompress"]),
-        .testTarget(name: "FerryTransportTests", dependencies: ["FerryTransport", "FerryWire", "FerryIO", "FerryCompress", .product(name: "Crypto", package: "swift-crypto")]),
+        .testTarget(name: "FerryTransportTests", dependencies: ["FerryTransport", "FerryWire", "FerryIO", "CFerryLinux", "FerryCompress", .product(name: "Crypto", package: "swift-crypto")]),
         .testTarget(name: "FerryVMTests", dependencies: ["FerryVM", "FerryWire"]),
         .testTarget(name: "FerryInterfacesTests", dependencies: ["FerryInterfaces"]),
         .testTarget(name: "FerryMigrationTests", dependencies: ["FerryMigration", "FerryInterfaces", "FerryWire"]),

@@ -65,14 +65,20 @@ struct EndToEndTests {
     /// QEMU's streams depend on one another (multifd threads wait at each sync point for
     /// the main stream), so this is also the test that no stream starves another in the
     /// shared window: it stalled before streams had a reserve of their own.
-    @Test("QEMU's multifd streams carried through Ferry")
-    func multifd() throws {
+    @Test("QEMU's multifd streams carried through Ferry, sealed and copied, or spliced (zero-copy), or copied unsealed",
+          arguments: ["sealed", "zero-copy", "insecure-copied"])
+    func multifd(path: String) throws {
+        let insecure = path != "sealed"
         let lab = try TestLab(nics: 2)
-        try lab.serve(on: "b")
+        try lab.serve(on: "b", extra: insecure ? ["--insecure"] : [])
         _ = try lab.startDemoVM("vm1", memory: 320, fill: 128, dirty: 8)
-        let (result, report) = try lab.migrate("vm1", extra: ["--multifd", "2", "--timeout", "240s"])
+        var extra = ["--multifd", "2", "--timeout", "240s"]
+        if insecure { extra += ["--insecure", "--compress", "none"] }
+        if path == "insecure-copied" { extra += ["--zero-copy", "off"] }
+        let (result, report) = try lab.migrate("vm1", extra: extra)
         #expect(result.succeeded, "migrate failed: \(result.stdout)")
         #expect(report?.multifdChannels == 2)
+        #expect(report?.dataPath?.hasPrefix(path == "zero-copy" ? "zero-copy" : "copied") == true, "\(report?.dataPath ?? "no data path")")
         try lab.expectRunningAndHealthy("vm1", on: "b")
     }
 

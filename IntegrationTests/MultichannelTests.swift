@@ -67,12 +67,14 @@ struct MultichannelTests {
         try lab.expectRunningAndHealthy("vm1", on: "a")
     }
 
-    @Test("a NIC that dies a third of the way loses nothing, is used again when it comes back, and dies again near the end")
-    func nicDownUpDown() throws {
+    @Test("a NIC that dies a third of the way loses nothing, is used again when it comes back, and dies again near the end (sealed and copied; spliced, zero-copy)",
+          arguments: ["sealed", "zero-copy"])
+    func nicDownUpDown(path: String) throws {
+        let zeroCopy = path == "zero-copy"
         let lab = try TestLab(nics: 2, rate: "150mbit")
-        try lab.serve()
+        try lab.serve(extra: zeroCopy ? ["--insecure"] : [])
         _ = try lab.startDemoVM("vm1", memory: 384, fill: 256, dirty: 2)
-        let run = RunningMigration(lab, "vm1")
+        let run = RunningMigration(lab, "vm1", extra: zeroCopy ? ["--insecure", "--compress", "none"] : [])
         #expect(run.wait(forFraction: 0.33), "the migration never reached a third")
         try lab.lab.setNIC("a", nic: 1, up: false)
         #expect(run.wait(forFraction: 0.5))
@@ -91,6 +93,7 @@ struct MultichannelTests {
         let later = r.timeline.last?.interfaceBytes["eth1"] ?? 0
         #expect(later > atBack + (8 << 20), "eth1 carried \(later - atBack) bytes after it came back")
         #expect(r.retransmittedBytes > 0, "the dead NIC's chunks were sent again")
+        #expect(r.dataPath?.hasPrefix(zeroCopy ? "zero-copy" : "copied") == true, "\(r.dataPath ?? "no data path")")
         try lab.lab.setNIC("b", nic: 1, up: true)
         try lab.expectRunningAndHealthy("vm1", on: "b")
         lab.expectAbsent("vm1", on: "a")

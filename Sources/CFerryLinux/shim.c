@@ -2,6 +2,9 @@
 #include "CFerryLinux.h"
 
 #include <errno.h>
+#include <fcntl.h>
+#include <unistd.h>
+#include <sys/resource.h>
 #include <pthread.h>
 #include <sched.h>
 #include <signal.h>
@@ -109,3 +112,45 @@ static uint64_t clock_ns(clockid_t id) {
 
 uint64_t ferry_thread_cpu_ns(void) { return clock_ns(CLOCK_THREAD_CPUTIME_ID); }
 uint64_t ferry_process_cpu_ns(void) { return clock_ns(CLOCK_PROCESS_CPUTIME_ID); }
+
+/* ---- splice, tee, pipes -------------------------------------------------------- */
+
+ssize_t ferry_splice(int in, int out, size_t len, int more, int nonblocking) {
+    unsigned int flags = SPLICE_F_MOVE;
+    if (more) flags |= SPLICE_F_MORE;
+    if (nonblocking) flags |= SPLICE_F_NONBLOCK;
+    for (;;) {
+        ssize_t n = splice(in, NULL, out, NULL, len, flags);
+        if (n >= 0) return n;
+        if (errno != EINTR) return -errno;
+    }
+}
+
+ssize_t ferry_tee(int in, int out, size_t len) {
+    for (;;) {
+        ssize_t n = tee(in, out, len, SPLICE_F_NONBLOCK);
+        if (n >= 0) return n;
+        if (errno != EINTR) return -errno;
+    }
+}
+
+int ferry_pipe(int fds[2], int capacity) {
+    if (pipe2(fds, O_CLOEXEC) != 0) return -errno;
+    if (fcntl(fds[1], F_SETPIPE_SZ, capacity) < 0) {
+        int e = errno;
+        close(fds[0]);
+        close(fds[1]);
+        return -e;
+    }
+    return 0;
+}
+
+long ferry_raise_nofile_limit(void) {
+    struct rlimit r;
+    if (getrlimit(RLIMIT_NOFILE, &r) != 0) return -errno;
+    if (r.rlim_cur < r.rlim_max) {
+        r.rlim_cur = r.rlim_max;
+        if (setrlimit(RLIMIT_NOFILE, &r) != 0) return -errno;
+    }
+    return (long)r.rlim_cur;
+}

@@ -254,7 +254,10 @@ public final class Socket: @unchecked Sendable {
     }
 
     /// Writes several buffers with as few system calls as possible (sendmsg with an iovec).
-    public func writeAll(_ parts: [UnsafeRawBufferPointer]) throws(SocketError) {
+    /// `more`: more data follows at once (MSG_MORE), so TCP holds a small piece back to
+    /// send it with what follows, even with TCP_NODELAY.
+    public func writeAll(_ parts: [UnsafeRawBufferPointer], more: Bool = false) throws(SocketError) {
+        let flags = Int32(MSG_NOSIGNAL) | (more ? Int32(MSG_MORE) : 0)
         var iovecs = parts.filter { $0.count > 0 }.map { iovec(iov_base: UnsafeMutableRawPointer(mutating: $0.baseAddress), iov_len: $0.count) }
         var index = 0
         while index < iovecs.count {
@@ -262,7 +265,7 @@ public final class Socket: @unchecked Sendable {
                 var msg = msghdr()
                 msg.msg_iov = buf.baseAddress! + index
                 msg.msg_iovlen = buf.count - index
-                return sendmsg(fd, &msg, Int32(MSG_NOSIGNAL))
+                return sendmsg(fd, &msg, flags)
             }
             if sent < 0 {
                 if errno == EINTR { continue }

@@ -123,7 +123,7 @@ final class DestinationSession: @unchecked Sendable {
         }
         let incomingPath = record.paths.incomingSocket
         let dataPath = DestinationDataPath(
-            streamCount: offer.streams.streamCount, logger: logger,
+            streamCount: offer.streams.streamCount, cpus: server.options.cpus ?? CPUSet.automatic(), logger: logger,
             connector: { _ in try Socket.connectUnix(path: incomingPath) },
             onFailure: { [events] error in events.post(.dataFailed(error)) })
         self.dataPath = dataPath

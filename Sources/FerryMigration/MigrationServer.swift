@@ -30,6 +30,8 @@ public final class MigrationServer: @unchecked Sendable {
         public var maxBandwidthBytesPerSecond: UInt64?
         /// The cluster keys this host accepts; nil runs insecure (`--insecure`).
         public var keys: KeyRing?
+        /// `--cpus`: the cores incoming data paths run on (nil: the default choice).
+        public var cpus: CPUSet?
         public init(addresses: [String], port: UInt16) {
             precondition(!addresses.isEmpty)
             self.addresses = addresses

@@ -78,6 +78,8 @@ public struct MigrationReport: Codable, Sendable {
     /// How the migration was protected (cipher and key id, or insecure); nil if it ended
     /// before the handshake.
     public var security: String? = nil
+    /// How chunks went through Ferry (zero-copy or copied), nil if it ended before.
+    public var dataPath: String? = nil
     /// The codec used over time (nil if the migration ended before its data path started).
     public var compression: Compression? = nil
 
@@ -128,6 +130,7 @@ extension MigrationReport {
         }
         if let bps = throughputBitsPerSecond { lines.append("  throughput     \(Format.rate(bps))") }
         if let security { lines.append("  security       \(security)") }
+        if let dataPath { lines.append("  data path      \(dataPath)") }
         lines.append("  streams        main + \(multifdChannels) multifd, over \(channels.count) data channel(s) on \(nics.count) NIC(s)")
         for nic in Dictionary(grouping: channels, by: \.interface).sorted(by: { $0.key < $1.key }) {
             let bytes = nic.value.reduce(0) { $0 + $1.payloadBytes }

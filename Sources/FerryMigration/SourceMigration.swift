@@ -41,6 +41,12 @@ public struct MigrationOptions: Sendable {
     public var keys: KeyRing?
     /// `--compress`: auto chooses by measurement while the migration runs.
     public var compression: CompressionMode = .auto
+    /// `--zero-copy auto`: splice chunks from QEMU's socket to the data channels without
+    /// copying them into Ferry's memory wherever Ferry need not see the bytes (an unsealed
+    /// session with `--compress none`). false (`off`): always read and send them.
+    public var zeroCopy = true
+    /// `--cpus`: the cores the data path's threads run on (nil: the default choice).
+    public var cpus: CPUSet?
 
     public init(host: String, port: UInt16) {
         self.host = host
@@ -107,6 +113,7 @@ public final class SourceMigration: @unchecked Sendable {
     private var timeline: [MigrationReport.Sample] = []
     private var multifdUsed = 0
     private var securitySummary: String?
+    private var dataPathSummary: String?
     private var compression: CompressionController?
 
     public init(store: VMStore, name: String, options: MigrationOptions, logger: Logger,
@@ -279,10 +286,16 @@ public final class SourceMigration: @unchecked Sendable {
             cores: CompressionController.defaultCores(channels: max(1, options.channelsPerEndpoint) * max(1, accept.interfaces.count)),
             origin: clock.start)
         self.compression = compression
-        let dataPath = SourceDataPath(scheduler: scheduler, compression: compression, logger: logger) { [events] event in
+        let zeroCopy = options.zeroCopy && security.keys == nil && options.compression == .none && SourceDataPath.zeroCopyAvailable
+        dataPathSummary = zeroCopy
+            ? "zero-copy: spliced through pipes from QEMU's socket to the NICs, kept by reference until acknowledged"
+            : "copied: read into pooled buffers" + (security.keys == nil ? "" : ", sealed at send time")
+                + (options.compression == .none ? "" : ", compressed when it pays")
+        let dataPath = SourceDataPath(scheduler: scheduler, compression: zeroCopy ? nil : compression, zeroCopy: zeroCopy, logger: logger) { [events] event in
             events.post(.dataPath(event))
         }
         dataPath.stallTimeout = options.stallTimeout
+        dataPath.cpus = options.cpus ?? CPUSet.automatic()
         self.dataPath = dataPath
         let match = NICMatcher.match(local: local, remote: accept.interfaces.map(\.networkInterface), localSelection: options.nics)
         pairs = match.pairs
@@ -655,6 +668,7 @@ public final class SourceMigration: @unchecked Sendable {
             destination: .init(host: destinationHost, ferryCPUSeconds: committed?.ferryCPUSeconds,
                                qemuCPUSeconds: committed?.qemuCPUSeconds, ferryPeakRSSBytes: committed?.ferryPeakRSSBytes),
             security: securitySummary,
+            dataPath: dataPathSummary,
             compression: compression.map { c in
                 MigrationReport.Compression(mode: c.mode.description, periods: c.periods().map {
                     .init(codec: $0.codec?.description ?? "none", fromSeconds: $0.fromSeconds, toSeconds: $0.toSeconds)

@@ -1,3 +1,4 @@
+import FerryIO
 import Foundation
 
 /// A chunk's bytes: a fixed-capacity buffer that goes back to its pool when the last
@@ -80,4 +81,78 @@ public final class BufferPool: @unchecked Sendable {
 
     /// Buffers alive now (in use or kept free).
     public var allocatedCount: Int { lock.withLock { allocated } }
+}
+
+/// A chunk's bytes held in a kernel pipe, for the zero-copy path: they went from QEMU's
+/// socket into the pipe (or from a data channel into it) by splice and leave the same way,
+/// never copied into Ferry's memory. Going out of use returns the pipe to its pool.
+public final class PipeChunk: @unchecked Sendable {
+    public let pipe: SplicePipe
+    private let pool: PipePool?
+
+    init(pipe: SplicePipe, pool: PipePool?) {
+        self.pipe = pipe
+        self.pool = pool
+    }
+
+    deinit { pool?.giveBack(pipe) }
+
+    /// Bytes in the pipe.
+    public var count: Int { pipe.count }
+}
+
+/// Pipes for ``PipeChunk``s, reused like ``BufferPool``'s buffers: a pipe given back is
+/// emptied (its pages dropped, not copied) when it is taken again, by the taking thread,
+/// so that the thread releasing a chunk (the one reading acknowledgements) does no system
+/// call for it.
+public final class PipePool: @unchecked Sendable {
+    /// Nominal capacity of each pipe (see ``SplicePipe``).
+    public let pipeCapacity: Int
+    private let lock = NSLock()
+    private var free: [SplicePipe] = []
+    private var allocated = 0
+    private let keep: Int
+
+    public init(pipeCapacity: Int, keep: Int) {
+        self.pipeCapacity = pipeCapacity
+        self.keep = keep
+    }
+
+    /// An empty pipe; throws if none can be made (descriptors or pipe memory exhausted),
+    /// in which case the caller falls back to copying.
+    public func take() throws(SocketError) -> PipeChunk {
+        while let pipe = lock.withLock({ free.popLast() }) {
+            if pipe.count == 0 || pipe.discard() { return PipeChunk(pipe: pipe, pool: self) }
+            lock.withLock { allocated -= 1 }  // could not be emptied: let it go
+        }
+        let pipe = try SplicePipe(capacity: pipeCapacity)
+        lock.withLock { allocated += 1 }
+        return PipeChunk(pipe: pipe, pool: self)
+    }
+
+    func giveBack(_ pipe: SplicePipe) {
+        lock.withLock {
+            if free.count < keep {
+                free.append(pipe)
+            } else {
+                allocated -= 1
+            }
+        }
+    }
+
+    /// Pipes alive now (in use or kept free).
+    public var allocatedCount: Int { lock.withLock { allocated } }
+}
+
+/// A received chunk's bytes: in memory (read, checked), or in a pipe (spliced).
+public enum ChunkBytes: Sendable {
+    case memory(ChunkBuffer)
+    case pipe(PipeChunk)
+
+    public var count: Int {
+        switch self {
+        case .memory(let buffer): return buffer.count
+        case .pipe(let pipe): return pipe.count
+        }
+    }
 }

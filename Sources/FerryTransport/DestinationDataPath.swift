@@ -15,7 +15,10 @@ public final class DestinationDataPath: @unchecked Sendable {
     public typealias Connector = @Sendable (UInt32) throws -> Socket
 
     private final class StreamState {
-        var pending: [UInt64: ChunkBuffer] = [:]
+        /// Its writer waits here: for the next chunk in order, the end, or its turn to connect.
+        let ready: Monitor.Condition
+        init(ready: Monitor.Condition) { self.ready = ready }
+        var pending: [UInt64: ChunkBytes] = [:]
         var pendingOffsets: [UInt64: UInt64] = [:]
         var nextSequence: UInt64 = 0
         var writtenBytes: UInt64 = 0
@@ -24,7 +27,11 @@ public final class DestinationDataPath: @unchecked Sendable {
         var done = false
     }
 
-    private let condition = NSCondition()
+    /// One lock over the state; each stream's writer, the acknowledgement sender and the
+    /// waiter for completion are woken only for what concerns them.
+    private let monitor = Monitor()
+    private let ackNeeded: Monitor.Condition
+    private let progress: Monitor.Condition
     private let streamCount: Int
     private let connector: Connector
     private let logger: Logger
@@ -38,21 +45,33 @@ public final class DestinationDataPath: @unchecked Sendable {
     public private(set) var peakBufferedBytes = 0
     private var receivedPayloadBytes: UInt64 = 0
     private var duplicateChunks = 0
+    private var splicedChunks = 0
     /// Chunks land in buffers of the usual chunk size; a peer that sends larger chunks
     /// (up to the protocol's maximum) gets buffers of that size from a second pool.
     private let pool = BufferPool(bufferByteCount: ChunkPolicy.chunkByteCount,
                                   keep: ChunkPolicy.windowByteCount / ChunkPolicy.chunkByteCount + 16)
     private let largePool = BufferPool(bufferByteCount: ChunkPolicy.maximumChunkByteCount, keep: 8)
+    /// Pipes for chunks the source spliced (`unchecked` frames): they are spliced on to
+    /// QEMU without passing through Ferry's memory. nil where this host cannot splice.
+    private let pipes: PipePool? = SplicePipe.isUsable(capacity: ChunkPolicy.pipeByteCount)
+        ? PipePool(pipeCapacity: ChunkPolicy.pipeByteCount, keep: ChunkPolicy.windowByteCount / ChunkPolicy.chunkByteCount + 16) : nil
 
-    public init(streamCount: Int, logger: Logger, connector: @escaping Connector,
+    /// The cores for the channel and stream threads (nil: not pinned).
+    private let cpus: CPUSet?
+
+    public init(streamCount: Int, cpus: CPUSet? = nil, logger: Logger, connector: @escaping Connector,
                 onFailure: @escaping @Sendable (TransportError) -> Void) {
+        self.cpus = cpus
         self.streamCount = streamCount
         self.connector = connector
         self.logger = logger
         self.onFailure = onFailure
-        self.streams = (0..<streamCount).map { _ in StreamState() }
+        let monitor = self.monitor
+        self.ackNeeded = monitor.makeCondition()
+        self.progress = monitor.makeCondition()
+        self.streams = (0..<streamCount).map { _ in StreamState(ready: monitor.makeCondition()) }
         for i in 0..<streamCount {
-            spawn("ferry-wr-\(i)") { [self] in writeLoop(UInt32(i)) }
+            spawn("ferry-wr-\(i)", core: i) { [self] in writeLoop(UInt32(i)) }
         }
         spawn("ferry-acks") { [self] in ackLoop() }
     }
@@ -61,15 +80,15 @@ public final class DestinationDataPath: @unchecked Sendable {
 
     /// Starts receiving on a bound data channel.
     public func addChannel(_ id: Int, connection: FrameConnection) {
-        condition.withLock { channels[id] = connection }
-        spawn("ferry-rx-\(id)") { [self] in receiveLoop(id, connection) }
+        monitor.withLock { channels[id] = connection }
+        spawn("ferry-rx-\(id)", core: id) { [self] in receiveLoop(id, connection) }
     }
 
     private func receiveLoop(_ id: Int, _ connection: FrameConnection) {
         while true {
             let received: FrameConnection.Received
             do {
-                received = try connection.receive(dataInto: pool, largerInto: largePool)
+                received = try connection.receive(dataInto: pool, largerInto: largePool, pipes: pipes)
             } catch let error as WireError {
                 fail(.protocolViolation("data channel \(id): \(error)"))
                 return
@@ -81,21 +100,23 @@ public final class DestinationDataPath: @unchecked Sendable {
             } catch {
                 // A channel that breaks is the source's to handle: it sends the chunks
                 // again on the channels that remain.
-                condition.withLock { channels[id] = nil }
-                if !condition.withLock({ stopped }) {
+                monitor.withLock { channels[id] = nil }
+                if !monitor.withLock({ stopped }) {
                     logger.info("data channel closed", metadata: ["channel": "\(id)", "reason": "\(error)"])
                 }
                 connection.shutdown()
                 return
             }
-            guard case .data(let header, let buffer) = received else {
-                if case .frame(let frame) = received {
-                    fail(.protocolViolation("\(frame.type) frame on data channel \(id)"))
-                }
+            let header: DataChunkHeader, bytes: ChunkBytes
+            switch received {
+            case .data(let h, let buffer): (header, bytes) = (h, .memory(buffer))
+            case .splicedData(let h, let pipe): (header, bytes) = (h, .pipe(pipe))
+            case .frame(let frame):
+                fail(.protocolViolation("\(frame.type) frame on data channel \(id)"))
                 return
             }
             do {
-                try accept(header, buffer)
+                try accept(header, bytes)
             } catch let error as TransportError {
                 fail(error)
                 return
@@ -106,13 +127,13 @@ public final class DestinationDataPath: @unchecked Sendable {
         }
     }
 
-    private func accept(_ header: DataChunkHeader, _ buffer: ChunkBuffer) throws {
+    private func accept(_ header: DataChunkHeader, _ buffer: ChunkBytes) throws {
         guard Int(header.stream) < streamCount else {
             throw TransportError.protocolViolation("chunk for stream \(header.stream), only \(streamCount) streams")
         }
         let size = buffer.count
-        condition.lock()
-        defer { condition.unlock() }
+        monitor.lock()
+        defer { monitor.unlock() }
         let stream = streams[Int(header.stream)]
         receivedPayloadBytes += UInt64(size)
         if header.sequence < stream.nextSequence || stream.pending[header.sequence] != nil {
@@ -123,10 +144,11 @@ public final class DestinationDataPath: @unchecked Sendable {
             throw TransportError.protocolViolation("chunk \(header.sequence) beyond the end of stream \(header.stream)")
         }
         stream.pending[header.sequence] = buffer
+        if case .pipe = buffer { splicedChunks += 1 }
         stream.pendingOffsets[header.sequence] = header.offset
         bufferedBytes += size
         peakBufferedBytes = max(peakBufferedBytes, bufferedBytes)
-        condition.broadcast()
+        if header.sequence == stream.nextSequence { stream.ready.signal() }
     }
 
     // MARK: Streams
@@ -136,9 +158,9 @@ public final class DestinationDataPath: @unchecked Sendable {
         guard Int(end.stream) < streamCount else {
             throw TransportError.protocolViolation("end of unknown stream \(end.stream)")
         }
-        condition.withLock {
+        monitor.withLock {
             streams[Int(end.stream)].end = end
-            condition.broadcast()
+            streams[Int(end.stream)].ready.signal()
         }
     }
 
@@ -147,9 +169,9 @@ public final class DestinationDataPath: @unchecked Sendable {
         var socket: Socket?
         defer { socket?.close() }
         while true {
-            condition.lock()
+            monitor.lock()
             // Wait for: our turn to connect and our first bytes, or the next chunk, or the end.
-            var chunk: ChunkBuffer?
+            var chunk: ChunkBytes?
             var offset: UInt64 = 0
             while failure == nil && !stopped {
                 let s = streams[index]
@@ -159,10 +181,10 @@ public final class DestinationDataPath: @unchecked Sendable {
                     offset = s.pendingOffsets[s.nextSequence] ?? 0
                     break
                 }
-                condition.wait()
+                streams[index].ready.wait()
             }
             if failure != nil || stopped {
-                condition.unlock()
+                monitor.unlock()
                 return
             }
             let s = streams[index]
@@ -171,8 +193,8 @@ public final class DestinationDataPath: @unchecked Sendable {
                 let end = s.end!
                 let ok = s.writtenBytes == end.byteCount
                 s.done = true
-                condition.broadcast()
-                condition.unlock()
+                progress.broadcast()
+                monitor.unlock()
                 if !ok {
                     fail(.protocolViolation("stream \(id) ended at \(s.writtenBytes) bytes, source says \(end.byteCount)"))
                 }
@@ -180,11 +202,11 @@ public final class DestinationDataPath: @unchecked Sendable {
                 return
             }
             guard offset == s.writtenBytes else {
-                condition.unlock()
+                monitor.unlock()
                 fail(.protocolViolation("stream \(id) chunk \(s.nextSequence) at offset \(offset), expected \(s.writtenBytes)"))
                 return
             }
-            condition.unlock()
+            monitor.unlock()
 
             if socket == nil {
                 do {
@@ -193,25 +215,29 @@ public final class DestinationDataPath: @unchecked Sendable {
                     fail(.aborted("cannot connect stream \(id) to the destination QEMU: \(error)"))
                     return
                 }
-                condition.withLock {
+                monitor.withLock {
                     streams[index].connected = true
-                    condition.broadcast()
+                    if index + 1 < streams.count { streams[index + 1].ready.signal() }
                 }
             }
+            let size = bytes.count  // a pipe's count is 0 once drained
             do {
-                try socket!.writeAll(bytes.bytes)
+                switch bytes {
+                case .memory(let buffer): try socket!.writeAll(buffer.bytes)
+                case .pipe(let pipe): try pipe.pipe.drain(into: socket!.fd, more: false, peer: socket!.peer)
+                }
             } catch {
                 fail(.aborted("writing stream \(id) to the destination QEMU: \(error)"))
                 return
             }
-            condition.withLock {
+            monitor.withLock {
                 s.pending[s.nextSequence] = nil
                 s.pendingOffsets[s.nextSequence] = nil
                 s.nextSequence += 1
-                s.writtenBytes += UInt64(bytes.count)
-                bufferedBytes -= bytes.count
+                s.writtenBytes += UInt64(size)
+                bufferedBytes -= size
+                if !ackDirty { ackNeeded.signal() }
                 ackDirty = true
-                condition.broadcast()
             }
         }
     }
@@ -232,17 +258,17 @@ public final class DestinationDataPath: @unchecked Sendable {
         var turn = 0
         var broadcastDone = true
         while true {
-            condition.lock()
+            monitor.lock()
             if !ackDirty && failure == nil && !stopped {
-                _ = condition.wait(until: Date().addingTimeInterval(0.05))
+                ackNeeded.wait(timeout: .milliseconds(50))
             }
             if failure != nil || stopped {
-                condition.unlock()
+                monitor.unlock()
                 return
             }
             let idle = !ackDirty
             if idle && broadcastDone {
-                condition.unlock()
+                monitor.unlock()
                 continue
             }
             ackDirty = false
@@ -250,7 +276,7 @@ public final class DestinationDataPath: @unchecked Sendable {
                 AckMessage.Entry(stream: UInt32($0.offset), nextSequence: $0.element.nextSequence)
             })
             let targets = channels.keys.sorted().map { channels[$0]! }
-            condition.unlock()
+            monitor.unlock()
             guard !targets.isEmpty else { continue }
             let frame = Frame(type: .ack, payload: ack.encoded())
             if idle {
@@ -272,29 +298,31 @@ public final class DestinationDataPath: @unchecked Sendable {
 
     /// Waits until every stream has ended and been written to QEMU.
     public func waitUntilComplete(timeout: Duration) throws(TransportError) {
-        condition.lock()
-        defer { condition.unlock() }
+        monitor.lock()
+        defer { monitor.unlock() }
         let deadline = Date().addingTimeInterval(timeout.seconds)
         while failure == nil && !streams.allSatisfy(\.done) {
-            if !condition.wait(until: deadline) {
+            if !progress.wait(timeout: .nanoseconds(Int64(deadline.timeIntervalSinceNow * 1e9))) {
                 throw .timedOut("streams incomplete after \(Int(timeout.seconds)) s")
             }
         }
         if let failure { throw failure }
     }
 
-    public var isComplete: Bool { condition.withLock { streams.allSatisfy(\.done) } }
+    public var isComplete: Bool { monitor.withLock { streams.allSatisfy(\.done) } }
 
     /// Bytes of stream data written to QEMU so far.
-    public var deliveredByteCount: UInt64 { condition.withLock { streams.reduce(0) { $0 + $1.writtenBytes } } }
-    public var receivedByteCount: UInt64 { condition.withLock { receivedPayloadBytes } }
-    public var duplicates: Int { condition.withLock { duplicateChunks } }
+    public var deliveredByteCount: UInt64 { monitor.withLock { streams.reduce(0) { $0 + $1.writtenBytes } } }
+    public var receivedByteCount: UInt64 { monitor.withLock { receivedPayloadBytes } }
+    public var duplicates: Int { monitor.withLock { duplicateChunks } }
+    /// Chunks that went from a data channel to QEMU by splice, never copied.
+    public var splicedChunkCount: Int { monitor.withLock { splicedChunks } }
 
     public func fail(_ error: TransportError) {
-        let first = condition.withLock { () -> Bool in
+        let first = monitor.withLock { () -> Bool in
             guard failure == nil && !stopped else { return false }
             failure = error
-            condition.broadcast()
+            wakeAll()
             return true
         }
         if first {
@@ -305,16 +333,28 @@ public final class DestinationDataPath: @unchecked Sendable {
 
     /// Stops every thread and closes the channels.
     public func stop() {
-        let conns = condition.withLock { () -> [FrameConnection] in
+        let conns = monitor.withLock { () -> [FrameConnection] in
             stopped = true
-            condition.broadcast()
+            wakeAll()
             return Array(channels.values)
         }
         conns.forEach { $0.shutdown() }
     }
 
-    private func spawn(_ name: String, _ body: @escaping @Sendable () -> Void) {
-        let thread = Thread(block: body)
+    /// Wakes every waiting thread (lock held): on failure and stop.
+    private func wakeAll() {
+        streams.forEach { $0.ready.broadcast() }
+        ackNeeded.broadcast()
+        progress.broadcast()
+    }
+
+    /// Starts a thread, pinned to the core for `core` in ``cpus`` if given.
+    private func spawn(_ name: String, core: Int? = nil, _ body: @escaping @Sendable () -> Void) {
+        let cpus = self.cpus
+        let thread = Thread {
+            if let cpus, let core { cpus.pinCurrentThread(index: core) }
+            body()
+        }
         thread.name = name
         thread.stackSize = 1 << 20
         thread.start()

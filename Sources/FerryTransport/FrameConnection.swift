@@ -79,8 +79,12 @@ public final class FrameConnection: @unchecked Sendable {
             let body = compressed?.bytes ?? bytes
             // The body goes out in one or two pieces: the bytes, or ciphertext and tag.
             func send(_ pieces: [UnsafeRawBufferPointer]) -> SocketError? {
-                var crc = CRC32C.checksum(UnsafeRawBufferPointer(clear))
-                for piece in pieces { crc = CRC32C.update(crc, piece) }
+                // A sealed frame's tag checks every byte, so its CRC is not computed (0).
+                var crc: UInt32 = 0
+                if sealer == nil {
+                    crc = CRC32C.checksum(UnsafeRawBufferPointer(clear))
+                    for piece in pieces { crc = CRC32C.update(crc, piece) }
+                }
                 let bodyCount = pieces.reduce(0) { $0 + $1.count }
                 let frameHeader = FrameHeader(type: .data, flags: flags, length: UInt32(clearCount + bodyCount), payloadCRC: crc)
                 frameHeader.write(into: scratch)
@@ -105,6 +109,40 @@ public final class FrameConnection: @unchecked Sendable {
         }
     }
 
+    /// Sends a data frame whose bytes are in a pipe (the zero-copy path): the headers go
+    /// out with MSG_MORE, then the bytes are duplicated into `scratch` (tee: page
+    /// references) and spliced from there into the socket, so the chunk keeps its bytes
+    /// for a resend and nothing is copied through user memory. The frame is `unchecked`
+    /// (no CRC: Ferry never sees the bytes). Unsealed connections only.
+    public func sendSpliced(_ header: DataChunkHeader, _ chunk: PipeChunk, via scratch: SplicePipe) throws(SocketError) {
+        writeLock.lock()
+        defer { writeLock.unlock() }
+        precondition(sealer == nil, "a sealed connection cannot send spliced chunks")
+        let count = chunk.count
+        defer { if scratch.count > 0 { scratch.discard() } }
+        let headerBytes = FrameHeader.byteCount + DataChunkHeader.byteCount
+        let failure: SocketError? = headerScratch.withUnsafeMutableBytes { scratchBytes -> SocketError? in
+            header.write(into: UnsafeMutableRawBufferPointer(rebasing: scratchBytes[FrameHeader.byteCount..<headerBytes]))
+            FrameHeader(type: .data, flags: [.unchecked], length: UInt32(DataChunkHeader.byteCount + count), payloadCRC: 0)
+                .write(into: scratchBytes)
+            do {
+                try socket.writeAll([UnsafeRawBufferPointer(rebasing: scratchBytes[..<headerBytes])], more: true)
+                return nil
+            } catch let error as SocketError {
+                return error
+            } catch {
+                return SocketError("write to", peer: socket.peer, kind: .closed)
+            }
+        }
+        if let failure { throw failure }
+        try chunk.pipe.duplicate(into: scratch)
+        try scratch.drain(into: socket.fd, more: false, peer: socket.peer)
+        counters.withLock {
+            $0.sentBytes += UInt64(headerBytes + count)
+            $0.sentPayloadBytes += UInt64(count)
+        }
+    }
+
     // MARK: Receiving
 
     /// Reads one whole, checked frame (blocking). End of stream is `.closed`.
@@ -124,6 +162,9 @@ public final class FrameConnection: @unchecked Sendable {
     /// Reads the payload `header` announces into a new frame, checking its CRC and, on a
     /// secured connection, opening its seal.
     private func readPayload(of header: FrameHeader) throws -> Frame {
+        if header.flags.contains(.unchecked) {
+            throw WireError.malformedMessage(header.type, "only data frames may go unchecked")
+        }
         var payload = [UInt8](repeating: 0, count: Int(header.length))
         if header.length > 0 {
             try payload.withUnsafeMutableBytes { try socket.readExact(into: $0) }
@@ -157,16 +198,25 @@ public final class FrameConnection: @unchecked Sendable {
     /// What ``receive(dataInto:)`` read: a data chunk in a pooled buffer, or another frame.
     public enum Received {
         case data(DataChunkHeader, ChunkBuffer)
+        /// A chunk spliced from the socket into a pipe (zero-copy), to be spliced on.
+        case splicedData(DataChunkHeader, PipeChunk)
         case frame(Frame)
     }
 
     /// Reads one frame; a `data` frame's bytes go straight into a buffer from `pool`
     /// (checked against the payload CRC there), other frames are returned whole.
-    public func receive(dataInto pool: BufferPool, largerInto largePool: BufferPool? = nil) throws -> Received {
+    ///
+    /// An `unchecked` frame (the sender spliced it) goes into a pipe from `pipes` when
+    /// given, so that it can be spliced on to QEMU without a copy; without `pipes`, or
+    /// when the pipe runs out of slots, its bytes land in a buffer as usual.
+    public func receive(dataInto pool: BufferPool, largerInto largePool: BufferPool? = nil, pipes: PipePool? = nil) throws -> Received {
         let header = try readHeader()
         guard header.type == .data else { return .frame(try readPayload(of: header)) }
         guard try checkSeal(header) || opener == nil else {
             throw SecurityError.sealedFrameRejected("an unsealed data frame on an authenticated connection")
+        }
+        if header.flags.contains(.unchecked) {
+            return try receiveUnchecked(header, pool: pool, largePool: largePool, pipes: pipes)
         }
         let length = Int(header.length)
         let tagSize = opener == nil ? 0 : FrameSeal.tagByteCount
@@ -202,9 +252,11 @@ public final class FrameConnection: @unchecked Sendable {
         buffer.count = size
         var tag = [UInt8](repeating: 0, count: tagSize)
         if tagSize > 0 { try tag.withUnsafeMutableBytes { try socket.readExact(into: $0) } }
-        let bodyCRC = CRC32C.update(CRC32C.checksum(subBytes), buffer.bytes)
-        let crc = tag.withUnsafeBytes { CRC32C.update(bodyCRC, $0) }
-        guard crc == header.payloadCRC else { throw WireError.payloadChecksumMismatch }
+        // A sealed frame carries no CRC: its tag, checked below, covers every byte.
+        if opener == nil {
+            let crc = CRC32C.update(CRC32C.checksum(subBytes), buffer.bytes)
+            guard crc == header.payloadCRC else { throw WireError.payloadChecksumMismatch }
+        }
         if let opener {
             // Decrypted where it landed: no copy.
             try subBytes.withUnsafeBytes { sub in
@@ -222,6 +274,46 @@ public final class FrameConnection: @unchecked Sendable {
             $0.receivedPayloadBytes += UInt64(chunk.count)
         }
         return .data(sub, chunk)
+    }
+
+    /// Receives an `unchecked` data frame (see ``receive(dataInto:largerInto:pipes:)``).
+    private func receiveUnchecked(_ header: FrameHeader, pool: BufferPool, largePool: BufferPool?, pipes: PipePool?) throws -> Received {
+        if opener != nil {
+            throw SecurityError.sealedFrameRejected("an unchecked data frame on an authenticated connection")
+        }
+        guard !header.flags.contains(.compressed), header.payloadCRC == 0 else {
+            throw WireError.malformedMessage(.data, "an unchecked frame must be uncompressed and carry CRC 0")
+        }
+        let size = Int(header.length) - DataChunkHeader.byteCount
+        guard size >= 0 else { throw WireError.malformedMessage(.data, "shorter than its header") }
+        var subBytes = [UInt8](repeating: 0, count: DataChunkHeader.byteCount)
+        try subBytes.withUnsafeMutableBytes { try socket.readExact(into: $0) }
+        let sub = try subBytes.withUnsafeBytes { try DataChunkHeader.parse($0) }
+        counters.withLock {
+            $0.receivedBytes += UInt64(FrameHeader.byteCount) + UInt64(header.length)
+            $0.receivedPayloadBytes += UInt64(size)
+        }
+        var partial: PipeChunk?
+        if let pipes, size <= pipes.pipeCapacity / ChunkPolicy.pipeSlotMargin, let chunk = try? pipes.take() {
+            // TCP's splice waits for the bytes; it stops early only if the pipe has no
+            // free slot left (many small segments), and then the bytes are copied.
+            var left = size
+            while left > 0, let n = try chunk.pipe.fill(from: socket.fd, max: left, nonblocking: true, peer: socket.peer) {
+                if n == 0 { throw SocketError("read from", peer: socket.peer, kind: .closed) }
+                left -= n
+            }
+            if left == 0 { return .splicedData(sub, chunk) }
+            partial = chunk
+        }
+        let target = size <= pool.bufferByteCount ? pool : largePool
+        guard let target, size <= target.bufferByteCount else {
+            throw WireError.malformedMessage(.data, "chunk of \(size) bytes exceeds \(largePool?.bufferByteCount ?? pool.bufferByteCount)")
+        }
+        let buffer = target.take()
+        let already = try partial.map { try $0.pipe.readAll(into: buffer.space) } ?? 0
+        try socket.readExact(into: UnsafeMutableRawBufferPointer(rebasing: buffer.space[already..<size]))
+        buffer.count = size
+        return .data(sub, buffer)
     }
 
     /// Decompresses a received chunk into a buffer of its raw size and checks its CRC.

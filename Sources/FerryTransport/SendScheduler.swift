@@ -24,22 +24,48 @@ public enum ChunkPolicy {
     /// 2 MiB is 8 chunks, enough for the main stream's sync flags and device state to
     /// flow at a useful rate; it adds at most 2 MiB per stream to the memory bound.
     public static let streamReserveByteCount = 2 << 20
+    /// A pipe for a zero-copy chunk is this many times the chunk's size: a pipe holds a
+    /// page reference per piece of socket buffer, and over a path that delivers one TCP
+    /// segment per piece (1448 bytes at MTU 1500) a 256 KiB chunk takes 182 of them.
+    /// 4 x 256 KiB = 1 MiB gives 256 slots, and is the most an unprivileged process (or
+    /// root without CAP_SYS_RESOURCE) may ask for (/proc/sys/fs/pipe-max-size). Only
+    /// slots are reserved, not memory. A chunk that does not fit is copied instead.
+    public static let pipeSlotMargin = 4
+    public static let pipeByteCount = chunkByteCount * pipeSlotMargin
 }
 
 /// A piece of a QEMU stream on its way to the destination.
 public struct Chunk: Sendable {
     public var header: DataChunkHeader
-    /// The bytes; nil once the chunk was acknowledged while it waited for a resend.
+    /// The bytes, in memory or (zero-copy) in a pipe; both nil once the chunk was
+    /// acknowledged while it waited for a resend.
     public var buffer: ChunkBuffer?
+    public var pipe: PipeChunk?
     public let byteCount: Int
-    /// Memory the chunk holds (its buffer's capacity): what the window counts, so that
-    /// many small reads cannot hold many large buffers.
+    /// Memory the chunk holds (its buffer's capacity, or for a pipe the largest chunk it
+    /// takes): what the window counts, so that many small reads cannot hold much memory.
     public let memoryCost: Int
     public init(header: DataChunkHeader, buffer: ChunkBuffer) {
         self.header = header
         self.buffer = buffer
         self.byteCount = buffer.count
         self.memoryCost = buffer.capacity
+    }
+
+    public init(header: DataChunkHeader, pipe: PipeChunk, memoryCost: Int = ChunkPolicy.chunkByteCount) {
+        self.header = header
+        self.pipe = pipe
+        self.byteCount = pipe.count
+        self.memoryCost = memoryCost
+    }
+
+    /// Whether the chunk still holds its bytes.
+    public var isHeld: Bool { buffer != nil || pipe != nil }
+
+    /// Lets go of the bytes.
+    public mutating func drop() {
+        buffer = nil
+        pipe = nil
     }
 }
 
@@ -73,7 +99,13 @@ public final class SendScheduler: @unchecked Sendable {
         var channel: Int
     }
 
-    private let condition = NSCondition()
+    /// One lock over the state; senders, producers and the waiter for the last
+    /// acknowledgement each wait on a condition of their own and are woken only for what
+    /// concerns them (a queued chunk wakes one sender, not every thread).
+    private let monitor = Monitor()
+    private let senders: Monitor.Condition
+    private let producers: Monitor.Condition
+    private let drained: Monitor.Condition
     private let windowByteCount: Int
     private var queue: [Chunk] = []
     private var queueHead = 0
@@ -114,19 +146,22 @@ public final class SendScheduler: @unchecked Sendable {
         self.windowByteCount = windowByteCount
         self.streamReserveByteCount = streamReserveByteCount
         self.noChannelGrace = noChannelGrace
+        senders = monitor.makeCondition()
+        producers = monitor.makeCondition()
+        drained = monitor.makeCondition()
     }
 
     /// Limits the rate at which chunks leave, all channels together (nil: no limit).
     public func setRateLimit(bytesPerSecond: UInt64?) {
-        condition.withLock {
+        monitor.withLock {
             rateBytesPerSecond = bytesPerSecond
             tokens = 0
             tokensAt = ContinuousClock.now
-            condition.broadcast()
+            senders.broadcast()
         }
     }
 
-    public var rateLimit: UInt64? { condition.withLock { rateBytesPerSecond } }
+    public var rateLimit: UInt64? { monitor.withLock { rateBytesPerSecond } }
 
     /// Waits (lock held, released while waiting) until the bucket holds `bytes`, then takes
     /// them. The bucket holds at most 10 ms of the rate (at least one chunk), so a pause
@@ -142,7 +177,7 @@ public final class SendScheduler: @unchecked Sendable {
                 return true
             }
             let wait = (Double(bytes) - tokens) / Double(rate)
-            _ = condition.wait(until: Date().addingTimeInterval(wait))
+            senders.wait(timeout: .nanoseconds(Int64(wait * 1e9)))
         }
         return failure == nil
     }
@@ -152,14 +187,14 @@ public final class SendScheduler: @unchecked Sendable {
     /// Queues a chunk, waiting while the window is full and the chunk's stream has used its
     /// reserve. Throws once the transport has failed.
     public func enqueue(_ chunk: Chunk) throws(TransportError) {
-        condition.lock()
-        defer { condition.unlock() }
+        monitor.lock()
+        defer { monitor.unlock() }
         let stream = chunk.header.stream
         waitingProducers += 1
         notePressure()
         while failure == nil && outstandingBytes + chunk.memoryCost > windowByteCount && outstandingBytes > 0
                 && streamOutstanding[stream, default: 0] + chunk.memoryCost > streamReserveByteCount {
-            condition.wait()
+            producers.wait()
         }
         waitingProducers -= 1
         if let failure { throw failure }
@@ -168,27 +203,26 @@ public final class SendScheduler: @unchecked Sendable {
         outstandingBytes += chunk.memoryCost
         streamOutstanding[stream, default: 0] += chunk.memoryCost
         peakOutstandingBytes = max(peakOutstandingBytes, outstandingBytes)
-        condition.broadcast()
+        senders.signal()
     }
 
     // MARK: Channels
 
     public func addChannel(_ id: Int) {
-        condition.lock()
+        monitor.lock()
         liveChannels.insert(id)
         noChannelsSince = nil
         everHadChannel = true
-        condition.broadcast()
-        condition.unlock()
+        monitor.unlock()
     }
 
-    public var liveChannelCount: Int { condition.withLock { liveChannels.count } }
+    public var liveChannelCount: Int { monitor.withLock { liveChannels.count } }
 
     /// The next chunk for `channel` to send, recorded as in flight on it. Blocks until one
     /// is queued; nil when the transport is finished or failed, or the channel was removed.
     public func next(for channel: Int) -> Chunk? {
-        condition.lock()
-        defer { condition.unlock() }
+        monitor.lock()
+        defer { monitor.unlock() }
         while true {
             if failure != nil || !liveChannels.contains(channel) { return nil }
             if queueHead < queue.count {
@@ -199,7 +233,7 @@ public final class SendScheduler: @unchecked Sendable {
                 let chunk = queue[queueHead]
                 // The queue's slot lets go of the bytes at once (the in-flight entry holds
                 // them now); dequeued slots are dropped in batches.
-                queue[queueHead].buffer = nil
+                queue[queueHead].drop()
                 queueHead += 1
                 if queueHead >= 64 && queueHead * 2 > queue.count {
                     queue.removeFirst(queueHead)
@@ -207,19 +241,21 @@ public final class SendScheduler: @unchecked Sendable {
                 }
                 notePressure()
                 // A chunk that was acknowledged while it waited for a resend is dropped.
-                if chunk.buffer == nil || chunk.header.sequence < acked[chunk.header.stream, default: 0] { continue }
+                if !chunk.isHeld || chunk.header.sequence < acked[chunk.header.stream, default: 0] { continue }
                 inFlight[chunk.header.stream, default: [:]][chunk.header.sequence] = InFlight(chunk: chunk, channel: channel)
+                // More queued: pass the wake-up on to another sender.
+                if queueHead < queue.count { senders.signal() }
                 return chunk
             }
             if closedForInput && inFlight.values.allSatisfy(\.isEmpty) { return nil }
-            condition.wait()
+            senders.wait()
         }
     }
 
     /// A cumulative acknowledgement: every chunk of `stream` below `nextSequence` arrived.
     public func acknowledge(stream: UInt32, nextSequence: UInt64) {
-        condition.lock()
-        defer { condition.unlock() }
+        monitor.lock()
+        defer { monitor.unlock() }
         let from = acked[stream, default: 0]
         guard nextSequence > from else { return }
         acked[stream] = nextSequence
@@ -239,12 +275,17 @@ public final class SendScheduler: @unchecked Sendable {
         // Chunks still queued for a resend but now acknowledged are freed when dequeued;
         // count their bytes out now so the window opens.
         for i in queueHead..<queue.count where queue[i].header.stream == stream && queue[i].header.sequence < nextSequence {
-            if queue[i].buffer != nil {
+            if queue[i].isHeld {
                 release(queue[i])
-                queue[i].buffer = nil
+                queue[i].drop()
             }
         }
-        condition.broadcast()
+        if waitingProducers > 0 { producers.broadcast() }
+        if outstandingBytes == 0 {
+            drained.broadcast()
+            // Senders waiting at the end for a possible resend may go.
+            if closedForInput { senders.broadcast() }
+        }
     }
 
     /// Counts an acknowledged chunk's memory out of the window (lock held).
@@ -257,8 +298,8 @@ public final class SendScheduler: @unchecked Sendable {
     /// Returns the number of chunks requeued. Fails the transport if no channel is left.
     @discardableResult
     public func channelFailed(_ channel: Int, reason: String) -> Int {
-        condition.lock()
-        defer { condition.unlock() }
+        monitor.lock()
+        defer { monitor.unlock() }
         guard liveChannels.remove(channel) != nil else { return 0 }
         lastChannelError = reason
         var requeue: [Chunk] = []
@@ -282,7 +323,8 @@ public final class SendScheduler: @unchecked Sendable {
                 noChannelsSince = ContinuousClock.now
             }
         }
-        condition.broadcast()
+        // Requeued chunks, a removed channel's sender, perhaps a failure: wake everyone.
+        wakeAll()
         return requeue.count
     }
 
@@ -290,19 +332,19 @@ public final class SendScheduler: @unchecked Sendable {
 
     /// No more chunks will be queued (every QEMU stream has ended).
     public func closeInput() {
-        condition.lock()
+        monitor.lock()
         closedForInput = true
-        condition.broadcast()
-        condition.unlock()
+        senders.broadcast()
+        monitor.unlock()
     }
 
     /// Waits until every queued chunk is acknowledged. Throws on failure or timeout.
     public func waitUntilAllAcknowledged(timeout: Duration) throws(TransportError) {
-        condition.lock()
-        defer { condition.unlock() }
+        monitor.lock()
+        defer { monitor.unlock() }
         let deadline = Date().addingTimeInterval(timeout.seconds)
         while failure == nil && outstandingBytes > 0 {
-            if !condition.wait(until: deadline) {
+            if !drained.wait(timeout: .nanoseconds(Int64(deadline.timeIntervalSinceNow * 1e9))) {
                 throw .timedOut("the destination did not acknowledge the last \(outstandingBytes) bytes in \(Int(timeout.seconds)) s")
             }
         }
@@ -313,26 +355,33 @@ public final class SendScheduler: @unchecked Sendable {
     /// Returns the time without channels so far (nil: there are channels).
     @discardableResult
     public func checkNoChannelGrace() -> Duration? {
-        condition.lock()
-        defer { condition.unlock() }
+        monitor.lock()
+        defer { monitor.unlock() }
         guard let since = noChannelsSince else { return nil }
         let elapsed = ContinuousClock.now - since
         if elapsed > noChannelGrace && failure == nil {
             failure = .noChannelsLeft("\(lastChannelError); no NIC came back within \(Int(noChannelGrace.seconds)) s")
-            condition.broadcast()
+            wakeAll()
         }
         return elapsed
     }
 
     /// Stops everything: producers and channel senders return.
     public func fail(_ error: TransportError) {
-        condition.lock()
+        monitor.lock()
         if failure == nil { failure = error }
-        condition.broadcast()
-        condition.unlock()
+        wakeAll()
+        monitor.unlock()
     }
 
-    public var failureReason: TransportError? { condition.withLock { failure } }
+    /// Wakes every waiting thread (lock held): for failures and channel changes.
+    private func wakeAll() {
+        senders.broadcast()
+        producers.broadcast()
+        drained.broadcast()
+    }
+
+    public var failureReason: TransportError? { monitor.withLock { failure } }
 
     /// Starts or stops the backlog clock as the queue and the waiting reader say (lock held).
     private func notePressure() {
@@ -347,7 +396,7 @@ public final class SendScheduler: @unchecked Sendable {
 
     /// The time the channels were behind (see `backlog`) since the last call.
     public func takeBacklog() -> Duration {
-        condition.withLock {
+        monitor.withLock {
             var total = backlog
             if let since = backlogSince {
                 let now = ContinuousClock.now
@@ -358,5 +407,5 @@ public final class SendScheduler: @unchecked Sendable {
             return total
         }
     }
-    public var outstanding: Int { condition.withLock { outstandingBytes } }
+    public var outstanding: Int { monitor.withLock { outstandingBytes } }
 }

@@ -40,16 +40,31 @@ public final class SourceDataPath: @unchecked Sendable {
     private var threads: [Thread] = []
     /// Chunk buffers: the window's worth stays allocated and is reused.
     private let pool: BufferPool
+    /// Zero-copy: chunks are spliced from QEMU's socket into pipes and from there into
+    /// the data channels, never copied into Ferry's memory (nil: chunks are read).
+    public let pipes: PipePool?
 
-    public init(scheduler: SendScheduler, compression: CompressionController? = nil, logger: Logger,
+    /// `zeroCopy`: splice chunks through pipes instead of reading them (only for unsealed
+    /// channels without compression, which never need the bytes; see ``zeroCopyAvailable``).
+    public init(scheduler: SendScheduler, compression: CompressionController? = nil, zeroCopy: Bool = false, logger: Logger,
                 onEvent: @escaping @Sendable (DataPathEvent) -> Void) {
+        precondition(!(zeroCopy && compression != nil), "zero-copy chunks cannot be compressed")
         self.scheduler = scheduler
         self.compression = compression
         self.logger = logger
         self.onEvent = onEvent
         self.pool = BufferPool(bufferByteCount: ChunkPolicy.chunkByteCount,
                                keep: ChunkPolicy.windowByteCount / ChunkPolicy.chunkByteCount + 16)
+        self.pipes = zeroCopy ? PipePool(pipeCapacity: ChunkPolicy.pipeByteCount,
+                                         keep: ChunkPolicy.windowByteCount / ChunkPolicy.chunkByteCount + 16) : nil
     }
+
+    /// The cores for the channel and stream threads (nil: not pinned). Set before the
+    /// first channel or stream is added.
+    public var cpus: CPUSet?
+
+    /// Whether this host can splice chunks (pipes of the size needed, splice from a socket).
+    public static let zeroCopyAvailable = SplicePipe.isUsable(capacity: ChunkPolicy.pipeByteCount)
 
     // MARK: Channels
 
@@ -61,8 +76,8 @@ public final class SourceDataPath: @unchecked Sendable {
             return !watchdogStarted
         }
         scheduler.addChannel(id)
-        spawn("ferry-tx-\(id)") { [self] in sendLoop(id, connection, interface) }
-        spawn("ferry-ack-\(id)") { [self] in ackLoop(id, connection, interface) }
+        spawn("ferry-tx-\(id)", core: id) { [self] in sendLoop(id, connection, interface) }
+        spawn("ferry-ack-\(id)", core: id) { [self] in ackLoop(id, connection, interface) }
         if startWatchdog { spawn("ferry-watchdog") { [self] in watchdog() } }
         onEvent(.channelUp(channel: id, interface: interface))
     }
@@ -132,9 +147,16 @@ public final class SourceDataPath: @unchecked Sendable {
 
     private func sendLoop(_ id: Int, _ connection: FrameConnection, _ interface: String) {
         let compressor = compression.map { _ in ChunkCompressor() }
+        // The pipe a spliced chunk passes through on its way out (its own pipe keeps it).
+        var scratch: SplicePipe?
         while let chunk = scheduler.next(for: id) {
-            guard let buffer = chunk.buffer else { continue }
             do {
+                if let pipe = chunk.pipe {
+                    if scratch == nil { scratch = try SplicePipe(capacity: ChunkPolicy.pipeByteCount) }
+                    try connection.sendSpliced(chunk.header, pipe, via: scratch!)
+                    continue
+                }
+                guard let buffer = chunk.buffer else { continue }
                 let compressed = compression.flatMap { compressor!.compress(buffer.bytes, with: $0) }
                 try connection.sendData(chunk.header, bytes: buffer.bytes, compressed: compressed)
             } catch {
@@ -213,25 +235,34 @@ public final class SourceDataPath: @unchecked Sendable {
     /// Starts reading QEMU stream `id` from `socket` into chunks.
     public func addStream(_ id: UInt32, socket: Socket) {
         lock.withLock { streams[id] = socket }
-        spawn("ferry-rd-\(id)") { [self] in readLoop(id, socket) }
+        spawn("ferry-rd-\(id)", core: Int(id)) { [self] in readLoop(id, socket) }
     }
 
     private func readLoop(_ id: UInt32, _ socket: Socket) {
         var sequence: UInt64 = 0
         var offset: UInt64 = 0
-        while true {
-            let buffer = pool.take()
-            let n: Int
+        var ended = false
+        while !ended {
+            let chunk: Chunk
             do {
-                n = try socket.read(into: buffer.space)
+                let header = DataChunkHeader(stream: id, sequence: sequence, offset: offset)
+                if let pipes, let pipe = try? pipes.take() {
+                    ended = try splice(from: socket, into: pipe)
+                    if pipe.count == 0 { break }
+                    chunk = Chunk(header: header, pipe: pipe)
+                } else {
+                    let buffer = pool.take()
+                    let n = try socket.read(into: buffer.space)
+                    if n == 0 { break }
+                    buffer.count = n
+                    chunk = Chunk(header: header, buffer: buffer)
+                }
             } catch {
                 scheduler.fail(.aborted("reading QEMU stream \(id): \(error)"))
                 onEvent(.failed(.aborted("reading QEMU stream \(id): \(error)")))
                 return
             }
-            if n == 0 { break }
-            buffer.count = n
-            let chunk = Chunk(header: DataChunkHeader(stream: id, sequence: sequence, offset: offset), buffer: buffer)
+            let n = chunk.byteCount
             do {
                 try scheduler.enqueue(chunk)
             } catch {
@@ -243,6 +274,20 @@ public final class SourceDataPath: @unchecked Sendable {
         }
         socket.close()
         onEvent(.streamEnded(StreamEndMessage(stream: id, chunkCount: sequence, byteCount: offset)))
+    }
+
+    /// Splices one chunk from QEMU's socket into `pipe`: waits for the first bytes, then
+    /// takes whatever more is there at once, up to the chunk size (a read would take the
+    /// same). Returns true at the end of the stream.
+    private func splice(from socket: Socket, into pipe: PipeChunk) throws(SocketError) -> Bool {
+        let limit = ChunkPolicy.chunkByteCount
+        guard let first = try pipe.pipe.fill(from: socket.fd, max: limit, nonblocking: false, peer: socket.peer), first > 0 else {
+            return true
+        }
+        while pipe.count < limit, let n = try pipe.pipe.fill(from: socket.fd, max: limit - pipe.count, nonblocking: true, peer: socket.peer) {
+            if n == 0 { return true }
+        }
+        return false
     }
 
     /// Chunk buffers allocated now (in flight or kept for reuse): bounded by the window.
@@ -275,8 +320,13 @@ public final class SourceDataPath: @unchecked Sendable {
         conns.forEach { $0.shutdown() }
     }
 
-    private func spawn(_ name: String, _ body: @escaping @Sendable () -> Void) {
-        let thread = Thread(block: body)
+    /// Starts a thread, pinned to the core for `core` in ``cpus`` if given.
+    private func spawn(_ name: String, core: Int? = nil, _ body: @escaping @Sendable () -> Void) {
+        let cpus = self.cpus
+        let thread = Thread {
+            if let cpus, let core { cpus.pinCurrentThread(index: core) }
+            body()
+        }
         thread.name = name
         thread.stackSize = 1 << 20
         lock.withLock { threads.append(thread) }

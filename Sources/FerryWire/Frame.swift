@@ -128,7 +128,12 @@ public struct FrameFlags: OptionSet, Sendable, Equatable {
     /// A `data` frame's bytes are compressed: a ``CompressionHeader`` follows the chunk
     /// sub-header.
     public static let compressed = FrameFlags(rawValue: 1 << 1)
-    public static let known: FrameFlags = [.sealed, .compressed]
+    /// A `data` frame whose `payloadCRC` is 0 and not checked: the sender spliced the
+    /// bytes from QEMU's socket to the data channel without seeing them (the zero-copy
+    /// path), so TCP's checksum is their only check. Only on unsealed connections, never
+    /// with `compressed`.
+    public static let unchecked = FrameFlags(rawValue: 1 << 2)
+    public static let known: FrameFlags = [.sealed, .compressed, .unchecked]
 }
 
 /// A whole frame: header fields and payload bytes.

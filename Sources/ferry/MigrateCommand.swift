@@ -1,3 +1,4 @@
+import CFerryLinux
 import ArgumentParser
 import FerryCompress
 import FerryIO
@@ -31,6 +32,11 @@ struct Migrate: ParsableCommand {
 
     @Option(help: "Compression of the chunks: auto (measures, and compresses only while the link is the bottleneck and it pays), none, lz4, zstd or zstd:LEVEL (default: auto).")
     var compress = "auto"
+
+    @Option(name: .customLong("zero-copy"), help: "auto: splice chunks from QEMU to the NICs without copying them through Ferry wherever Ferry need not see the bytes (--insecure with --compress none); off: always copy (default: auto).")
+    var zeroCopy: ZeroCopyChoice = .auto
+
+    @OptionGroup var cpuOptions: CPUOptions
 
     @Option(help: "Cap on the migration's rate over all NICs together, e.g. 500mbit or 100MB (default: none).")
     var bandwidth: Rate?
@@ -75,6 +81,8 @@ struct Migrate: ParsableCommand {
 
     func run() throws {
         signal(SIGPIPE, SIG_IGN)
+        // Zero-copy chunks hold a pipe (two descriptors) each, a window's worth of them.
+        _ = ferry_raise_nofile_limit()
         let keys = try security.keys(for: "migrate")
         let logger = host.logger("ferry.migrate")
         var options = MigrationOptions(host: to.host, port: to.port)
@@ -88,6 +96,8 @@ struct Migrate: ParsableCommand {
         options.linkTimeout = linkTimeout.duration
         options.downtimeLimit = downtime.duration
         options.timeout = timeout.duration
+        options.zeroCopy = zeroCopy == .auto
+        options.cpus = cpuOptions.set
         let display = ProgressDisplay(enabled: !quiet, jsonPath: progressFile)
         let migration = SourceMigration(store: host.store, name: name, options: options, logger: logger) { progress in
             display.show(progress)

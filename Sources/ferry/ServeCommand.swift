@@ -1,3 +1,4 @@
+import CFerryLinux
 import ArgumentParser
 import FerryIO
 import FerryInterfaces
@@ -19,6 +20,8 @@ struct Serve: ParsableCommand {
     @Option(name: .customLong("max-bandwidth"), help: "Most all incoming migrations together may use, shared equally, e.g. 2gbit (default: no limit).")
     var maxBandwidth: Rate?
 
+    @OptionGroup var cpuOptions: CPUOptions
+
     @OptionGroup var security: SecurityOptions
 
     @OptionGroup var host: HostOptions
@@ -30,6 +33,8 @@ struct Serve: ParsableCommand {
     }
 
     func run() throws {
+        // Spliced chunks hold a pipe (two descriptors) each, a window's worth per migration.
+        _ = ferry_raise_nofile_limit()
         let keys = try security.keys(for: "serve")
         let logger = host.logger("ferry.serve", default: .info)
         let paths = host.paths
@@ -47,6 +52,7 @@ struct Serve: ParsableCommand {
             options.nicSpeeds = speeds
             options.maxBandwidthBytesPerSecond = maxBandwidth?.bytesPerSecond
             options.keys = keys
+            options.cpus = cpuOptions.set
             server = try MigrationServer(store: host.store, options: options, logger: logger)
         } catch {
             throw UserError("cannot listen: \(error)")

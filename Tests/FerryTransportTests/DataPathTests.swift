@@ -22,12 +22,13 @@ struct DataPathTests {
         let done = DispatchGroup()
 
         init(streams: Int, channels: Int, window: Int = ChunkPolicy.windowByteCount, sealed: Bool = false,
-             compression: CompressionMode? = nil) throws {
+             compression: CompressionMode? = nil, zeroCopy: Bool = false) throws {
             let toDestination = SymmetricKey(size: .bits256), toSource = SymmetricKey(size: .bits256)
             let logger = Logger(label: "test")
             let events = self.events
             source = SourceDataPath(scheduler: SendScheduler(windowByteCount: window),
-                                    compression: compression.map { CompressionController(mode: $0, cores: 2) }, logger: logger) { e in
+                                    compression: compression.map { CompressionController(mode: $0, cores: 2) }, zeroCopy: zeroCopy,
+                                    logger: logger) { e in
                 events.withLock { $0.append(e) }
             }
             let received = self.received
@@ -111,9 +112,10 @@ struct DataPathTests {
         }
     }
 
-    @Test("three streams over four channels arrive whole and in order")
-    func stripedStreams() throws {
-        let h = try Harness(streams: 3, channels: 4)
+    @Test("three streams over four channels arrive whole and in order (read and sent, or spliced through pipes)", arguments: [false, true])
+    func stripedStreams(zeroCopy: Bool) throws {
+        if zeroCopy { try #require(SourceDataPath.zeroCopyAvailable, "this host cannot splice") }
+        let h = try Harness(streams: 3, channels: 4, zeroCopy: zeroCopy)
         let data = [Self.payload(1, 3_000_000), Self.payload(2, 9_000_001), Self.payload(3, 17)]
         for (i, d) in data.enumerated() { try h.feed(UInt32(i), d) }
         try h.pumpEnds(expect: 3)
@@ -121,11 +123,16 @@ struct DataPathTests {
         try h.source.scheduler.waitUntilAllAcknowledged(timeout: .seconds(10))
         #expect(h.done.wait(timeout: .now() + 10) == .success)
         for (i, d) in data.enumerated() { #expect(h.received.current[UInt32(i)] == d, "stream \(i)") }
-        // Every channel carried a share.
+        // Every channel carried a share. (Spliced over loopback, one sender can keep up
+        // with the readers alone: a sender takes a chunk only when it is free, so there
+        // a single channel may carry everything, which is the striping rule working.)
         let shares = h.source.channelStats.map(\.payloadBytes)
-        #expect(shares.allSatisfy { $0 > 0 }, "shares \(shares)")
+        if !zeroCopy { #expect(shares.allSatisfy { $0 > 0 }, "shares \(shares)") }
         #expect(shares.reduce(0, +) >= UInt64(data.map(\.count).reduce(0, +)))
         #expect(h.failure.current == nil)
+        // Spliced chunks went through pipes at both ends, read ones through buffers.
+        #expect((h.source.pipes?.allocatedCount ?? 0 > 0) == zeroCopy)
+        #expect((h.destination.splicedChunkCount > 0) == zeroCopy, "\(h.destination.splicedChunkCount) chunks spliced")
         h.source.markFinished()
         h.source.closeChannels()
         h.destination.stop()
@@ -228,7 +235,8 @@ struct DataPathTests {
         return frames
     }
 
-    @Test("a flipped bit (with the CRC made good), a replayed chunk or an unsealed chunk fails the destination with a clear error", arguments: ["flip", "replay", "unsealed"])
+    @Test("a flipped bit (with the CRC made good), a replayed chunk, an unsealed chunk or an unchecked (spliced) one fails the destination with a clear error",
+          arguments: ["flip", "replay", "unsealed", "unchecked"])
     func tamperedChunk(attack: String) throws {
         let key = SymmetricKey(size: .bits256)
         let failure = Locked<TransportError?>(nil)
@@ -254,6 +262,12 @@ struct DataPathTests {
             frames[1].withUnsafeMutableBytes { FrameHeader(type: .data, flags: header.flags, length: header.length, payloadCRC: crc).write(into: $0) }
         case "replay":
             frames[1] = frames[0]
+        case "unchecked":
+            // A frame claiming to be spliced (no CRC, no seal check) on a sealed channel.
+            var payload = [UInt8](repeating: 0, count: DataChunkHeader.byteCount)
+            payload.withUnsafeMutableBytes { DataChunkHeader(stream: 0, sequence: 1, offset: 1000).write(into: $0) }
+            frames[1] = FrameHeader(type: .data, flags: [.sealed, .unchecked], length: UInt32(payload.count + chunk.count), payloadCRC: 0).encoded()
+                + payload + chunk
         default:
             var payload = [UInt8](repeating: 0, count: DataChunkHeader.byteCount)
             payload.withUnsafeMutableBytes { DataChunkHeader(stream: 0, sequence: 1, offset: 1000).write(into: $0) }
@@ -263,7 +277,7 @@ struct DataPathTests {
         let deadline = ContinuousClock.now + .seconds(5)
         while failure.current == nil && ContinuousClock.now < deadline { Thread.sleep(forTimeInterval: 0.01) }
         let error = try #require(failure.current, "the destination accepted a bad chunk (\(attack))")
-        let expected = attack == "unsealed" ? "unsealed data frame" : "failed authentication"
+        let expected = ["unsealed": "unsealed data frame", "unchecked": "unchecked data frame on an authenticated"][attack] ?? "failed authentication"
         #expect("\(error)".contains(expected), "\(error)")
         // The first, genuine chunk was delivered; the bad one was not.
         #expect(destination.deliveredByteCount <= UInt64(chunk.count))
@@ -271,10 +285,10 @@ struct DataPathTests {
         wire.close()
     }
 
-    @Test("memory stays bounded by the window however much is sent")
-    func boundedMemory() throws {
+    @Test("memory stays bounded by the window however much is sent (buffers, or pipes when spliced)", arguments: [false, true])
+    func boundedMemory(zeroCopy: Bool) throws {
         let window = 2 << 20
-        let h = try Harness(streams: 1, channels: 2, window: window)
+        let h = try Harness(streams: 1, channels: 2, window: window, zeroCopy: zeroCopy)
         let data = Self.payload(9, 40_000_000)
         try h.feed(0, data)
         try h.pumpEnds(expect: 1)
@@ -284,17 +298,20 @@ struct DataPathTests {
         // The window's worth of buffers, plus one per reader and sender in hand.
         let bound = window / ChunkPolicy.chunkByteCount + 4
         #expect(h.source.allocatedBufferCount <= bound, "\(h.source.allocatedBufferCount) buffers for a \(bound)-buffer window")
+        #expect((h.source.pipes?.allocatedCount ?? 0) <= bound, "\(h.source.pipes?.allocatedCount ?? 0) pipes for a \(bound)-chunk window")
         #expect(h.destination.peakBufferedBytes <= window, "destination buffered \(h.destination.peakBufferedBytes)")
         h.source.markFinished()
         h.source.closeChannels()
         h.destination.stop()
     }
 
-    @Test("a channel that dies mid-transfer loses nothing: its chunks go again on the others (sealed with AES-GCM: sealed again there)",
-          arguments: [false, true])
-    func failover(sealed: Bool) throws {
+    @Test("a channel that dies mid-transfer loses nothing: its chunks go again on the others (sealed with AES-GCM: sealed again there; spliced: sent again from the pipes that kept them)",
+          arguments: ["plain", "sealed", "zero-copy"])
+    func failover(mode: String) throws {
+        let sealed = mode == "sealed"
+        if mode == "zero-copy" { try #require(SourceDataPath.zeroCopyAvailable, "this host cannot splice") }
         // A small window keeps chunks in flight on every channel when one dies.
-        let h = try Harness(streams: 2, channels: 3, window: 2 << 20, sealed: sealed)
+        let h = try Harness(streams: 2, channels: 3, window: 2 << 20, sealed: sealed, zeroCopy: mode == "zero-copy")
         let data = [Self.payload(4, 24_000_000), Self.payload(5, 8_000_000)]
         for (i, d) in data.enumerated() { try h.feed(UInt32(i), d) }
         // Let some data flow, then kill channel 1 under the sender.
@@ -310,6 +327,8 @@ struct DataPathTests {
         #expect(h.source.channelStats.first { $0.channel == 1 }?.alive == false)
         #expect(h.failure.current == nil)
         #expect(h.sourceChannels[0].isSecured == sealed)
+        #expect(h.source.scheduler.retransmittedChunks > 0)
+        #expect((h.destination.splicedChunkCount > 0) == (mode == "zero-copy"))
         h.source.markFinished()
         h.source.closeChannels()
         h.destination.stop()

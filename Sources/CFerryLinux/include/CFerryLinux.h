@@ -25,4 +25,21 @@ uint64_t ferry_thread_cpu_ns(void);
 /// CPU time (user + system) of the whole calling process, in nanoseconds.
 uint64_t ferry_process_cpu_ns(void);
 
+/// splice(2) between `in` and `out` (one of them a pipe), no offsets. `more`: the socket
+/// written to should expect more data (SPLICE_F_MORE); `nonblocking`: the pipe side does
+/// not block (SPLICE_F_NONBLOCK). Pages are moved, not copied (SPLICE_F_MOVE).
+/// Returns the bytes moved, 0 at end of input, or -errno.
+ssize_t ferry_splice(int in, int out, size_t len, int more, int nonblocking);
+
+/// tee(2): duplicates up to `len` bytes from pipe `in` into pipe `out` without consuming
+/// them (page references, no copy). Returns the bytes duplicated or -errno.
+ssize_t ferry_tee(int in, int out, size_t len);
+
+/// A pipe (both ends close-on-exec) of at least `capacity` bytes (F_SETPIPE_SZ). Returns
+/// 0 with the descriptors in fds[0] (read) and fds[1] (write), or -errno.
+int ferry_pipe(int fds[2], int capacity);
+
+/// Raises the soft limit of open files to the hard limit. Returns the new soft limit.
+long ferry_raise_nofile_limit(void);
+
 #endif
