@@ -81,8 +81,8 @@ extension BenchResult {
         out.append("")
         out.append("\(machine), QEMU \(qemuVersion), \(ferryVersion), \(ISO8601DateFormatter().string(from: date)); median of \(repeats) (min-max)")
         out.append("")
-        out.append("| mode | throughput Gbit/s | of line rate | streaming Gbit/s | streaming of line rate | total s | QEMU downtime ms | guest gap ms | wire GiB | CPU s/GiB src QEMU | src Ferry | dst QEMU | dst Ferry | Ferry peak RSS MiB | NIC split | ok |")
-        out.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        out.append("| mode | throughput Gbit/s | of line rate | streaming Gbit/s | streaming of line rate | total s | QEMU downtime ms | guest gap ms | wire GiB | CPU s/GiB src QEMU | src Ferry | src all | dst QEMU | dst Ferry | dst all | Ferry peak RSS MiB | NIC split | ok |")
+        out.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for mode in modes {
             let all = runs.filter { $0.mode == mode }
             let ok = runs(mode)
@@ -108,7 +108,9 @@ extension BenchResult {
                 + "\(f(stat(mode) { $0.totalSeconds }, 1, 1)) | \(f(stat(mode) { $0.qemuDowntimeMilliseconds }, 1, 0)) | "
                 + "\(f(stat(mode) { $0.guestGapMilliseconds }, 1, 0)) | \(f(stat(mode) { Double($0.wireBytes) / Double(1 << 30) })) | "
                 + "\(f(stat(mode) { $0.perGiB($0.sourceQEMUCPUSeconds) })) | \(f(stat(mode) { $0.perGiB($0.sourceFerryCPUSeconds) })) | "
+                + "\(f(stat(mode) { $0.perGiB(Self.sum($0.sourceQEMUCPUSeconds, $0.sourceFerryCPUSeconds)) })) | "
                 + "\(f(stat(mode) { $0.perGiB($0.destinationQEMUCPUSeconds) })) | \(f(stat(mode) { $0.perGiB($0.destinationFerryCPUSeconds) })) | "
+                + "\(f(stat(mode) { $0.perGiB(Self.sum($0.destinationQEMUCPUSeconds, $0.destinationFerryCPUSeconds)) })) | "
                 + "\(f(rss, 1, 0)) | \(split) | \(ok.count)/\(all.count) |")
         }
         let ratios = self.ratios
@@ -122,6 +124,12 @@ extension BenchResult {
             out.append("Failed runs: " + failures.map { "\($0.mode.rawValue) #\($0.iteration + 1): \($0.error ?? "?")" }.joined(separator: "; "))
         }
         return out.joined(separator: "\n")
+    }
+
+    /// A side's whole CPU (QEMU, plus Ferry where it carried the migration): what each mode
+    /// costs the host, peers and Ferry alike. nil if QEMU's figure is missing.
+    static func sum(_ qemu: Double?, _ ferry: Double?) -> Double? {
+        qemu.map { $0 + (ferry ?? 0) }
     }
 
     /// Ferry (defaults) over each other mode and over the line rate, by median throughput.

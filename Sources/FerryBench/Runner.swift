@@ -46,7 +46,7 @@ public final class BenchRunner {
         let servePID = try b.startServe()
         defer { ProcessStats.terminate(pid: servePID) }
         // The insecure mode needs a daemon that runs --insecure too: a second one, on its own port.
-        let insecurePID = modes.contains(.ferryInsecure) ? try b.startServe(port: Self.insecurePort, extra: ["--insecure"]) : nil
+        let insecurePID = modes.contains(where: \.isInsecure) ? try b.startServe(port: Self.insecurePort, extra: ["--insecure"]) : nil
         defer { if let insecurePID { ProcessStats.terminate(pid: insecurePID) } }
         var runs: [BenchRun] = []
         let total = repeats * modes.count
@@ -189,9 +189,11 @@ public final class BenchRunner {
         let reportPath = lab.directory + "/bench-report.json"
         try? FileManager.default.removeItem(atPath: reportPath)
         // The insecure mode goes to b's --insecure daemon, on its own port.
-        let target = mode == .ferryInsecure ? "\(lab.address("b", nic: 0)):\(Self.insecurePort)" : lab.address("b", nic: 0)
+        let target = mode.isInsecure ? "\(lab.address("b", nic: 0)):\(Self.insecurePort)" : lab.address("b", nic: 0)
         var args = ["migrate", vm, "--to", target, "--report-file", reportPath, "--quiet"]
-        if mode == .ferryInsecure { args.append("--insecure") }
+        if mode.isInsecure { args.append("--insecure") }
+        if mode == .ferryZeroCopy || mode == .ferryCopied { args += ["--compress", "none"] }
+        if mode == .ferryCopied { args += ["--zero-copy", "off"] }
         if mode == .ferryOneChannel { args += ["--nics", lab.interface(nic: 0), "--channels-per-nic", "1"] }
         if mode == .ferryNoCompression { args += ["--compress", "none"] }
         if mode == .ferryLZ4 { args += ["--compress", "lz4"] }

@@ -66,6 +66,12 @@ public enum BenchMode: String, Codable, Sendable, CaseIterable {
     case ferryInsecure = "ferry-insecure"
     /// Ferry multichannel with `--compress none`: what automatic compression gains or costs.
     case ferryNoCompression = "ferry-nocompress"
+    /// Ferry multichannel, `--insecure --compress none`: chunks spliced through pipes, never
+    /// copied through Ferry (zero-copy).
+    case ferryZeroCopy = "ferry-zerocopy"
+    /// The same with `--zero-copy off`: chunks read into buffers and sent with sendmsg, what
+    /// zero-copy saves.
+    case ferryCopied = "ferry-copy"
     /// Ferry multichannel with a fixed codec (not in the default set: `--modes` them).
     case ferryLZ4 = "ferry-lz4"
     case ferryZstd = "ferry-zstd"
@@ -75,7 +81,10 @@ public enum BenchMode: String, Codable, Sendable, CaseIterable {
     /// The modes `ferry bench` runs unless told otherwise.
     public static let defaults: [BenchMode] = allCases.filter { $0 != .ferryLZ4 && $0 != .ferryZstd }
 
-    public var isFerry: Bool { [.ferryOneChannel, .ferryMultichannel, .ferryInsecure, .ferryNoCompression, .ferryLZ4, .ferryZstd].contains(self) }
+    public var isFerry: Bool { [.ferryOneChannel, .ferryMultichannel, .ferryInsecure, .ferryNoCompression, .ferryZeroCopy, .ferryCopied, .ferryLZ4, .ferryZstd].contains(self) }
+
+    /// Modes that migrate without authentication (to b's `--insecure` daemon).
+    public var isInsecure: Bool { [.ferryInsecure, .ferryZeroCopy, .ferryCopied].contains(self) }
 
     public var label: String {
         switch self {
@@ -86,6 +95,8 @@ public enum BenchMode: String, Codable, Sendable, CaseIterable {
         case .ferryOneChannel: "Ferry, one channel, one NIC"
         case .ferryInsecure: "Ferry multichannel, --insecure (no encryption)"
         case .ferryNoCompression: "Ferry multichannel, --compress none"
+        case .ferryZeroCopy: "Ferry multichannel, zero-copy (--insecure --compress none)"
+        case .ferryCopied: "Ferry multichannel, copied (--insecure --compress none --zero-copy off)"
         case .ferryLZ4: "Ferry multichannel, --compress lz4"
         case .ferryZstd: "Ferry multichannel, --compress zstd"
         case .ferryMultichannel: "Ferry multichannel (defaults: AES-256-GCM, compress auto)"
