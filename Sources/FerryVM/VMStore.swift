@@ -107,7 +107,7 @@ public struct VMStore: Sendable {
 
     /// The type of the file system holding `path` (the longest mount point above it in
     /// /proc/mounts), e.g. "tmpfs"; nil if unknown.
-    static func fileSystemType(of path: String) -> String? {
+    public static func fileSystemType(of path: String) -> String? {
         guard let mounts = try? String(contentsOfFile: "/proc/mounts", encoding: .utf8) else { return nil }
         let real = URL(fileURLWithPath: path).resolvingSymlinksInPath().path
         var best: (length: Int, type: String)?
