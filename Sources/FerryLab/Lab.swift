@@ -154,6 +154,9 @@ public struct Lab: Sendable {
                 }
             }
             _ = try? Command.run(["ip", "netns", "del", ns])
+            // The host's guest RAM files live on /dev/shm, outside the lab's directory;
+            // its QEMUs are gone now.
+            try? FileManager.default.removeItem(atPath: store.paths.memoryDirectory)
         }
         // veth peers die with their namespaces; a half-made lab may have left some in the root.
         if let links = try? Command.run(["ip", "-o", "link", "show"]).stdout {

@@ -82,6 +82,9 @@ public struct MigrationReport: Codable, Sendable {
     public var dataPath: String? = nil
     /// The codec used over time (nil if the migration ended before its data path started).
     public var compression: Compression? = nil
+    /// How the VM moved when it was not a network migration: a same-host update says so
+    /// here (nil: over the network, through Ferry's data channels).
+    public var mode: String? = nil
 
     public struct Compression: Codable, Sendable, Equatable {
         /// `--compress` as given: auto, none, lz4, zstd:N.
@@ -107,7 +110,7 @@ extension MigrationReport {
         case .failedVMOnSource: status = "FAILED: \(vm) keeps running on \(source.host)"
         case .uncertain: status = "UNCERTAIN: \(vm) is paused on \(source.host); check \(destination.host)"
         }
-        lines.append("Migration of \(vm): \(source.host) -> \(destination.host)")
+        lines.append((mode == nil ? "Migration" : "Update") + " of \(vm): \(source.host) -> \(destination.host)")
         lines.append("  result         \(status)")
         if let error { lines.append("  error          \(error)" + (failedPhase.map { " (during \($0))" } ?? "")) }
         lines.append("  total time     \(Format.seconds(totalSeconds))")
@@ -116,7 +119,9 @@ extension MigrationReport {
         if let d = qemuDowntimeMilliseconds { downtime.append("QEMU \(Format.millis(d))") }
         if let s = switchoverMilliseconds { downtime.append("guest paused <= \(Format.millis(s))") }
         if !downtime.isEmpty { lines.append("  downtime       " + downtime.joined(separator: ", ")) }
+        if let mode { lines.append("  mode           " + mode) }
         var moved = "\(Format.bytes(streamBytes)) of QEMU streams, \(Format.bytes(wireBytes)) on the wire"
+        if mode != nil { moved = "\(Format.bytes(streamBytes)) of QEMU stream, QEMU to QEMU over a Unix socket" }
         if retransmittedBytes > 0 { moved += ", \(Format.bytes(retransmittedBytes)) sent again" }
         lines.append("  moved          " + moved)
         if let compression {
@@ -131,7 +136,9 @@ extension MigrationReport {
         if let bps = throughputBitsPerSecond { lines.append("  throughput     \(Format.rate(bps))") }
         if let security { lines.append("  security       \(security)") }
         if let dataPath { lines.append("  data path      \(dataPath)") }
-        lines.append("  streams        main + \(multifdChannels) multifd, over \(channels.count) data channel(s) on \(nics.count) NIC(s)")
+        if mode == nil {
+            lines.append("  streams        main + \(multifdChannels) multifd, over \(channels.count) data channel(s) on \(nics.count) NIC(s)")
+        }
         for nic in Dictionary(grouping: channels, by: \.interface).sorted(by: { $0.key < $1.key }) {
             let bytes = nic.value.reduce(0) { $0 + $1.payloadBytes }
             let share = wireBytes > 0 ? Double(bytes) / Double(max(1, channels.reduce(0) { $0 + $1.payloadBytes })) * 100 : 0
@@ -144,8 +151,13 @@ extension MigrationReport {
             let rss = side.ferryPeakRSSBytes.map { ", Ferry peak RSS \(Format.bytes($0))" } ?? ""
             return "Ferry \(f), QEMU \(q)\(rss)"
         }
-        lines.append("  CPU source     " + cpu(source))
-        lines.append("  CPU dest       " + cpu(destination))
+        if mode != nil {
+            let f = { (v: Double?) in v.map { String(format: "%.2f s", $0) } ?? "?" }
+            lines.append("  CPU            Ferry \(f(source.ferryCPUSeconds)), old QEMU \(f(source.qemuCPUSeconds)), new QEMU \(f(destination.qemuCPUSeconds))")
+        } else {
+            lines.append("  CPU source     " + cpu(source))
+            lines.append("  CPU dest       " + cpu(destination))
+        }
         if !events.isEmpty {
             lines.append("  events")
             for e in events { lines.append("    +\(String(format: "%7.3f", e.at)) s  \(e.what)") }

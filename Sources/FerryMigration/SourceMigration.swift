@@ -404,7 +404,9 @@ public final class SourceMigration: @unchecked Sendable {
 
     private func configure(_ qmp: QMPClient, plan: StreamPlan) throws {
         do {
-            try qmp.setMigrationCapabilities([("multifd", plan.multifdChannels > 0), ("events", true)])
+            // x-ignore-shared off, explicitly: guest RAM is a shared memory backend (for
+            // same-host updates), and across hosts it must be sent, not left out.
+            try qmp.setMigrationCapabilities([("multifd", plan.multifdChannels > 0), ("events", true), ("x-ignore-shared", false)])
             var params: [String: JSONValue] = [
                 // QEMU 7.2's default cap is 128 MiB/s. Ferry sets the pace (its window, its rate
                 // limit across all channels, the links), so QEMU is left uncapped.

@@ -73,15 +73,33 @@ public enum QEMU {
         return first.split(separator: " ").dropFirst(3).first.map(String.init) ?? String(first)
     }
 
+    /// The id of the guest RAM's memory backend on QEMU's command line.
+    static let memoryBackendID = "ferry-ram"
+
+    /// Guest RAM in KiB: the spec's memory plus the TCG pad. `-m` and the memory backend's
+    /// `size` must be equal, and the pad must be kept (see ``tcgDirtyTrackingPadKiB``).
+    public static func ramKiB(_ spec: VMSpec) -> Int { spec.memoryMiB * 1024 + spec.ramPadKiB }
+
     /// The command line for `spec`. `incoming`: start paused, waiting for a migration.
-    public static func arguments(spec: VMSpec, paths: VMPaths, store: BootFileStore, incoming: Bool) -> [String] {
+    ///
+    /// Guest RAM is a `memory-backend-file` on tmpfs with `share=on` (`paths.memoryFile`),
+    /// not QEMU's anonymous memory: a second QEMU can map the same file, and QEMU's
+    /// `x-ignore-shared` migration capability then leaves that RAM out of the stream, which
+    /// is what makes a same-host update independent of the VM's size. Network migrations
+    /// leave the capability off and send RAM as before. `instance` picks the binary and the
+    /// QMP socket and pid file (default: the VM's own).
+    public static func arguments(spec: VMSpec, paths: VMPaths, store: BootFileStore, incoming: Bool,
+                                 instance: QEMUInstance? = nil) -> [String] {
+        let instance = instance ?? QEMUInstance(paths)
+        let ram = ramKiB(spec)
         var argv = [
-            binary,
+            instance.binary,
             "-name", "guest=\(spec.name),debug-threads=on",
-            "-machine", spec.machine,
+            "-machine", "\(spec.machine),memory-backend=\(memoryBackendID)",
             "-accel", spec.accelerator.rawValue,
             "-cpu", spec.cpuModel,
-            "-m", spec.ramPadKiB > 0 ? "\(spec.memoryMiB * 1024 + spec.ramPadKiB)k" : "\(spec.memoryMiB)",
+            "-object", "memory-backend-file,id=\(memoryBackendID),size=\(ram)k,mem-path=\(optionValue(paths.memoryFile)),share=on",
+            "-m", "\(ram)k",
             "-smp", "\(spec.cpus)",
             "-nodefaults", "-no-user-config", "-display", "none",
             "-kernel", store.path(of: spec.kernel),
@@ -91,48 +109,80 @@ public enum QEMU {
             "-append", spec.append,
             "-chardev", "file,id=serial0,path=\(paths.serialLog),append=on",
             "-serial", "chardev:serial0",
-            "-qmp", "unix:\(paths.qmpSocket),server=on,wait=off",
-            "-pidfile", paths.pidFile,
+            "-qmp", "unix:\(instance.qmpSocket),server=on,wait=off",
+            "-pidfile", instance.pidFile,
             "-daemonize",
         ]
         if incoming { argv += ["-S", "-incoming", "defer"] }
         return argv
     }
 
+    /// A value inside a QEMU `key=value,...` option: a comma is written twice.
+    static func optionValue(_ text: String) -> String { text.replacingOccurrences(of: ",", with: ",,") }
+
     /// Starts QEMU in the background and returns its pid and a QMP connection.
     /// QEMU's `-daemonize` makes the VM independent of the process that started it.
-    public static func launch(spec: VMSpec, paths: VMPaths, store: BootFileStore, incoming: Bool) throws -> (Int32, QMPClient) {
+    public static func launch(spec: VMSpec, paths: VMPaths, store: BootFileStore, incoming: Bool,
+                              instance: QEMUInstance? = nil) throws -> (Int32, QMPClient) {
+        let instance = instance ?? QEMUInstance(paths)
         for file in spec.bootFiles where !store.has(file) {
             throw VMError.badInput("boot file \(file.name) (\(file.sha256.prefix(12))) is not in the store")
         }
-        try? FileManager.default.removeItem(atPath: paths.pidFile)
-        try? FileManager.default.removeItem(atPath: paths.qmpSocket)
-        let argv = arguments(spec: spec, paths: paths, store: store, incoming: incoming)
+        try? FileManager.default.removeItem(atPath: instance.pidFile)
+        try? FileManager.default.removeItem(atPath: instance.qmpSocket)
+        let argv = arguments(spec: spec, paths: paths, store: store, incoming: incoming, instance: instance)
         // With -daemonize the parent exits once the VM is set up; errors before that go to
         // its stderr, which we keep in qemu.log.
         let result: CommandResult
         do {
             result = try Command.run(argv)
         } catch {
-            throw VMError.qemu("cannot start QEMU: \(error)")
+            throw VMError.qemu("cannot start QEMU (\(instance.binary)): \(error)")
         }
         let log = "$ " + argv.joined(separator: " ") + "\n" + result.stdout + result.stderr
-        try? log.write(toFile: paths.qemuLog, atomically: true, encoding: .utf8)
+        try? log.write(toFile: instance.log ?? paths.qemuLog, atomically: true, encoding: .utf8)
         guard result.succeeded else {
             let err = result.stderr.trimmingCharacters(in: .whitespacesAndNewlines)
             throw VMError.qemu("QEMU failed to start VM '\(spec.name)' (exit \(result.status)): \(err)")
         }
-        guard let pidText = try? String(contentsOfFile: paths.pidFile, encoding: .utf8),
+        guard let pidText = try? String(contentsOfFile: instance.pidFile, encoding: .utf8),
               let pid = Int32(pidText.trimmingCharacters(in: .whitespacesAndNewlines)) else {
-            throw VMError.qemu("QEMU started but wrote no pid file at \(paths.pidFile)")
+            throw VMError.qemu("\(instance.binary) exited without starting a VM (no pid file at \(instance.pidFile)); is it QEMU?")
         }
         do {
-            let qmp = try QMPClient(path: paths.qmpSocket)
+            let qmp = try QMPClient(path: instance.qmpSocket)
             return (pid, qmp)
         } catch {
             ProcessStats.terminate(pid: pid)
             throw VMError.qemu("QEMU (pid \(pid)) started but QMP does not answer: \(error)")
         }
+    }
+}
+
+/// One QEMU process of a VM: its binary and where it listens and writes its pid. A VM has
+/// one, except during a same-host update, when its successor runs beside it.
+public struct QEMUInstance: Sendable, Equatable {
+    public var binary: String
+    public var qmpSocket: String
+    public var pidFile: String
+    /// Where QEMU's start-up messages go (nil: the VM's qemu.log).
+    public var log: String?
+
+    /// The VM's own: `qmp.sock`, `qemu.pid`, the binary from ``QEMU/binary``.
+    public init(_ paths: VMPaths, binary: String = QEMU.binary) {
+        self.binary = binary
+        qmpSocket = paths.qmpSocket
+        pidFile = paths.pidFile
+        log = nil
+    }
+
+    /// A successor for a same-host update: its own QMP socket and pid file, named by `tag`.
+    public static func successor(_ paths: VMPaths, binary: String, tag: String) -> QEMUInstance {
+        var instance = QEMUInstance(paths, binary: binary)
+        instance.qmpSocket = paths.successorQMPSocket(tag: tag)
+        instance.pidFile = paths.successorPIDFile(tag: tag)
+        instance.log = paths.directory + "/qemu-\(tag).log"
+        return instance
     }
 }
 

@@ -11,6 +11,9 @@ public enum VMPhase: String, Codable, Sendable {
     case incoming
     /// The VM is being migrated away; it still runs here until the switchover.
     case migratingOut = "migrating-out"
+    /// A same-host update is moving the VM to a new QEMU on this host; it runs on the old
+    /// one until the switchover.
+    case updating
 }
 
 /// What a host records about a VM besides its spec.
@@ -20,6 +23,10 @@ public struct VMState: Codable, Sendable, Equatable {
     public var startedAt: Date
     /// The host it came from, for VMs that arrived by migration.
     public var migratedFrom: String?
+    /// The QEMU binary it runs under, when a same-host update chose one (nil: the default).
+    public var qemuBinary: String?
+    /// When its latest same-host update switched it to a new QEMU.
+    public var updatedAt: Date?
 
     public init(phase: VMPhase, pid: Int32, startedAt: Date = Date(), migratedFrom: String? = nil) {
         self.phase = phase
@@ -45,7 +52,9 @@ public struct VMStore: Sendable {
 
     public init(paths: StatePaths = .fromEnvironment) { self.paths = paths }
 
-    public func vmPaths(_ name: String) -> VMPaths { VMPaths(directory: paths.vmDirectory(name)) }
+    public func vmPaths(_ name: String) -> VMPaths {
+        VMPaths(directory: paths.vmDirectory(name), memoryFile: paths.memoryFile(name))
+    }
 
     /// Creates the VM's directory and starts QEMU. The directory is removed if QEMU fails.
     public func start(spec: VMSpec, incoming: Bool, migratedFrom: String? = nil) throws -> (VMRecord, QMPClient) {
@@ -58,6 +67,11 @@ public struct VMStore: Sendable {
         }
         try FileManager.default.createDirectory(atPath: vm.directory, withIntermediateDirectories: true)
         do {
+            try prepareMemoryDirectory()
+            // A new VM (or one arriving over the network) starts from fresh RAM: a file left
+            // by a VM of the same name that died is not this VM's memory. No QEMU of this
+            // host can be using it: the VM's own QEMU is not alive (checked above).
+            try? FileManager.default.removeItem(atPath: vm.memoryFile)
             try write(spec, to: vm.spec)
             let (pid, qmp) = try QEMU.launch(spec: spec, paths: vm, store: bootFiles, incoming: incoming)
             let state = VMState(phase: incoming ? .incoming : .running, pid: pid, migratedFrom: migratedFrom)
@@ -65,8 +79,74 @@ public struct VMStore: Sendable {
             return (VMRecord(spec: spec, state: state, alive: true, paths: vm), qmp)
         } catch {
             try? FileManager.default.removeItem(atPath: vm.directory)
+            try? FileManager.default.removeItem(atPath: vm.memoryFile)
             throw error
         }
+    }
+
+    /// Creates this host's guest-RAM directory and checks that it is memory (tmpfs or
+    /// hugetlbfs): guest RAM in a file on disk would page to disk.
+    public func prepareMemoryDirectory() throws {
+        let dir = paths.memoryDirectory
+        do {
+            try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true,
+                                                    attributes: [.posixPermissions: 0o700])
+        } catch {
+            throw VMError.io("cannot create the guest memory directory \(dir): \(error); set FERRY_MEMORY_DIR to a tmpfs directory")
+        }
+        let type = Self.fileSystemType(of: dir)
+        guard type == "tmpfs" || type == "hugetlbfs" else {
+            throw VMError.badInput("the guest memory directory \(dir) is not on tmpfs (guest RAM would live on disk); set FERRY_MEMORY_DIR to a tmpfs directory such as /dev/shm")
+        }
+        // Which state root the directory belongs to, for an operator looking at /dev/shm.
+        let owner = dir + "/state-dir"
+        if !FileManager.default.fileExists(atPath: owner) {
+            try? (paths.root + "\n").write(toFile: owner, atomically: true, encoding: .utf8)
+        }
+    }
+
+    /// The type of the file system holding `path` (the longest mount point above it in
+    /// /proc/mounts), e.g. "tmpfs"; nil if unknown.
+    public static func fileSystemType(of path: String) -> String? {
+        guard let mounts = try? String(contentsOfFile: "/proc/mounts", encoding: .utf8) else { return nil }
+        let real = URL(fileURLWithPath: path).resolvingSymlinksInPath().path
+        var best: (length: Int, type: String)?
+        for line in mounts.split(separator: "\n") {
+            let fields = line.split(separator: " ")
+            guard fields.count >= 3 else { continue }
+            let point = fields[1].replacingOccurrences(of: "\\040", with: " ")
+            let under = point == "/" || real == point || real.hasPrefix(point + "/")
+            if under && point.count >= (best?.length ?? -1) { best = (point.count, String(fields[2])) }
+        }
+        return best?.type
+    }
+
+    /// True if process `pid` has the VM's guest RAM file mapped (and the file is still the
+    /// one on disk, not deleted): the condition for a same-host update to keep the memory.
+    public static func mapsMemory(pid: Int32, file: String) -> Bool {
+        guard let maps = try? String(contentsOfFile: "/proc/\(pid)/maps", encoding: .utf8) else { return false }
+        return maps.split(separator: "\n").contains { $0.hasSuffix(" " + file) }
+    }
+
+    /// After a same-host update: the VM now runs in `pid`, reached at `qmpSocket`.
+    ///
+    /// `qmp.sock` becomes a symbolic link to the new QEMU's own socket (connect follows it),
+    /// so every command keeps using `qmp.sock`. The old QEMU must have exited first: a QEMU
+    /// unlinks the path it bound its socket to when it quits, and that path is `qmp.sock`
+    /// for a VM's first QEMU.
+    public func adopt(_ name: String, pid: Int32, qmpSocket: String, binary: String?) throws {
+        let vm = vmPaths(name)
+        let link = vm.qmpSocket + ".new"
+        try? FileManager.default.removeItem(atPath: link)
+        guard symlink((qmpSocket as NSString).lastPathComponent, link) == 0, rename(link, vm.qmpSocket) == 0 else {
+            throw VMError.io("cannot point \(vm.qmpSocket) at \(qmpSocket): \(String(cString: strerror(errno)))")
+        }
+        var state = try read(VMState.self, from: vm.state)
+        state.phase = .running
+        state.pid = pid
+        state.qemuBinary = binary
+        state.updatedAt = Date()
+        try write(state, to: vm.state)
     }
 
     public func record(_ name: String) throws -> VMRecord {
@@ -103,9 +183,16 @@ public struct VMStore: Sendable {
         archiveAndRemove(name, reason: reason)
     }
 
-    /// Moves the serial log to logs/ and deletes the VM's directory.
+    /// Moves the serial log to logs/ and deletes the VM's directory and its guest RAM file.
+    /// The RAM file stays if the VM's recorded QEMU is still alive (it would be the last
+    /// copy of the guest's memory for a later update).
     public func archiveAndRemove(_ name: String, reason: String) {
         let vm = vmPaths(name)
+        if let state = try? read(VMState.self, from: vm.state), Self.isQEMU(pid: state.pid, name: name) {
+            // Never pull the memory from under a running QEMU.
+        } else {
+            try? FileManager.default.removeItem(atPath: vm.memoryFile)
+        }
         let stamp = ISO8601DateFormatter().string(from: Date()).replacingOccurrences(of: ":", with: "")
         try? FileManager.default.createDirectory(atPath: paths.logsDirectory, withIntermediateDirectories: true)
         _ = rename(vm.serialLog, paths.logsDirectory + "/\(name)-\(stamp)-\(reason).log")

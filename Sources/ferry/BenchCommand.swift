@@ -12,6 +12,8 @@ struct Bench: ParsableCommand {
             in turn, repeated; the medians and spreads go into a Markdown table (printed and
             written to OUT/bench.md), OUT/bench.json, and OUT/SCENARIO.svg (throughput per NIC
             over time for the Ferry modes). Scenarios: \(BenchScenario.catalog.map(\.name).joined(separator: ", ")).
+            \(UpdateBench.scenarioName) (not in the default set, no lab, --modes ignored): \(UpdateBench.summary), timed with
+            their downtime and CPU; OUT/\(UpdateBench.scenarioName).md and .json.
             """)
 
     @Option(name: .customLong("scenario"), help: "A scenario to run (repeatable) (default: \(BenchScenario.defaults.joined(separator: ", "))).")
@@ -30,7 +32,7 @@ struct Bench: ParsableCommand {
     var json = false
 
     func validate() throws {
-        for name in scenarios where !BenchScenario.catalog.contains(where: { $0.name == name }) {
+        for name in scenarios where !BenchScenario.catalog.contains(where: { $0.name == name }) && name != UpdateBench.scenarioName {
             throw ValidationError("unknown scenario '\(name)'; known: \(BenchScenario.catalog.map(\.name).joined(separator: ", "))")
         }
         guard (1...20).contains(repeats) else { throw ValidationError("--repeats must be between 1 and 20") }
@@ -56,6 +58,10 @@ struct Bench: ParsableCommand {
         try FileManager.default.createDirectory(atPath: out, withIntermediateDirectories: true)
         var results: [BenchResult] = []
         let clock = ContinuousClock.now
+        if scenarios.contains(UpdateBench.scenarioName) {
+            try runUpdateBench(image)
+            if scenarios.allSatisfy({ $0 == UpdateBench.scenarioName }) { return }
+        }
         for scenario in chosen {
             FileHandle.standardError.write(Data("== \(scenario.name): \(scenario.summary)\n".utf8))
             let runner = BenchRunner(scenario: scenario, modes: modeList, repeats: repeats, binary: SelfPath.executable, guest: image) { line in
@@ -75,5 +81,21 @@ struct Bench: ParsableCommand {
         print(json ? jsonText : markdown)
         FileHandle.standardError.write(Data(String(format: "bench: %.0f s; results in %@/\n", (ContinuousClock.now - clock).seconds, out).utf8))
         if results.contains(where: { $0.runs.contains { !$0.succeeded } }) { throw ExitCode(1) }
+    }
+
+    /// The same-host update scenario (`UpdateBench`): its own table and JSON.
+    func runUpdateBench(_ image: GuestImage) throws {
+        FileHandle.standardError.write(Data("== \(UpdateBench.scenarioName): \(UpdateBench.summary)\n".utf8))
+        let bench = UpdateBench(repeats: repeats, binary: SelfPath.executable, guest: image) { line in
+            FileHandle.standardError.write(Data("\(line)\n".utf8))
+        }
+        let result = try bench.run()
+        try result.markdown.write(toFile: out + "/\(UpdateBench.scenarioName).md", atomically: true, encoding: .utf8)
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
+        let jsonText = String(decoding: try encoder.encode(result), as: UTF8.self)
+        try jsonText.write(toFile: out + "/\(UpdateBench.scenarioName).json", atomically: true, encoding: .utf8)
+        print(json ? jsonText : result.markdown)
+        if result.runs.contains(where: { !$0.succeeded || !$0.guestOK }) { throw ExitCode(1) }
     }
 }

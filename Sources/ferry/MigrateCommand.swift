@@ -14,7 +14,8 @@ struct Migrate: ParsableCommand {
         abstract: "Live-migrate a VM of this host to another host running `ferry serve`.",
         discussion: """
             The VM keeps running here until the destination has all of it; if anything fails
-            before the switchover it stays here. Exit status: 0 migrated, 1 failed (the VM runs
+            before the switchover it stays here. --to localhost (127.0.0.1, ::1) is a same-host
+            update instead (`ferry vm update`): RAM stays in place, only device state moves. Exit status: 0 migrated, 1 failed (the VM runs
             here), 3 uncertain (the VM is paused here; see the report).
             """)
 
@@ -81,6 +82,13 @@ struct Migrate: ParsableCommand {
 
     func run() throws {
         signal(SIGPIPE, SIG_IGN)
+        if to.isThisHost {
+            // Same host: a new QEMU takes the VM over with its RAM in place; no daemon,
+            // no key, no data channels (`ferry vm update`).
+            try UpdateArguments.perform(name: name, qemu: nil, host: host, timeout: timeout.duration, downtime: downtime.duration,
+                                        json: json, reportFile: reportFile, quiet: quiet, progressFile: progressFile)
+            return
+        }
         // Zero-copy chunks hold a pipe (two descriptors) each, a window's worth of them.
         _ = ferry_raise_nofile_limit()
         let keys = try security.keys(for: "migrate")

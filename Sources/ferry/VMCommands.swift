@@ -9,7 +9,7 @@ struct VM: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "vm",
         abstract: "Run, list, stop and read the console of the VMs on this host.",
-        subcommands: [Run.self, List.self, Stop.self, Log.self])
+        subcommands: [Run.self, List.self, Stop.self, Log.self, Update.self])
 
     struct Run: ParsableCommand {
         static let configuration = CommandConfiguration(

@@ -41,6 +41,15 @@ struct CLITests {
         #expect(e?.host == host && e?.port == UInt16(port))
     }
 
+    @Test("--to this host means a same-host update", arguments: [("localhost", true), ("LOCALHOST:7470", true), ("127.0.0.1", true),
+                                                                  ("127.1.2.3:9", true), ("::1", true), ("[::1]:7470", true),
+                                                                  ("10.0.0.2", false), ("host-b", false), ("127.0.0.1.example", false),
+                                                                  ("[fd00::1]", false)])
+    func thisHost(text: String, local: Bool) throws {
+        let e = try #require(Endpoint(argument: text))
+        #expect(e.isThisHost == local)
+    }
+
     @Test("bad endpoints", arguments: ["", "host:0", "host:99999", "a b", "[::1", "h:1:2x", "host;rm"])
     func badEndpoints(text: String) {
         #expect(Endpoint(argument: text) == nil)
@@ -53,6 +62,8 @@ struct CLITests {
         ["migrate", "vm1", "--to", "b", "--multifd", "99"],
         ["migrate", "vm1", "--to", "b", "--bandwidth", "fast"],
         ["vm", "run", "x", "--kernel", "/nonexistent"],
+        ["vm", "update", "vm1", "--qemu", "/nonexistent/qemu"],
+        ["vm", "update", "../x"],
         ["vm", "run", "x", "--kernel", "/etc/hostname", "--memory", "0"],
         ["vm", "run", "bad name", "--kernel", "/etc/hostname"],
         ["lab", "up", "--nics", "0"],
@@ -120,7 +131,7 @@ struct CLITests {
 
     @Test("serve and migrate refuse to run without a cluster key, and say how to make one", arguments: [
         ["serve", "--listen", "127.0.0.1:7999", "--key-file", "/nonexistent/cluster.key"],
-        ["migrate", "vm1", "--to", "127.0.0.1", "--key-file", "/nonexistent/cluster.key"],
+        ["migrate", "vm1", "--to", "192.0.2.1", "--key-file", "/nonexistent/cluster.key"],
     ])
     func noKey(args: [String]) throws {
         var command = try Ferry.parseAsRoot(args)

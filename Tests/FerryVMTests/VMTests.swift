@@ -58,6 +58,47 @@ struct VMTests {
         #expect(!QEMU.arguments(spec: spec, paths: store.vmPaths("v"), store: store.bootFiles, incoming: false).contains("-incoming"))
     }
 
+    @Test("guest RAM is a shared file backend of exactly -m's size, pad included")
+    func memoryBackend() throws {
+        let store = try tempStore()
+        let kernel = BootFile(name: "k", byteCount: 1, sha256: String(repeating: "a", count: 64))
+        let spec = VMSpec(name: "v", memoryMiB: 384, cpus: 2, kernel: kernel, initrd: nil, append: "console=ttyS0",
+                          accelerator: .tcg, machine: "pc-i440fx-7.2", cpuModel: "qemu64", ramPadKiB: 8)
+        let paths = store.vmPaths("v")
+        let argv = QEMU.arguments(spec: spec, paths: paths, store: store.bootFiles, incoming: false)
+        func value(after flag: String) -> String? { argv.firstIndex(of: flag).map { argv[$0 + 1] } }
+        #expect(value(after: "-object") == "memory-backend-file,id=ferry-ram,size=393224k,mem-path=\(paths.memoryFile),share=on")
+        #expect(value(after: "-machine") == "pc-i440fx-7.2,memory-backend=ferry-ram")
+        #expect(value(after: "-m") == "393224k")
+        #expect(paths.memoryFile == store.paths.memoryDirectory + "/v.ram")
+        #expect(QEMU.optionValue("/a,b") == "/a,,b")
+
+        // A successor for a same-host update: same RAM file and serial log, its own binary,
+        // QMP socket and pid file, waiting paused for the migration.
+        let next = QEMUInstance.successor(paths, binary: "/opt/qemu/bin/qemu-system-x86_64", tag: "abc123")
+        let argv2 = QEMU.arguments(spec: spec, paths: paths, store: store.bootFiles, incoming: true, instance: next)
+        #expect(argv2.first == "/opt/qemu/bin/qemu-system-x86_64")
+        #expect(argv2.contains("unix:\(paths.directory)/qmp-abc123.sock,server=on,wait=off"))
+        #expect(argv2.contains(paths.directory + "/qemu-abc123.pid"))
+        #expect(!argv2.contains("unix:\(paths.qmpSocket),server=on,wait=off"))
+        #expect(argv2.contains { $0.contains("mem-path=\(paths.memoryFile),share=on") })
+        #expect(argv2.joined(separator: " ").hasSuffix("-S -incoming defer"))
+    }
+
+    @Test("each state root has its own RAM directory, the same every time, on tmpfs by default")
+    func memoryDirectories() throws {
+        let a = StatePaths(root: "/run/ferry-lab/x/a"), b = StatePaths(root: "/run/ferry-lab/x/b")
+        #expect(a.memoryDirectory != b.memoryDirectory)
+        #expect(a.memoryDirectory == StatePaths(root: "/run/ferry-lab/x/a/").memoryDirectory)
+        #expect(a.memoryDirectory == StatePaths(root: "/run/ferry-lab/x/./a").memoryDirectory)
+        #expect(a.memoryFile("vm1") != b.memoryFile("vm1"))
+        #expect(a.memoryDirectory.hasPrefix(StatePaths.memoryRoot + "/ferry-"))
+        if FileManager.default.fileExists(atPath: "/dev/shm") {
+            #expect(VMStore.fileSystemType(of: "/dev/shm/anything") == "tmpfs")
+        }
+        #expect(VMStore.fileSystemType(of: "/proc/self") == "proc")
+    }
+
     @Test("the TCG dirty-tracking pad applies to TCG under QEMU before 9 only")
     func pad() {
         #expect(QEMU.tcgDirtyTrackingPadKiB(accelerator: .tcg, qemuVersion: "7.2.22") == 8)
