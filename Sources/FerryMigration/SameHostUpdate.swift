@@ -199,7 +199,14 @@ public final class SameHostUpdate: @unchecked Sendable {
              + "\(lastInfo?.downtimeMilliseconds.map(Format.millis) ?? "?"))")
 
         // The old QEMU must be done for good (postmigrate) before the new one may run.
-        let oldState = try qmpCall(.switchover, "query the VM's QEMU") { try old.queryStatus() }
+        // QEMU reports the migration completed a moment before its run state leaves
+        // finish-migrate for postmigrate: wait for that (2 s at most), not fail on it.
+        var oldState = try qmpCall(.switchover, "query the VM's QEMU") { try old.queryStatus() }
+        let settle = ContinuousClock.now + .seconds(2)
+        while oldState.status == "finish-migrate" && ContinuousClock.now < settle {
+            usleep(2000)
+            oldState = try qmpCall(.switchover, "query the VM's QEMU") { try old.queryStatus() }
+        }
         guard oldState.status == "postmigrate" else {
             throw MigrationError(.switchover, "the old QEMU is \(oldState.status) after the migration, not postmigrate")
         }
