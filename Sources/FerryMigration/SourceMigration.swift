@@ -349,6 +349,7 @@ public final class SourceMigration: @unchecked Sendable {
             }
         }
         try configure(qmp, plan: plan)
+        FaultPoint.sourceSetup.pause()
         migrateIssuedAt = clock.elapsed
         do {
             try qmp.execute("migrate", arguments: ["uri": .string("unix:\(record.paths.outgoingSocket)")])
