@@ -221,6 +221,8 @@ final class DestinationSession: @unchecked Sendable {
             case .controlLost(let why)?:
                 throw ErrorMessage(code: .aborted, message: "lost the source (\(why))")
             case .dataFailed(let error)?:
+                // Writing to QEMU failed (it died) or a peer broke the protocol.
+                if case .aborted = error { throw ErrorMessage(code: .qemuFailed, message: "data path: \(error)") }
                 throw ErrorMessage(code: .protocolViolation, message: "data path: \(error)")
             case .qemuGone?:
                 throw ErrorMessage(code: .qemuFailed, message: "the destination QEMU exited")

@@ -11,6 +11,9 @@ public struct MigrationReport: Codable, Sendable {
         /// The outcome is not known (the destination vanished after the commit was sent):
         /// the source keeps its copy paused; see the message.
         case uncertain
+        /// The VM's QEMU died on the source before the commit: no copy of it runs anywhere
+        /// (the destination discarded its incomplete one).
+        case vmDied = "failed-vm-died"
     }
 
     public struct Side: Codable, Sendable {
@@ -109,6 +112,7 @@ extension MigrationReport {
         case .succeeded: status = "SUCCEEDED: \(vm) now runs on \(destination.host)"
         case .failedVMOnSource: status = "FAILED: \(vm) keeps running on \(source.host)"
         case .uncertain: status = "UNCERTAIN: \(vm) is paused on \(source.host); check \(destination.host)"
+        case .vmDied: status = "FAILED: the QEMU of \(vm) died on \(source.host); no copy of it runs"
         }
         lines.append((mode == nil ? "Migration" : "Update") + " of \(vm): \(source.host) -> \(destination.host)")
         lines.append("  result         \(status)")

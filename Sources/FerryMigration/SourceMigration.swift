@@ -172,6 +172,7 @@ public final class SourceMigration: @unchecked Sendable {
             var r = report(.failedVMOnSource, error: text, spec: record.spec)
             r.failedPhase = failedPhase.rawValue
             if recovery != nil && !(stillRunning()) { r.outcome = .uncertain }
+            if qemuPID > 0 && !ProcessStats.isAlive(pid: qemuPID) { r.outcome = .vmDied }
             return r
         }
     }

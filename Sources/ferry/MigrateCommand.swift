@@ -118,7 +118,7 @@ struct Migrate: ParsableCommand {
         print(json ? report.json : report.text)
         switch report.outcome {
         case .succeeded: return
-        case .failedVMOnSource: throw ExitCode(1)
+        case .failedVMOnSource, .vmDied: throw ExitCode(1)
         case .uncertain: throw ExitCode(3)
         }
     }

@@ -81,7 +81,7 @@ struct UpdateArguments: ParsableArguments {
         print(json ? report.json : report.text)
         switch report.outcome {
         case .succeeded: return
-        case .failedVMOnSource: throw ExitCode(1)
+        case .failedVMOnSource, .vmDied: throw ExitCode(1)
         case .uncertain: throw ExitCode(3)
         }
     }
