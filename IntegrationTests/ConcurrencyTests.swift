@@ -157,6 +157,7 @@ struct ConcurrencyTests {
         kill(serve, SIGCONT)
         #expect(result2.status == 1, "exit \(result2.status): \(result2.stdout)\(result2.stderr)")
         #expect(report2?.outcome == .failedVMOnSource, "error: \(report2?.error ?? "nil")")
+        print("stalled mid-transfer: \(report2?.error ?? "no report") after \(String(format: "%.1f", report2?.totalSeconds ?? 0)) s")
         #expect((report2?.totalSeconds ?? 99) < 25, "a stall was not cut short: \(report2?.totalSeconds ?? 0) s")
         try lab.expectRunningAndHealthy("vm1", on: "a")
 
