@@ -135,6 +135,8 @@ enum FrameFuzzing {
         case .abort: _ = json(AbortMessage.self, frame)
         case .status: _ = json(StatusMessage.self, frame)
         case .limit: _ = json(LimitMessage.self, frame)
+        case .resolve: _ = json(ResolveMessage.self, frame)
+        case .resolved: _ = json(ResolvedMessage.self, frame)
         case .data: dataChunk(frame.payload)
         case .ack:
             if let ack = try? AckMessage.decode(frame.payload) {

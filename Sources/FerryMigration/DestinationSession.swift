@@ -36,6 +36,16 @@ final class DestinationSession: @unchecked Sendable {
     private var qemuPID: Int32 = 0
     private var sourceHost = "?"
     private var committed = false
+    /// `prepared` is on disk: from here the copy is the source's to run or discard, and a
+    /// lost source leaves it paused for the reconciler (never discarded by us alone).
+    private var prepared = false
+    /// The source said `abort`: nothing will ever commit this copy.
+    private var sourceAborted = false
+    /// Held on the incoming VM while this session handles it, so the reconciler (and the
+    /// answers to peers) leave it alone.
+    private var vmLock: VMLock?
+    /// The source daemon, for settling the switchover after a crash.
+    private var sourceDaemon: (host: String, port: UInt16) = ("", 7470)
 
     init(control: FrameConnection, store: VMStore, server: MigrationServer, logger: Logger,
          security: SessionSecurity, sourceHost: String) {
@@ -58,9 +68,20 @@ final class DestinationSession: @unchecked Sendable {
         } catch {
             let (code, message) = classify(error)
             logger.warning("incoming migration failed", metadata: ["vm": "\(spec?.name ?? "?")", "error": "\(message)"])
-            if !committed { discardDestinationCopy(reason: message) }
+            if prepared && !committed && !sourceAborted && ProcessStats.isAlive(pid: qemuPID) {
+                // In doubt: the source may have decided to commit. The copy stays paused
+                // with its `prepared` record; the reconciler asks the source.
+                logger.warning("the VM stays loaded and paused until the source's decision is known",
+                               metadata: ["vm": "\(spec?.name ?? "?")", "source": "\(sourceDaemon.host):\(sourceDaemon.port)"])
+            } else if !committed {
+                discardDestinationCopy(reason: message)
+            }
             control.fail(code, message)
         }
+        // QEMU's monitor takes one client at a time: let go of it before the lock, so
+        // the reconciler can reach an in-doubt copy.
+        qmp?.close()
+        vmLock = nil
         dataPath?.stop()
         server.unregister(self)
         control.shutdown()
@@ -74,7 +95,18 @@ final class DestinationSession: @unchecked Sendable {
     private func handle() throws {
         control.socket.setReceiveTimeout(.seconds(30))
 
-        let offer = try control.expect(.offer, as: OfferMessage.self)
+        let first = try control.receiveChecked()
+        if first.type == .resolve {
+            // Not a migration: a peer settling a switchover a crash left unsettled.
+            let request = try ControlCoding.decode(ResolveMessage.self, from: first)
+            let answer = server.reconciler.answer(request)
+            logger.info("settled a switchover for a peer", metadata: ["vm": "\(request.vm)", "asked": "\(request.decision ?? "query")", "answer": "\(answer.state.rawValue)"])
+            try control.send(.resolved, answer)
+            return
+        }
+        guard first.type == .offer else { throw WireError.unexpectedFrame(first.type, expected: "offer or resolve") }
+        let offer = try ControlCoding.decode(OfferMessage.self, from: first)
+        sourceDaemon = (Reconciler.host(ofPeer: control.peer), offer.sourcePort ?? 7470)
         try validate(offer)
         spec = offer.spec
         try server.register(self, name: offer.spec.name)
@@ -114,6 +146,7 @@ final class DestinationSession: @unchecked Sendable {
         }
         self.qmp = qmp
         qemuPID = record.state.pid
+        vmLock = try? VMLock(paths: record.paths, name: offer.spec.name)
         do {
             try qmp.setMigrationCapabilities([("multifd", offer.streams.multifdChannels > 0), ("events", true)])
             if offer.streams.multifdChannels > 0 {
@@ -173,6 +206,7 @@ final class DestinationSession: @unchecked Sendable {
                     try dataPath.streamEnded(try ControlCoding.decode(StreamEndMessage.self, from: frame))
                 case .abort:
                     let reason = (try? ControlCoding.decode(AbortMessage.self, from: frame))?.reason ?? "no reason"
+                    sourceAborted = true
                     throw ErrorMessage(code: .aborted, message: "the source aborted: \(reason)")
                 case .commit:
                     guard loadedSent else { throw ErrorMessage(code: .protocolViolation, message: "commit before the VM was loaded") }
@@ -203,6 +237,15 @@ final class DestinationSession: @unchecked Sendable {
                 if dataPath.isComplete {
                     let info = try qmp.queryMigrate()
                     if info.status == "completed" {
+                        // Durably `prepared` before the source may decide on it.
+                        do {
+                            try store.recordHandover(name, HandoverRecord(session: session, role: .destination, decision: .prepared,
+                                                                          peerHost: sourceDaemon.host, peerPort: sourceDaemon.port))
+                        } catch {
+                            throw ErrorMessage(code: .internalError, message: "cannot record the switchover here: \(error)")
+                        }
+                        prepared = true
+                        FaultPoint.destinationAfterPrepared.pause()
                         try control.send(.loaded, LoadedMessage(receivedByteCount: dataPath.deliveredByteCount))
                         loadedSent = true
                         logger.info("VM loaded, waiting for the commit", metadata: ["vm": "\(name)"])
@@ -215,17 +258,27 @@ final class DestinationSession: @unchecked Sendable {
     }
 
     private func commit(qmp: QMPClient, name: String, dataPath: DestinationDataPath) throws {
+        // Durably `committed` before the VM runs: a crash from here on ends with it running here.
+        do {
+            try store.recordHandover(name, HandoverRecord(session: session, role: .destination, decision: .committed,
+                                                          peerHost: sourceDaemon.host, peerPort: sourceDaemon.port))
+        } catch {
+            throw ErrorMessage(code: .internalError, message: "cannot record the commit here: \(error)")
+        }
         committed = true
         do {
             try qmp.execute("cont")
         } catch {
-            committed = false
+            // The record says committed and the source's copy is stopped for good: the
+            // reconciler keeps trying to run this one.
             throw ErrorMessage(code: .qemuFailed, message: "the destination QEMU would not run the VM: \(error)")
         }
         if var state = try? store.record(name).state {
             state.phase = .running
+            state.session = session
             try? store.setState(name, state)
         }
+        store.clearHandover(name)
         let reply = CommittedMessage(
             ferryCPUSeconds: ProcessStats.ownCPUSeconds() - ferryCPUStart,
             qemuCPUSeconds: ProcessStats.cpuSeconds(pid: qemuPID) ?? 0,
@@ -263,6 +316,7 @@ final class DestinationSession: @unchecked Sendable {
     private func discardDestinationCopy(reason: String) {
         dataPath?.stop()
         guard let spec else { return }
+        store.clearHandover(spec.name)
         if qemuPID > 0 {
             try? qmp?.quit()
             if !ProcessStats.waitForExit(pid: qemuPID, timeout: .seconds(5)) { ProcessStats.terminate(pid: qemuPID) }

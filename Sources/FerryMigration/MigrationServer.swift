@@ -59,6 +59,7 @@ public final class MigrationServer: @unchecked Sendable {
         self.store = store
         self.options = options
         self.logger = logger
+        self.reconciler = Reconciler(store: store, keys: options.keys, logger: logger)
         var listeners: [Socket] = []
         var port = options.port
         for address in options.addresses {
@@ -74,14 +75,16 @@ public final class MigrationServer: @unchecked Sendable {
         admission.snapshot.write(runDirectory: runDirectory)
     }
 
-    /// Cleans up what a previous, crashed daemon left: destination QEMUs that were still
-    /// waiting for a migration never ran the VM, so they are stopped and forgotten.
-    public func reconcile() {
-        for record in store.list() where record.state.phase == .incoming {
-            logger.warning("discarding a half-received VM left by a previous daemon", metadata: ["vm": "\(record.spec.name)"])
-            if record.alive { ProcessStats.terminate(pid: record.state.pid) }
-            store.archiveAndRemove(record.spec.name, reason: "incoming-stale")
-        }
+    /// Settles what a crash left half-done (``Reconciler``): at start, then every
+    /// `reconcileInterval` while the daemon runs, leaving alone the VMs its live sessions
+    /// are handling.
+    public let reconciler: Reconciler
+    public var reconcileInterval: Duration = .seconds(2)
+
+    @discardableResult
+    public func reconcile() -> [String] {
+        let busy = lock.withLock { Set(incomingNames.keys) }
+        return reconciler.reconcile(busy: busy)
     }
 
     /// Accepts connections on every listener until the process ends.
@@ -89,6 +92,12 @@ public final class MigrationServer: @unchecked Sendable {
         logger.info("ferry serve listening", metadata: ["addresses": "\(options.addresses.joined(separator: ","))", "port": "\(port)"])
         for listener in listeners.dropFirst() {
             spawnThread("ferry-listen") { [self] in acceptLoop(listener) }
+        }
+        spawnThread("ferry-reconcile") { [self] in
+            while true {
+                Thread.sleep(forTimeInterval: reconcileInterval.seconds)
+                reconcile()
+            }
         }
         acceptLoop(listeners[0])
     }

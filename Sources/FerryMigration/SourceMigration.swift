@@ -120,6 +120,8 @@ public final class SourceMigration: @unchecked Sendable {
     private var multifdUsed = 0
     private var securitySummary: String?
     private var dataPathSummary: String?
+    /// The commit decision is on disk: the VM is the destination's from now on.
+    private var commitRecorded = false
     private var compression: CompressionController?
     private let interrupt = MigrationInterrupt()
     private var outgoingSlot: OutgoingSlot?
@@ -175,7 +177,11 @@ public final class SourceMigration: @unchecked Sendable {
             return report(.succeeded, error: nil, spec: record.spec)
         } catch let error as UncertainOutcome {
             cleanupTransport()
-            return report(.uncertain, error: error.message, spec: record.spec)
+            return settleAfterCommit(error.message, spec: record.spec)
+        } catch where commitRecorded {
+            // Past the recorded decision nothing rolls back: settle it with the destination.
+            cleanupTransport()
+            return settleAfterCommit((error as? MigrationError)?.message ?? "\(error)", spec: record.spec)
         } catch {
             let stop = interrupt.pending
             let message = stop?.message ?? (error as? MigrationError)?.message ?? "\(error)"
@@ -248,7 +254,9 @@ public final class SourceMigration: @unchecked Sendable {
         multifdUsed = plan.multifdChannels
         let accept: AcceptMessage
         do {
-            try control.send(.offer, OfferMessage(spec: spec, streams: plan, sourceHost: HostInfo.hostname))
+            let ownPort = (try? String(contentsOfFile: store.paths.runDirectory + "/serve.port", encoding: .utf8))
+                .flatMap { UInt16($0.trimmingCharacters(in: .whitespacesAndNewlines)) }
+            try control.send(.offer, OfferMessage(spec: spec, streams: plan, sourceHost: HostInfo.hostname, sourcePort: ownPort))
             accept = try control.expect(.accept, as: AcceptMessage.self)
         } catch {
             throw MigrationError(.negotiating, "the destination refused the VM: \(describe(error))")
@@ -361,6 +369,7 @@ public final class SourceMigration: @unchecked Sendable {
         }
         try interrupt.check()
         try configure(qmp, plan: plan)
+        FaultPoint.sourceSetup.pause()
         migrateIssuedAt = clock.elapsed
         do {
             try qmp.execute("migrate", arguments: ["uri": .string("unix:\(record.paths.outgoingSocket)")])
@@ -376,11 +385,23 @@ public final class SourceMigration: @unchecked Sendable {
         // Switchover: everything is at the destination, QEMU there holds the VM paused.
         phase = .committing
         emit()
+        // A cancel or timeout is still granted up to here, and refused from here on.
         try interrupt.passCommitPoint()
+        FaultPoint.sourceBeforeCommit.pause()
+        // The decision, on disk before it leaves: from here the VM belongs to the
+        // destination, whatever crashes (docs/PROTOCOL.md, "Switchover and crashes").
+        do {
+            try store.recordHandover(name, HandoverRecord(session: accept.session, role: .source, decision: .commit,
+                                                          peerHost: options.host, peerPort: options.port))
+        } catch {
+            throw MigrationError(.committing, "cannot record the commit decision: \(error)")
+        }
+        commitRecorded = true
+        FaultPoint.sourceAfterCommitRecord.pause()
         do {
             try control.send(.commit, CommitMessage())
         } catch {
-            throw MigrationError(.committing, "cannot send the commit: \(error)")
+            throw UncertainOutcome(message: "cannot send the commit (\(error))")
         }
         // Past this point the destination may run the VM: never resume the source copy.
         while true {
@@ -404,6 +425,7 @@ public final class SourceMigration: @unchecked Sendable {
         let switchoverEnd = Date().timeIntervalSince1970
         if let stop = stopEventAt { switchoverMillis = (switchoverEnd - stop) * 1000 }
         note("VM runs on \(welcome.host)")
+        FaultPoint.sourceAfterCommitted.pause()
 
         // The source copy is stopped for good.
         qemuCPUEnd = ProcessStats.cpuSeconds(pid: qemuPID)
@@ -634,6 +656,31 @@ public final class SourceMigration: @unchecked Sendable {
             try? store.setState(name, state)
         }
         return repair
+    }
+
+    /// The commit is recorded but the destination's answer was lost: ask its daemon (the
+    /// same questions the reconciler asks) for up to 20 s. It runs the VM: the source copy
+    /// is stopped, success. It has no copy: the source copy resumes. No answer: the source
+    /// copy stays paused and `ferry serve` on this host settles it when it can.
+    private func settleAfterCommit(_ why: String, spec: VMSpec) -> MigrationReport {
+        note("\(why); settling the recorded commit with the destination")
+        qmp?.close()  // QEMU's monitor takes one client at a time; the reconciler needs it
+        let reconciler = Reconciler(store: store, keys: options.keys, logger: logger)
+        let deadline = ContinuousClock.now + .seconds(20)
+        var last = "no answer"
+        while ContinuousClock.now < deadline {
+            guard let record = try? store.record(name) else {
+                note("the destination confirmed it runs the VM; the source copy is stopped")
+                phase = .done
+                return report(.succeeded, error: nil, spec: spec)
+            }
+            if store.handover(name) == nil && record.state.phase == .running {
+                return report(.failedVMOnSource, error: "\(why); the destination has no copy, so the source copy runs again", spec: spec)
+            }
+            last = reconciler.settleSource(record, network: true) ?? last
+            if (try? store.record(name)) != nil && store.handover(name) != nil { sleep(1) }
+        }
+        return report(.uncertain, error: "\(why); \(last). The source copy stays paused; `ferry serve` on this host settles it with the destination", spec: spec)
     }
 
     private func stillRunning() -> Bool {

@@ -86,6 +86,8 @@ public struct VMPaths: Sendable {
     /// The Unix socket a same-host update migrates over, QEMU to QEMU.
     public var updateSocket: String { directory + "/update.sock" }
     public var lock: String { directory + "/lock" }
+    /// The durable switchover record (``HandoverRecord``).
+    public var handover: String { directory + "/handover.json" }
     /// Where the source QEMU connects its migration streams (Ferry listens).
     public var outgoingSocket: String { directory + "/out.sock" }
     /// Where the destination QEMU listens for its migration streams (Ferry connects).

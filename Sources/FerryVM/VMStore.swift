@@ -27,6 +27,9 @@ public struct VMState: Codable, Sendable, Equatable {
     public var qemuBinary: String?
     /// When its latest same-host update switched it to a new QEMU.
     public var updatedAt: Date?
+    /// The migration session it arrived by, so that a source settling that session after
+    /// a crash can be told it runs here.
+    public var session: String?
 
     public init(phase: VMPhase, pid: Int32, startedAt: Date = Date(), migratedFrom: String? = nil) {
         self.phase = phase

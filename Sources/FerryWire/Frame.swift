@@ -116,6 +116,11 @@ public enum FrameType: UInt8, Sendable, CaseIterable {
     case limit = 19
     /// Source, after `welcome`: its proof of the cluster key over the exchange.
     case auth = 20
+    /// Either direction, on its own authenticated control connection, instead of `offer`:
+    /// settles a switchover left unsettled by a crash (``ResolveMessage``).
+    case resolve = 21
+    /// The answer to `resolve` (``ResolvedMessage``).
+    case resolved = 22
 }
 
 /// Frame flags. Bits not defined here must be zero; a receiver refuses unknown bits.

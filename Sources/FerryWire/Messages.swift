@@ -184,10 +184,53 @@ public struct OfferMessage: Codable, Equatable, Sendable {
     public var spec: VMSpec
     public var streams: StreamPlan
     public var sourceHost: String
-    public init(spec: VMSpec, streams: StreamPlan, sourceHost: String) {
+    /// The port of the source host's own daemon, where the destination asks for the
+    /// switchover's decision if the two lose each other (nil: the default, 7470).
+    public var sourcePort: UInt16?
+    public init(spec: VMSpec, streams: StreamPlan, sourceHost: String, sourcePort: UInt16? = nil) {
         self.spec = spec
         self.streams = streams
         self.sourceHost = sourceHost
+        self.sourcePort = sourcePort
+    }
+}
+
+/// Settles a switchover that a crash left unsettled. The asking host names the session and
+/// the VM and, if it is the source, its decision (`commit`, or `abort` when it never
+/// decided); a destination asks with no decision.
+public struct ResolveMessage: Codable, Equatable, Sendable {
+    public var session: String
+    public var vm: String
+    /// "commit" or "abort" from a source; nil from a destination asking.
+    public var decision: String?
+    public init(session: String, vm: String, decision: String?) {
+        self.session = session
+        self.vm = vm
+        self.decision = decision
+    }
+}
+
+/// The answer to ``ResolveMessage``: what the answering host knows of the session.
+public struct ResolvedMessage: Codable, Equatable, Sendable {
+    public enum State: String, Codable, Sendable {
+        /// (Answering source) it decided to commit: the destination runs the VM.
+        case commit
+        /// (Answering source) it never decided to commit and never will (its migration
+        /// process is gone): the destination discards its copy.
+        case abort
+        /// (Answering source) its migration is still running: ask again later.
+        case pending
+        /// (Answering destination) the VM runs here (it has committed).
+        case running
+        /// (Answering destination) it has no copy of the VM for this session and will
+        /// never run one: the source may resume its own.
+        case gone
+    }
+    public var state: State
+    public var detail: String
+    public init(state: State, detail: String) {
+        self.state = state
+        self.detail = detail
     }
 }
 

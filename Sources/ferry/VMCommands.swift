@@ -1,5 +1,6 @@
 import ArgumentParser
 import FerryIO
+import FerryMigration
 import FerryQMP
 import FerryVM
 import FerryWire
@@ -77,6 +78,10 @@ struct VM: ParsableCommand {
         @OptionGroup var host: HostOptions
 
         func run() throws {
+            // Half-done migrations a crash left are settled first, as far as this host can
+            // alone (rolling back what never committed); the rest waits for `ferry serve`.
+            let notes = Reconciler(store: host.store, keys: nil, logger: host.logger("ferry.vm")).reconcile(network: false)
+            if !json { for note in notes { print("reconciled: \(note)") } }
             let records = host.store.list()
             if json {
                 struct Row: Encodable {

@@ -1,0 +1,204 @@
+import FerryIO
+import FerryLab
+import FerryMigration
+import FerryVM
+import FerryWire
+import Foundation
+import Testing
+
+/// The chaos matrix: a fault in each phase of a migration, with real QEMU in the lab and
+/// a daemon on both hosts (as on real hosts, where the daemons settle what a crash left).
+/// For every cell: at most one copy of the VM ever runs; exactly one runs afterwards
+/// unless the fault killed the only one; the survivor's guest memory check is intact; a
+/// failure says why; the next migration succeeds. `FERRY_CHAOS=all` runs all 35 cells
+/// (about 20 minutes); by default the 8 cells below. `FERRY_CHAOS_OUT=FILE` appends one
+/// line per cell, the table of docs/RELIABILITY.md.
+@Suite("Chaos: faults x phases", .serialized, .enabled(if: Env.canRunEndToEnd, "needs root, QEMU and the demo guest (scripts/test.sh)"))
+struct ChaosTests {
+    enum Fault: String, CaseIterable, Sendable, CustomTestStringConvertible {
+        static func named(_ name: String) -> Fault? { allCases.first { "\($0)" == name } }
+        case nicDown = "NIC down"
+        case channelReset = "one channel reset"
+        case allNICsDown = "all NICs down, then back"
+        case killServe = "kill -9 destination ferry serve"
+        case killMigrate = "kill -9 ferry migrate"
+        case killDestinationQEMU = "kill -9 destination QEMU"
+        case killSourceQEMU = "kill -9 source QEMU"
+        var testDescription: String { rawValue }
+    }
+
+    enum Phase: String, CaseIterable, Sendable, CustomTestStringConvertible {
+        static func named(_ name: String) -> Phase? { allCases.first { "\($0)" == name } }
+        case setup, early = "early transfer", late = "late transfer", switchover, afterSwitchover = "right after switchover"
+        var testDescription: String { rawValue }
+
+        /// The fault point that holds the migration still in this phase (4 s).
+        var pause: FaultPoint? {
+            switch self {
+            case .setup: .sourceSetup
+            case .switchover: .sourceAfterCommitRecord
+            case .afterSwitchover: .sourceAfterCommitted
+            case .early, .late: nil
+            }
+        }
+    }
+
+    struct Cell: Sendable, CustomTestStringConvertible {
+        var fault: Fault
+        var phase: Phase
+        var testDescription: String { "\(fault.rawValue) / \(phase.rawValue)" }
+    }
+
+    static let cells: [Cell] = {
+        let choice = ProcessInfo.processInfo.environment["FERRY_CHAOS"] ?? ""
+        if choice == "all" {
+            return Fault.allCases.flatMap { f in Phase.allCases.map { Cell(fault: f, phase: $0) } }
+        }
+        // Or some cells by name: FERRY_CHAOS=killServe/switchover,nicDown/late
+        let named = choice.split(separator: ",").compactMap { item -> Cell? in
+            let parts = item.split(separator: "/").map(String.init)
+            guard parts.count == 2, let f = Fault.named(parts[0]), let p = Phase.named(parts[1]) else { return nil }
+            return Cell(fault: f, phase: p)
+        }
+        if !named.isEmpty { return named }
+        return [Cell(fault: .killMigrate, phase: .switchover), Cell(fault: .killServe, phase: .switchover),
+                Cell(fault: .killDestinationQEMU, phase: .switchover), Cell(fault: .killSourceQEMU, phase: .switchover),
+                Cell(fault: .killMigrate, phase: .afterSwitchover), Cell(fault: .killServe, phase: .early),
+                Cell(fault: .nicDown, phase: .late), Cell(fault: .allNICsDown, phase: .early)]
+    }()
+
+    @Test("a fault in a phase: one copy runs, intact; the error is clear; the next migration succeeds", arguments: cells)
+    func cell(_ cell: Cell) throws {
+        let lab = try TestLab(nics: 2, rate: "150mbit")
+        // The fault points read the environment of the processes started from here.
+        let marks = lab.lab.directory + "/fault-marks"
+        if let point = cell.phase.pause {
+            setenv("FERRY_FAULT_PAUSE", "\(point.rawValue):4", 1)
+            setenv("FERRY_FAULT_MARK", marks, 1)
+        }
+        defer {
+            unsetenv("FERRY_FAULT_PAUSE")
+            unsetenv("FERRY_FAULT_MARK")
+        }
+        try lab.serve(on: "a")
+        var destinationDaemon = try lab.serve(on: "b")
+        _ = try lab.startDemoVM("vm1", memory: 256, fill: 64, dirty: 2)
+        let run = RunningMigration(lab, "vm1")
+
+        // Reach the phase.
+        let reached: Bool
+        switch cell.phase {
+        case .early: reached = run.wait(forStreamBytes: 16 << 20)
+        case .late: reached = run.wait(forStreamBytes: 100 << 20)
+        case .setup, .switchover, .afterSwitchover:
+            let mark = cell.phase.pause!.rawValue
+            reached = Self.waitUntil(timeout: .seconds(60)) {
+                (try? String(contentsOfFile: marks, encoding: .utf8))?.contains(mark) == true
+            }
+        }
+        try #require(reached, "the migration never reached \(cell.phase.rawValue)")
+
+        // The fault.
+        var restoreNICs: [(String, Int)] = []
+        switch cell.fault {
+        case .nicDown:
+            try lab.lab.setNIC("a", nic: 1, up: false)
+            restoreNICs = [("a", 1)]
+        case .channelReset:
+            let ports = try lab.shell("a", "ss -tnH state established dst \(lab.lab.address("b", nic: 1)) | awk '{print $3}' | sed 's/.*://' | head -1")
+            let port = ports.stdout.trimmingCharacters(in: .whitespacesAndNewlines)
+            if !port.isEmpty { try lab.shell("a", "ss -K state established sport = :\(port)") }
+        case .allNICsDown:
+            try lab.lab.setNIC("a", nic: 0, up: false)
+            try lab.lab.setNIC("a", nic: 1, up: false)
+            Thread.sleep(forTimeInterval: 2)
+            try lab.lab.setNIC("a", nic: 0, up: true)
+            try lab.lab.setNIC("a", nic: 1, up: true)
+        case .killServe:
+            kill(destinationDaemon, SIGKILL)
+            _ = ProcessStats.waitForExit(pid: destinationDaemon, timeout: .seconds(5))
+            unsetenv("FERRY_FAULT_PAUSE")
+            do {
+                destinationDaemon = try lab.serve(on: "b")  // as systemd would
+            } catch {
+                let holders = try? lab.shell("b", "ss -tlnpa | grep 7470")
+                Issue.record("restarting serve on b: \(error); \(holders?.stdout ?? "")")
+                throw error
+            }
+        case .killMigrate:
+            let pids = Self.pids(of: [Env.ferry, "migrate", "vm1"])
+            try #require(!pids.isEmpty, "no ferry migrate process to kill")
+            for pid in pids { kill(pid, SIGKILL) }
+        case .killDestinationQEMU:
+            let record = try? lab.b.store.record("vm1")
+            if let pid = record?.state.pid, record?.alive == true { kill(pid, SIGKILL) }
+        case .killSourceQEMU:
+            let record = try? lab.a.store.record("vm1")
+            if let pid = record?.state.pid, record?.alive == true { kill(pid, SIGKILL) }
+        }
+        let (result, report) = try run.finish(timeout: .seconds(120))
+        for (host, nic) in restoreNICs { try lab.lab.setNIC(host, nic: nic, up: true) }
+
+        // Settled: no migration half-done on either host (the daemons reconcile every 2 s).
+        let settled = Self.waitUntil(timeout: .seconds(45)) {
+            [lab.a, lab.b].allSatisfy { host in
+                guard let r = try? host.store.record("vm1") else { return true }
+                return r.state.phase == .running && host.store.handover("vm1") == nil
+            }
+        }
+        let copies = ["a", "b"].filter { h in
+            (try? lab.host(h).store.record("vm1"))?.alive == true
+        }
+        let processes = Self.pids(of: ["guest=vm1,debug-threads=on", lab.lab.directory + "/"])
+        let onlyCopyKilled = (cell.fault == .killSourceQEMU && [.setup, .early, .late].contains(cell.phase))
+            || (cell.fault == .killDestinationQEMU && cell.phase == .afterSwitchover)
+        let outcome = copies.isEmpty ? "no copy (its QEMU was killed)" : "runs on \(copies.joined(separator: " and "))"
+        let error = report?.error ?? (result.succeeded ? "" : result.stdout.split(separator: "\n").first { $0.contains("error") }.map(String.init) ?? "")
+        Self.record(cell, outcome: outcome, migrate: report.map { $0.outcome.rawValue } ?? (cell.fault == .killMigrate ? "killed" : "no report"), error: error)
+
+        #expect(settled, "not settled within 45 s: a \((try? lab.a.store.record("vm1"))?.state.phase.rawValue ?? "-"), b \((try? lab.b.store.record("vm1"))?.state.phase.rawValue ?? "-")")
+        #expect(processes.count <= 1, "\(processes.count) QEMUs run vm1")
+        #expect(copies.count == (onlyCopyKilled ? 0 : 1), "copies: \(copies)")
+        if let report, !report.succeeded { #expect(!(report.error ?? "").isEmpty, "a failed migration without an error") }
+        guard let host = copies.first else { return }
+        try lab.expectRunningAndHealthy("vm1", on: host)
+        // The next migration succeeds.
+        let other = host == "a" ? "b" : "a"
+        let (next, nextReport) = try lab.migrate("vm1", from: host, to: other)
+        #expect(next.succeeded && nextReport?.succeeded == true, "next migration \(host) -> \(other): \(next.stdout)")
+        try lab.expectRunningAndHealthy("vm1", on: other)
+        _ = destinationDaemon
+    }
+
+    /// Processes whose command line contains every string of `parts`, in order.
+    static func pids(of parts: [String]) -> [Int32] {
+        let entries = (try? FileManager.default.contentsOfDirectory(atPath: "/proc")) ?? []
+        return entries.compactMap(Int32.init).filter { pid in
+            guard let argv = ProcessStats.commandLine(pid: pid) else { return false }
+            var i = 0
+            for arg in argv where i < parts.count && arg.contains(parts[i]) { i += 1 }
+            return i == parts.count && pid != getpid()
+        }
+    }
+
+    static func waitUntil(timeout: Duration, _ condition: () -> Bool) -> Bool {
+        let deadline = ContinuousClock.now + timeout
+        while ContinuousClock.now < deadline {
+            if condition() { return true }
+            Thread.sleep(forTimeInterval: 0.25)
+        }
+        return condition()
+    }
+
+    static func record(_ cell: Cell, outcome: String, migrate: String, error: String) {
+        guard let path = ProcessInfo.processInfo.environment["FERRY_CHAOS_OUT"] else { return }
+        let line = "| \(cell.fault.rawValue) | \(cell.phase.rawValue) | \(outcome) | \(migrate) | \(error.replacingOccurrences(of: "|", with: "/").prefix(160)) |\n"
+        if let handle = FileHandle(forWritingAtPath: path) {
+            handle.seekToEndOfFile()
+            handle.write(Data(line.utf8))
+            try? handle.close()
+        } else {
+            FileManager.default.createFile(atPath: path, contents: Data(line.utf8))
+        }
+    }
+}

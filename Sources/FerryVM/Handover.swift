@@ -1,0 +1,111 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import Foundation
+
+/// What one host has durably decided about a migration's switchover: the record that lets
+/// the survivors of a crash agree on which copy of the VM runs.
+///
+/// The source is the coordinator. The destination writes `prepared` once its QEMU holds
+/// the whole VM (paused, `-S`) and before it says `loaded`; the source writes `commit`
+/// before it sends `commit`; the destination writes `committed` before it runs `cont`.
+/// Each is on disk (fsync of file and directory) before the message that depends on it
+/// leaves, so after a crash of any one party the records say what was decided:
+/// docs/PROTOCOL.md ("Switchover and crashes") walks through every crash point.
+public struct HandoverRecord: Codable, Sendable, Equatable {
+    public enum Role: String, Codable, Sendable {
+        case source, destination
+    }
+
+    public enum Decision: String, Codable, Sendable {
+        /// Destination: the VM is loaded and paused; only the source's decision may run it.
+        case prepared
+        /// Source: the VM goes to the destination; the source copy never runs again.
+        case commit
+        /// Destination: told to commit; the VM runs (or is about to run) here.
+        case committed
+    }
+
+    public var session: String
+    public var role: Role
+    public var decision: Decision
+    /// The peer's daemon, to settle the outcome with after a crash.
+    public var peerHost: String
+    public var peerPort: UInt16
+    public var at: Date
+
+    public init(session: String, role: Role, decision: Decision, peerHost: String, peerPort: UInt16, at: Date = Date()) {
+        self.session = session
+        self.role = role
+        self.decision = decision
+        self.peerHost = peerHost
+        self.peerPort = peerPort
+        self.at = at
+    }
+}
+
+extension VMStore {
+    /// The VM's handover record, if a switchover is under way or unsettled.
+    public func handover(_ name: String) -> HandoverRecord? {
+        try? read(HandoverRecord.self, from: vmPaths(name).handover)
+    }
+
+    /// Writes the handover record durably: a temporary file, fsync, rename, fsync of the
+    /// directory. Returns only once a crash (of the process or the host) cannot lose it.
+    public func recordHandover(_ name: String, _ record: HandoverRecord) throws {
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
+        encoder.dateEncodingStrategy = .iso8601
+        try Self.writeDurably(try encoder.encode(record), to: vmPaths(name).handover)
+    }
+
+    /// Removes the handover record once the outcome is settled (durably too).
+    public func clearHandover(_ name: String) {
+        let path = vmPaths(name).handover
+        guard unlink(path) == 0 else { return }
+        Self.syncDirectory(of: path)
+    }
+
+    static func writeDurably(_ data: Data, to path: String) throws {
+        let tmp = path + ".tmp"
+        let fd = open(tmp, O_CREAT | O_TRUNC | O_WRONLY | O_CLOEXEC, 0o600)
+        guard fd >= 0 else { throw VMError.io("cannot write \(tmp): \(String(cString: strerror(errno)))") }
+        var ok = data.withUnsafeBytes { raw -> Bool in
+            var done = 0
+            while done < raw.count {
+                let n = Glibc.write(fd, raw.baseAddress! + done, raw.count - done)
+                if n < 0 { if errno == EINTR { continue }; return false }
+                done += n
+            }
+            return true
+        }
+        ok = ok && fsync(fd) == 0
+        close(fd)
+        guard ok, rename(tmp, path) == 0 else {
+            unlink(tmp)
+            throw VMError.io("cannot write \(path) durably: \(String(cString: strerror(errno)))")
+        }
+        syncDirectory(of: path)
+    }
+
+    static func syncDirectory(of path: String) {
+        let dir = open((path as NSString).deletingLastPathComponent, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+        guard dir >= 0 else { return }
+        fsync(dir)
+        close(dir)
+    }
+}
+
+extension VMLock {
+    /// True if a live process (a `ferry migrate` or update) holds the VM's lock.
+    public static func isHeld(paths: VMPaths) -> Bool {
+        let fd = open(paths.lock, O_RDWR | O_CLOEXEC)
+        guard fd >= 0 else { return false }
+        defer { close(fd) }
+        if flock(fd, LOCK_EX | LOCK_NB) == 0 {
+            flock(fd, LOCK_UN)
+            return false
+        }
+        return true
+    }
+}
