@@ -321,6 +321,14 @@ public final class Socket: @unchecked Sendable {
         if !closed { Glibc.shutdown(fd, Int32(SHUT_WR)) }
     }
 
+    /// Ends reading: a thread blocked in a read sees end of stream at once, while sends
+    /// still work (a migration that is stopped can still tell its peer why).
+    public func shutdownRead() {
+        closeLock.lock()
+        defer { closeLock.unlock() }
+        if !closed { Glibc.shutdown(fd, Int32(SHUT_RD)) }
+    }
+
     /// Wakes every thread blocked on this socket; they see end of stream or an error.
     public func shutdown() {
         closeLock.lock()

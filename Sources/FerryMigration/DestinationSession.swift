@@ -135,6 +135,8 @@ final class DestinationSession: @unchecked Sendable {
             }
         }
 
+        try waitForTurn(vm: offer.spec.name)
+
         // The destination QEMU, paused, waiting for its streams.
         let (record, qmp): (VMRecord, QMPClient)
         do {
@@ -331,6 +333,46 @@ final class DestinationSession: @unchecked Sendable {
         case let e as SocketError: return (.aborted, "connection to the source: \(e)")
         case let e as TransportError: return (.protocolViolation, e.description)
         default: return (.internalError, "\(error)")
+        }
+    }
+}
+
+// MARK: Waiting in line (`--max-migrations`)
+
+extension DestinationSession {
+    /// Waits for a place among the host's running migrations. Meanwhile the source hears its
+    /// position every second in a `status` frame (which also keeps its wait for `ready`
+    /// from timing out), and an `abort` or a lost connection ends the wait: the session
+    /// leaves the line and nothing else was started.
+    private func waitForTurn(vm: String) throws {
+        let admission = server.admission
+        admission.enqueue(session: session, vm: vm, source: sourceHost)
+        let arrived = Stopwatch()
+        var told = false
+        while let place = admission.wait(session: session, timeout: told ? .seconds(1) : .milliseconds(1)) {
+            let (position, length) = place
+            if !told { logger.info("incoming migration waits in line", metadata: ["vm": "\(vm)", "position": "\(position)", "of": "\(length)"]) }
+            told = true
+            try control.send(.status, StatusMessage(
+                text: "queued at \(HostInfo.hostname) (position \(position) of \(length), \(admission.limit) running at most)",
+                queuePosition: position, queueLength: length, queuedSeconds: arrived.elapsed))
+            if control.socket.waitReadable(timeout: .milliseconds(0)) {
+                let frame = try control.receiveChecked()
+                switch frame.type {
+                case .abort:
+                    let reason = (try? ControlCoding.decode(AbortMessage.self, from: frame))?.reason ?? "no reason"
+                    throw ErrorMessage(code: .aborted, message: "the source gave up while queued: \(reason)")
+                case .status:
+                    continue
+                default:
+                    throw ErrorMessage(code: .protocolViolation, message: "unexpected \(frame.type) frame while queued")
+                }
+            }
+        }
+        if told {
+            try control.send(.status, StatusMessage(text: "admitted after \(String(format: "%.1f", arrived.elapsed)) s in line",
+                                                   queuePosition: 0, queueLength: 0, queuedSeconds: arrived.elapsed))
+            logger.info("incoming migration admitted", metadata: ["vm": "\(vm)", "queuedSeconds": "\(String(format: "%.1f", arrived.elapsed))"])
         }
     }
 }

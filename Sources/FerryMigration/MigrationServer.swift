@@ -32,6 +32,8 @@ public final class MigrationServer: @unchecked Sendable {
         public var keys: KeyRing?
         /// `--cpus`: the cores incoming data paths run on (nil: the default choice).
         public var cpus: CPUSet?
+        /// `--max-migrations`: incoming migrations that transfer at once; more wait in line.
+        public var maxMigrations = 2
         public init(addresses: [String], port: UInt16) {
             precondition(!addresses.isEmpty)
             self.addresses = addresses
@@ -50,6 +52,8 @@ public final class MigrationServer: @unchecked Sendable {
     private var pending = 0
     /// Sessions that are receiving streams, for the host's bandwidth shares.
     private var transferring: [String: DestinationSession] = [:]
+    /// `--max-migrations`: who transfers and who waits.
+    let admission: AdmissionQueue
 
     public init(store: VMStore, options: Options, logger: Logger) throws {
         self.store = store
@@ -66,6 +70,9 @@ public final class MigrationServer: @unchecked Sendable {
         }
         self.listeners = listeners
         self.port = port
+        let runDirectory = store.paths.runDirectory
+        admission = AdmissionQueue(limit: options.maxMigrations) { $0.write(runDirectory: runDirectory) }
+        admission.snapshot.write(runDirectory: runDirectory)
     }
 
     /// Settles what a crash left half-done (``Reconciler``): at start, then every
@@ -240,6 +247,7 @@ public final class MigrationServer: @unchecked Sendable {
             transferring[session.session] = nil
             if let name = session.vmName, incomingNames[name] == session.session { incomingNames[name] = nil }
         }
+        admission.remove(session: session.session)
         rebalance()
     }
 

@@ -14,6 +14,9 @@ public struct MigrationReport: Codable, Sendable {
         /// The VM's QEMU died on the source before the commit: no copy of it runs anywhere
         /// (the destination discarded its incomplete one).
         case vmDied = "failed-vm-died"
+        /// The operator cancelled it (`--cancel`, Ctrl-C) before the commit point: the VM
+        /// still runs on the source, the destination discarded its copy.
+        case cancelled
     }
 
     public struct Side: Codable, Sendable {
@@ -88,6 +91,12 @@ public struct MigrationReport: Codable, Sendable {
     /// How the VM moved when it was not a network migration: a same-host update says so
     /// here (nil: over the network, through Ferry's data channels).
     public var mode: String? = nil
+    /// Seconds the migration waited in line (for an outgoing slot here, or at the
+    /// destination's `--max-migrations`); nil if it never waited.
+    public var queuedSeconds: Double? = nil
+    /// Where it waited and its place on arrival, e.g. "12.3 s at the destination
+    /// (position 1 of 2 on arrival)".
+    public var queued: String? = nil
 
     public struct Compression: Codable, Sendable, Equatable {
         /// `--compress` as given: auto, none, lz4, zstd:N.
@@ -113,11 +122,13 @@ extension MigrationReport {
         case .failedVMOnSource: status = "FAILED: \(vm) keeps running on \(source.host)"
         case .uncertain: status = "UNCERTAIN: \(vm) is paused on \(source.host); check \(destination.host)"
         case .vmDied: status = "FAILED: the QEMU of \(vm) died on \(source.host); no copy of it runs"
+        case .cancelled: status = "CANCELLED by the operator: \(vm) keeps running on \(source.host)"
         }
         lines.append((mode == nil ? "Migration" : "Update") + " of \(vm): \(source.host) -> \(destination.host)")
         lines.append("  result         \(status)")
         if let error { lines.append("  error          \(error)" + (failedPhase.map { " (during \($0))" } ?? "")) }
         lines.append("  total time     \(Format.seconds(totalSeconds))")
+        if let queued { lines.append("  queued         \(queued)") }
         if let t = transferSeconds { lines.append("  transfer       \(Format.seconds(t))") }
         var downtime: [String] = []
         if let d = qemuDowntimeMilliseconds { downtime.append("QEMU \(Format.millis(d))") }

@@ -66,6 +66,10 @@ public struct MigrationProgress: Sendable {
     /// Per-interface rate over the last interval.
     public var interfaceBitsPerSecond: [String: Double]
     public var note: String?
+    /// While queued (at this host's outgoing limit or the destination's `--max-migrations`):
+    /// the place in line (1 is next) and the line's length.
+    public var queuePosition: Int? = nil
+    public var queueLength: Int? = nil
 }
 
 /// The source side of a migration: drives the local QEMU, talks to the destination's
@@ -78,6 +82,8 @@ public final class SourceMigration: @unchecked Sendable {
         case streamAccepted(UInt32)
         case qemu(QMPEvent)
         case note(String)
+        /// A stop (cancel, timeout) was granted: ``MigrationInterrupt``.
+        case interrupted
     }
 
     private let store: VMStore
@@ -117,6 +123,10 @@ public final class SourceMigration: @unchecked Sendable {
     /// The commit decision is on disk: the VM is the destination's from now on.
     private var commitRecorded = false
     private var compression: CompressionController?
+    private let interrupt = MigrationInterrupt()
+    private var outgoingSlot: OutgoingSlot?
+    private var queuedSeconds: Double?
+    private var queueSummary: String?
 
     public init(store: VMStore, name: String, options: MigrationOptions, logger: Logger,
                 progress: @escaping @Sendable (MigrationProgress) -> Void) {
@@ -126,6 +136,7 @@ public final class SourceMigration: @unchecked Sendable {
         self.logger = logger
         self.progress = progress
         self.destinationHost = "\(options.host):\(options.port)"
+        interrupt.onStop { [events] in events.post(.interrupted) }
     }
 
     private func note(_ what: String) {
@@ -152,8 +163,17 @@ public final class SourceMigration: @unchecked Sendable {
             return report(.failedVMOnSource, error: "\(error)", spec: nil)
         }
         _ = lock
+        RunningMigrationFile.write(record.paths)
+        defer { RunningMigrationFile.remove(record.paths) }
+        interrupt.startTimer(options.timeout)
+        defer {
+            interrupt.end()
+            outgoingSlot = nil
+        }
         do {
+            try takeOutgoingSlot()
             try migrate(record)
+            noteLateStops()
             return report(.succeeded, error: nil, spec: record.spec)
         } catch let error as UncertainOutcome {
             cleanupTransport()
@@ -163,7 +183,8 @@ public final class SourceMigration: @unchecked Sendable {
             cleanupTransport()
             return settleAfterCommit((error as? MigrationError)?.message ?? "\(error)", spec: record.spec)
         } catch {
-            let message = (error as? MigrationError)?.message ?? "\(error)"
+            let stop = interrupt.pending
+            let message = stop?.message ?? (error as? MigrationError)?.message ?? "\(error)"
             let failedPhase = phase
             note("failed during \(failedPhase.rawValue): \(message)")
             let recovery = rollBack(reason: message)
@@ -173,6 +194,7 @@ public final class SourceMigration: @unchecked Sendable {
             r.failedPhase = failedPhase.rawValue
             if recovery != nil && !(stillRunning()) { r.outcome = .uncertain }
             if qemuPID > 0 && !ProcessStats.isAlive(pid: qemuPID) { r.outcome = .vmDied }
+            if stop == .cancelled && r.outcome == .failedVMOnSource { r.outcome = .cancelled }
             return r
         }
     }
@@ -214,6 +236,7 @@ public final class SourceMigration: @unchecked Sendable {
             throw MigrationError(.connecting, "cannot reach ferry serve at \(destinationHost): \(error)")
         }
         self.control = control
+        interrupt.attach(control)
         control.socket.setReceiveTimeout(.seconds(30))
         phase = .negotiating
         let welcome: WelcomeMessage
@@ -252,6 +275,7 @@ public final class SourceMigration: @unchecked Sendable {
             phase = .sendingBootFiles
             emit()
             for sha in accept.missingFiles {
+                try interrupt.check()
                 guard let file = spec.bootFiles.first(where: { $0.sha256 == sha }) else {
                     throw MigrationError(.sendingBootFiles, "the destination asked for a file that is not the VM's (\(sha.prefix(12)))")
                 }
@@ -263,12 +287,7 @@ public final class SourceMigration: @unchecked Sendable {
         phase = .startingDestination
         emit()
         control.socket.setReceiveTimeout(.seconds(60))
-        let ready: ReadyMessage
-        do {
-            ready = try control.expect(.ready, as: ReadyMessage.self)
-        } catch {
-            throw MigrationError(.startingDestination, "the destination could not start QEMU: \(describe(error))")
-        }
+        let ready = try waitForReady(control)
         note("destination QEMU \(ready.qemuVersion) waiting")
         control.socket.setReceiveTimeout(nil)
 
@@ -349,6 +368,7 @@ public final class SourceMigration: @unchecked Sendable {
                 events.post(.streamAccepted(id))
             }
         }
+        try interrupt.check()
         try configure(qmp, plan: plan)
         FaultPoint.sourceSetup.pause()
         migrateIssuedAt = clock.elapsed
@@ -366,6 +386,8 @@ public final class SourceMigration: @unchecked Sendable {
         // Switchover: everything is at the destination, QEMU there holds the VM paused.
         phase = .committing
         emit()
+        // A cancel or timeout is still granted up to here, and refused from here on.
+        try interrupt.passCommitPoint()
         FaultPoint.sourceBeforeCommit.pause()
         // The decision, on disk before it leaves: from here the VM belongs to the
         // destination, whatever crashes (docs/PROTOCOL.md, "Switchover and crashes").
@@ -502,6 +524,8 @@ public final class SourceMigration: @unchecked Sendable {
                     }
                 case .note(let text):
                     note(text)
+                case .interrupted:
+                    try interrupt.check()
                 case .qemu(let event):
                     if event.name == "STOP" && migrateStarted {
                         stopEventAt = event.timestamp
@@ -722,7 +746,9 @@ public final class SourceMigration: @unchecked Sendable {
                 MigrationReport.Compression(mode: c.mode.description, periods: c.periods().map {
                     .init(codec: $0.codec?.description ?? "none", fromSeconds: $0.fromSeconds, toSeconds: $0.toSeconds)
                 })
-            })
+            },
+            queuedSeconds: queuedSeconds,
+            queued: queueSummary)
     }
 }
 
@@ -752,4 +778,114 @@ public enum StreamPolicy {
 public enum FerryVersion {
     public static let version = "0.1.0"
     public static let software = "ferry \(version)"
+}
+
+// MARK: Queueing and stopping
+
+extension SourceMigration {
+    /// Asks the migration to stop (`--cancel`, Ctrl-C, SIGTERM, a timeout): granted before
+    /// the commit point (the VM stays here), refused after it (the migration completes).
+    public func stop(_ request: StopRequest = .cancelled) -> StopAnswer {
+        interrupt.request(request)
+    }
+
+    /// Takes one of this host's outgoing slots (`FERRY_MAX_OUTGOING_MIGRATIONS`), waiting
+    /// in line while all are held.
+    private func takeOutgoingSlot() throws {
+        let limit = OutgoingSlot.limitFromEnvironment
+        let started = clock.elapsed
+        var firstPlace: (Int, Int)?
+        try? FileManager.default.createDirectory(atPath: store.paths.runDirectory, withIntermediateDirectories: true)
+        phase = .queued
+        outgoingSlot = try OutgoingSlot.acquire(
+            runDirectory: store.paths.runDirectory, limit: limit, vm: name,
+            waiting: { position, length in
+                if firstPlace == nil {
+                    firstPlace = (position, length)
+                    note("queued on this host: \(limit) outgoing migration(s) at most (FERRY_MAX_OUTGOING_MIGRATIONS); position \(position) of \(length)")
+                }
+                showQueued("queued on this host (position \(position) of \(length))", position, length)
+            },
+            check: { try interrupt.check() })
+        phase = .preparing
+        if let firstPlace {
+            let waited = clock.elapsed - started
+            addQueued(waited, "on this host (position \(firstPlace.0) of \(firstPlace.1) on arrival)")
+            note(String(format: "took an outgoing slot after %.1f s in line", waited))
+        }
+    }
+
+    /// Waits for `ready`: the destination starts QEMU, perhaps only after holding the
+    /// migration in line (`--max-migrations`), which its `status` frames tell.
+    private func waitForReady(_ control: FrameConnection) throws -> ReadyMessage {
+        var firstPlace: (Int, Int)?
+        var queuedSince: Double?
+        func leaveLine() {
+            if let since = queuedSince, let first = firstPlace {
+                let waited = clock.elapsed - since
+                addQueued(waited, "at the destination (position \(first.0) of \(first.1) on arrival)")
+                note(String(format: "admitted at the destination after %.1f s in line", waited))
+                queuedSince = nil
+                phase = .startingDestination
+                emit()
+            }
+        }
+        while true {
+            let frame: Frame
+            do {
+                try interrupt.check()
+                frame = try control.receiveChecked()
+            } catch let stop as StopError {
+                throw stop
+            } catch {
+                try interrupt.check()
+                throw MigrationError(phase, "the destination could not start QEMU: \(describe(error))")
+            }
+            switch frame.type {
+            case .ready:
+                leaveLine()
+                do {
+                    return try ControlCoding.decode(ReadyMessage.self, from: frame)
+                } catch {
+                    throw MigrationError(.startingDestination, "the destination sent a malformed ready: \(describe(error))")
+                }
+            case .status:
+                guard let status = try? ControlCoding.decode(StatusMessage.self, from: frame),
+                      let position = status.queuePosition else { continue }
+                if position == 0 {
+                    leaveLine()
+                    continue
+                }
+                let length = status.queueLength ?? position
+                if firstPlace == nil {
+                    firstPlace = (position, length)
+                    queuedSince = clock.elapsed - (status.queuedSeconds ?? 0)
+                    note("queued at the destination: \(status.text)")
+                }
+                phase = .queued
+                showQueued("queued at the destination (position \(position) of \(length))", position, length)
+            default:
+                throw MigrationError(.startingDestination, "the destination sent an unexpected \(frame.type) frame before ready")
+            }
+        }
+    }
+
+    private func addQueued(_ seconds: Double, _ where: String) {
+        queuedSeconds = (queuedSeconds ?? 0) + seconds
+        let text = String(format: "%.1f s ", seconds) + `where`
+        queueSummary = queueSummary.map { $0 + "; " + text } ?? text
+    }
+
+    private func showQueued(_ text: String, _ position: Int, _ length: Int) {
+        progress(MigrationProgress(phase: .queued, elapsedSeconds: clock.elapsed, qemu: nil, streamBytes: 0, bitsPerSecond: 0,
+                                   channels: [], interfaceBitsPerSecond: [:], note: text,
+                                   queuePosition: position, queueLength: length))
+    }
+
+    /// Stops asked for after the commit point were refused: the report says so.
+    private func noteLateStops() {
+        for stop in interrupt.lateRequests {
+            note("\(stop.message) after the commit point: too late to stop, the migration completed")
+        }
+    }
 }

@@ -41,6 +41,8 @@ public struct MigrationError: Error, CustomStringConvertible, Sendable {
 /// Phases of a migration, in order.
 public enum MigrationPhase: String, Codable, Sendable {
     case preparing
+    /// Waiting in line: for one of this host's outgoing slots, or at the destination.
+    case queued
     case connecting
     case negotiating
     case sendingBootFiles = "sending-boot-files"

@@ -361,7 +361,19 @@ public struct AbortMessage: Codable, Equatable, Sendable {
 
 public struct StatusMessage: Codable, Equatable, Sendable {
     public var text: String
-    public init(text: String) { self.text = text }
+    /// While the destination holds the migration in line (`ferry serve --max-migrations`):
+    /// its place (1 is next), 0 once it is admitted; absent otherwise.
+    public var queuePosition: Int?
+    /// How many migrations wait in that line.
+    public var queueLength: Int?
+    /// Seconds this migration has waited so far.
+    public var queuedSeconds: Double?
+    public init(text: String, queuePosition: Int? = nil, queueLength: Int? = nil, queuedSeconds: Double? = nil) {
+        self.text = text
+        self.queuePosition = queuePosition
+        self.queueLength = queueLength
+        self.queuedSeconds = queuedSeconds
+    }
 }
 
 /// JSON coding for control payloads, with errors that name the message.

@@ -16,14 +16,23 @@ struct Migrate: ParsableCommand {
             The VM keeps running here until the destination has all of it; if anything fails
             before the switchover it stays here. --to localhost (127.0.0.1, ::1) is a same-host
             update instead (`ferry vm update`): RAM stays in place, only device state moves. Exit status: 0 migrated, 1 failed (the VM runs
-            here), 3 uncertain (the VM is paused here; see the report).
+            here), 3 uncertain (the VM is paused here; see the report), 4 cancelled by the operator (the VM runs here).
+
+            At most 2 migrations leave this host at once (FERRY_MAX_OUTGOING_MIGRATIONS to change it); more wait in line, as
+            they do at a destination past its `ferry serve --max-migrations`. Ctrl-C, SIGTERM or `ferry migrate --cancel NAME`
+            (from any shell on this host) cancel a migration until its commit point: QEMU's migration is cancelled, the VM keeps
+            running here and the destination discards its copy. After the commit point it is too late, and the migration
+            completes. `--cancel` exits 0 when the VM stayed here, 1 when there was nothing to cancel or it was too late.
             """)
 
     @Argument(help: "The VM to migrate.")
     var name: String
 
     @Option(help: "The destination, HOST[:PORT] (default port \(Endpoint.defaultPort)).")
-    var to: Endpoint
+    var to: Endpoint?
+
+    @Flag(help: "Cancel the migration of NAME that a `ferry migrate` on this host is running, and wait until it has rolled back.")
+    var cancel = false
 
     @Option(help: "QEMU multifd channels: 0 sends everything in QEMU's main stream (Ferry still stripes it over every NIC); auto uses one stream up to 10 Gbit/s of NICs and one channel per 10 Gbit/s above, NICs of unknown speed counting as nothing (default: auto).")
     var multifd: MultifdChoice = .auto
@@ -50,7 +59,7 @@ struct Migrate: ParsableCommand {
     @Option(help: "Longest guest pause QEMU may plan for at switchover (default: 300ms).")
     var downtime = DurationArgument(.milliseconds(300))
 
-    @Option(help: "Give up (the VM stays here) after this long (default: 10m).")
+    @Option(help: "Give up (the VM stays here) if the migration has not reached its commit point after this long, time spent queued included (default: 10m).")
     var timeout = DurationArgument(.seconds(600))
 
     @Flag(help: "Print the report as JSON on stdout.")
@@ -72,6 +81,8 @@ struct Migrate: ParsableCommand {
     func validate() throws {
         if let problem = VMSpec.validateName(name) { throw ValidationError(problem) }
         if case .count(let n) = multifd, !(0...64).contains(n) { throw ValidationError("--multifd must be auto or between 0 and 64") }
+        if cancel && to != nil { throw ValidationError("--cancel stops a running migration: give the VM's name, not --to") }
+        if !cancel && to == nil { throw ValidationError("Missing expected argument '--to <to>'") }
         guard (1...64).contains(channelsPerNIC) else { throw ValidationError("--channels-per-nic must be between 1 and 64") }
         do {
             _ = try CompressionMode(parsing: compress)
@@ -82,6 +93,10 @@ struct Migrate: ParsableCommand {
 
     func run() throws {
         signal(SIGPIPE, SIG_IGN)
+        if cancel {
+            return try CancelMigration.run(name: name, store: host.store)
+        }
+        guard let to else { throw ValidationError("Missing expected argument '--to <to>'") }
         if to.isThisHost {
             // Same host: a new QEMU takes the VM over with its RAM in place; no daemon,
             // no key, no data channels (`ferry vm update`).
@@ -110,7 +125,9 @@ struct Migrate: ParsableCommand {
         let migration = SourceMigration(store: host.store, name: name, options: options, logger: logger) { progress in
             display.show(progress)
         }
+        let signals = StopSignals(name: name, migration: migration)
         let report = migration.run()
+        signals.release()
         display.finish()
         if let reportFile {
             try report.json.write(toFile: reportFile, atomically: true, encoding: .utf8)
@@ -120,6 +137,7 @@ struct Migrate: ParsableCommand {
         case .succeeded: return
         case .failedVMOnSource, .vmDied: throw ExitCode(1)
         case .uncertain: throw ExitCode(3)
+        case .cancelled: throw ExitCode(4)
         }
     }
 }
@@ -153,6 +171,11 @@ final class ProgressDisplay: @unchecked Sendable {
         var bitsPerSecond: Double
         var interfaceBitsPerSecond: [String: Double]
         var liveChannels: Int
+        /// What the migration waits for, while it waits (e.g. "queued at the destination
+        /// (position 1 of 2)").
+        var note: String?
+        var queuePosition: Int?
+        var queueLength: Int?
     }
 
     func show(_ p: MigrationProgress) {
@@ -163,13 +186,14 @@ final class ProgressDisplay: @unchecked Sendable {
             let line = Line(elapsedSeconds: p.elapsedSeconds, phase: p.phase.rawValue,
                             fraction: total > 0 ? Double(p.qemu!.transferredBytes) / Double(total) : 0,
                             streamBytes: p.streamBytes, remainingBytes: p.qemu?.remainingBytes, bitsPerSecond: p.bitsPerSecond,
-                            interfaceBitsPerSecond: p.interfaceBitsPerSecond, liveChannels: p.channels.filter(\.alive).count)
+                            interfaceBitsPerSecond: p.interfaceBitsPerSecond, liveChannels: p.channels.filter(\.alive).count,
+                            note: p.note, queuePosition: p.queuePosition, queueLength: p.queueLength)
             let encoder = JSONEncoder()
             encoder.outputFormatting = [.sortedKeys]
             if let data = try? encoder.encode(line) { json.write(data + Data("\n".utf8)) }
         }
         guard enabled else { return }
-        if !tty && p.elapsedSeconds - lastLine < 1 && p.phase == .transferring { return }
+        if !tty && p.elapsedSeconds - lastLine < 1 && (p.phase == .transferring || p.phase == .queued) { return }
         lastLine = p.elapsedSeconds
         var parts: [String] = []
         if let q = p.qemu, p.phase == .transferring || p.phase == .switchover {
@@ -186,6 +210,8 @@ final class ProgressDisplay: @unchecked Sendable {
             parts.append("remaining \(Format.bytes(q.remainingBytes))")
             if q.dirtyBytesPerSecond > 0 { parts.append("dirty \(Format.bytes(q.dirtyBytesPerSecond))/s") }
             if let d = q.expectedDowntimeMilliseconds, d > 0 { parts.append("exp. downtime \(Format.millis(d))") }
+        } else if let note = p.note {
+            parts.append(note)
         } else {
             parts.append(p.phase.rawValue + "...")
         }

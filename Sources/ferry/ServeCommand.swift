@@ -3,6 +3,7 @@ import ArgumentParser
 import FerryIO
 import FerryInterfaces
 import FerryMigration
+import FerryVM
 import Foundation
 
 struct Serve: ParsableCommand {
@@ -20,6 +21,9 @@ struct Serve: ParsableCommand {
     @Option(name: .customLong("max-bandwidth"), help: "Most all incoming migrations together may use, shared equally, e.g. 2gbit (default: no limit).")
     var maxBandwidth: Rate?
 
+    @Option(name: .customLong("max-migrations"), help: "Incoming migrations that transfer at once; more are accepted and wait in line, first come first served (default: 2).")
+    var maxMigrations = 2
+
     @OptionGroup var cpuOptions: CPUOptions
 
     @OptionGroup var security: SecurityOptions
@@ -27,6 +31,7 @@ struct Serve: ParsableCommand {
     @OptionGroup var host: HostOptions
 
     func validate() throws {
+        guard (1...64).contains(maxMigrations) else { throw ValidationError("--max-migrations must be between 1 and 64") }
         if Set(listen.map(\.port)).count > 1 {
             throw ValidationError("every --listen must use the same port (data channels are told one port)")
         }
@@ -53,6 +58,7 @@ struct Serve: ParsableCommand {
             options.maxBandwidthBytesPerSecond = maxBandwidth?.bytesPerSecond
             options.keys = keys
             options.cpus = cpuOptions.set
+            options.maxMigrations = maxMigrations
             server = try MigrationServer(store: host.store, options: options, logger: logger)
         } catch {
             throw UserError("cannot listen: \(error)")
@@ -79,9 +85,11 @@ struct Status: ParsableCommand {
     func run() throws {
         let paths = host.paths
         let pidPath = paths.runDirectory + "/serve.pid"
+        var daemon: Int32?
         if let text = try? String(contentsOfFile: pidPath, encoding: .utf8), let pid = Int32(text.trimmingCharacters(in: .whitespacesAndNewlines)),
            ProcessStats.isAlive(pid: pid), ProcessStats.commandLine(pid: pid)?.contains("serve") == true {
             print("ferry serve: running (pid \(pid))")
+            daemon = pid
         } else {
             print("ferry serve: not running")
         }
@@ -92,7 +100,34 @@ struct Status: ParsableCommand {
             let addrs = nic.addresses.filter { !$0.isLinkLocal }.map { "\($0.address)/\($0.prefixLength)" }.joined(separator: " ")
             print("  \(nic.name.padding(10))\(nic.carrier ? "up  " : "down")  \(speed.padding(16))mtu \(nic.mtu)  \(addrs)")
         }
+        printMigrations(paths: paths, daemon: daemon)
         let records = host.store.list()
         print("VMs: \(records.count)" + (records.isEmpty ? "" : " (" + records.map { "\($0.spec.name) \($0.alive ? $0.state.phase.rawValue : "dead")" }.joined(separator: ", ") + ")"))
+    }
+}
+
+extension Status {
+    /// Incoming migrations (the daemon's `incoming.json`) and outgoing ones (the slot files
+    /// and the line of `ferry migrate` processes waiting for one).
+    func printMigrations(paths: StatePaths, daemon: Int32?) {
+        let now = Date()
+        func age(_ since: Date) -> String { String(format: "%.0f s", now.timeIntervalSince(since)) }
+        if let daemon, let incoming = IncomingMigrations.read(runDirectory: paths.runDirectory), incoming.pid == daemon {
+            print("incoming migrations: \(incoming.running.count) running, \(incoming.queued.count) queued (--max-migrations \(incoming.limit))")
+            for e in incoming.running {
+                print("  running  \(e.vm.padding(16)) from \(e.source), for \(age(e.admittedAt ?? e.since))")
+            }
+            for (i, e) in incoming.queued.enumerated() {
+                print("  queued   \(e.vm.padding(16)) from \(e.source), position \(i + 1) of \(incoming.queued.count), waiting \(age(e.since))")
+            }
+        }
+        let outgoing = OutgoingSlot.snapshot(runDirectory: paths.runDirectory)
+        if !outgoing.holders.isEmpty || !outgoing.waiting.isEmpty {
+            print("outgoing migrations: \(outgoing.holders.count) running, \(outgoing.waiting.count) queued (at most \(OutgoingSlot.limitFromEnvironment), FERRY_MAX_OUTGOING_MIGRATIONS)")
+            for h in outgoing.holders { print("  running  \(h.vm.padding(16)) ferry migrate pid \(h.pid)") }
+            for (i, w) in outgoing.waiting.enumerated() {
+                print("  queued   \(w.vm.padding(16)) ferry migrate pid \(w.pid), position \(i + 1) of \(outgoing.waiting.count), waiting \(age(w.since))")
+            }
+        }
     }
 }

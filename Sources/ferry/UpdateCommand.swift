@@ -83,6 +83,7 @@ struct UpdateArguments: ParsableArguments {
         case .succeeded: return
         case .failedVMOnSource, .vmDied: throw ExitCode(1)
         case .uncertain: throw ExitCode(3)
+        case .cancelled: throw ExitCode(4)
         }
     }
 }

@@ -1,0 +1,110 @@
+import Foundation
+
+/// `ferry serve --max-migrations N`: at most N incoming migrations transfer at once on this
+/// host; more are accepted and wait in line, first come first served. A migration takes its
+/// place once its boot files have arrived and before its QEMU starts, so a waiting one holds
+/// no QEMU and no guest memory, only its control connection. Waiting is visible: the session
+/// sends its position in `status` frames, and the daemon writes the whole picture to
+/// `<run>/incoming.json` for `ferry status`.
+final class AdmissionQueue: @unchecked Sendable {
+    let limit: Int
+    private let condition = NSCondition()
+    private var running: [IncomingMigrations.Entry] = []
+    private var waiting: [IncomingMigrations.Entry] = []
+    private let changed: @Sendable (IncomingMigrations) -> Void
+
+    init(limit: Int, changed: @escaping @Sendable (IncomingMigrations) -> Void) {
+        self.limit = max(1, limit)
+        self.changed = changed
+    }
+
+    /// Joins the line (or runs at once when a place is free).
+    func enqueue(session: String, vm: String, source: String) {
+        let snapshot = condition.withLock {
+            waiting.append(.init(session: session, vm: vm, source: source, since: Date()))
+            promote()
+            return current()
+        }
+        changed(snapshot)
+    }
+
+    /// Waits up to `timeout` for the session's turn. Its place in line, or nil once it runs.
+    func wait(session: String, timeout: Duration) -> (position: Int, length: Int)? {
+        condition.lock()
+        defer { condition.unlock() }
+        let deadline = Date().addingTimeInterval(timeout.seconds)
+        while true {
+            if running.contains(where: { $0.session == session }) { return nil }
+            guard let index = waiting.firstIndex(where: { $0.session == session }) else { return nil }
+            if !condition.wait(until: deadline) { return (index + 1, waiting.count) }
+        }
+    }
+
+    /// The session ended (ran, failed or gave up in line): its place goes to the next.
+    func remove(session: String) {
+        let snapshot = condition.withLock { () -> IncomingMigrations? in
+            let before = running.count + waiting.count
+            running.removeAll { $0.session == session }
+            waiting.removeAll { $0.session == session }
+            guard running.count + waiting.count != before else { return nil }
+            promote()
+            return current()
+        }
+        if let snapshot { changed(snapshot) }
+    }
+
+    var snapshot: IncomingMigrations { condition.withLock { current() } }
+
+    private func promote() {
+        var moved = false
+        while running.count < limit && !waiting.isEmpty {
+            var next = waiting.removeFirst()
+            next.admittedAt = Date()
+            running.append(next)
+            moved = true
+        }
+        if moved { condition.broadcast() }
+    }
+
+    private func current() -> IncomingMigrations {
+        IncomingMigrations(pid: getpid(), limit: limit, running: running, queued: waiting, updatedAt: Date())
+    }
+}
+
+/// What `ferry serve` writes to `<run>/incoming.json` whenever its incoming migrations
+/// change, for `ferry status`.
+public struct IncomingMigrations: Codable, Sendable {
+    public struct Entry: Codable, Sendable {
+        public var session: String
+        public var vm: String
+        public var source: String
+        /// When it arrived.
+        public var since: Date
+        /// When it started transferring (nil: still waiting).
+        public var admittedAt: Date?
+    }
+
+    /// The daemon that wrote the file (a file from a dead daemon means nothing).
+    public var pid: Int32
+    public var limit: Int
+    public var running: [Entry]
+    public var queued: [Entry]
+    public var updatedAt: Date
+
+    public static func path(runDirectory: String) -> String { runDirectory + "/incoming.json" }
+
+    public static func read(runDirectory: String) -> IncomingMigrations? {
+        guard let data = FileManager.default.contents(atPath: path(runDirectory: runDirectory)) else { return nil }
+        let decoder = JSONDecoder()
+        decoder.dateDecodingStrategy = .iso8601
+        return try? decoder.decode(IncomingMigrations.self, from: data)
+    }
+
+    func write(runDirectory: String) {
+        let encoder = JSONEncoder()
+        encoder.dateEncodingStrategy = .iso8601
+        encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
+        guard let data = try? encoder.encode(self) else { return }
+        try? data.write(to: URL(fileURLWithPath: Self.path(runDirectory: runDirectory)), options: .atomic)
+    }
+}

@@ -1,0 +1,69 @@
+import ArgumentParser
+import Dispatch
+import FerryIO
+import FerryMigration
+import FerryVM
+import Foundation
+
+/// Ctrl-C (SIGINT) and SIGTERM on `ferry migrate`: the first asks the migration to stop,
+/// which it does before its commit point (the VM stays here, the report says "cancelled by
+/// the operator") and refuses after it. `ferry migrate --cancel` sends SIGTERM.
+final class StopSignals: @unchecked Sendable {
+    private var sources: [DispatchSourceSignal] = []
+
+    init(name: String, migration: SourceMigration) {
+        for number in [SIGINT, SIGTERM] {
+            // The default action would end the process mid-migration; dispatch takes the
+            // signal instead.
+            signal(number, SIG_IGN)
+            let source = DispatchSource.makeSignalSource(signal: number, queue: .global())
+            source.setEventHandler {
+                let text: String
+                switch migration.stop(.cancelled) {
+                case .accepted: text = "cancelling the migration of \(name): it rolls back and \(name) keeps running here"
+                case .alreadyRequested: text = "already stopping the migration of \(name)"
+                case .tooLate: text = "too late to cancel: \(name) is committed to the destination; the migration completes"
+                }
+                FileHandle.standardError.write(Data(("\nferry migrate: " + text + "\n").utf8))
+            }
+            source.resume()
+            sources.append(source)
+        }
+    }
+
+    /// Back to the default actions once the migration has ended.
+    func release() {
+        for source in sources { source.cancel() }
+        sources = []
+        signal(SIGINT, SIG_DFL)
+        signal(SIGTERM, SIG_DFL)
+    }
+}
+
+/// `ferry migrate --cancel NAME`: finds the `ferry migrate` moving NAME (its pid file in the
+/// VM's directory), sends it SIGTERM and waits until it has ended, then says where the VM is.
+enum CancelMigration {
+    static func run(name: String, store: VMStore, wait: Duration = .seconds(120)) throws {
+        let paths = store.vmPaths(name)
+        guard let pid = RunningMigrationFile.runningPID(paths) else {
+            throw UserError("no migration of '\(name)' is running on this host (nothing to cancel)")
+        }
+        guard kill(pid, SIGTERM) == 0 else {
+            throw UserError("cannot signal ferry migrate (pid \(pid)): \(errnoDescription(errno))")
+        }
+        FileHandle.standardError.write(Data("asked ferry migrate (pid \(pid)) to cancel the migration of \(name); waiting for it to end\n".utf8))
+        guard ProcessStats.waitForExit(pid: pid, timeout: wait) else {
+            throw UserError("ferry migrate (pid \(pid)) is still running after \(Int(wait.seconds)) s; see its report, or run this again")
+        }
+        if let record = try? store.record(name), record.alive, record.state.phase == .running {
+            print("cancelled: \(name) keeps running on this host")
+            return
+        }
+        if (try? store.record(name)) == nil {
+            print("too late to cancel: the migration of \(name) had passed its commit point and completed; \(name) runs on the destination")
+            throw ExitCode(1)
+        }
+        print("the migration of \(name) has ended; \(name) is not running normally on this host: see `ferry vm list` and the migration's report")
+        throw ExitCode(3)
+    }
+}
