@@ -240,12 +240,7 @@ final class DestinationSession: @unchecked Sendable {
                     let info = try qmp.queryMigrate()
                     if info.status == "completed" {
                         // Durably `prepared` before the source may decide on it.
-                        do {
-                            try store.recordHandover(name, HandoverRecord(session: session, role: .destination, decision: .prepared,
-                                                                          peerHost: sourceDaemon.host, peerPort: sourceDaemon.port))
-                        } catch {
-                            throw ErrorMessage(code: .internalError, message: "cannot record the switchover here: \(error)")
-                        }
+                        try record(.prepared, for: name)
                         prepared = true
                         FaultPoint.destinationAfterPrepared.pause()
                         try control.send(.loaded, LoadedMessage(receivedByteCount: dataPath.deliveredByteCount))
@@ -261,12 +256,7 @@ final class DestinationSession: @unchecked Sendable {
 
     private func commit(qmp: QMPClient, name: String, dataPath: DestinationDataPath) throws {
         // Durably `committed` before the VM runs: a crash from here on ends with it running here.
-        do {
-            try store.recordHandover(name, HandoverRecord(session: session, role: .destination, decision: .committed,
-                                                          peerHost: sourceDaemon.host, peerPort: sourceDaemon.port))
-        } catch {
-            throw ErrorMessage(code: .internalError, message: "cannot record the commit here: \(error)")
-        }
+        try record(.committed, for: name)
         committed = true
         do {
             try qmp.execute("cont")
@@ -289,6 +279,16 @@ final class DestinationSession: @unchecked Sendable {
         try? control.send(.committed, reply)
         logger.info("VM runs here now", metadata: ["vm": "\(name)", "from": "\(sourceHost)"])
         qmp.close()
+    }
+
+    /// Writes this session's handover record durably (see ``HandoverRecord``).
+    private func record(_ decision: HandoverRecord.Decision, for name: String) throws {
+        do {
+            try store.recordHandover(name, HandoverRecord(session: session, role: .destination, decision: decision,
+                                                          peerHost: sourceDaemon.host, peerPort: sourceDaemon.port))
+        } catch {
+            throw ErrorMessage(code: .internalError, message: "cannot record the switchover (\(decision.rawValue)) here: \(error)")
+        }
     }
 
     private func validate(_ offer: OfferMessage) throws {

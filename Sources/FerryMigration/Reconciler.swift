@@ -72,14 +72,15 @@ public final class Reconciler: @unchecked Sendable {
         let answer = ask(handover, ResolveMessage(session: handover.session, vm: name, decision: "commit"))
         switch answer?.state {
         case .running?:
-            stopSourceCopy(record)
-            store.archiveAndRemove(name, reason: "migrated")
+            guard (try? store.stop(name, reason: "migrated")) != nil else {
+                return "\(name): the migration to \(handover.peerHost) had committed, but the source copy's QEMU does not exit"
+            }
             return "\(name): the migration to \(handover.peerHost) had committed; the VM runs there, the source copy is stopped"
         case .gone?:
             // The destination has no copy (its QEMU died): the source copy is the only one.
             let resumed = resume(record)
             store.clearHandover(name)
-            setPhase(name, .running)
+            try? store.setPhase(name, .running)
             return "\(name): committed, but \(handover.peerHost) has no copy (\(answer?.detail ?? "")); the source copy "
                 + (resumed ? "runs again" : "could not be resumed")
         default:
@@ -98,31 +99,16 @@ public final class Reconciler: @unchecked Sendable {
         var what = "the migration never committed; the VM stays here"
         if let qmp = try? QMPClient(path: record.paths.qmpSocket, timeout: .seconds(3)) {
             defer { qmp.close() }
-            if let info = try? qmp.queryMigrate(), ["active", "setup", "pre-switchover", "device", "wait-unplug"].contains(info.status) {
-                _ = try? qmp.execute("migrate_cancel")
-                let deadline = ContinuousClock.now + .seconds(10)
-                while ContinuousClock.now < deadline, let i = try? qmp.queryMigrate(), !["failed", "cancelled", "completed", "none"].contains(i.status) {
-                    usleep(50_000)
-                }
+            if let info = try? qmp.queryMigrate(), !QMPClient.migrationEndStates.contains(info.status) {
+                qmp.cancelMigration(timeout: .seconds(10))
                 what += ", its QEMU's migration cancelled"
             }
             if let state = try? qmp.queryStatus(), !state.running, ["postmigrate", "finish-migrate", "paused"].contains(state.status) {
                 what += (try? qmp.execute("cont")) != nil ? ", resumed" : ", but it could not be resumed"
             }
         }
-        setPhase(name, .running)
+        try? store.setPhase(name, .running)
         return "\(name): \(what)"
-    }
-
-    private func stopSourceCopy(_ record: VMRecord) {
-        guard record.alive else { return }
-        if let qmp = try? QMPClient(path: record.paths.qmpSocket, timeout: .seconds(3)) {
-            try? qmp.quit()
-            qmp.close()
-        }
-        if !ProcessStats.waitForExit(pid: record.state.pid, timeout: .seconds(10)) {
-            ProcessStats.terminate(pid: record.state.pid)
-        }
     }
 
     // MARK: Destination side
@@ -187,15 +173,11 @@ public final class Reconciler: @unchecked Sendable {
         return true
     }
 
-    private func discard(_ record: VMRecord, reason: String) {
-        if record.alive {
-            if let qmp = try? QMPClient(path: record.paths.qmpSocket, timeout: .seconds(3)) {
-                try? qmp.quit()
-                qmp.close()
-            }
-            if !ProcessStats.waitForExit(pid: record.state.pid, timeout: .seconds(5)) { ProcessStats.terminate(pid: record.state.pid) }
-        }
-        store.archiveAndRemove(record.spec.name, reason: reason)
+    /// Stops the copy's QEMU and forgets the VM (``VMStore/stop``). False if its QEMU
+    /// would not exit, in which case the VM (and its record) stay for the next pass.
+    @discardableResult
+    private func discard(_ record: VMRecord, reason: String) -> Bool {
+        (try? store.stop(record.spec.name, reason: reason)) != nil
     }
 
     private func resume(_ record: VMRecord) -> Bool {
@@ -203,12 +185,6 @@ public final class Reconciler: @unchecked Sendable {
         defer { qmp.close() }
         if let state = try? qmp.queryStatus(), state.running { return true }
         return (try? qmp.execute("cont")) != nil
-    }
-
-    private func setPhase(_ name: String, _ phase: VMPhase) {
-        guard var state = try? store.record(name).state else { return }
-        state.phase = phase
-        try? store.setState(name, state)
     }
 
     // MARK: Answering a peer
@@ -225,10 +201,14 @@ public final class Reconciler: @unchecked Sendable {
                 if decision == "commit" {
                     if commit(record, handover) { return ResolvedMessage(state: .running, detail: "committed on request") }
                     // Saying `gone` lets the source resume its copy: this one must never run.
-                    discard(record, reason: "incoming-failed")
+                    guard discard(record, reason: "incoming-failed") else {
+                        return ResolvedMessage(state: .pending, detail: "its QEMU here neither runs it nor exits")
+                    }
                     return ResolvedMessage(state: .gone, detail: "its QEMU here would not run it; discarded")
                 }
-                discard(record, reason: "incoming-aborted")
+                guard discard(record, reason: "incoming-aborted") else {
+                    return ResolvedMessage(state: .pending, detail: "its QEMU here does not exit")
+                }
                 return ResolvedMessage(state: .gone, detail: "discarded on the source's abort")
             }
             if let record, record.state.session == request.session, record.alive {

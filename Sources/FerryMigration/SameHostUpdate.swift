@@ -87,14 +87,7 @@ public final class SameHostUpdate: @unchecked Sendable {
         let lock: VMLock
         let record: VMRecord
         do {
-            record = try store.record(name)
-            guard record.alive else {
-                throw MigrationError(.preparing, "VM '\(name)' is not running on this host (its QEMU is gone)")
-            }
-            guard record.state.phase == .running else {
-                throw MigrationError(.preparing, "VM '\(name)' is \(record.state.phase.rawValue) on this host, not running")
-            }
-            lock = try VMLock(paths: record.paths, name: name)
+            (record, lock) = try store.claimRunning(name)
         } catch {
             return report(.failedVMOnSource, error: (error as? MigrationError)?.message ?? "\(error)")
         }
@@ -137,7 +130,7 @@ public final class SameHostUpdate: @unchecked Sendable {
         if ["setup", "active", "pre-switchover", "device", "cancelling"].contains(current.status) {
             throw MigrationError(.preparing, "QEMU already has a migration in progress (\(current.status))")
         }
-        try setPhase(.updating)
+        try store.setPhase(name, .updating)
 
         // The successor: same spec, same RAM file, its own QMP socket and pid file.
         phase = .startingDestination
@@ -272,12 +265,6 @@ public final class SameHostUpdate: @unchecked Sendable {
         }
     }
 
-    private func setPhase(_ phase: VMPhase) throws {
-        let record = try store.record(name)
-        var state = record.state
-        state.phase = phase
-        try store.setState(name, state)
-    }
 
     /// Undoes a failed update: the new QEMU is stopped and confirmed gone, then the old
     /// one leaves the migration and runs again. Returns a note and whether the VM is safe
@@ -301,15 +288,7 @@ public final class SameHostUpdate: @unchecked Sendable {
         try? FileManager.default.removeItem(atPath: record.paths.updateSocket)
         var safe = true
         if let old = oldQMP {
-            if migrateStarted {
-                _ = try? old.execute("migrate_cancel")
-                let deadline = clock.elapsed + 15
-                while clock.elapsed < deadline {
-                    guard let info = try? old.queryMigrate() else { break }
-                    if ["failed", "cancelled", "completed", "none"].contains(info.status) { break }
-                    usleep(10_000)
-                }
-            }
+            if migrateStarted { old.cancelMigration(timeout: .seconds(15)) }
             _ = try? old.setMigrationCapabilities([("x-ignore-shared", false)])
             if let state = try? old.queryStatus(), !state.running, wasRunning {
                 do {
@@ -323,11 +302,7 @@ public final class SameHostUpdate: @unchecked Sendable {
             }
             old.close()
         }
-        if let current = try? store.record(name), current.state.phase == .updating {
-            var state = current.state
-            state.phase = .running
-            try? store.setState(name, state)
-        }
+        try? store.setPhase(name, .running, from: .updating)
         return (notes.isEmpty ? nil : notes.joined(separator: "; "), safe)
     }
 

@@ -151,14 +151,7 @@ public final class SourceMigration: @unchecked Sendable {
         let lock: VMLock
         let record: VMRecord
         do {
-            record = try store.record(name)
-            guard record.alive else {
-                throw MigrationError(.preparing, "VM '\(name)' is not running on this host (its QEMU is gone)")
-            }
-            guard record.state.phase == .running else {
-                throw MigrationError(.preparing, "VM '\(name)' is \(record.state.phase.rawValue) on this host, not running")
-            }
-            lock = try VMLock(paths: record.paths, name: name)
+            (record, lock) = try store.claimRunning(name)
         } catch {
             return report(.failedVMOnSource, error: "\(error)", spec: nil)
         }
@@ -378,7 +371,7 @@ public final class SourceMigration: @unchecked Sendable {
             throw MigrationError(.transferring, "QEMU refused to start the migration: \(error)")
         }
         migrateStarted = true
-        try setState(.migratingOut, record)
+        try store.setPhase(name, .migratingOut)
         note("QEMU started migrating (main + \(plan.multifdChannels) multifd)")
 
         try transfer(plan: plan, control: control, scheduler: scheduler, qmp: qmp)
@@ -614,11 +607,6 @@ public final class SourceMigration: @unchecked Sendable {
         }
     }
 
-    private func setState(_ phase: VMPhase, _ record: VMRecord) throws {
-        var state = record.state
-        state.phase = phase
-        try store.setState(name, state)
-    }
 
     // MARK: Failure
 
@@ -630,16 +618,7 @@ public final class SourceMigration: @unchecked Sendable {
         }
         cleanupTransport()
         var repair: String?
-        if let qmp, migrateStarted {
-            _ = try? qmp.execute("migrate_cancel")
-            // Wait for QEMU to leave the migration.
-            let deadline = clock.elapsed + 15
-            while clock.elapsed < deadline {
-                guard let info = try? qmp.queryMigrate() else { break }
-                if ["failed", "cancelled", "completed", "none"].contains(info.status) { break }
-                usleep(50_000)
-            }
-        }
+        if let qmp, migrateStarted { qmp.cancelMigration(timeout: .seconds(15)) }
         if let qmp {
             if let state = try? qmp.queryStatus(), !state.running, wasRunning {
                 do {
@@ -651,11 +630,7 @@ public final class SourceMigration: @unchecked Sendable {
                 }
             }
         }
-        if let record = try? store.record(name), record.state.phase == .migratingOut {
-            var state = record.state
-            state.phase = .running
-            try? store.setState(name, state)
-        }
+        try? store.setPhase(name, .running, from: .migratingOut)
         return repair
     }
 

@@ -1,3 +1,5 @@
+import Foundation
+
 /// What `query-migrate` reports, typed.
 public struct MigrationInfo: Sendable, Equatable {
     /// none, setup, active, pre-switchover, device, completed, failed, cancelling, cancelled, ...
@@ -53,6 +55,21 @@ public struct RunState: Sendable, Equatable {
 extension QMPClient {
     public func queryMigrate() throws(QMPError) -> MigrationInfo {
         MigrationInfo(try execute("query-migrate"))
+    }
+
+    /// QEMU's migration states after which it has left the migration.
+    public static let migrationEndStates: Set<String> = ["failed", "cancelled", "completed", "none"]
+
+    /// Cancels QEMU's outgoing migration (`migrate_cancel`) and waits, up to `timeout`, until
+    /// QEMU has left it (a paused VM can only be resumed after that). Best effort: errors
+    /// end the wait, they are not thrown.
+    public func cancelMigration(timeout: Duration) {
+        _ = try? execute("migrate_cancel")
+        let deadline = ContinuousClock.now + timeout
+        while ContinuousClock.now < deadline {
+            guard let info = try? queryMigrate(), !Self.migrationEndStates.contains(info.status) else { return }
+            usleep(20_000)
+        }
     }
 
     public func queryStatus() throws(QMPError) -> RunState {

@@ -53,7 +53,7 @@ public final class DestinationDataPath: @unchecked Sendable {
     private let largePool = BufferPool(bufferByteCount: ChunkPolicy.maximumChunkByteCount, keep: 8)
     /// Pipes for chunks the source spliced (`unchecked` frames): they are spliced on to
     /// QEMU without passing through Ferry's memory. nil where this host cannot splice.
-    private let pipes: PipePool? = SplicePipe.isUsable(capacity: ChunkPolicy.pipeByteCount)
+    private let pipes: PipePool? = SourceDataPath.zeroCopyAvailable
         ? PipePool(pipeCapacity: ChunkPolicy.pipeByteCount, keep: ChunkPolicy.windowByteCount / ChunkPolicy.chunkByteCount + 16) : nil
 
     /// The cores for the channel and stream threads (nil: not pinned).

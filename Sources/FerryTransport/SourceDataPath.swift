@@ -63,7 +63,8 @@ public final class SourceDataPath: @unchecked Sendable {
     /// first channel or stream is added.
     public var cpus: CPUSet?
 
-    /// Whether this host can splice chunks (pipes of the size needed, splice from a socket).
+    /// Whether this host can splice chunks (pipes of the size needed, splice from a socket):
+    /// probed once per process, for both ends of the data path.
     public static let zeroCopyAvailable = SplicePipe.isUsable(capacity: ChunkPolicy.pipeByteCount)
 
     // MARK: Channels

@@ -169,6 +169,15 @@ public struct VMStore: Sendable {
         try write(state, to: vmPaths(name).state)
     }
 
+    /// Moves the VM to `phase`, keeping the rest of its state; with `from`, only if it is
+    /// in that phase now (a rollback must not undo what someone else already settled).
+    public func setPhase(_ name: String, _ phase: VMPhase, from: VMPhase? = nil) throws {
+        var state = try record(name).state
+        if let from, state.phase != from { return }
+        state.phase = phase
+        try setState(name, state)
+    }
+
     /// Stops the VM's QEMU (QMP quit, then signals) and removes the VM from this host,
     /// keeping its serial log under logs/.
     public func stop(_ name: String, reason: String = "stopped") throws {

@@ -62,14 +62,7 @@ struct Migrate: ParsableCommand {
     @Option(help: "Give up (the VM stays here) if the migration has not reached its commit point after this long, time spent queued included (default: 10m).")
     var timeout = DurationArgument(.seconds(600))
 
-    @Flag(help: "Print the report as JSON on stdout.")
-    var json = false
-
-    @Option(name: .customLong("report-file"), help: "Also write the JSON report to this file.")
-    var reportFile: String?
-
-    @Flag(name: .shortAndLong, help: "No progress display.")
-    var quiet = false
+    @OptionGroup var output: ReportOptions
 
     @Option(name: .customLong("progress-file"), help: "Append progress as JSON lines to this file, a few times a second (for automation).")
     var progressFile: String?
@@ -101,7 +94,7 @@ struct Migrate: ParsableCommand {
             // Same host: a new QEMU takes the VM over with its RAM in place; no daemon,
             // no key, no data channels (`ferry vm update`).
             try UpdateArguments.perform(name: name, qemu: nil, host: host, timeout: timeout.duration, downtime: downtime.duration,
-                                        json: json, reportFile: reportFile, quiet: quiet, progressFile: progressFile)
+                                        output: output, progressFile: progressFile)
             return
         }
         // Zero-copy chunks hold a pipe (two descriptors) each, a window's worth of them.
@@ -121,7 +114,7 @@ struct Migrate: ParsableCommand {
         options.timeout = timeout.duration
         options.zeroCopy = zeroCopy == .auto
         options.cpus = cpuOptions.set
-        let display = ProgressDisplay(enabled: !quiet, jsonPath: progressFile)
+        let display = ProgressDisplay(enabled: !output.quiet, jsonPath: progressFile)
         let migration = SourceMigration(store: host.store, name: name, options: options, logger: logger) { progress in
             display.show(progress)
         }
@@ -129,16 +122,7 @@ struct Migrate: ParsableCommand {
         let report = migration.run()
         signals.release()
         display.finish()
-        if let reportFile {
-            try report.json.write(toFile: reportFile, atomically: true, encoding: .utf8)
-        }
-        print(json ? report.json : report.text)
-        switch report.outcome {
-        case .succeeded: return
-        case .failedVMOnSource, .vmDied: throw ExitCode(1)
-        case .uncertain: throw ExitCode(3)
-        case .cancelled: throw ExitCode(4)
-        }
+        try output.deliver(report)
     }
 }
 

@@ -37,7 +37,7 @@ extension VM {
         func run() throws {
             signal(SIGPIPE, SIG_IGN)
             try UpdateArguments.perform(name: name, qemu: qemu, host: host, timeout: updateOptions.timeout.duration,
-                                        json: updateOptions.json, reportFile: updateOptions.reportFile, quiet: updateOptions.quiet)
+                                        output: updateOptions.output)
         }
     }
 }
@@ -47,14 +47,7 @@ struct UpdateArguments: ParsableArguments {
     @Option(help: "Give up (the VM stays in its QEMU) after this long (default: 60s).")
     var timeout = DurationArgument(.seconds(60))
 
-    @Flag(help: "Print the report as JSON on stdout.")
-    var json = false
-
-    @Option(name: .customLong("report-file"), help: "Also write the JSON report to this file.")
-    var reportFile: String?
-
-    @Flag(name: .shortAndLong, help: "No progress display.")
-    var quiet = false
+    @OptionGroup var output: ReportOptions
 
     static func checkBinary(_ path: String) throws {
         let found = path.contains("/") ? FileManager.default.isExecutableFile(atPath: path) : Command.exists(path)
@@ -65,16 +58,36 @@ struct UpdateArguments: ParsableArguments {
 
     /// Runs the update, prints the report and exits as `ferry migrate` does.
     static func perform(name: String, qemu: String?, host: HostOptions, timeout: Duration, downtime: Duration = .milliseconds(300),
-                        json: Bool, reportFile: String?, quiet: Bool, progressFile: String? = nil) throws {
+                        output: ReportOptions, progressFile: String? = nil) throws {
         var options = UpdateOptions(qemuBinary: qemu ?? QEMU.binary)
         options.timeout = timeout
         options.downtimeLimit = downtime
-        let display = ProgressDisplay(enabled: !quiet, jsonPath: progressFile)
+        let display = ProgressDisplay(enabled: !output.quiet, jsonPath: progressFile)
         let update = SameHostUpdate(store: host.store, name: name, options: options, logger: host.logger("ferry.update")) { progress in
             display.show(progress)
         }
         let report = update.run()
         display.finish()
+        try output.deliver(report)
+    }
+}
+
+/// How `ferry migrate` and `ferry vm update` hand over their report: the flags, then the
+/// report file, the report on stdout and the exit status by outcome.
+struct ReportOptions: ParsableArguments {
+    @Flag(help: "Print the report as JSON on stdout.")
+    var json = false
+
+    @Option(name: .customLong("report-file"), help: "Also write the JSON report to this file.")
+    var reportFile: String?
+
+    @Flag(name: .shortAndLong, help: "No progress display.")
+    var quiet = false
+
+    /// Writes the report file (if asked), prints the report and exits with the outcome's
+    /// status: 0 succeeded, 1 failed (the VM stays or died on the source), 3 uncertain,
+    /// 4 cancelled.
+    func deliver(_ report: MigrationReport) throws {
         if let reportFile {
             try report.json.write(toFile: reportFile, atomically: true, encoding: .utf8)
         }

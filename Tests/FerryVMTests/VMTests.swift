@@ -42,12 +42,16 @@ struct VMTests {
         #expect(throws: VMError.self) { try bad.append(offset: 3_000_000, bytes: [1]) }
     }
 
+    /// A 384 MiB TCG guest with the 8 KiB pad of QEMU before 9.0.
+    static let paddedTCGSpec = VMSpec(name: "v", memoryMiB: 384, cpus: 2,
+                                      kernel: BootFile(name: "k", byteCount: 1, sha256: String(repeating: "a", count: 64)),
+                                      initrd: nil, append: "console=ttyS0", accelerator: .tcg, machine: "pc-i440fx-7.2",
+                                      cpuModel: "qemu64", ramPadKiB: 8)
+
     @Test("QEMU's command line follows the spec; incoming VMs wait paused")
     func arguments() throws {
         let store = try tempStore()
-        let kernel = BootFile(name: "k", byteCount: 1, sha256: String(repeating: "a", count: 64))
-        let spec = VMSpec(name: "v", memoryMiB: 384, cpus: 2, kernel: kernel, initrd: nil, append: "console=ttyS0",
-                          accelerator: .tcg, machine: "pc-i440fx-7.2", cpuModel: "qemu64", ramPadKiB: 8)
+        let spec = Self.paddedTCGSpec
         let argv = QEMU.arguments(spec: spec, paths: store.vmPaths("v"), store: store.bootFiles, incoming: true)
         let joined = argv.joined(separator: " ")
         #expect(joined.contains("-m 393224k"))
@@ -61,9 +65,7 @@ struct VMTests {
     @Test("guest RAM is a shared file backend of exactly -m's size, pad included")
     func memoryBackend() throws {
         let store = try tempStore()
-        let kernel = BootFile(name: "k", byteCount: 1, sha256: String(repeating: "a", count: 64))
-        let spec = VMSpec(name: "v", memoryMiB: 384, cpus: 2, kernel: kernel, initrd: nil, append: "console=ttyS0",
-                          accelerator: .tcg, machine: "pc-i440fx-7.2", cpuModel: "qemu64", ramPadKiB: 8)
+        let spec = Self.paddedTCGSpec
         let paths = store.vmPaths("v")
         let argv = QEMU.arguments(spec: spec, paths: paths, store: store.bootFiles, incoming: false)
         func value(after flag: String) -> String? { argv.firstIndex(of: flag).map { argv[$0 + 1] } }
