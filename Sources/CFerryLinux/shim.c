@@ -10,6 +10,8 @@
 #include <signal.h>
 #include <string.h>
 #include <sys/prctl.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
 #include <time.h>
 
 /* ---- CRC32C ------------------------------------------------------------------ */
@@ -92,6 +94,37 @@ int ferry_pin_thread(const int *cpus, int count) {
     }
     int rc = pthread_setaffinity_np(pthread_self(), sizeof(set), &set);
     return rc == 0 ? 0 : -rc;
+}
+
+long ferry_send_with_fd(int socket, const void *bytes, unsigned long length, int fd) {
+    struct iovec iov = { .iov_base = (void *)bytes, .iov_len = length };
+    union { char buffer[CMSG_SPACE(sizeof(int))]; struct cmsghdr align; } control;
+    memset(&control, 0, sizeof(control));
+    struct msghdr msg = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = control.buffer, .msg_controllen = sizeof(control.buffer) };
+    struct cmsghdr *cmsg = CMSG_FIRSTHDR(&msg);
+    cmsg->cmsg_level = SOL_SOCKET;
+    cmsg->cmsg_type = SCM_RIGHTS;
+    cmsg->cmsg_len = CMSG_LEN(sizeof(int));
+    memcpy(CMSG_DATA(cmsg), &fd, sizeof(int));
+    long n;
+    do { n = sendmsg(socket, &msg, MSG_NOSIGNAL); } while (n < 0 && errno == EINTR);
+    return n < 0 ? -errno : n;
+}
+
+int ferry_set_send_buffer(int socket, int bytes) {
+    if (setsockopt(socket, SOL_SOCKET, SO_SNDBUFFORCE, &bytes, sizeof(bytes)) != 0 &&
+        setsockopt(socket, SOL_SOCKET, SO_SNDBUF, &bytes, sizeof(bytes)) != 0) return -errno;
+    int actual = 0;
+    socklen_t length = sizeof(actual);
+    if (getsockopt(socket, SOL_SOCKET, SO_SNDBUF, &actual, &length) != 0) return -errno;
+    return actual;
+}
+
+void ferry_name_thread(const char *name) {
+    char shortened[16];
+    strncpy(shortened, name, sizeof(shortened) - 1);
+    shortened[sizeof(shortened) - 1] = 0;
+    prctl(PR_SET_NAME, shortened, 0, 0, 0);
 }
 
 int ferry_allowed_cpus(void) {

@@ -3,6 +3,7 @@ import Glibc
 #elseif canImport(Musl)
 import Musl
 #endif
+import CFerryLinux
 import Foundation
 
 /// A failed socket operation: what was being done, with whom, and the errno.
@@ -308,10 +309,46 @@ public final class Socket: @unchecked Sendable {
         setsockopt(fd, SOL_SOCKET, option, &tv, socklen_t(MemoryLayout<timeval>.size))
     }
 
+    /// Makes the send buffer `bytes` large (beyond net.core.wmem_max where the process may,
+    /// as root does), for unix sockets, which have no autotuning: a writer blocked on a full
+    /// unix socket is woken only once three quarters of the buffer has drained, so the
+    /// buffer's size is the bytes moved per wake-up. Returns the size now in effect.
+    @discardableResult
+    public func setSendBuffer(_ bytes: Int) -> Int {
+        Int(max(0, ferry_set_send_buffer(fd, Int32(clamping: bytes))))
+    }
+
+    /// Sends `bytes` with the descriptor `passing` attached (SCM_RIGHTS); unix sockets only.
+    public func write(_ bytes: [UInt8], passing descriptor: Int32) throws(SocketError) {
+        let n = bytes.withUnsafeBytes { ferry_send_with_fd(fd, $0.baseAddress, UInt($0.count), descriptor) }
+        if n < 0 { throw .errno("pass a descriptor to", peer: peer, Int32(-n)) }
+        if n < bytes.count { try writeAll(Array(bytes[n...])) }
+    }
+
+    /// The kernel's receive buffer for this socket (SO_RCVBUF; TCP grows it as it tunes).
+    public var receiveBufferByteCount: Int {
+        var value: Int32 = 0
+        var length = socklen_t(MemoryLayout<Int32>.size)
+        return getsockopt(fd, SOL_SOCKET, SO_RCVBUF, &value, &length) == 0 ? Int(value) : 0
+    }
+
+    /// Reads and readiness wait until `bytes` are queued (SO_RCVLOWAT; 1 is the default):
+    /// a reader expecting a large block is then woken once for it instead of for every
+    /// few segments. TCP grows a receive buffer too small for the mark and clamps its
+    /// window to the mark, so callers keep it well inside ``receiveBufferByteCount``.
+    public func setReceiveLowWater(_ bytes: Int) {
+        var value = Int32(clamping: max(1, bytes))
+        setsockopt(fd, SOL_SOCKET, SO_RCVLOWAT, &value, socklen_t(MemoryLayout<Int32>.size))
+    }
+
     /// Waits until the socket is readable, up to `timeout`. True if readable (or at EOF/error).
-    public func waitReadable(timeout: Duration) -> Bool {
+    public func waitReadable(timeout: Duration?) -> Bool {
         var pfd = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
-        return poll(&pfd, 1, Int32(timeout.milliseconds)) > 0
+        while true {
+            let rc = poll(&pfd, 1, timeout.map { Int32(clamping: $0.milliseconds) } ?? -1)
+            if rc < 0 && errno == EINTR { continue }
+            return rc > 0
+        }
     }
 
     /// Stops further sends (the peer reads end of stream); reading goes on.

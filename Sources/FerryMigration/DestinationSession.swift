@@ -159,7 +159,11 @@ final class DestinationSession: @unchecked Sendable {
         let incomingPath = record.paths.incomingSocket
         let dataPath = DestinationDataPath(
             streamCount: offer.streams.streamCount, cpus: server.options.cpus ?? CPUSet.automatic(), logger: logger,
-            connector: { _ in try Socket.connectUnix(path: incomingPath) },
+            connector: { _ in
+                let socket = try Socket.connectUnix(path: incomingPath)
+                socket.setSendBuffer(ChunkPolicy.qemuSocketBufferByteCount)
+                return socket
+            },
             onFailure: { [events] error in events.post(.dataFailed(error)) })
         self.dataPath = dataPath
         control.socket.setReceiveTimeout(nil)

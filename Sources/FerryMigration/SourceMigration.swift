@@ -345,29 +345,52 @@ public final class SourceMigration: @unchecked Sendable {
         manager.start()
         note("\(scheduler.liveChannelCount) data channel(s) bound over \(pairs.count) NIC pair(s)")
 
-        // QEMU migrates into our socket.
+        // QEMU migrates into our sockets.
         phase = .transferring
-        let listener: Socket
-        do {
-            listener = try Socket.listenUnix(path: record.paths.outgoingSocket)
-        } catch {
-            throw MigrationError(.transferring, "cannot listen for QEMU's streams: \(error)")
-        }
-        self.listener = listener
-        spawnThread("ferry-accept") { [events, dataPath] in
-            for id in 0..<UInt32(plan.streamCount) {
-                guard let socket = try? listener.accept() else { return }
-                dataPath.addStream(id, socket: socket)
-                events.post(.streamAccepted(id))
+        let uri: String
+        if plan.streamCount == 1 {
+            // One stream: QEMU gets its end of a socket pair (getfd, then `fd:`), made with
+            // a large send buffer. A unix socket's writer is woken once three quarters of its
+            // buffer has drained, and QEMU's own would be the 208 KiB default: QEMU and Ferry's
+            // reader would then take turns every 150 KiB or so, two context switches each time.
+            // With 4 MiB, QEMU writes ahead while Ferry sends, and Ferry reads whole chunks.
+            do {
+                let (ours, qemus) = try Socket.pair(name: "QEMU's migration stream")
+                qemus.setSendBuffer(ChunkPolicy.qemuSocketBufferByteCount)
+                defer { qemus.close() }  // QEMU holds its own copy once getfd returns
+                try qmp.execute("getfd", arguments: ["fdname": .string(Self.qemuStreamName)], passing: qemus.fd)
+                dataPath.addStream(0, socket: ours)
+                events.post(.streamAccepted(0))
+            } catch {
+                throw MigrationError(.transferring, "cannot hand QEMU its migration socket: \(error)")
             }
+            uri = "fd:\(Self.qemuStreamName)"
+        } else {
+            // QEMU 7.2 opens multifd channels only to socket addresses: it connects to ours.
+            let listener: Socket
+            do {
+                listener = try Socket.listenUnix(path: record.paths.outgoingSocket)
+            } catch {
+                throw MigrationError(.transferring, "cannot listen for QEMU's streams: \(error)")
+            }
+            self.listener = listener
+            spawnThread("ferry-accept") { [events, dataPath] in
+                for id in 0..<UInt32(plan.streamCount) {
+                    guard let socket = try? listener.accept() else { return }
+                    dataPath.addStream(id, socket: socket)
+                    events.post(.streamAccepted(id))
+                }
+            }
+            uri = "unix:\(record.paths.outgoingSocket)"
         }
         try interrupt.check()
         try configure(qmp, plan: plan)
         FaultPoint.sourceSetup.pause()
         migrateIssuedAt = clock.elapsed
         do {
-            try qmp.execute("migrate", arguments: ["uri": .string("unix:\(record.paths.outgoingSocket)")])
+            try qmp.execute("migrate", arguments: ["uri": .string(uri)])
         } catch {
+            if plan.streamCount == 1 { _ = try? qmp.execute("closefd", arguments: ["fdname": .string(Self.qemuStreamName)]) }
             throw MigrationError(.transferring, "QEMU refused to start the migration: \(error)")
         }
         migrateStarted = true
@@ -438,6 +461,9 @@ public final class SourceMigration: @unchecked Sendable {
 
     private var switchoverMillis: Double?
     private var qemuCPUEnd: Double?
+
+    /// The name under which QEMU keeps the socket it migrates into (getfd).
+    static let qemuStreamName = "ferry-migration"
 
     private func configure(_ qmp: QMPClient, plan: StreamPlan) throws {
         do {

@@ -55,9 +55,7 @@ public enum MigrationPhase: String, Codable, Sendable {
 }
 
 func spawnThread(_ name: String, _ body: @escaping @Sendable () -> Void) {
-    let thread = Thread(block: body)
-    thread.name = name
-    thread.start()
+    startThread(name, body)
 }
 
 /// Monotonic seconds since an origin.

@@ -106,9 +106,11 @@ public final class QMPClient: @unchecked Sendable {
         socket.shutdown()
     }
 
-    /// Runs a command and returns its `return` value.
+    /// Runs a command and returns its `return` value. `passing`: a descriptor sent along
+    /// with the command (SCM_RIGHTS), for `getfd` and `add-fd`.
     @discardableResult
-    public func execute(_ command: String, arguments: JSONValue? = nil, timeout: Duration = .seconds(10)) throws(QMPError) -> JSONValue {
+    public func execute(_ command: String, arguments: JSONValue? = nil, passing descriptor: Int32? = nil,
+                        timeout: Duration = .seconds(10)) throws(QMPError) -> JSONValue {
         condition.lock()
         let id = nextID
         nextID += 1
@@ -122,7 +124,9 @@ public final class QMPClient: @unchecked Sendable {
         line.append(UInt8(ascii: "\n"))
         logger.trace("qmp send", metadata: ["command": "\(command)"])
         do {
-            try writeLock.withLock { try socket.writeAll(line) }
+            try writeLock.withLock {
+                if let descriptor { try socket.write(line, passing: descriptor) } else { try socket.writeAll(line) }
+            }
         } catch {
             throw QMPError(socket: path, command: command, kind: .closed)
         }

@@ -348,15 +348,8 @@ public final class DestinationDataPath: @unchecked Sendable {
         progress.broadcast()
     }
 
-    /// Starts a thread, pinned to the core for `core` in ``cpus`` if given.
+    /// Starts a named thread, pinned to the core for `core` in ``cpus`` if given.
     private func spawn(_ name: String, core: Int? = nil, _ body: @escaping @Sendable () -> Void) {
-        let cpus = self.cpus
-        let thread = Thread {
-            if let cpus, let core { cpus.pinCurrentThread(index: core) }
-            body()
-        }
-        thread.name = name
-        thread.stackSize = 1 << 20
-        thread.start()
+        startThread(name, cpus: cpus, core: core, body)
     }
 }

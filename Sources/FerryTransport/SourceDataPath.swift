@@ -321,16 +321,9 @@ public final class SourceDataPath: @unchecked Sendable {
         conns.forEach { $0.shutdown() }
     }
 
-    /// Starts a thread, pinned to the core for `core` in ``cpus`` if given.
+    /// Starts a named thread, pinned to the core for `core` in ``cpus`` if given.
     private func spawn(_ name: String, core: Int? = nil, _ body: @escaping @Sendable () -> Void) {
-        let cpus = self.cpus
-        let thread = Thread {
-            if let cpus, let core { cpus.pinCurrentThread(index: core) }
-            body()
-        }
-        thread.name = name
-        thread.stackSize = 1 << 20
+        let thread = startThread(name, cpus: cpus, core: core, body)
         lock.withLock { threads.append(thread) }
-        thread.start()
     }
 }

@@ -1,3 +1,4 @@
+import FerryIO
 import Foundation
 
 /// A heartbeat line of the demo guest's workload (see guest/README.md):
@@ -88,9 +89,7 @@ public final class HeartbeatWatcher: @unchecked Sendable {
     public init(paths: [String]) {
         self.paths = paths
         for p in paths { offsets[p] = Self.size(p) }
-        let thread = Thread { [self] in loop() }
-        thread.name = "heartbeat-watch"
-        thread.start()
+        startThread("heartbeat-watch") { [self] in loop() }
     }
 
     /// Also watch `path` (e.g. the destination's log once it exists).

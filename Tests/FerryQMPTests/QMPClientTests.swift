@@ -138,6 +138,13 @@ struct QMPClientTests {
         try qmp.execute("stop")
         #expect(qmp.nextEvent(named: ["STOP"], timeout: .seconds(5)) != nil)
         #expect(try qmp.queryStatus().running == false)
+        // A descriptor passed with getfd (SCM_RIGHTS) is QEMU's under its name: closefd
+        // finds it, and a second closefd no longer does.
+        let (ours, theirs) = try Socket.pair(name: "getfd test")
+        defer { ours.close(); theirs.close() }
+        try qmp.execute("getfd", arguments: ["fdname": .string("ferry-test")], passing: theirs.fd)
+        try qmp.execute("closefd", arguments: ["fdname": .string("ferry-test")])
+        #expect(throws: QMPError.self) { try qmp.execute("closefd", arguments: ["fdname": .string("ferry-test")]) }
         do {
             try qmp.execute("migrate-set-parameters", arguments: ["downtime-limit": .number(-5)])
             Issue.record("QEMU must refuse a negative downtime")

@@ -350,6 +350,20 @@ struct DataPathTests {
         h.destination.stop()
     }
 
+    @Test("a unix socket's send buffer is raised past the kernel's default, which bounds the bytes a writer moves per wake-up")
+    func sendBuffer() throws {
+        let (a, b) = try Socket.pair(name: "send buffer")
+        defer { a.close(); b.close() }
+        let before = a.setSendBuffer(0)  // the kernel's floor: shows the option is applied
+        let after = a.setSendBuffer(ChunkPolicy.qemuSocketBufferByteCount)
+        #expect(after > before)
+        // As root (CI, the lab) the buffer may pass net.core.wmem_max; the kernel doubles it.
+        if getuid() == 0 { #expect(after >= ChunkPolicy.qemuSocketBufferByteCount) }
+        // A writer may now put that much in without blocking, before anyone reads.
+        a.setSendTimeout(.milliseconds(500))
+        try a.writeAll([UInt8](repeating: 7, count: 2 << 20))
+    }
+
     @Test("garbage on a data channel fails the receiving side cleanly")
     func garbageOnChannel() throws {
         let h = try Harness(streams: 1, channels: 1)

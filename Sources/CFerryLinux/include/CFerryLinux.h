@@ -12,6 +12,18 @@ uint32_t ferry_crc32c(uint32_t crc, const void *data, size_t len);
 /// Pins the calling thread to the CPUs in `cpus` (count entries). Returns 0 or -errno.
 int ferry_pin_thread(const int *cpus, int count);
 
+/// Names the calling thread (the kernel keeps 15 bytes): what top -H, ps -L and perf show.
+void ferry_name_thread(const char *name);
+
+/// Sends `length` bytes on the unix socket `socket` with the descriptor `fd` attached
+/// (SCM_RIGHTS), as QMP's getfd expects. Returns the bytes sent or -errno.
+long ferry_send_with_fd(int socket, const void *bytes, unsigned long length, int fd);
+
+/// Sets a socket's send buffer to `bytes`, past net.core.wmem_max if the caller may
+/// (SO_SNDBUFFORCE, CAP_NET_ADMIN), else up to it (SO_SNDBUF). Returns the size the
+/// kernel then reports (it doubles the request for its bookkeeping) or -errno.
+int ferry_set_send_buffer(int socket, int bytes);
+
 /// Number of CPUs the calling thread may run on.
 int ferry_allowed_cpus(void);
 
