@@ -249,7 +249,9 @@ final class DestinationSession: @unchecked Sendable {
                         FaultPoint.destinationAfterPrepared.pause()
                         try control.send(.loaded, LoadedMessage(receivedByteCount: dataPath.deliveredByteCount))
                         loadedSent = true
-                        logger.info("VM loaded, waiting for the commit", metadata: ["vm": "\(name)"])
+                        logger.info("VM loaded, waiting for the commit",
+                                    metadata: ["vm": "\(name)", "chunks": "\(dataPath.chunkCount)", "spliced": "\(dataPath.splicedChunkCount)",
+                                               "duplicates": "\(dataPath.duplicates)"])
                     } else if info.status == "failed" {
                         throw ErrorMessage(code: .qemuFailed, message: "the destination QEMU failed to load the VM: \(info.errorDescription ?? "no reason")")
                     }

@@ -39,13 +39,21 @@ public final class DestinationDataPath: @unchecked Sendable {
     private var streams: [StreamState]
     private var channels: [Int: FrameConnection] = [:]
     private var failure: TransportError?
+    /// Delivered to QEMU and not yet acknowledged: since when, how many bytes, and whether
+    /// the acknowledgement should go at once (a stream is complete, or enough bytes).
     private var ackDirty = false
+    private var ackDirtySince = ContinuousClock.now
+    private var unacknowledgedBytes = 0
+    private var ackUrgent = false
+    /// The acknowledgement thread waits for no timer (all acknowledged, nothing coming).
+    private var ackAsleep = false
     private var stopped = false
     private var bufferedBytes = 0
     public private(set) var peakBufferedBytes = 0
     private var receivedPayloadBytes: UInt64 = 0
     private var duplicateChunks = 0
     private var splicedChunks = 0
+    private var acceptedChunks = 0
     /// Chunks land in buffers of the usual chunk size; a peer that sends larger chunks
     /// (up to the protocol's maximum) gets buffers of that size from a second pool.
     private let pool = BufferPool(bufferByteCount: ChunkPolicy.chunkByteCount,
@@ -144,6 +152,7 @@ public final class DestinationDataPath: @unchecked Sendable {
             throw TransportError.protocolViolation("chunk \(header.sequence) beyond the end of stream \(header.stream)")
         }
         stream.pending[header.sequence] = buffer
+        acceptedChunks += 1
         if case .pipe = buffer { splicedChunks += 1 }
         stream.pendingOffsets[header.sequence] = header.offset
         bufferedBytes += size
@@ -236,20 +245,31 @@ public final class DestinationDataPath: @unchecked Sendable {
                 s.nextSequence += 1
                 s.writtenBytes += UInt64(size)
                 bufferedBytes -= size
-                if !ackDirty { ackNeeded.signal() }
-                ackDirty = true
+                unacknowledgedBytes += size
+                if !ackDirty {
+                    ackDirty = true
+                    ackDirtySince = .now
+                    if ackAsleep { ackNeeded.signal() }
+                }
+                let streamDone = s.end.map { s.nextSequence == $0.chunkCount } ?? false
+                if !ackUrgent && (unacknowledgedBytes >= Self.ackByteCount || streamDone) {
+                    ackUrgent = true
+                    ackNeeded.signal()
+                }
             }
         }
     }
 
     // MARK: Acknowledgements
 
-    /// Sends the cumulative acknowledgement, at most every 2 ms, on one live channel at a
-    /// time in turn (falling through to the next if a send fails). Acknowledgements are
-    /// cumulative, so any channel will do and a lost one is made good by the next; one
-    /// frame per round instead of one per channel spares the source a wake-up per channel
-    /// (8 channels x 1,000 rounds/s measurably cost CPU on a 2-core host). 2 ms is 0.5 MiB
-    /// at 2 Gbit/s, a sixtieth of the window.
+    /// Sends the cumulative acknowledgement once 2 MiB (``ackByteCount``) went to QEMU, or
+    /// 10 ms (``ackPeriod``) after the first byte not yet acknowledged, or at once when a
+    /// stream is complete (the source waits for that one before it commits). Each frame
+    /// goes on one live channel, in turn, falling through to the next if a send fails:
+    /// acknowledgements are cumulative, so any channel will do and a lost one is made good
+    /// by the next. Every frame wakes a thread at each end, so they are few: 2 MiB is a
+    /// sixteenth of the source's window, so the window never waits for them, and at
+    /// 2 Gbit/s this is about 120 frames a second instead of one per chunk.
     ///
     /// A channel whose NIC died silently still accepts sends here, so the last round before
     /// the data stops could vanish into it. Therefore, once nothing new has arrived for
@@ -257,10 +277,23 @@ public final class DestinationDataPath: @unchecked Sendable {
     private func ackLoop() {
         var turn = 0
         var broadcastDone = true
+        var lastSent = ContinuousClock.now
         while true {
             monitor.lock()
-            if !ackDirty && failure == nil && !stopped {
-                ackNeeded.wait(timeout: .milliseconds(50))
+            while failure == nil && !stopped && !ackUrgent {
+                let now = ContinuousClock.now
+                if ackDirty {
+                    if now >= ackDirtySince + Self.ackPeriod { break }
+                    ackNeeded.wait(until: ackDirtySince + Self.ackPeriod)
+                } else if !broadcastDone {
+                    // Recently busy: look again every period until 50 ms without news.
+                    if now >= lastSent + .milliseconds(50) { break }
+                    ackNeeded.wait(timeout: Self.ackPeriod)
+                } else {
+                    ackAsleep = true
+                    ackNeeded.wait()
+                    ackAsleep = false
+                }
             }
             if failure != nil || stopped {
                 monitor.unlock()
@@ -272,6 +305,8 @@ public final class DestinationDataPath: @unchecked Sendable {
                 continue
             }
             ackDirty = false
+            ackUrgent = false
+            unacknowledgedBytes = 0
             let ack = AckMessage(entries: streams.enumerated().map {
                 AckMessage.Entry(stream: UInt32($0.offset), nextSequence: $0.element.nextSequence)
             })
@@ -285,14 +320,19 @@ public final class DestinationDataPath: @unchecked Sendable {
                 continue
             }
             broadcastDone = false
+            lastSent = .now
             for k in 0..<targets.count {
                 let channel = targets[(turn + k) % targets.count]
                 if (try? channel.send(frame)) != nil { break }
             }
             turn += 1
-            usleep(2000)
         }
     }
+
+    /// Bytes delivered to QEMU that make an acknowledgement due at once.
+    static let ackByteCount = ChunkPolicy.windowByteCount / 16
+    /// The longest a delivered byte waits for its acknowledgement.
+    static let ackPeriod: Duration = .milliseconds(10)
 
     // MARK: Ending
 
@@ -317,6 +357,8 @@ public final class DestinationDataPath: @unchecked Sendable {
     public var duplicates: Int { monitor.withLock { duplicateChunks } }
     /// Chunks that went from a data channel to QEMU by splice, never copied.
     public var splicedChunkCount: Int { monitor.withLock { splicedChunks } }
+    /// Chunks taken (duplicates not counted).
+    public var chunkCount: Int { monitor.withLock { acceptedChunks } }
 
     public func fail(_ error: TransportError) {
         let first = monitor.withLock { () -> Bool in

@@ -4,11 +4,13 @@ import Foundation
 
 /// Tunables of the data path, each with the reason for its value.
 public enum ChunkPolicy {
-    /// Bytes read from QEMU per chunk at most. 256 KiB is 2 ms of a 1 Gbit/s NIC: small
+    /// Bytes read from QEMU per chunk at most. 512 KiB is 4 ms of a 1 Gbit/s NIC: small
     /// enough that striping keeps every channel busy and a retransmission after a failed
-    /// NIC is cheap, large enough that the 40 bytes of framing are 0.015% and the system
-    /// calls per GiB (about 4,000 reads and 4,000 sends) cost little.
-    public static let chunkByteCount = 256 << 10
+    /// NIC is cheap, large enough that the 40 bytes of framing are nothing and the
+    /// wake-ups per GiB (each chunk wakes a sender at the source and a receiver at the
+    /// destination) stay near 2,000. Going from 256 KiB to 512 KiB cut the destination's
+    /// CPU per GiB by about a fifth (docs/BENCHMARKS.md, "CPU per GiB").
+    public static let chunkByteCount = 512 << 10
     /// The largest chunk a receiver accepts (a peer may choose larger chunks, up to this).
     public static let maximumChunkByteCount = 1 << 20
     /// Bytes read from QEMU but not yet acknowledged by the destination, at most. This is
@@ -26,11 +28,14 @@ public enum ChunkPolicy {
     public static let streamReserveByteCount = 2 << 20
     /// A pipe for a zero-copy chunk is this many times the chunk's size: a pipe holds a
     /// page reference per piece of socket buffer, and over a path that delivers one TCP
-    /// segment per piece (1448 bytes at MTU 1500) a 256 KiB chunk takes 182 of them.
-    /// 4 x 256 KiB = 1 MiB gives 256 slots, and is the most an unprivileged process (or
+    /// segment per piece (1448 bytes at MTU 1500) a 512 KiB chunk takes 363 of them.
+    /// 2 x 512 KiB = 1 MiB gives 256 slots, and is the most an unprivileged process (or
     /// root without CAP_SYS_RESOURCE) may ask for (/proc/sys/fs/pipe-max-size). Only
-    /// slots are reserved, not memory. A chunk that does not fit is copied instead.
-    public static let pipeSlotMargin = 4
+    /// slots are reserved, not memory. A chunk that does not fit is copied instead; at the
+    /// destination the receiver waits until a chunk's body is all queued, and GRO (or
+    /// the lab's veth) hands TCP's data over in larger pieces, so in practice every chunk
+    /// fits (the destination logs how many were spliced when the VM is loaded).
+    public static let pipeSlotMargin = 2
     /// The send buffer of the unix sockets between Ferry and QEMU (QEMU's end at the
     /// source, Ferry's at the destination). The writer on a full unix socket wakes when
     /// three quarters have drained, so this is about the bytes moved per wake-up: 4 MiB

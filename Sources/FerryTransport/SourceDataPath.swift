@@ -171,6 +171,10 @@ public final class SourceDataPath: @unchecked Sendable {
         while true {
             let frame: Frame
             do {
+                // Waiting in poll, not in the read: a thread blocked in a TCP read shares the
+                // socket's wait queue with the sender blocked for buffer space, and is woken
+                // (for nothing) each time space frees up; poll's wait is woken only for input.
+                _ = connection.socket.waitReadable(timeout: nil)
                 frame = try connection.receive()
             } catch let error as SecurityError {
                 // Not a broken link but a forged or replayed frame: someone is on the path.
