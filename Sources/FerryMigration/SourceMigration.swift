@@ -444,8 +444,10 @@ public final class SourceMigration: @unchecked Sendable {
         note("VM runs on \(welcome.host)")
         FaultPoint.sourceAfterCommitted.pause()
 
-        // The source copy is stopped for good.
+        // The source copy is stopped for good. Its RAM file goes first, so that its pages
+        // are freed by QEMU's exit rather than by Ferry's unlink.
         qemuCPUEnd = ProcessStats.cpuSeconds(pid: qemuPID)
+        store.releaseMemory(name)
         try? qmp.quit()
         if !ProcessStats.waitForExit(pid: qemuPID, timeout: .seconds(10)) {
             ProcessStats.terminate(pid: qemuPID)
@@ -617,22 +619,29 @@ public final class SourceMigration: @unchecked Sendable {
 
     private func sendBootFile(_ file: BootFile, over control: FrameConnection) throws {
         let path = store.bootFiles.path(of: file)
-        guard let handle = FileHandle(forReadingAtPath: path) else {
+        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else {
             throw MigrationError(.sendingBootFiles, "boot file \(file.name) is missing from this host's store")
         }
-        defer { try? handle.close() }
+        defer { close(fd) }
+        // One buffer for every piece, its bytes read in place behind the header.
+        let header = FileChunkMessage.headerByteCount
+        var payload = [UInt8](repeating: 0, count: header + FileChunkMessage.maximumPieceByteCount)
         var offset: UInt64 = 0
-        while let data = try handle.read(upToCount: FileChunkMessage.maximumPieceByteCount), !data.isEmpty {
-            let piece = FileChunkMessage(sha256: file.sha256, offset: offset, bytes: Array(data))
+        while true {
+            let n = payload.withUnsafeMutableBytes { read(fd, $0.baseAddress! + header, FileChunkMessage.maximumPieceByteCount) }
+            if n < 0 && errno == EINTR { continue }
+            guard n >= 0 else { throw MigrationError(.sendingBootFiles, "reading \(file.name): \(errnoDescription(errno))") }
+            if n == 0 { break }
+            FileChunkMessage.writeHeader(sha256: file.sha256, offset: offset, into: &payload)
             do {
-                try control.send(Frame(type: .file, payload: piece.encoded()))
+                try control.send(Frame(type: .file, payload: n == FileChunkMessage.maximumPieceByteCount ? payload : Array(payload[..<(header + n)])))
             } catch {
                 throw MigrationError(.sendingBootFiles, "sending \(file.name): \(error)")
             }
-            offset += UInt64(data.count)
+            offset += UInt64(n)
         }
     }
-
 
     // MARK: Failure
 

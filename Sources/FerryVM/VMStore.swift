@@ -195,6 +195,14 @@ public struct VMStore: Sendable {
         archiveAndRemove(name, reason: reason)
     }
 
+    /// Unlinks the guest RAM file of a VM whose QEMU is about to be stopped for good (its
+    /// memory has moved to another host). The pages stay while that QEMU maps them and go
+    /// when it exits: freeing a VM's memory is then part of its QEMU's exit, not work Ferry
+    /// does (unlinking a file of gigabytes that nothing maps frees every page right there).
+    public func releaseMemory(_ name: String) {
+        _ = unlink(vmPaths(name).memoryFile)
+    }
+
     /// Moves the serial log to logs/ and deletes the VM's directory and its guest RAM file.
     /// The RAM file stays if the VM's recorded QEMU is still alive (it would be the last
     /// copy of the guest's memory for a later update).

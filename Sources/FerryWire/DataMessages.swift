@@ -142,11 +142,19 @@ public struct FileChunkMessage: Equatable, Sendable {
     }
 
     public func encoded() -> [UInt8] {
-        var out = Hex.decode(sha256) ?? [UInt8](repeating: 0, count: 32)
-        precondition(out.count == 32, "sha256 must be 32 bytes of hex")
-        withUnsafeBytes(of: offset.bigEndian) { out.append(contentsOf: $0) }
+        var out = [UInt8](repeating: 0, count: Self.headerByteCount)
+        Self.writeHeader(sha256: sha256, offset: offset, into: &out)
         out.append(contentsOf: bytes)
         return out
+    }
+
+    /// Writes the header (file hash, offset) into the first ``headerByteCount`` bytes of
+    /// `payload`, for a sender that reads the piece's bytes in place behind it.
+    public static func writeHeader(sha256: String, offset: UInt64, into payload: inout [UInt8]) {
+        let hash = Hex.decode(sha256) ?? []
+        precondition(hash.count == 32, "sha256 must be 32 bytes of hex")
+        payload.replaceSubrange(0..<32, with: hash)
+        withUnsafeBytes(of: offset.bigEndian) { payload.replaceSubrange(32..<40, with: $0) }
     }
 
     public static func decode(_ payload: [UInt8]) throws(WireError) -> FileChunkMessage {
