@@ -26,6 +26,14 @@ public enum ProcessStats {
         statusField("VmHWM", pid: pid).map { $0 * 1024 }
     }
 
+    /// Starts this process's peak resident set size (VmHWM) again from its current size
+    /// (/proc/self/clear_refs, "5"), so that a long-running daemon can report the peak of
+    /// one piece of work. False if the kernel refused.
+    @discardableResult
+    public static func resetPeakRSS() -> Bool {
+        (try? "5".write(toFile: "/proc/self/clear_refs", atomically: false, encoding: .utf8)) != nil
+    }
+
     /// Current resident set size of `pid` in bytes (VmRSS), or nil.
     public static func rssBytes(pid: Int32) -> UInt64? {
         statusField("VmRSS", pid: pid).map { $0 * 1024 }

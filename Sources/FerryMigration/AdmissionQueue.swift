@@ -55,6 +55,9 @@ final class AdmissionQueue: @unchecked Sendable {
 
     var snapshot: IncomingMigrations { condition.withLock { current() } }
 
+    /// Migrations transferring now.
+    var runningCount: Int { condition.withLock { running.count } }
+
     private func promote() {
         var moved = false
         while running.count < limit && !waiting.isEmpty {

@@ -375,6 +375,10 @@ extension DestinationSession {
                 }
             }
         }
+        // The report's peak RSS is this session's: the daemon's high-water mark starts
+        // again here when no other migration runs beside this one (with others running,
+        // it covers them too).
+        if admission.runningCount == 1 { ProcessStats.resetPeakRSS() }
         if told {
             try control.send(.status, StatusMessage(text: "admitted after \(String(format: "%.1f", arrived.elapsed)) s in line",
                                                    queuePosition: 0, queueLength: 0, queuedSeconds: arrived.elapsed))

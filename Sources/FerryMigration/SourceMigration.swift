@@ -354,15 +354,18 @@ public final class SourceMigration: @unchecked Sendable {
             // buffer has drained, and QEMU's own would be the 208 KiB default: QEMU and Ferry's
             // reader would then take turns every 150 KiB or so, two context switches each time.
             // With 4 MiB, QEMU writes ahead while Ferry sends, and Ferry reads whole chunks.
+            // (A pipe instead, which the reader could splice from without the socket's
+            // buffers, measured no better; docs/ARCHITECTURE.md, "Wake-ups".)
             do {
                 let (ours, qemus) = try Socket.pair(name: "QEMU's migration stream")
-                qemus.setSendBuffer(ChunkPolicy.qemuSocketBufferByteCount)
+                let size = qemus.setSendBuffer(ChunkPolicy.qemuSocketBufferByteCount)
+                qemuStreamKind = "a socket pair, QEMU's send buffer \(size >> 10) KiB"
                 defer { qemus.close() }  // QEMU holds its own copy once getfd returns
                 try qmp.execute("getfd", arguments: ["fdname": .string(Self.qemuStreamName)], passing: qemus.fd)
                 dataPath.addStream(0, socket: ours)
                 events.post(.streamAccepted(0))
             } catch {
-                throw MigrationError(.transferring, "cannot hand QEMU its migration socket: \(error)")
+                throw MigrationError(.transferring, "cannot hand QEMU its migration stream: \(error)")
             }
             uri = "fd:\(Self.qemuStreamName)"
         } else {
@@ -395,7 +398,7 @@ public final class SourceMigration: @unchecked Sendable {
         }
         migrateStarted = true
         try store.setPhase(name, .migratingOut)
-        note("QEMU started migrating (main + \(plan.multifdChannels) multifd)")
+        note("QEMU started migrating (main + \(plan.multifdChannels) multifd)" + (qemuStreamKind.map { ", into \($0)" } ?? ""))
 
         try transfer(plan: plan, control: control, scheduler: scheduler, qmp: qmp)
 
@@ -463,6 +466,9 @@ public final class SourceMigration: @unchecked Sendable {
 
     private var switchoverMillis: Double?
     private var qemuCPUEnd: Double?
+
+    /// What QEMU's single stream was handed (nil: QEMU connected to Ferry's socket).
+    private var qemuStreamKind: String?
 
     /// The name under which QEMU keeps the socket it migrates into (getfd).
     static let qemuStreamName = "ferry-migration"

@@ -9,7 +9,7 @@ public enum ChunkPolicy {
     /// NIC is cheap, large enough that the 40 bytes of framing are nothing and the
     /// wake-ups per GiB (each chunk wakes a sender at the source and a receiver at the
     /// destination) stay near 2,000. Going from 256 KiB to 512 KiB cut the destination's
-    /// CPU per GiB by about a fifth (docs/BENCHMARKS.md, "CPU per GiB").
+    /// CPU per GiB by about a fifth (docs/ARCHITECTURE.md, "Wake-ups").
     public static let chunkByteCount = 512 << 10
     /// The largest chunk a receiver accepts (a peer may choose larger chunks, up to this).
     public static let maximumChunkByteCount = 1 << 20
@@ -228,6 +228,11 @@ public final class SendScheduler: @unchecked Sendable {
     }
 
     public var liveChannelCount: Int { monitor.withLock { liveChannels.count } }
+
+    /// Chunks sent on `channel` and not yet acknowledged.
+    public func inFlightCount(onChannel channel: Int) -> Int {
+        monitor.withLock { inFlight.values.reduce(0) { $0 + $1.values.filter { $0.channel == channel }.count } }
+    }
 
     /// The next chunk for `channel` to send, recorded as in flight on it. Blocks until one
     /// is queued; nil when the transport is finished or failed, or the channel was removed.

@@ -314,9 +314,14 @@ struct DataPathTests {
         let h = try Harness(streams: 2, channels: 3, window: 2 << 20, sealed: sealed, zeroCopy: mode == "zero-copy")
         let data = [Self.payload(4, 24_000_000), Self.payload(5, 8_000_000)]
         for (i, d) in data.enumerated() { try h.feed(UInt32(i), d) }
-        // Let some data flow, then kill channel 1 under the sender.
+        // Let some data flow, then kill channel 1 under the sender while it holds chunks the
+        // destination has not acknowledged yet (acknowledgements come every few ms, so
+        // at a random moment it might hold none, and there would be nothing to resend).
         let deadline = ContinuousClock.now + .seconds(10)
-        while h.source.streamByteCount < 4_000_000 && ContinuousClock.now < deadline { Thread.sleep(forTimeInterval: 0.001) }
+        while (h.source.streamByteCount < 4_000_000 || h.source.scheduler.inFlightCount(onChannel: 1) == 0)
+                && ContinuousClock.now < deadline {
+            Thread.sleep(forTimeInterval: 0.0002)
+        }
         h.sourceChannels[1].socket.shutdown()
         try h.pumpEnds(expect: 2)
         try h.destination.waitUntilComplete(timeout: .seconds(30))
