@@ -359,7 +359,8 @@ public final class SourceMigration: @unchecked Sendable {
             do {
                 let (ours, qemus) = try Socket.pair(name: "QEMU's migration stream")
                 let size = qemus.setSendBuffer(ChunkPolicy.qemuSocketBufferByteCount)
-                qemuStreamKind = "a socket pair, QEMU's send buffer \(size >> 10) KiB"
+                // getsockopt reports twice the room a writer gets (the kernel's bookkeeping).
+                qemuStreamKind = "a socket pair, QEMU's send buffer \((size / 2) >> 10) KiB"
                 defer { qemus.close() }  // QEMU holds its own copy once getfd returns
                 try qmp.execute("getfd", arguments: ["fdname": .string(Self.qemuStreamName)], passing: qemus.fd)
                 dataPath.addStream(0, socket: ours)
