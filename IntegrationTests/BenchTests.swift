@@ -36,6 +36,21 @@ struct BenchTests {
     }
 }
 
+@Suite("Bench lock", .enabled(if: getuid() == 0, "needs root (/run/ferry-lab)"))
+struct BenchLockTests {
+    @Test("a second ferry bench refuses with the first one's pid instead of tearing down its lab")
+    func secondBenchRefuses() throws {
+        let held = try BenchLock.acquire()
+        defer { held.release() }
+        let labBefore = FileManager.default.fileExists(atPath: "/run/ferry-lab/bench")
+        let out = FileManager.default.temporaryDirectory.appendingPathComponent("bench-lock-\(getpid())").path
+        let result = try Command.run([Env.ferry, "bench", "--scenario", "tiny", "--repeats", "1", "--out", out])
+        #expect(!result.succeeded)
+        #expect(result.stderr.contains("another ferry bench is running on this machine (pid \(getpid()))"), "\(result.stderr.suffix(500))")
+        #expect(FileManager.default.fileExists(atPath: "/run/ferry-lab/bench") == labBefore, "the refused bench touched the lab")
+    }
+}
+
 @Suite("Bench scenarios")
 struct BenchScenarioTests {
     @Test("line rates come from the tc rates: 2 x 1gbit is 2 Gbit/s, unlimited has none")

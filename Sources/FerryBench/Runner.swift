@@ -39,6 +39,10 @@ public final class BenchRunner {
     }
 
     public func run() throws -> BenchResult {
+        // One bench at a time per machine: its lab has a fixed name, and a second run
+        // would tear down the first's lab under it.
+        let benchLock = try BenchLock.acquire()
+        defer { benchLock.release() }
         if lab.isUp { try lab.down() }
         try lab.up(nics: scenario.nics, rate: scenario.rate)
         defer { try? lab.down() }
@@ -328,5 +332,36 @@ final class NICSampler: @unchecked Sendable {
         guard let lo = s.first(where: { Double($0.1 - first.1) >= 0.01 * total }),
               let hi = s.first(where: { Double($0.1 - first.1) >= 0.99 * total }), hi.0 > lo.0 else { return nil }
         return Double(hi.1 - lo.1) * 8 / (hi.0 - lo.0)
+    }
+}
+
+/// The machine-wide lock a `ferry bench` holds while it uses its lab (`flock` on
+/// /run/ferry-lab/bench.lock, which names the holder's pid; the kernel drops it when the
+/// process ends, however it ends).
+public struct BenchLock {
+    public static let path = "/run/ferry-lab/bench.lock"
+    private let fd: Int32
+
+    /// Takes the lock, or fails at once with the pid of the bench holding it.
+    public static func acquire() throws -> BenchLock {
+        try FileManager.default.createDirectory(atPath: "/run/ferry-lab", withIntermediateDirectories: true)
+        let fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0o644)
+        guard fd >= 0 else { throw BenchError("cannot open \(path): \(errnoDescription(errno))") }
+        guard flock(fd, LOCK_EX | LOCK_NB) == 0 else {
+            let holder = (try? String(contentsOfFile: path, encoding: .utf8))?.trimmingCharacters(in: .whitespacesAndNewlines) ?? ""
+            close(fd)
+            throw BenchError("another ferry bench is running on this machine (pid \(holder.isEmpty ? "unknown" : holder)), "
+                + "and runs in the same lab; wait for it to finish or stop it")
+        }
+        ftruncate(fd, 0)
+        let pid = "\(getpid())\n"
+        _ = pid.withCString { write(fd, $0, strlen($0)) }
+        return BenchLock(fd: fd)
+    }
+
+    public func release() {
+        ftruncate(fd, 0)
+        flock(fd, LOCK_UN)
+        close(fd)
     }
 }
