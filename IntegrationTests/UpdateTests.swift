@@ -145,6 +145,52 @@ struct UpdateTests {
         try lab.a.ferry(["vm", "stop", "vm1"])
     }
 
+    @Test("an update whose command is killed settles to one running copy: undone before the switchover, completed after it",
+          arguments: [FaultPoint.updateBeforeCont, .updateAfterCont])
+    func killedUpdate(point: FaultPoint) throws {
+        let lab = try TestLab(nics: 1)
+        let vm = try lab.startDemoVM("vm1", memory: 256, fill: 64, dirty: 4)
+        let memory = vm.paths.memoryFile
+        let marks = lab.lab.directory + "/marks-\(point.rawValue)"
+        setenv("FERRY_FAULT_PAUSE", "\(point.rawValue):60", 1)
+        setenv("FERRY_FAULT_MARK", marks, 1)
+        let ended = Locked(false)
+        Thread {
+            _ = try? lab.a.ferry(["vm", "update", "vm1", "--quiet"])
+            ended.withLock { $0 = true }
+        }.start()
+        let reached = ChaosTests.waitUntil(timeout: .seconds(60)) {
+            (try? String(contentsOfFile: marks, encoding: .utf8))?.contains(point.rawValue) == true
+        }
+        unsetenv("FERRY_FAULT_PAUSE")
+        unsetenv("FERRY_FAULT_MARK")
+        try #require(reached, "the update never reached \(point.rawValue)")
+        let updaters = ChaosTests.pids(of: [Env.ferry, "vm", "update", "vm1"])
+        try #require(!updaters.isEmpty, "no ferry vm update to kill")
+        for pid in updaters { kill(pid, SIGKILL) }
+        #expect(ChaosTests.waitUntil(timeout: .seconds(10)) { ended.current })
+        #expect(try lab.a.store.record("vm1").state.phase == .updating)
+        #expect(Self.qemuCopies(of: memory).count == 2, "both QEMUs exist in the window")
+
+        // `ferry vm list` settles it (as `ferry serve` would).
+        let list = try lab.a.ferry(["vm", "list"])
+        #expect(list.stdout.contains("reconciled: vm1: an update was interrupted"), "\(list.stdout)")
+        let record = try lab.a.store.record("vm1")
+        #expect(record.alive && record.state.phase == .running && record.state.update == nil)
+        if point == .updateBeforeCont {
+            #expect(record.state.pid == vm.state.pid, "undone: the VM stays in its old QEMU")
+        } else {
+            #expect(record.state.pid != vm.state.pid, "completed: the VM is in the new QEMU")
+        }
+        #expect(Self.qemuCopies(of: memory) == [record.state.pid], "exactly one copy of the VM")
+        try lab.expectRunningAndHealthy("vm1", on: "a")
+        // And the next update goes through.
+        let (result, _) = try Self.run(lab, ["vm", "update", "vm1"])
+        #expect(result.succeeded, "update after the settled one: \(result.stdout)\(result.stderr)")
+        try lab.expectRunningAndHealthy("vm1", on: "a")
+        try lab.a.ferry(["vm", "stop", "vm1"])
+    }
+
     @Test("the RAM file survives a ferry serve restart, and the VM can be updated afterwards")
     func serveRestart() throws {
         let lab = try TestLab(nics: 1)

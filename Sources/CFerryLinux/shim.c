@@ -111,6 +111,10 @@ long ferry_send_with_fd(int socket, const void *bytes, unsigned long length, int
     return n < 0 ? -errno : n;
 }
 
+int ferry_accept_cloexec(int socket, struct sockaddr *address, socklen_t *length) {
+    return accept4(socket, address, length, SOCK_CLOEXEC);
+}
+
 int ferry_set_send_buffer(int socket, int bytes) {
     if (setsockopt(socket, SOL_SOCKET, SO_SNDBUFFORCE, &bytes, sizeof(bytes)) != 0 &&
         setsockopt(socket, SOL_SOCKET, SO_SNDBUF, &bytes, sizeof(bytes)) != 0) return -errno;

@@ -197,13 +197,12 @@ public final class Socket: @unchecked Sendable {
         var storage = sockaddr_storage()
         var len = socklen_t(MemoryLayout<sockaddr_storage>.size)
         let client = withUnsafeMutablePointer(to: &storage) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.accept(fd, $0, &len) }
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { ferry_accept_cloexec(fd, $0, &len) }
         }
         guard client >= 0 else {
             if errno == EINTR || errno == EAGAIN || errno == ECONNABORTED { return nil }
             throw .errno("accept on", peer: peer)
         }
-        _ = fcntl(client, F_SETFD, FD_CLOEXEC)
         let socket = Socket(fd: client, peer: Self.describe(&storage) ?? peer)
         if storage.ss_family != sa_family_t(AF_UNIX) { socket.setNoDelay() }
         return socket

@@ -15,6 +15,11 @@ public enum FaultPoint: String, CaseIterable, Sendable {
     case sourceAfterCommitted = "source-after-committed"
     /// Destination: `prepared` is on disk, `loaded` not yet sent.
     case destinationAfterPrepared = "destination-after-prepared"
+    /// Same-host update: the new QEMU holds the VM, paused; the old one sits in
+    /// `postmigrate`; `cont` not yet given.
+    case updateBeforeCont = "update-before-cont"
+    /// Same-host update: the VM runs in the new QEMU; the old one has not quit yet.
+    case updateAfterCont = "update-after-cont"
 
     static let pauses: [FaultPoint: Double] = {
         guard let text = ProcessInfo.processInfo.environment["FERRY_FAULT_PAUSE"] else { return [:] }

@@ -64,7 +64,7 @@ public final class MigrationServer: @unchecked Sendable {
         var port = options.port
         for address in options.addresses {
             // The first listener fixes the port (an ephemeral one if 0); the others use it.
-            let listener = try Socket.listenTCP(host: address, port: port)
+            let listener = try Self.listen(host: address, port: port, logger: logger)
             port = listener.localPort
             listeners.append(listener)
         }
@@ -288,5 +288,27 @@ public final class MigrationServer: @unchecked Sendable {
         InterfaceDiscovery.list(speeds: speeds)
             .filter { !$0.isLoopback && nics.allows($0.name) }
             .flatMap { $0.addresses.filter { !$0.isLinkLocal }.map(\.address) }
+    }
+}
+
+extension MigrationServer {
+    /// Listens on `host:port`, waiting up to 5 s while the address is in use: a daemon
+    /// restarted right after it was killed can find its old listening socket still open
+    /// for a moment, while the dead process's last threads exit.
+    static func listen(host: String, port: UInt16, logger: Logger) throws(SocketError) -> Socket {
+        let deadline = ContinuousClock.now + .seconds(5)
+        var told = false
+        while true {
+            do {
+                return try Socket.listenTCP(host: host, port: port)
+            } catch {
+                guard case .system(EADDRINUSE) = error.kind, port != 0, ContinuousClock.now < deadline else { throw error }
+                if !told {
+                    logger.notice("address in use; waiting up to 5 s for it", metadata: ["address": "\(host):\(port)"])
+                    told = true
+                }
+                Thread.sleep(forTimeInterval: 0.2)
+            }
+        }
     }
 }

@@ -22,6 +22,8 @@ import Logging
 ///   - `committed`: the source decided; the VM runs here (`cont` if the crash came first).
 ///   - `prepared`: only the source's decision may run or discard it: ask the source.
 ///   - no record: it never reached `loaded`, so the source cannot commit it: discarded.
+/// - A VM in a same-host update whose `ferry vm update` is gone: kept in whichever QEMU
+///   holds it (``settleUpdate(_:)``).
 public final class Reconciler: @unchecked Sendable {
     private let store: VMStore
     private let keys: KeyRing?
@@ -51,6 +53,10 @@ public final class Reconciler: @unchecked Sendable {
             case .incoming:
                 guard !VMLock.isHeld(paths: record.paths), let lock = try? VMLock(paths: record.paths, name: name) else { continue }
                 if let note = settleDestination(record, network: network) { notes.append(note) }
+                _ = lock
+            case .updating:
+                guard !VMLock.isHeld(paths: record.paths), let lock = try? VMLock(paths: record.paths, name: name) else { continue }
+                notes.append(settleUpdate(record))
                 _ = lock
             default:
                 continue
@@ -96,19 +102,87 @@ public final class Reconciler: @unchecked Sendable {
             store.archiveAndRemove(name, reason: "died")
             return "\(name): its QEMU died during a migration (pid \(record.state.pid)); nothing of it runs here"
         }
-        var what = "the migration never committed; the VM stays here"
-        if let qmp = try? QMPClient(path: record.paths.qmpSocket, timeout: .seconds(3)) {
-            defer { qmp.close() }
-            if let info = try? qmp.queryMigrate(), !QMPClient.migrationEndStates.contains(info.status) {
-                qmp.cancelMigration(timeout: .seconds(10))
-                what += ", its QEMU's migration cancelled"
-            }
-            if let state = try? qmp.queryStatus(), !state.running, ["postmigrate", "finish-migrate", "paused"].contains(state.status) {
-                what += (try? qmp.execute("cont")) != nil ? ", resumed" : ", but it could not be resumed"
-            }
-        }
+        let done = takeBack(record) { ["postmigrate", "finish-migrate", "paused"].contains($0.status) }
         try? store.setPhase(name, .running)
-        return "\(name): \(what)"
+        return "\(name): the migration never committed; the VM stays here" + done.map { ", " + $0 }.joined()
+    }
+
+    /// Cancels the VM's QEMU's migration if one is under way, and resumes the guest if
+    /// `resume` says so of its paused state. What was done, as phrases for a note.
+    private func takeBack(_ record: VMRecord, resume: (RunState) -> Bool) -> [String] {
+        guard let qmp = try? QMPClient(path: record.paths.qmpSocket, timeout: .seconds(3)) else { return [] }
+        defer { qmp.close() }
+        var done: [String] = []
+        if let info = try? qmp.queryMigrate(), !QMPClient.migrationEndStates.contains(info.status) {
+            qmp.cancelMigration(timeout: .seconds(10))
+            done.append("its QEMU's migration cancelled")
+        }
+        if let state = try? qmp.queryStatus(), !state.running, resume(state) {
+            done.append((try? qmp.execute("cont")) != nil ? "resumed" : "but it could not be resumed")
+        }
+        return done
+    }
+
+    // MARK: Same-host update
+
+    /// A same-host update whose `ferry vm update` is gone (lock held by the caller). Both
+    /// QEMUs map the same RAM, so exactly one may ever run the guest:
+    /// - the new QEMU runs it (`cont` was given): the update had switched; the old QEMU
+    ///   quits and the new one is adopted;
+    /// - the old QEMU lives: the update is undone; the new QEMU (which never ran the
+    ///   guest) quits, the old one's migration is cancelled and it runs again if it ran;
+    /// - only the new QEMU lives and it has loaded the whole VM: the old one died after
+    ///   sending it; the new one is adopted and runs it if the guest ran;
+    /// - neither holds the VM: its QEMU died; nothing of it runs.
+    func settleUpdate(_ record: VMRecord) -> String {
+        let name = record.spec.name
+        guard let update = record.state.update else {
+            // Phase without the record (an older Ferry): the old QEMU is all there is.
+            try? store.setPhase(name, .running)
+            return "\(name): an update was interrupted; the VM stays in its QEMU (pid \(record.state.pid))"
+        }
+        let successor = QEMUInstance.successor(record.paths, binary: update.binary, tag: update.tag)
+        let newPID = (try? String(contentsOfFile: successor.pidFile, encoding: .utf8))
+            .flatMap { Int32($0.trimmingCharacters(in: .whitespacesAndNewlines)) }
+            .flatMap { VMStore.isQEMU(pid: $0, name: name) ? $0 : nil }
+        let newQMP = newPID.flatMap { _ in try? QMPClient(path: successor.qmpSocket, timeout: .seconds(3)) }
+        defer { newQMP?.close() }
+        let newRuns = (try? newQMP?.queryStatus())?.running ?? false
+        let newLoaded = (try? newQMP?.queryMigrate())?.status == "completed"
+        let stopNew = {
+            try? newQMP?.quit()
+            if let newPID, !ProcessStats.waitForExit(pid: newPID, timeout: .seconds(5)) { ProcessStats.terminate(pid: newPID) }
+            try? FileManager.default.removeItem(atPath: successor.qmpSocket)
+        }
+        let stopOld = {
+            if let old = try? QMPClient(path: record.paths.qmpSocket, timeout: .seconds(3)) {
+                try? old.quit()
+                old.close()
+            }
+            if !ProcessStats.waitForExit(pid: record.state.pid, timeout: .seconds(5)) { ProcessStats.terminate(pid: record.state.pid) }
+        }
+        try? FileManager.default.removeItem(atPath: record.paths.updateSocket)
+        if let newPID, newRuns || (!record.alive && newLoaded) {
+            if record.alive { stopOld() }
+            if !newRuns && update.wasRunning { _ = try? newQMP?.execute("cont") }
+            do {
+                try store.adopt(name, pid: newPID, qmpSocket: successor.qmpSocket, binary: update.binary)
+            } catch {
+                return "\(name): an update was interrupted after its switchover; the VM runs in QEMU pid \(newPID), but its record could not be updated: \(error)"
+            }
+            if let log = successor.log { _ = rename(log, record.paths.qemuLog) }
+            return "\(name): an update was interrupted after its switchover; the VM runs in the new QEMU (pid \(newPID))"
+                + (record.alive ? ", the old one is stopped" : "")
+        }
+        stopNew()
+        guard record.alive else {
+            store.archiveAndRemove(name, reason: "died")
+            return "\(name): its QEMU died during an update (pid \(record.state.pid)); nothing of it runs here"
+        }
+        let done = takeBack(record) { _ in update.wasRunning }
+        try? store.setPhase(name, .running)
+        return "\(name): an update was interrupted before its switchover; the VM stays in its QEMU (pid \(record.state.pid))"
+            + done.map { ", " + $0 }.joined()
     }
 
     // MARK: Destination side

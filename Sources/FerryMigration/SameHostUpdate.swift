@@ -130,12 +130,13 @@ public final class SameHostUpdate: @unchecked Sendable {
         if ["setup", "active", "pre-switchover", "device", "cancelling"].contains(current.status) {
             throw MigrationError(.preparing, "QEMU already has a migration in progress (\(current.status))")
         }
-        try store.setPhase(name, .updating)
-
-        // The successor: same spec, same RAM file, its own QMP socket and pid file.
+        // The successor: same spec, same RAM file, its own QMP socket and pid file, on
+        // record before it starts, so that the update can be settled if this process dies
+        // (the reconciler of `ferry vm list` and `ferry serve`).
+        let tag = String(format: "%06x", UInt32.random(in: 0...0xFF_FFFF))
+        try store.beginUpdate(name, UpdateInProgress(tag: tag, binary: options.qemuBinary, wasRunning: wasRunning))
         phase = .startingDestination
         emit()
-        let tag = String(format: "%06x", UInt32.random(in: 0...0xFF_FFFF))
         let instance = QEMUInstance.successor(paths, binary: options.qemuBinary, tag: tag)
         self.instance = instance
         let new: QMPClient
@@ -181,9 +182,15 @@ public final class SameHostUpdate: @unchecked Sendable {
             if ["cancelled", "cancelling"].contains(info.status) {
                 throw MigrationError(.transferring, "the migration was cancelled in QEMU")
             }
-            try checkNewAlive()
-            if clock.elapsed > deadline { throw MigrationError(.transferring, "timed out after \(Int(options.timeout.seconds)) s") }
             if stopAt.current != nil { phase = .switchover }
+            if !ProcessStats.isAlive(pid: newPID) {
+                // A new QEMU that fails to load the device state dies just after the old
+                // one paused the VM for it, perhaps before its STOP event came: the VM not
+                // running in the old QEMU says the switchover had begun.
+                if wasRunning, let state = try? old.queryStatus(), !state.running { phase = .switchover }
+                try checkNewAlive()
+            }
+            if clock.elapsed > deadline { throw MigrationError(.transferring, "timed out after \(Int(options.timeout.seconds)) s") }
             usleep(1_000)
         }
         completedAt = clock.elapsed
@@ -220,9 +227,11 @@ public final class SameHostUpdate: @unchecked Sendable {
 
         // Switchover.
         phase = .committing
+        FaultPoint.updateBeforeCont.pause()
         if wasRunning {
             try qmpCall(.committing, "start the VM in the new QEMU") { try new.execute("cont") }
         }
+        FaultPoint.updateAfterCont.pause()
         let switched = Date().timeIntervalSince1970
         if let stop = stopAt.current { switchoverMillis = (switched - stop) * 1000 }
         note(wasRunning ? "VM runs in the new QEMU" : "VM is in the new QEMU (paused, as it was)")

@@ -30,12 +30,29 @@ public struct VMState: Codable, Sendable, Equatable {
     /// The migration session it arrived by, so that a source settling that session after
     /// a crash can be told it runs here.
     public var session: String?
+    /// A same-host update under way (phase `updating`): where its new QEMU is, so that
+    /// the update can be settled if `ferry vm update` dies half-way.
+    public var update: UpdateInProgress?
 
     public init(phase: VMPhase, pid: Int32, startedAt: Date = Date(), migratedFrom: String? = nil) {
         self.phase = phase
         self.pid = pid
         self.startedAt = startedAt
         self.migratedFrom = migratedFrom
+    }
+}
+
+/// A same-host update under way, written before its new QEMU starts.
+public struct UpdateInProgress: Codable, Sendable, Equatable {
+    /// Names the new QEMU's QMP socket and pid file (``QEMUInstance/successor(_:binary:tag:)``).
+    public var tag: String
+    public var binary: String
+    /// Whether the guest ran before the update (the old QEMU's `cont` on a rollback).
+    public var wasRunning: Bool
+    public init(tag: String, binary: String, wasRunning: Bool) {
+        self.tag = tag
+        self.binary = binary
+        self.wasRunning = wasRunning
     }
 }
 
@@ -149,6 +166,7 @@ public struct VMStore: Sendable {
         state.pid = pid
         state.qemuBinary = binary
         state.updatedAt = Date()
+        state.update = nil
         try write(state, to: vm.state)
     }
 
@@ -171,10 +189,20 @@ public struct VMStore: Sendable {
 
     /// Moves the VM to `phase`, keeping the rest of its state; with `from`, only if it is
     /// in that phase now (a rollback must not undo what someone else already settled).
+    /// Leaving `updating` forgets the update's record.
     public func setPhase(_ name: String, _ phase: VMPhase, from: VMPhase? = nil) throws {
         var state = try record(name).state
         if let from, state.phase != from { return }
         state.phase = phase
+        if phase != .updating { state.update = nil }
+        try setState(name, state)
+    }
+
+    /// Marks the VM `updating` with where its new QEMU will be, before that QEMU starts.
+    public func beginUpdate(_ name: String, _ update: UpdateInProgress) throws {
+        var state = try record(name).state
+        state.phase = .updating
+        state.update = update
         try setState(name, state)
     }
 

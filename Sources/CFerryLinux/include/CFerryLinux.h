@@ -3,6 +3,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <sys/socket.h>
 #include <sys/types.h>
 
 /// CRC32C (Castagnoli) of `len` bytes, continuing from `crc` (start with 0).
@@ -18,6 +19,10 @@ void ferry_name_thread(const char *name);
 /// Sends `length` bytes on the unix socket `socket` with the descriptor `fd` attached
 /// (SCM_RIGHTS), as QMP's getfd expects. Returns the bytes sent or -errno.
 long ferry_send_with_fd(int socket, const void *bytes, unsigned long length, int fd);
+
+/// accept4(2) with SOCK_CLOEXEC: the accepted socket is never inherited by a process
+/// started meanwhile (a QEMU), as it could be between accept and fcntl.
+int ferry_accept_cloexec(int socket, struct sockaddr *address, socklen_t *length);
 
 /// Sets a socket's send buffer to `bytes`, past net.core.wmem_max if the caller may
 /// (SO_SNDBUFFORCE, CAP_NET_ADMIN), else up to it (SO_SNDBUF). Returns the size the
