@@ -51,7 +51,7 @@ final class ChannelManager: @unchecked Sendable {
 
     /// Watches carrier and reopens channels on NICs that come back, every 100 ms.
     func start() {
-        spawnThread("ferry-nics") { [self] in
+        startThread("ferry-nics") { [self] in
             while !lock.withLock({ stopped }) {
                 tick()
                 usleep(100_000)
@@ -84,7 +84,7 @@ final class ChannelManager: @unchecked Sendable {
                 return true
             }
             guard go else { continue }
-            spawnThread("ferry-reopen") { [self] in
+            startThread("ferry-reopen") { [self] in
                 let errors = open(pair, count: plan.channelsPerPair)
                 let opened = plan.channelsPerPair - errors.count
                 if opened > 0 { note("NIC \(nic) is back: \(opened) channel(s) opened") }

@@ -170,7 +170,7 @@ final class DestinationSession: @unchecked Sendable {
         try control.send(.ready, ReadyMessage(qemuVersion: qmp.qemuVersion))
         server.startedTransfer(self)
 
-        spawnThread("ferry-control-rx") { [events, control] in
+        startThread("ferry-control-rx") { [events, control] in
             while true {
                 do {
                     events.post(.frame(try control.receive()))
@@ -271,11 +271,7 @@ final class DestinationSession: @unchecked Sendable {
             // reconciler keeps trying to run this one.
             throw ErrorMessage(code: .qemuFailed, message: "the destination QEMU would not run the VM: \(error)")
         }
-        if var state = try? store.record(name).state {
-            state.phase = .running
-            state.session = session
-            try? store.setState(name, state)
-        }
+        try? store.setPhase(name, .running, session: session)
         store.clearHandover(name)
         let reply = CommittedMessage(
             ferryCPUSeconds: ProcessStats.ownCPUSeconds() - ferryCPUStart,
@@ -326,8 +322,7 @@ final class DestinationSession: @unchecked Sendable {
         guard let spec else { return }
         store.clearHandover(spec.name)
         if qemuPID > 0 {
-            try? qmp?.quit()
-            if !ProcessStats.waitForExit(pid: qemuPID, timeout: .seconds(5)) { ProcessStats.terminate(pid: qemuPID) }
+            QEMU.stop(pid: qemuPID, qmp: qmp)
             store.archiveAndRemove(spec.name, reason: "incoming-aborted")
         }
     }

@@ -76,7 +76,7 @@ final class MigrationInterrupt: @unchecked Sendable {
             // moment, the connection goes altogether (the destination then discards its
             // copy on the lost connection instead of on an `abort`; a rollback sending its
             // `abort` into a stalled peer is freed the same way).
-            spawnThread("ferry-stop") { [self] in
+            startThread("ferry-stop") { [self] in
                 Thread.sleep(forTimeInterval: 3)
                 if !hasEnded { control?.shutdown() }
             }
@@ -114,7 +114,7 @@ final class MigrationInterrupt: @unchecked Sendable {
     /// Requests `.timedOut` once `timeout` has passed since now, unless the migration ended.
     func startTimer(_ timeout: Duration) {
         let deadline = ContinuousClock.now + timeout
-        spawnThread("ferry-timeout") { [self] in
+        startThread("ferry-timeout") { [self] in
             while !hasEnded {
                 if ContinuousClock.now >= deadline {
                     _ = request(.timedOut(seconds: Int(timeout.seconds.rounded())))

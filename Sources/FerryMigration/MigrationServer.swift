@@ -91,9 +91,9 @@ public final class MigrationServer: @unchecked Sendable {
     public func run() -> Never {
         logger.info("ferry serve listening", metadata: ["addresses": "\(options.addresses.joined(separator: ","))", "port": "\(port)"])
         for listener in listeners.dropFirst() {
-            spawnThread("ferry-listen") { [self] in acceptLoop(listener) }
+            startThread("ferry-listen") { [self] in acceptLoop(listener) }
         }
-        spawnThread("ferry-reconcile") { [self] in
+        startThread("ferry-reconcile") { [self] in
             while true {
                 Thread.sleep(forTimeInterval: reconcileInterval.seconds)
                 reconcile()
@@ -123,7 +123,7 @@ public final class MigrationServer: @unchecked Sendable {
                 socket.close()
                 continue
             }
-            spawnThread("ferry-conn") { [self] in handle(socket) }
+            startThread("ferry-conn") { [self] in handle(socket) }
         }
     }
 

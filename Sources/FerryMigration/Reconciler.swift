@@ -149,21 +149,9 @@ public final class Reconciler: @unchecked Sendable {
         defer { newQMP?.close() }
         let newRuns = (try? newQMP?.queryStatus())?.running ?? false
         let newLoaded = (try? newQMP?.queryMigrate())?.status == "completed"
-        let stopNew = {
-            try? newQMP?.quit()
-            if let newPID, !ProcessStats.waitForExit(pid: newPID, timeout: .seconds(5)) { ProcessStats.terminate(pid: newPID) }
-            try? FileManager.default.removeItem(atPath: successor.qmpSocket)
-        }
-        let stopOld = {
-            if let old = try? QMPClient(path: record.paths.qmpSocket, timeout: .seconds(3)) {
-                try? old.quit()
-                old.close()
-            }
-            if !ProcessStats.waitForExit(pid: record.state.pid, timeout: .seconds(5)) { ProcessStats.terminate(pid: record.state.pid) }
-        }
         try? FileManager.default.removeItem(atPath: record.paths.updateSocket)
         if let newPID, newRuns || (!record.alive && newLoaded) {
-            if record.alive { stopOld() }
+            if record.alive { QEMU.stop(pid: record.state.pid, qmpSocket: record.paths.qmpSocket) }
             if !newRuns && update.wasRunning { _ = try? newQMP?.execute("cont") }
             do {
                 try store.adopt(name, pid: newPID, qmpSocket: successor.qmpSocket, binary: update.binary)
@@ -174,7 +162,8 @@ public final class Reconciler: @unchecked Sendable {
             return "\(name): an update was interrupted after its switchover; the VM runs in the new QEMU (pid \(newPID))"
                 + (record.alive ? ", the old one is stopped" : "")
         }
-        stopNew()
+        if let newPID { QEMU.stop(pid: newPID, qmp: newQMP) }
+        try? FileManager.default.removeItem(atPath: successor.qmpSocket)
         guard record.alive else {
             store.archiveAndRemove(name, reason: "died")
             return "\(name): its QEMU died during an update (pid \(record.state.pid)); nothing of it runs here"
@@ -239,10 +228,7 @@ public final class Reconciler: @unchecked Sendable {
         if let state = try? qmp.queryStatus(), !state.running {
             guard (try? qmp.execute("cont")) != nil else { return false }
         }
-        var state = record.state
-        state.phase = .running
-        state.session = handover.session
-        try? store.setState(name, state)
+        try? store.setPhase(name, .running, session: handover.session)
         store.clearHandover(name)
         return true
     }

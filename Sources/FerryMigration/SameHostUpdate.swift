@@ -241,11 +241,8 @@ public final class SameHostUpdate: @unchecked Sendable {
             note("warning: could not turn x-ignore-shared off in the new QEMU; network migrations turn it off themselves")
         }
         oldCPUEnd = ProcessStats.cpuSeconds(pid: oldPID)
-        try? old.quit()
+        QEMU.stop(pid: oldPID, qmp: old, grace: .seconds(10))
         old.close()
-        if !ProcessStats.waitForExit(pid: oldPID, timeout: .seconds(10)) {
-            ProcessStats.terminate(pid: oldPID)
-        }
         do {
             try store.adopt(name, pid: newPID, qmpSocket: instance.qmpSocket, binary: options.qemuBinary)
         } catch {
@@ -274,16 +271,15 @@ public final class SameHostUpdate: @unchecked Sendable {
         }
     }
 
-
     /// Undoes a failed update: the new QEMU is stopped and confirmed gone, then the old
     /// one leaves the migration and runs again. Returns a note and whether the VM is safe
     /// (running, or paused as it was, in the old QEMU).
     private func rollBack(_ record: VMRecord) -> (String?, Bool) {
         var notes: [String] = []
         if newPID > 0 {
-            try? newQMP?.quit()
+            let gone = QEMU.stop(pid: newPID, qmp: newQMP, grace: .seconds(3))
             newQMP?.close()
-            if !ProcessStats.waitForExit(pid: newPID, timeout: .seconds(3)) && !ProcessStats.terminate(pid: newPID) {
+            if !gone {
                 // The new copy may still be there: resuming the old one could run the VM twice.
                 return ("the new QEMU (pid \(newPID)) does not exit; the old copy is left as it is (check both)", false)
             }

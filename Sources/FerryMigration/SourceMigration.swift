@@ -248,7 +248,7 @@ public final class SourceMigration: @unchecked Sendable {
         multifdUsed = plan.multifdChannels
         let accept: AcceptMessage
         do {
-            let ownPort = (try? String(contentsOfFile: store.paths.runDirectory + "/serve.port", encoding: .utf8))
+            let ownPort = (try? String(contentsOfFile: store.paths.servePortFile, encoding: .utf8))
                 .flatMap { UInt16($0.trimmingCharacters(in: .whitespacesAndNewlines)) }
             try control.send(.offer, OfferMessage(spec: spec, streams: plan, sourceHost: HostInfo.hostname, sourcePort: ownPort))
             accept = try control.expect(.accept, as: AcceptMessage.self)
@@ -285,7 +285,7 @@ public final class SourceMigration: @unchecked Sendable {
         control.socket.setReceiveTimeout(nil)
 
         // From here on, frames from the destination arrive as events.
-        spawnThread("ferry-control") { [events] in
+        startThread("ferry-control") { [events] in
             while true {
                 do {
                     let frame = try control.receive()
@@ -378,7 +378,7 @@ public final class SourceMigration: @unchecked Sendable {
                 throw MigrationError(.transferring, "cannot listen for QEMU's streams: \(error)")
             }
             self.listener = listener
-            spawnThread("ferry-accept") { [events, dataPath] in
+            startThread("ferry-accept") { [events, dataPath] in
                 for id in 0..<UInt32(plan.streamCount) {
                     guard let socket = try? listener.accept() else { return }
                     dataPath.addStream(id, socket: socket)
@@ -452,10 +452,7 @@ public final class SourceMigration: @unchecked Sendable {
         // are freed by QEMU's exit rather than by Ferry's unlink.
         qemuCPUEnd = ProcessStats.cpuSeconds(pid: qemuPID)
         store.releaseMemory(name)
-        try? qmp.quit()
-        if !ProcessStats.waitForExit(pid: qemuPID, timeout: .seconds(10)) {
-            ProcessStats.terminate(pid: qemuPID)
-        }
+        QEMU.stop(pid: qemuPID, qmp: qmp, grace: .seconds(10))
         store.archiveAndRemove(name, reason: "migrated")
         channelManager?.stop()
         dataPath.closeChannels()

@@ -54,10 +54,6 @@ public enum MigrationPhase: String, Codable, Sendable {
     case done
 }
 
-func spawnThread(_ name: String, _ body: @escaping @Sendable () -> Void) {
-    startThread(name, body)
-}
-
 /// Monotonic seconds since an origin.
 struct Stopwatch: Sendable {
     let start = ContinuousClock.now

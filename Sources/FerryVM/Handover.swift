@@ -53,10 +53,7 @@ extension VMStore {
     /// Writes the handover record durably: a temporary file, fsync, rename, fsync of the
     /// directory. Returns only once a crash (of the process or the host) cannot lose it.
     public func recordHandover(_ name: String, _ record: HandoverRecord) throws {
-        let encoder = JSONEncoder()
-        encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
-        encoder.dateEncodingStrategy = .iso8601
-        try Self.writeDurably(try encoder.encode(record), to: vmPaths(name).handover)
+        try write(record, to: vmPaths(name).handover, durably: true)
     }
 
     /// Removes the handover record once the outcome is settled (durably too).

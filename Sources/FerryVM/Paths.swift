@@ -29,6 +29,9 @@ public struct StatePaths: Sendable {
     public var imagesDirectory: String { root + "/images" }
     public var logsDirectory: String { root + "/logs" }
     public var runDirectory: String { root + "/run" }
+    /// The port this host's `ferry serve` listens on, for migrations from here to name to
+    /// the destination (which asks it for the switchover's decision after a crash).
+    public var servePortFile: String { runDirectory + "/serve.port" }
 
     /// Where guest RAM lives: `FERRY_MEMORY_DIR`, or /dev/shm. It must be tmpfs (memory, not
     /// disk), and it is not under the state root because that is usually on disk.

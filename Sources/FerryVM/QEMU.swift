@@ -190,3 +190,21 @@ public struct QEMUInstance: Sendable, Equatable {
 public enum AcceleratorChoice: String, CaseIterable, Sendable {
     case auto, kvm, tcg
 }
+
+extension QEMU {
+    /// Ends a QEMU: `quit` over `qmp` if given, up to `grace` for it to exit, then signals
+    /// (``ProcessStats/terminate(pid:grace:)``). True once it is gone.
+    @discardableResult
+    public static func stop(pid: Int32, qmp: QMPClient?, grace: Duration = .seconds(5)) -> Bool {
+        try? qmp?.quit()
+        return ProcessStats.waitForExit(pid: pid, timeout: grace) || ProcessStats.terminate(pid: pid)
+    }
+
+    /// The same, reaching QEMU through its QMP socket at `path` (a client of its own).
+    @discardableResult
+    public static func stop(pid: Int32, qmpSocket path: String, grace: Duration = .seconds(5)) -> Bool {
+        let qmp = try? QMPClient(path: path, timeout: .seconds(3))
+        defer { qmp?.close() }
+        return stop(pid: pid, qmp: qmp, grace: grace)
+    }
+}

@@ -189,12 +189,14 @@ public struct VMStore: Sendable {
 
     /// Moves the VM to `phase`, keeping the rest of its state; with `from`, only if it is
     /// in that phase now (a rollback must not undo what someone else already settled).
-    /// Leaving `updating` forgets the update's record.
-    public func setPhase(_ name: String, _ phase: VMPhase, from: VMPhase? = nil) throws {
+    /// Leaving `updating` forgets the update's record. `session`: the migration session the
+    /// VM now runs by (``VMState/session``).
+    public func setPhase(_ name: String, _ phase: VMPhase, from: VMPhase? = nil, session: String? = nil) throws {
         var state = try record(name).state
         if let from, state.phase != from { return }
         state.phase = phase
         if phase != .updating { state.update = nil }
+        if let session { state.session = session }
         try setState(name, state)
     }
 
@@ -210,15 +212,8 @@ public struct VMStore: Sendable {
     /// keeping its serial log under logs/.
     public func stop(_ name: String, reason: String = "stopped") throws {
         let rec = try record(name)
-        if rec.alive {
-            if let qmp = try? QMPClient(path: rec.paths.qmpSocket, timeout: .seconds(3)) {
-                try? qmp.quit()
-            }
-            if !ProcessStats.waitForExit(pid: rec.state.pid, timeout: .seconds(5)) {
-                guard ProcessStats.terminate(pid: rec.state.pid) else {
-                    throw VMError.qemu("QEMU of '\(name)' (pid \(rec.state.pid)) does not exit")
-                }
-            }
+        if rec.alive, !QEMU.stop(pid: rec.state.pid, qmpSocket: rec.paths.qmpSocket) {
+            throw VMError.qemu("QEMU of '\(name)' (pid \(rec.state.pid)) does not exit")
         }
         archiveAndRemove(name, reason: reason)
     }
@@ -255,11 +250,14 @@ public struct VMStore: Sendable {
 
     // MARK: JSON files
 
-    func write<T: Encodable>(_ value: T, to path: String) throws {
+    /// Writes `value` as JSON through a temporary file and a rename; `durably`: fsync of
+    /// the file and its directory too (``writeDurably(_:to:)``).
+    func write<T: Encodable>(_ value: T, to path: String, durably: Bool = false) throws {
         let encoder = JSONEncoder()
         encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
         encoder.dateEncodingStrategy = .iso8601
         let data = try encoder.encode(value)
+        if durably { return try Self.writeDurably(data, to: path) }
         let tmp = path + ".tmp"
         try data.write(to: URL(fileURLWithPath: tmp))
         guard rename(tmp, path) == 0 else { throw VMError.io("cannot write \(path)") }

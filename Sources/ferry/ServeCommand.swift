@@ -66,9 +66,7 @@ struct Serve: ParsableCommand {
         for line in server.reconcile() { print("ferry serve: \(line)") }
         let pidPath = pidFile ?? paths.runDirectory + "/serve.pid"
         try "\(getpid())\n".write(toFile: pidPath, atomically: true, encoding: .utf8)
-        // Where this host's daemon listens, for a migration from here to name it to the
-        // destination (which asks it for the switchover's decision after a crash).
-        try? "\(server.port)\n".write(toFile: paths.runDirectory + "/serve.port", atomically: true, encoding: .utf8)
+        try? "\(server.port)\n".write(toFile: paths.servePortFile, atomically: true, encoding: .utf8)
         signal(SIGPIPE, SIG_IGN)
         print("ferry serve: listening on \(server.options.addresses.map { ($0.contains(":") ? "[\($0)]" : $0) + ":\(server.port)" }.joined(separator: ", ")) (state in \(paths.root); "
               + (keys.map { "cluster key \($0.primary.id)" + ($0.keys.count > 1 ? " + \($0.keys.count - 1) accepted" : "") } ?? "INSECURE") + ")")
