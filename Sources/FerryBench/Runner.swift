@@ -264,15 +264,15 @@ public final class BenchRunner {
         let cpuBefore = ProcessStats.cpuSeconds(pid: source.state.pid) ?? 0
         let started = ContinuousClock.now
         try src.execute("migrate", arguments: ["uri": .string(uri)])
-        var info = MigrationInfo(status: "setup")
+        var info = MigrationInfo(status: .setup)
         while true {
             info = try src.queryMigrate()
-            if info.status == "failed" || info.status == "cancelled" {
+            if info.status == .failed || info.status == .cancelled {
                 throw BenchError("QEMU: migration \(info.status): \(info.errorDescription ?? "")")
             }
             let d = try dst.queryMigrate()
-            if d.status == "completed" && info.status == "completed" { break }
-            if d.status == "failed" { throw BenchError("destination QEMU failed to load") }
+            if d.status == .completed && info.status == .completed { break }
+            if d.status == .failed { throw BenchError("destination QEMU failed to load") }
             if ContinuousClock.now - started > .seconds(900) { throw BenchError("timed out") }
             Thread.sleep(forTimeInterval: 0.02)
         }

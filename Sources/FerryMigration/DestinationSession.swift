@@ -100,7 +100,7 @@ final class DestinationSession: @unchecked Sendable {
             // Not a migration: a peer settling a switchover a crash left unsettled.
             let request = try ControlCoding.decode(ResolveMessage.self, from: first)
             let answer = server.reconciler.answer(request)
-            logger.info("settled a switchover for a peer", metadata: ["vm": "\(request.vm)", "asked": "\(request.decision ?? "query")", "answer": "\(answer.state.rawValue)"])
+            logger.info("settled a switchover for a peer", metadata: ["vm": "\(request.vm)", "asked": "\(request.decision?.rawValue ?? "query")", "answer": "\(answer.state.rawValue)"])
             try control.send(.resolved, answer)
             return
         }
@@ -242,7 +242,7 @@ final class DestinationSession: @unchecked Sendable {
                 }
                 if dataPath.isComplete {
                     let info = try qmp.queryMigrate()
-                    if info.status == "completed" {
+                    if info.status == .completed {
                         // Durably `prepared` before the source may decide on it.
                         try record(.prepared, for: name)
                         prepared = true
@@ -252,7 +252,7 @@ final class DestinationSession: @unchecked Sendable {
                         logger.info("VM loaded, waiting for the commit",
                                     metadata: ["vm": "\(name)", "chunks": "\(dataPath.chunkCount)", "spliced": "\(dataPath.splicedChunkCount)",
                                                "duplicates": "\(dataPath.duplicates)"])
-                    } else if info.status == "failed" {
+                    } else if info.status == .failed {
                         throw ErrorMessage(code: .qemuFailed, message: "the destination QEMU failed to load the VM: \(info.errorDescription ?? "no reason")")
                     }
                 }

@@ -75,7 +75,7 @@ public final class Reconciler: @unchecked Sendable {
             return rollBackSource(record)
         }
         guard network else { return "\(name): commit recorded; waiting for ferry serve to settle it with \(handover.peerHost)" }
-        let answer = ask(handover, ResolveMessage(session: handover.session, vm: name, decision: "commit"))
+        let answer = ask(handover, ResolveMessage(session: handover.session, vm: name, decision: .commit))
         switch answer?.state {
         case .running?:
             guard (try? store.stop(name, reason: "migrated")) != nil else {
@@ -102,7 +102,7 @@ public final class Reconciler: @unchecked Sendable {
             store.archiveAndRemove(name, reason: "died")
             return "\(name): its QEMU died during a migration (pid \(record.state.pid)); nothing of it runs here"
         }
-        let done = takeBack(record) { ["postmigrate", "finish-migrate", "paused"].contains($0.status) }
+        let done = takeBack(record) { $0.status.isPausedByMigration || $0.status == .paused }
         try? store.setPhase(name, .running)
         return "\(name): the migration never committed; the VM stays here" + done.map { ", " + $0 }.joined()
     }
@@ -113,7 +113,7 @@ public final class Reconciler: @unchecked Sendable {
         guard let qmp = try? QMPClient(path: record.paths.qmpSocket, timeout: .seconds(3)) else { return [] }
         defer { qmp.close() }
         var done: [String] = []
-        if let info = try? qmp.queryMigrate(), !QMPClient.migrationEndStates.contains(info.status) {
+        if let info = try? qmp.queryMigrate(), !info.status.hasEnded {
             qmp.cancelMigration(timeout: .seconds(10))
             done.append("its QEMU's migration cancelled")
         }
@@ -148,7 +148,7 @@ public final class Reconciler: @unchecked Sendable {
         let newQMP = newPID.flatMap { _ in try? QMPClient(path: successor.qmpSocket, timeout: .seconds(3)) }
         defer { newQMP?.close() }
         let newRuns = (try? newQMP?.queryStatus())?.running ?? false
-        let newLoaded = (try? newQMP?.queryMigrate())?.status == "completed"
+        let newLoaded = (try? newQMP?.queryMigrate())?.status == .completed
         try? FileManager.default.removeItem(atPath: record.paths.updateSocket)
         if let newPID, newRuns || (!record.alive && newLoaded) {
             if record.alive { QEMU.stop(pid: record.state.pid, qmpSocket: record.paths.qmpSocket) }
@@ -258,7 +258,7 @@ public final class Reconciler: @unchecked Sendable {
             if let record, let handover, handover.role == .destination, handover.session == request.session {
                 let lock = try? VMLock(paths: record.paths, name: request.vm)
                 guard lock != nil else { return ResolvedMessage(state: .pending, detail: "a session here still handles it; ask again") }
-                if decision == "commit" {
+                if decision == .commit {
                     if commit(record, handover) { return ResolvedMessage(state: .running, detail: "committed on request") }
                     // Saying `gone` lets the source resume its copy: this one must never run.
                     guard discard(record, reason: "incoming-failed") else {

@@ -127,7 +127,7 @@ public final class SameHostUpdate: @unchecked Sendable {
         }
         wasRunning = try qmpCall(.preparing, "query the VM's QEMU") { try old.queryStatus() }.running
         let current = try qmpCall(.preparing, "query the VM's QEMU") { try old.queryMigrate() }
-        if ["setup", "active", "pre-switchover", "device", "cancelling"].contains(current.status) {
+        if current.status.isInProgress {
             throw MigrationError(.preparing, "QEMU already has a migration in progress (\(current.status))")
         }
         // The successor: same spec, same RAM file, its own QMP socket and pid file, on
@@ -175,11 +175,11 @@ public final class SameHostUpdate: @unchecked Sendable {
         while true {
             let info = try qmpCall(.transferring, "follow the migration") { try old.queryMigrate() }
             lastInfo = info
-            if info.status == "completed" { break }
-            if info.status == "failed" {
+            if info.status == .completed { break }
+            if info.status == .failed {
                 throw MigrationError(.transferring, "QEMU reports the migration failed: \(info.errorDescription ?? "no reason given")")
             }
-            if ["cancelled", "cancelling"].contains(info.status) {
+            if [.cancelled, .cancelling].contains(info.status) {
                 throw MigrationError(.transferring, "the migration was cancelled in QEMU")
             }
             if stopAt.current != nil { phase = .switchover }
@@ -203,17 +203,17 @@ public final class SameHostUpdate: @unchecked Sendable {
         // finish-migrate for postmigrate: wait for that (2 s at most), not fail on it.
         var oldState = try qmpCall(.switchover, "query the VM's QEMU") { try old.queryStatus() }
         let settle = ContinuousClock.now + .seconds(2)
-        while oldState.status == "finish-migrate" && ContinuousClock.now < settle {
+        while oldState.status == .finishMigrate && ContinuousClock.now < settle {
             usleep(2000)
             oldState = try qmpCall(.switchover, "query the VM's QEMU") { try old.queryStatus() }
         }
-        guard oldState.status == "postmigrate" else {
+        guard oldState.status == .postmigrate else {
             throw MigrationError(.switchover, "the old QEMU is \(oldState.status) after the migration, not postmigrate")
         }
         while true {
             let info = try qmpCall(.switchover, "follow the new QEMU") { try new.queryMigrate() }
-            if info.status == "completed" { break }
-            if info.status == "failed" {
+            if info.status == .completed { break }
+            if info.status == .failed {
                 throw MigrationError(.switchover, "the new QEMU could not load the VM: \(info.errorDescription ?? "no reason given")")
             }
             try checkNewAlive()

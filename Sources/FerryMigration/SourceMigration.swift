@@ -213,7 +213,7 @@ public final class SourceMigration: @unchecked Sendable {
         let runState = try qmp.queryStatus()
         wasRunning = runState.running
         let current = try qmp.queryMigrate()
-        if ["setup", "active", "pre-switchover", "device", "cancelling"].contains(current.status) {
+        if current.status.isInProgress {
             throw MigrationError(.preparing, "QEMU already has a migration in progress (\(current.status))")
         }
 
@@ -576,11 +576,11 @@ public final class SourceMigration: @unchecked Sendable {
                     }
                     lastInfo = info
                     switch info.status {
-                    case "failed":
+                    case .failed:
                         throw MigrationError(phase, "QEMU reports the migration failed: \(info.errorDescription ?? "no reason given")")
-                    case "cancelled", "cancelling":
+                    case .cancelled, .cancelling:
                         throw MigrationError(phase, "the migration was cancelled in QEMU")
-                    case "completed":
+                    case .completed:
                         if !qemuDone {
                             qemuDone = true
                             completedAt = clock.elapsed

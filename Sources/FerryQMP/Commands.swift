@@ -1,9 +1,100 @@
 import Foundation
 
+/// QEMU's migration state (`MigrationStatus` in QEMU's qapi/migration.json), as
+/// `query-migrate` and the `MIGRATION` event report it. A state this QEMU names that Ferry
+/// does not know is kept as ``other(_:)`` and counts as under way: Ferry never starts a
+/// second migration over one it cannot name.
+public enum MigrationStatus: Sendable, Hashable, CustomStringConvertible {
+    case none
+    case setup
+    case cancelling
+    case cancelled
+    case active
+    case postcopyActive
+    case postcopyPaused
+    case postcopyRecover
+    case completed
+    case failed
+    case colo
+    case preSwitchover
+    case device
+    case waitUnplug
+    case other(String)
+
+    private static let names: [(MigrationStatus, String)] = [
+        (.none, "none"), (.setup, "setup"), (.cancelling, "cancelling"), (.cancelled, "cancelled"),
+        (.active, "active"), (.postcopyActive, "postcopy-active"), (.postcopyPaused, "postcopy-paused"),
+        (.postcopyRecover, "postcopy-recover"), (.completed, "completed"), (.failed, "failed"), (.colo, "colo"),
+        (.preSwitchover, "pre-switchover"), (.device, "device"), (.waitUnplug, "wait-unplug"),
+    ]
+
+    /// The state QEMU names `name`.
+    public init(qemuName name: String) {
+        self = Self.names.first { $0.1 == name }?.0 ?? .other(name)
+    }
+
+    /// QEMU's name for the state.
+    public var qemuName: String {
+        if case .other(let name) = self { return name }
+        return Self.names.first { $0.0 == self }!.1
+    }
+
+    public var description: String { qemuName }
+
+    /// QEMU has left the migration (or never had one): a new one may start, and a VM the
+    /// migration paused may be resumed.
+    public var hasEnded: Bool { [.none, .completed, .failed, .cancelled].contains(self) }
+
+    /// The migration reached an end of its own (not `none`: there was one).
+    public var isFinished: Bool { [.completed, .failed, .cancelled].contains(self) }
+
+    /// A migration is under way (or being cancelled): no second one may start.
+    public var isInProgress: Bool { !hasEnded }
+}
+
+/// QEMU's run state (`RunState` in qapi/run-state.json), as `query-status` reports it.
+public enum QEMURunStatus: Sendable, Hashable, CustomStringConvertible {
+    case running
+    case paused
+    case prelaunch
+    case inmigrate
+    /// The source has stopped the guest for the migration's last pass.
+    case finishMigrate
+    /// The source has sent everything: its guest must never run again unless the
+    /// migration is rolled back.
+    case postmigrate
+    case shutdown
+    case suspended
+    case guestPanicked
+    case internalError
+    case ioError
+    case other(String)
+
+    private static let names: [(QEMURunStatus, String)] = [
+        (.running, "running"), (.paused, "paused"), (.prelaunch, "prelaunch"), (.inmigrate, "inmigrate"),
+        (.finishMigrate, "finish-migrate"), (.postmigrate, "postmigrate"), (.shutdown, "shutdown"),
+        (.suspended, "suspended"), (.guestPanicked, "guest-panicked"), (.internalError, "internal-error"),
+        (.ioError, "io-error"),
+    ]
+
+    public init(qemuName name: String) {
+        self = Self.names.first { $0.1 == name }?.0 ?? .other(name)
+    }
+
+    public var qemuName: String {
+        if case .other(let name) = self { return name }
+        return Self.names.first { $0.0 == self }!.1
+    }
+
+    public var description: String { qemuName }
+
+    /// Paused by a migration on this side (stop-and-copy or after it).
+    public var isPausedByMigration: Bool { [.finishMigrate, .postmigrate].contains(self) }
+}
+
 /// What `query-migrate` reports, typed.
 public struct MigrationInfo: Sendable, Equatable {
-    /// none, setup, active, pre-switchover, device, completed, failed, cancelling, cancelled, ...
-    public var status: String
+    public var status: MigrationStatus
     public var transferredBytes: UInt64 = 0
     public var remainingBytes: UInt64 = 0
     public var totalBytes: UInt64 = 0
@@ -19,10 +110,10 @@ public struct MigrationInfo: Sendable, Equatable {
     public var setupTimeMilliseconds: Double?
     public var errorDescription: String?
 
-    public init(status: String) { self.status = status }
+    public init(status: MigrationStatus) { self.status = status }
 
     public init(_ value: JSONValue) {
-        status = value["status"]?.string ?? "none"
+        status = MigrationStatus(qemuName: value["status"]?.string ?? "none")
         if let ram = value["ram"] {
             transferredBytes = ram["transferred"]?.uint64 ?? 0
             remainingBytes = ram["remaining"]?.uint64 ?? 0
@@ -41,24 +132,24 @@ public struct MigrationInfo: Sendable, Equatable {
         errorDescription = value["error-desc"]?.string
     }
 
-    public var isFinished: Bool { ["completed", "failed", "cancelled"].contains(status) }
     /// Bytes per second the guest dirties.
     public var dirtyBytesPerSecond: UInt64 { dirtyPagesRate * pageSize }
 }
 
 /// What `query-status` reports.
 public struct RunState: Sendable, Equatable {
-    public var status: String
+    public var status: QEMURunStatus
     public var running: Bool
+    public init(status: QEMURunStatus, running: Bool) {
+        self.status = status
+        self.running = running
+    }
 }
 
 extension QMPClient {
     public func queryMigrate() throws(QMPError) -> MigrationInfo {
         MigrationInfo(try execute("query-migrate"))
     }
-
-    /// QEMU's migration states after which it has left the migration.
-    public static let migrationEndStates: Set<String> = ["failed", "cancelled", "completed", "none"]
 
     /// Cancels QEMU's outgoing migration (`migrate_cancel`) and waits, up to `timeout`, until
     /// QEMU has left it (a paused VM can only be resumed after that). Best effort: errors
@@ -67,14 +158,14 @@ extension QMPClient {
         _ = try? execute("migrate_cancel")
         let deadline = ContinuousClock.now + timeout
         while ContinuousClock.now < deadline {
-            guard let info = try? queryMigrate(), !Self.migrationEndStates.contains(info.status) else { return }
+            guard let info = try? queryMigrate(), !info.status.hasEnded else { return }
             usleep(20_000)
         }
     }
 
     public func queryStatus() throws(QMPError) -> RunState {
         let v = try execute("query-status")
-        return RunState(status: v["status"]?.string ?? "unknown", running: v["running"]?.bool ?? false)
+        return RunState(status: QEMURunStatus(qemuName: v["status"]?.string ?? "unknown"), running: v["running"]?.bool ?? false)
     }
 
     public func setMigrationCapabilities(_ capabilities: [(String, Bool)]) throws(QMPError) {

@@ -199,11 +199,18 @@ public struct OfferMessage: Codable, Equatable, Sendable {
 /// the VM and, if it is the source, its decision (`commit`, or `abort` when it never
 /// decided); a destination asks with no decision.
 public struct ResolveMessage: Codable, Equatable, Sendable {
+    /// What a source tells its destination it decided. On the wire as its raw value; a
+    /// value this host does not know fails decoding, so the request is refused, never
+    /// read as a question.
+    public enum Decision: String, Codable, Sendable {
+        case commit
+        case abort
+    }
     public var session: String
     public var vm: String
-    /// "commit" or "abort" from a source; nil from a destination asking.
-    public var decision: String?
-    public init(session: String, vm: String, decision: String?) {
+    /// The source's decision; nil from a destination asking what the source decided.
+    public var decision: Decision?
+    public init(session: String, vm: String, decision: Decision?) {
         self.session = session
         self.vm = vm
         self.decision = decision

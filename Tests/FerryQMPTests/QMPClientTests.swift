@@ -58,7 +58,7 @@ struct QMPClientTests {
         }
         let qmp = try QMPClient(path: peer.path)
         #expect(qmp.qemuVersion == "7.2.22")
-        #expect(try qmp.queryStatus() == RunState(status: "running", running: true))
+        #expect(try qmp.queryStatus() == RunState(status: .running, running: true))
         #expect(peer.received.current.first?.contains("qmp_capabilities") == true)
         do {
             try qmp.execute("nope")
@@ -116,11 +116,32 @@ struct QMPClientTests {
     func migrationInfo() throws {
         let v = try JSONValue.parse(Array(#"{"status": "active", "expected-downtime": 300, "ram": {"transferred": 1000, "remaining": 24, "total": 1024, "duplicate": 3, "normal": 2, "dirty-pages-rate": 10, "page-size": 4096, "mbps": 950.5, "dirty-sync-count": 2}}"#.utf8))
         let info = MigrationInfo(v)
-        #expect(info.status == "active")
+        #expect(info.status == .active)
         #expect(info.transferredBytes == 1000 && info.remainingBytes == 24 && info.totalBytes == 1024)
         #expect(info.dirtyBytesPerSecond == 40960)
         #expect(info.expectedDowntimeMilliseconds == 300)
-        #expect(!info.isFinished)
+        #expect(!info.status.isFinished && info.status.isInProgress)
+    }
+
+    @Test("QEMU's migration and run states are typed; a state Ferry does not know counts as under way")
+    func typedStates() {
+        for name in ["none", "setup", "cancelling", "cancelled", "active", "postcopy-active", "postcopy-paused",
+                     "postcopy-recover", "completed", "failed", "colo", "pre-switchover", "device", "wait-unplug"] {
+            let status = MigrationStatus(qemuName: name)
+            #expect(status.qemuName == name)
+            if case .other = status { Issue.record("\(name) is one of QEMU 7.2's states") }
+        }
+        #expect(MigrationStatus(qemuName: "completed").hasEnded && MigrationStatus(qemuName: "none").hasEnded)
+        #expect(!MigrationStatus(qemuName: "none").isFinished)
+        #expect(MigrationStatus(qemuName: "pre-switchover").isInProgress && MigrationStatus(qemuName: "cancelling").isInProgress)
+        let future = MigrationStatus(qemuName: "some-new-state")
+        #expect(future == .other("some-new-state") && future.isInProgress && future.qemuName == "some-new-state")
+        for name in ["running", "paused", "prelaunch", "inmigrate", "finish-migrate", "postmigrate", "shutdown",
+                     "suspended", "guest-panicked", "internal-error", "io-error"] {
+            #expect(QEMURunStatus(qemuName: name).qemuName == name)
+        }
+        #expect(QEMURunStatus(qemuName: "postmigrate").isPausedByMigration && !QEMURunStatus(qemuName: "paused").isPausedByMigration)
+        #expect(QEMURunStatus(qemuName: "restore-vm") == .other("restore-vm"))
     }
 
     @Test("against a real QEMU: commands, an event, and QEMU exiting", .enabled(if: Command.exists("qemu-system-x86_64")))
@@ -134,7 +155,7 @@ struct QMPClientTests {
         defer { ProcessStats.terminate(pid: pid) }
         let qmp = try QMPClient(path: sock)
         #expect(qmp.qemuVersion.hasPrefix("7.") || qmp.qemuVersion.split(separator: ".").count == 3)
-        #expect(try qmp.queryMigrate().status == "none")
+        #expect(try qmp.queryMigrate().status == MigrationStatus.none)
         try qmp.execute("stop")
         #expect(qmp.nextEvent(named: ["STOP"], timeout: .seconds(5)) != nil)
         #expect(try qmp.queryStatus().running == false)

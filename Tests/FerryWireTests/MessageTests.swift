@@ -24,6 +24,19 @@ struct MessageTests {
         #expect(throws: WireError.self) { try ControlCoding.decode(OfferMessage.self, from: frame) }
     }
 
+    @Test("resolve carries a typed decision; one this host does not know is refused, not read as a question")
+    func resolveDecision() throws {
+        let ask = ResolveMessage(session: "s1", vm: "vm1", decision: nil)
+        let commit = ResolveMessage(session: "s1", vm: "vm1", decision: .commit)
+        for message in [ask, commit] {
+            #expect(try ControlCoding.decode(ResolveMessage.self, from: ControlCoding.frame(.resolve, message)) == message)
+        }
+        // The wire form is the one older peers sent: a plain string.
+        #expect(String(decoding: ControlCoding.encode(commit), as: UTF8.self).contains(#""decision":"commit""#))
+        let future = Frame(type: .resolve, payload: Array(#"{"session": "s1", "vm": "vm1", "decision": "maybe"}"#.utf8))
+        #expect(throws: WireError.self) { try ControlCoding.decode(ResolveMessage.self, from: future) }
+    }
+
     @Test("ack round trip and malformed acks")
     func ack() throws {
         let ack = AckMessage(entries: [.init(stream: 0, nextSequence: 7), .init(stream: 3, nextSequence: 1 << 40)])
