@@ -136,6 +136,19 @@ public struct MigrationInfo: Sendable, Equatable {
     public var dirtyBytesPerSecond: UInt64 { dirtyPagesRate * pageSize }
 }
 
+/// What ``QMPClient/takeBack(cancel:timeout:resume:)`` did.
+public struct TakeBack: Sendable {
+    /// QEMU had a migration under way and it was cancelled.
+    public var cancelled = false
+    /// The guest was paused and has been resumed.
+    public var resumed = false
+    /// The run state before any resume (nil if QEMU could not be asked).
+    public var stateBefore: QEMURunStatus?
+    /// Asking QEMU or resuming failed: the guest may still be paused.
+    public var resumeError: QMPError?
+    public init() {}
+}
+
 /// What `query-status` reports.
 public struct RunState: Sendable, Equatable {
     public var status: QEMURunStatus
@@ -161,6 +174,31 @@ extension QMPClient {
             guard let info = try? queryMigrate(), !info.status.hasEnded else { return }
             usleep(20_000)
         }
+    }
+
+    /// Takes a source QEMU back from an outgoing migration, the one rollback of every
+    /// kind of migration: QEMU's migration is cancelled if `cancel` says so and one is
+    /// under way (waiting, up to `timeout`, until QEMU has left it: a VM paused by a
+    /// migration can only be resumed after that), then the guest is resumed if it is not
+    /// running and `resume` says so of its state. Never throws: what was done is returned.
+    public func takeBack(cancel: Bool = true, timeout: Duration = .seconds(15),
+                         resume: (RunState) -> Bool) -> TakeBack {
+        var done = TakeBack()
+        if cancel, let info = try? queryMigrate(), !info.status.hasEnded {
+            cancelMigration(timeout: timeout)
+            done.cancelled = true
+        }
+        do {
+            let state = try queryStatus()
+            done.stateBefore = state.status
+            if !state.running && resume(state) {
+                try execute("cont")
+                done.resumed = true
+            }
+        } catch {
+            done.resumeError = error
+        }
+        return done
     }
 
     public func queryStatus() throws(QMPError) -> RunState {
