@@ -22,6 +22,14 @@ public struct ChannelStats: Sendable, Equatable {
     public var payloadBytes: UInt64
     public var wireBytes: UInt64
     public var alive: Bool
+
+    public init(channel: Int, interface: String, payloadBytes: UInt64, wireBytes: UInt64, alive: Bool) {
+        self.channel = channel
+        self.interface = interface
+        self.payloadBytes = payloadBytes
+        self.wireBytes = wireBytes
+        self.alive = alive
+    }
 }
 
 /// The source half of the data path: reads QEMU's streams into chunks and sends them over

@@ -170,7 +170,7 @@ public struct VMStore: Sendable {
         try write(state, to: vm.state)
     }
 
-    public func record(_ name: String) throws -> VMRecord {
+    public func record(_ name: String) throws(VMError) -> VMRecord {
         if let problem = VMSpec.validateName(name) { throw VMError.badInput(problem) }
         let vm = vmPaths(name)
         guard let spec: VMSpec = try? read(VMSpec.self, from: vm.spec) else { throw VMError.notFound(name) }
@@ -274,7 +274,7 @@ public struct VMStore: Sendable {
 /// so that two migrations of the same VM cannot run at once.
 public final class VMLock {
     private let fd: Int32
-    public init(paths: VMPaths, name: String) throws {
+    public init(paths: VMPaths, name: String) throws(VMError) {
         fd = open(paths.lock, O_CREAT | O_RDWR | O_CLOEXEC, 0o644)
         guard fd >= 0 else { throw VMError.io("cannot open lock for VM '\(name)'") }
         guard flock(fd, LOCK_EX | LOCK_NB) == 0 else {

@@ -29,16 +29,17 @@ public enum StopAnswer: Sendable, Equatable {
     case alreadyRequested
 }
 
-/// The thrown form of a granted stop request, so that every stage unwinds the same way.
-struct StopError: Error { var request: StopRequest }
-
 /// One migration's stop switch, shared by the migration, its `--timeout` timer and the
 /// signal handler of `ferry migrate`. A stop is granted only before the commit point; it
 /// wakes whatever the migration waits on: its event loop (through `wake`) and any blocking
 /// read on the control connection (shut down for reading, so a stalled peer cannot hold the
 /// migration; the connection can still carry the `abort` that tells the destination).
+///
+/// Shared by the migration's thread, the timer thread, the signal handler's thread and the
+/// `--cancel` listener: `@unchecked Sendable` because every field is read and written only
+/// under `lock`.
 final class MigrationInterrupt: @unchecked Sendable {
-    private let lock = NSLock()
+    private let lock = Monitor()
     private var requested: StopRequest?
     private var pastCommitPoint = false
     private var ended = false
@@ -93,18 +94,20 @@ final class MigrationInterrupt: @unchecked Sendable {
         if stopped { connection.socket.shutdownRead() }
     }
 
-    /// Throws if a stop was granted; the stages call it between their blocking steps.
-    func check() throws {
-        if let stop = pending { throw StopError(request: stop) }
+    /// Throws ``MigrateError/stopped(_:)`` if a stop was granted; the steps call it
+    /// between their blocking calls, so that every step unwinds the same way.
+    func check() throws(MigrateError) {
+        if let stop = pending { throw .stopped(stop) }
     }
 
     /// Called right before `commit` is sent: throws if a stop was granted, and otherwise
     /// refuses every later one.
-    func passCommitPoint() throws {
-        try lock.withLock {
-            if let requested { throw StopError(request: requested) }
-            pastCommitPoint = true
+    func passCommitPoint() throws(MigrateError) {
+        let stop: StopRequest? = lock.withLock {
+            if requested == nil { pastCommitPoint = true }
+            return requested
         }
+        if let stop { throw .stopped(stop) }
     }
 
     /// The migration has ended: the timer stops and late requests are refused.

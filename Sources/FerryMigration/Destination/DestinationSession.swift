@@ -1,0 +1,288 @@
+import FerryIO
+import FerryQMP
+import FerryTransport
+import FerryVM
+import FerryWire
+import Foundation
+import Logging
+
+/// Where an incoming migration stands (cloud-hypervisor's `ReceiveMigrationState` is the
+/// model). What a failure does to the copy here depends on it alone: before `prepared`
+/// the copy is disposable; at `prepared` only the source's decision may run or discard
+/// it; from `committed` it runs here.
+enum IncomingPhase: String, Sendable {
+    /// The offer is checked and accepted.
+    case offered
+    case receivingBootFiles = "receiving-boot-files"
+    /// Waiting for a place among the host's migrations (`--max-migrations`).
+    case queued
+    /// QEMU waits for its streams and loads what they bring.
+    case loading
+    /// `prepared` is on disk and `loaded` sent: the copy is the source's to run or discard,
+    /// and a lost source leaves it paused for the reconciler (never discarded by us alone).
+    case prepared
+    /// `committed` is on disk: the VM runs here (or the reconciler makes it).
+    case committed
+    /// The source said `abort`: nothing will ever commit this copy.
+    case aborted
+
+    static let graph = PhaseGraph<IncomingPhase>(next: [
+        .offered: [.receivingBootFiles, .queued, .aborted],
+        .receivingBootFiles: [.queued, .aborted],
+        .queued: [.loading, .aborted],
+        .loading: [.prepared, .aborted],
+        .prepared: [.committed, .aborted],
+    ])
+}
+
+/// The destination side of one migration, run by `ferry serve` on the control connection's
+/// thread: checks the offer, receives boot files, starts QEMU waiting for the streams,
+/// feeds it, and runs the VM only when the source commits.
+///
+/// Threads: ``run()`` and its steps run on the control connection's thread, which owns
+/// the phase and the QEMU fields. The control reader, the data path and QEMU's event
+/// reader reach it through `events`. The server's threads call ``claim(channel:)``,
+/// ``attach(channel:connection:)`` and ``sendLimit(_:)``: `@unchecked Sendable` because
+/// those touch only `boundChannels` (under `lock`), `dataPath` (set once, before the
+/// session is registered for channels) and the connection (whose sends are locked).
+final class DestinationSession: @unchecked Sendable {
+    enum Event: Sendable {
+        case frame(Frame)
+        case controlLost(String)
+        case dataFailed(TransportError)
+        /// The destination QEMU's migration changed state (its MIGRATION event).
+        case qemuStatus(MigrationStatus)
+    }
+
+    let session = Hex.random(byteCount: 16)
+    let security: SessionSecurity
+    var bindKey: [UInt8] { security.bindKey }
+    /// Channel numbers bound so far: a number is never bound twice in a session, so a
+    /// recorded `bind` cannot be replayed and no nonce repeats (``FrameSeal``).
+    private var boundChannels = Set<UInt32>()
+    private let lock = Monitor()
+    let control: FrameConnection
+    let store: VMStore
+    let server: MigrationServer
+    let logger: Logger
+    let events = EventQueue<Event>()
+    let ferryCPUStart = ProcessStats.ownCPUSeconds()
+    var phase = PhaseMachine(IncomingPhase.graph, start: .offered)
+    var dataPath: DestinationDataPath?
+    var spec: VMSpec?
+    var qmp: QMPClient?
+    var qemuPID: Int32 = 0
+    var sourceHost = "?"
+    /// Held on the incoming VM while this session handles it, so the reconciler (and the
+    /// answers to peers) leave it alone.
+    var vmLock: VMLock?
+    /// The source daemon, for settling the switchover after a crash.
+    var sourceDaemon: (host: String, port: UInt16) = ("", 7470)
+
+    init(control: FrameConnection, store: VMStore, server: MigrationServer, logger: Logger,
+         security: SessionSecurity, sourceHost: String) {
+        self.control = control
+        self.security = security
+        self.sourceHost = sourceHost
+        self.store = store
+        self.server = server
+        var logger = logger
+        logger[metadataKey: "peer"] = "\(control.peer)"
+        self.logger = logger
+    }
+
+    var vmName: String? { spec?.name }
+
+    /// Runs the session to its end; every failure is reported to the source and undone here.
+    func run() {
+        do {
+            try handle()
+        } catch {
+            let frame = error.frame
+            logger.warning("incoming migration failed", metadata: ["vm": "\(spec?.name ?? "?")", "error": "\(frame.message)"])
+            switch phase.current {
+            case .prepared where ProcessStats.isAlive(pid: qemuPID):
+                // In doubt: the source may have decided to commit. The copy stays paused
+                // with its `prepared` record; the reconciler asks the source.
+                logger.warning("the VM stays loaded and paused until the source's decision is known",
+                               metadata: ["vm": "\(spec?.name ?? "?")", "source": "\(sourceDaemon.host):\(sourceDaemon.port)"])
+            case .committed:
+                break  // the record says committed: the reconciler keeps trying to run it
+            default:
+                discardDestinationCopy()
+            }
+            control.fail(frame.code, frame.message)
+        }
+        // QEMU's monitor takes one client at a time: let go of it before the lock, so
+        // the reconciler can reach an in-doubt copy.
+        qmp?.close()
+        vmLock = nil
+        dataPath?.stop()
+        server.unregister(self)
+        control.shutdown()
+    }
+
+    /// Claims a channel number for a binding connection; false if it was bound before.
+    func claim(channel: UInt32) -> Bool {
+        lock.withLock { boundChannels.insert(channel).inserted }
+    }
+
+    /// Tells the source the most it may send (this host's share of its bandwidth).
+    func sendLimit(_ bytesPerSecond: UInt64) {
+        try? control.send(.limit, LimitMessage(bytesPerSecond: bytesPerSecond))
+    }
+
+    /// Attaches a data channel that has proven it belongs to this session.
+    func attach(channel: Int, connection: FrameConnection) -> Bool {
+        guard let dataPath else { return false }
+        dataPath.addChannel(channel, connection: connection)
+        return true
+    }
+
+    func move(to next: IncomingPhase) throws(IncomingError) {
+        do {
+            _ = try phase.move(to: next)
+        } catch {
+            throw .record(error.description)
+        }
+    }
+
+    /// Talks to the source: any failure of the connection or its frames is the peer's.
+    func peer<T>(_ body: () throws -> T) throws(IncomingError) -> T {
+        do {
+            return try body()
+        } catch {
+            throw .peer(PeerFailure(error))
+        }
+    }
+
+    /// The steps: offer, boot files, a place in line, QEMU, the streams, the switchover.
+    func handle() throws(IncomingError) {
+        control.socket.setReceiveTimeout(.seconds(30))
+        let first = try peer { try control.receiveChecked() }
+        if first.type == .resolve {
+            try answerResolve(first)
+            return
+        }
+        guard first.type == .offer else {
+            throw .peer(.wire(.unexpectedFrame(first.type, expected: "offer or resolve")))
+        }
+        let offer = try peer { try ControlCoding.decode(OfferMessage.self, from: first) }
+        let missing = try accept(offer)
+        try receiveBootFiles(missing)
+        try waitForTurn(vm: offer.spec.name)
+        let (qmp, dataPath) = try startQEMU(offer)
+        try receive(dataPath: dataPath, qmp: qmp, name: offer.spec.name)
+    }
+
+    /// Not a migration: a peer settling a switchover a crash left unsettled.
+    func answerResolve(_ frame: Frame) throws(IncomingError) {
+        let request = try peer { try ControlCoding.decode(ResolveMessage.self, from: frame) }
+        let answer = server.reconciler.answer(request)
+        logger.info("settled a switchover for a peer", metadata: [
+            "vm": "\(request.vm)", "asked": "\(request.decision?.rawValue ?? "query")", "answer": "\(answer.state.rawValue)",
+        ])
+        try peer { try control.send(.resolved, answer) }
+    }
+
+    /// Step: checks the offer, registers the VM's name, and accepts; returns the boot
+    /// files this host lacks.
+    func accept(_ offer: OfferMessage) throws(IncomingError) -> [BootFile] {
+        sourceDaemon = (Reconciler.host(ofPeer: control.peer), offer.sourcePort ?? 7470)
+        try validate(offer)
+        spec = offer.spec
+        try peer { try server.register(self, name: offer.spec.name) }
+        let missing = offer.spec.bootFiles.filter { !store.bootFiles.has($0) }
+        try peer {
+            try control.send(.accept, AcceptMessage(session: session, bindKey: security.keys == nil ? Hex.encode(bindKey) : "",
+                                                    missingFiles: missing.map(\.sha256),
+                                                    interfaces: server.offeredInterfaces(), dataPort: server.port))
+        }
+        logger.info("incoming migration accepted", metadata: ["vm": "\(offer.spec.name)", "from": "\(sourceHost)", "missingFiles": "\(missing.count)"])
+        return missing
+    }
+
+    /// Step: the boot files this host lacks, each checked by its hash.
+    func receiveBootFiles(_ missing: [BootFile]) throws(IncomingError) {
+        guard !missing.isEmpty else { return }
+        try move(to: .receivingBootFiles)
+        var receivers: [String: BootFileReceiver] = [:]
+        for file in missing {
+            do {
+                receivers[file.sha256] = try BootFileReceiver(file: file, store: store.bootFiles)
+            } catch {
+                throw .record("cannot store boot file \(file.name): \(error)")
+            }
+        }
+        while receivers.values.contains(where: { !$0.isComplete }) {
+            let frame = try peer { try control.receiveChecked() }
+            if frame.type == .abort {
+                try move(to: .aborted)
+                throw .sourceGone("the source aborted")
+            }
+            guard frame.type == .file else { throw .peer(.wire(.unexpectedFrame(frame.type, expected: "file"))) }
+            let piece = try peer { try FileChunkMessage.decode(frame.payload) }
+            guard let receiver = receivers[piece.sha256] else {
+                throw .bootFile("a boot file piece that was not asked for (\(piece.sha256.prefix(12)))")
+            }
+            do {
+                try receiver.append(offset: piece.offset, bytes: piece.bytes)
+            } catch {
+                throw .bootFile("\(error)")
+            }
+        }
+    }
+
+    /// Step: the destination QEMU, paused, waiting for its streams, and the data path that
+    /// feeds it; `ready` tells the source to start.
+    func startQEMU(_ offer: OfferMessage) throws(IncomingError) -> (QMPClient, DestinationDataPath) {
+        try move(to: .loading)
+        let (record, qmp): (VMRecord, QMPClient)
+        do {
+            (record, qmp) = try store.start(spec: offer.spec, incoming: true, migratedFrom: sourceHost)
+        } catch {
+            throw .qemu("cannot start QEMU here: \(error)")
+        }
+        self.qmp = qmp
+        qemuPID = record.state.pid
+        vmLock = try? VMLock(paths: record.paths, name: offer.spec.name)
+        qmp.eventHandler = { [events] event in
+            if event.name == "MIGRATION", let status = event.data["status"]?.string {
+                events.post(.qemuStatus(MigrationStatus(qemuName: status)))
+            }
+        }
+        do {
+            try qmp.setMigrationCapabilities([("multifd", offer.streams.multifdChannels > 0), ("events", true)])
+            if offer.streams.multifdChannels > 0 {
+                try qmp.setMigrationParameters(["multifd-channels": .number(Double(offer.streams.multifdChannels))])
+            }
+            try qmp.execute("migrate-incoming", arguments: ["uri": .string("unix:\(record.paths.incomingSocket)")])
+        } catch {
+            throw .qemu("cannot prepare QEMU for the incoming migration: \(error)")
+        }
+        let incomingPath = record.paths.incomingSocket
+        let dataPath = DestinationDataPath(
+            streamCount: offer.streams.streamCount, cpus: server.options.cpus ?? CPUSet.automatic(), logger: logger,
+            connector: { _ in
+                let socket = try Socket.connectUnix(path: incomingPath)
+                socket.setSendBuffer(ChunkPolicy.qemuSocketBufferByteCount)
+                return socket
+            },
+            onFailure: { [events] error in events.post(.dataFailed(error)) })
+        self.dataPath = dataPath
+        control.socket.setReceiveTimeout(nil)
+        try peer { try control.send(.ready, ReadyMessage(qemuVersion: qmp.qemuVersion)) }
+        server.startedTransfer(self)
+        startThread("ferry-control-rx") { [events, control] in
+            while true {
+                do {
+                    events.post(.frame(try control.receive()))
+                } catch {
+                    events.post(.controlLost("\(error)"))
+                    return
+                }
+            }
+        }
+        return (qmp, dataPath)
+    }
+}

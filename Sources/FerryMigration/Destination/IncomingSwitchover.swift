@@ -1,0 +1,219 @@
+import FerryIO
+import FerryQMP
+import FerryTransport
+import FerryVM
+import FerryWire
+import Foundation
+
+// The destination's later steps: the streams, `prepared`, the commit; and the checks and
+// the waiting in line before them.
+extension DestinationSession {
+    /// Step: feeds QEMU until it has loaded the whole VM, records `prepared`, says
+    /// `loaded`, and waits for the source's decision.
+    func receive(dataPath: DestinationDataPath, qmp: QMPClient, name: String) throws(IncomingError) {
+        var qemuCompleted = false
+        var lastCheck = Stopwatch()
+        while true {
+            // Once QEMU has loaded everything, only the last stream's delivery is awaited.
+            switch events.next(timeout: qemuCompleted ? .milliseconds(10) : .milliseconds(100)) {
+            case .frame(let frame)?:
+                if try handle(frame, dataPath: dataPath, qmp: qmp, name: name) { return }
+            case .controlLost(let why)?:
+                throw .sourceGone("lost the source (\(why))")
+            case .dataFailed(let error)?:
+                // Writing to QEMU failed (it died) or a peer broke the protocol.
+                throw .dataPath(error)
+            case .qemuStatus(let status)?:
+                if status == .failed { throw .qemu("the destination QEMU failed to load the VM: \(reason(qmp))") }
+                if status == .completed { qemuCompleted = true }
+            case nil:
+                break
+            }
+            guard phase.current == .loading else { continue }
+            if lastCheck.elapsed >= 0.1 {
+                lastCheck = Stopwatch()
+                if qmp.isClosed || !ProcessStats.isAlive(pid: qemuPID) {
+                    throw .qemu("the destination QEMU exited while loading the VM (see its qemu.log)")
+                }
+                // Should QEMU's event be missed, its own account settles it.
+                if !qemuCompleted && dataPath.isComplete, let info = try? qmp.queryMigrate() {
+                    if info.status == .failed {
+                        throw .qemu("the destination QEMU failed to load the VM: \(info.errorDescription ?? "no reason")")
+                    }
+                    qemuCompleted = info.status == .completed
+                }
+            }
+            // QEMU's MIGRATION event says it has loaded everything; the streams must have
+            // delivered everything too (QEMU may finish before Ferry learns a stream ended).
+            if qemuCompleted && dataPath.isComplete { try prepare(dataPath, name: name) }
+        }
+    }
+
+    /// QEMU's reason for a failed incoming migration.
+    private func reason(_ qmp: QMPClient) -> String {
+        (try? qmp.queryMigrate())?.errorDescription ?? "no reason"
+    }
+
+    /// One control frame from the source; true once the VM runs here.
+    private func handle(_ frame: Frame, dataPath: DestinationDataPath, qmp: QMPClient, name: String) throws(IncomingError) -> Bool {
+        switch frame.type {
+        case .streamOpen:
+            _ = try peer { try ControlCoding.decode(StreamOpenMessage.self, from: frame) }
+        case .streamEnd:
+            let end = try peer { try ControlCoding.decode(StreamEndMessage.self, from: frame) }
+            do {
+                try dataPath.streamEnded(end)
+            } catch {
+                throw .dataPath((error as? TransportError) ?? .protocolViolation("\(error)"))
+            }
+        case .abort:
+            let reason = (try? ControlCoding.decode(AbortMessage.self, from: frame))?.reason ?? "no reason"
+            try move(to: .aborted)
+            throw .sourceGone("the source aborted: \(reason)")
+        case .commit:
+            guard phase.current == .prepared else { throw .protocolViolation("commit before the VM was loaded") }
+            try commit(qmp: qmp, name: name, dataPath: dataPath)
+            return true
+        case .error:
+            let msg = (try? ControlCoding.decode(ErrorMessage.self, from: frame))?.description ?? "error"
+            throw .sourceGone("the source failed: \(msg)")
+        case .status:
+            break
+        default:
+            throw .protocolViolation("unexpected \(frame.type) frame on the control connection")
+        }
+        return false
+    }
+
+    /// `prepared`, durably, before the source may decide on it; then `loaded`.
+    private func prepare(_ dataPath: DestinationDataPath, name: String) throws(IncomingError) {
+        try record(.prepared, for: name)
+        try move(to: .prepared)
+        FaultPoint.destinationAfterPrepared.pause()
+        try peer { try control.send(.loaded, LoadedMessage(receivedByteCount: dataPath.deliveredByteCount)) }
+        logger.info("VM loaded, waiting for the commit",
+                    metadata: ["vm": "\(name)", "chunks": "\(dataPath.chunkCount)", "spliced": "\(dataPath.splicedChunkCount)",
+                               "duplicates": "\(dataPath.duplicates)"])
+    }
+
+    /// Step: `committed`, durably, then the VM runs here.
+    private func commit(qmp: QMPClient, name: String, dataPath: DestinationDataPath) throws(IncomingError) {
+        // Durably `committed` before the VM runs: a crash from here on ends with it running here.
+        try record(.committed, for: name)
+        try move(to: .committed)
+        do {
+            try qmp.execute("cont")
+        } catch {
+            // The record says committed and the source's copy is stopped for good: the
+            // reconciler keeps trying to run this one.
+            throw .qemu("the destination QEMU would not run the VM: \(error)")
+        }
+        do {
+            try store.setPhase(name, .running, session: session)
+            store.clearHandover(name)
+        } catch {
+            // The VM runs; the `committed` record stays, and the reconciler, which runs
+            // what it says, brings the VM's record up to date.
+            logger.warning("the VM runs, but its record could not be updated", metadata: ["vm": "\(name)", "error": "\(error)"])
+        }
+        let reply = CommittedMessage(
+            ferryCPUSeconds: ProcessStats.ownCPUSeconds() - ferryCPUStart,
+            qemuCPUSeconds: ProcessStats.cpuSeconds(pid: qemuPID) ?? 0,
+            receivedByteCount: dataPath.receivedByteCount,
+            ferryPeakRSSBytes: ProcessStats.peakRSSBytes(pid: getpid()) ?? 0)
+        try? control.send(.committed, reply)
+        logger.info("VM runs here now", metadata: ["vm": "\(name)", "from": "\(sourceHost)"])
+        qmp.close()
+    }
+
+    /// Writes this session's handover record durably (see ``HandoverRecord``).
+    private func record(_ decision: HandoverRecord.Decision, for name: String) throws(IncomingError) {
+        do {
+            try store.recordHandover(name, HandoverRecord(session: session, role: .destination, decision: decision,
+                                                          peerHost: sourceDaemon.host, peerPort: sourceDaemon.port))
+        } catch {
+            throw .record("cannot record the switchover (\(decision.rawValue)) here: \(error)")
+        }
+    }
+
+    func validate(_ offer: OfferMessage) throws(IncomingError) {
+        let spec = offer.spec
+        if let problem = VMSpec.validateName(spec.name) { throw .refused(.badOffer, problem) }
+        if let existing = try? store.record(spec.name), existing.alive {
+            throw .refused(.vmExists, "a VM named '\(spec.name)' already runs on \(HostInfo.hostname)")
+        }
+        guard spec.memoryMiB >= 16 && spec.memoryMiB <= 16 << 20 else {
+            throw .refused(.badOffer, "memory of \(spec.memoryMiB) MiB is out of range")
+        }
+        guard spec.cpus >= 1 && spec.cpus <= 1024 else { throw .refused(.badOffer, "\(spec.cpus) vCPUs is out of range") }
+        guard offer.streams.multifdChannels >= 0 && offer.streams.multifdChannels <= 64 else {
+            throw .refused(.badOffer, "\(offer.streams.multifdChannels) multifd channels is out of range (0-64)")
+        }
+        if spec.accelerator == .kvm && !HostInfo.hasHardwareVirtualization {
+            throw .refused(.badOffer, "the VM runs under KVM and \(HostInfo.hostname) cannot run KVM guests")
+        }
+        for file in spec.bootFiles {
+            guard file.sha256.count == 64, Hex.decode(file.sha256) != nil, file.byteCount >= 0, file.byteCount < 4 << 30 else {
+                throw .refused(.badOffer, "boot file \(file.name) has a malformed hash or size")
+            }
+        }
+    }
+
+    /// Before the commit, the destination copy is disposable: stop it and forget it.
+    func discardDestinationCopy() {
+        dataPath?.stop()
+        guard let spec else { return }
+        store.clearHandover(spec.name)
+        if qemuPID > 0 {
+            QEMU.stop(pid: qemuPID, qmp: qmp)
+            store.archiveAndRemove(spec.name, reason: "incoming-aborted")
+        }
+    }
+
+    // MARK: Waiting in line (`--max-migrations`)
+
+    /// Step: a place among the host's running migrations. Meanwhile the source hears its
+    /// position every second in a `status` frame (which also keeps its wait for `ready`
+    /// from timing out), and an `abort` or a lost connection ends the wait: the session
+    /// leaves the line and nothing else was started.
+    func waitForTurn(vm: String) throws(IncomingError) {
+        try move(to: .queued)
+        let admission = server.admission
+        admission.enqueue(session: session, vm: vm, source: sourceHost)
+        let arrived = Stopwatch()
+        var told = false
+        while let place = admission.wait(session: session, timeout: told ? .seconds(1) : .milliseconds(1)) {
+            let (position, length) = place
+            if !told { logger.info("incoming migration waits in line", metadata: ["vm": "\(vm)", "position": "\(position)", "of": "\(length)"]) }
+            told = true
+            try peer {
+                try control.send(.status, StatusMessage(
+                    text: "queued at \(HostInfo.hostname) (position \(position) of \(length), \(admission.limit) running at most)",
+                    queuePosition: position, queueLength: length, queuedSeconds: arrived.elapsed))
+            }
+            guard control.socket.waitReadable(timeout: .milliseconds(0)) else { continue }
+            let frame = try peer { try control.receiveChecked() }
+            switch frame.type {
+            case .abort:
+                let reason = (try? ControlCoding.decode(AbortMessage.self, from: frame))?.reason ?? "no reason"
+                try move(to: .aborted)
+                throw .sourceGone("the source gave up while queued: \(reason)")
+            case .status:
+                continue
+            default:
+                throw .protocolViolation("unexpected \(frame.type) frame while queued")
+            }
+        }
+        // The report's peak RSS is this session's: the daemon's high-water mark starts
+        // again here when no other migration runs beside this one (with others running,
+        // it covers them too).
+        if admission.runningCount == 1 { ProcessStats.resetPeakRSS() }
+        if told {
+            try peer {
+                try control.send(.status, StatusMessage(text: "admitted after \(String(format: "%.1f", arrived.elapsed)) s in line",
+                                                       queuePosition: 0, queueLength: 0, queuedSeconds: arrived.elapsed))
+            }
+            logger.info("incoming migration admitted", metadata: ["vm": "\(vm)", "queuedSeconds": "\(String(format: "%.1f", arrived.elapsed))"])
+        }
+    }
+}

@@ -1,0 +1,179 @@
+import FerryCompress
+import FerryIO
+import FerryInterfaces
+import FerryQMP
+import FerryTransport
+import FerryVM
+import FerryWire
+import Foundation
+import Logging
+
+/// The source side of a network migration: drives the local QEMU, talks to the
+/// destination's `ferry serve`, carries the streams, and decides the switchover.
+///
+/// It runs as a chain of named steps, each in its own phase (``PhaseGraph/networkSource``),
+/// each taking what the one before produced:
+///
+/// ```
+/// claim ─ queue ─ attach QEMU ─ connect ─ negotiate ─ boot files ─ start destination
+///   ─ open channels ─ start QEMU ─ transfer ─┬─ commit ─ finish          (succeeded)
+///                                            └─ (any failure before the commit point) roll back
+/// ```
+///
+/// Threads: ``run()`` and every step run on the caller's thread, which owns all mutable
+/// state here. The control reader, the data path, the stream acceptor, QEMU's event reader
+/// and the stop switch run on threads of their own and reach this one only through
+/// `events` (and ``stop(_:)`` through ``MigrationInterrupt``). `@unchecked Sendable` so
+/// that `ferry migrate`'s signal handler may call ``stop(_:)``, which touches only the
+/// interrupt (itself locked).
+public final class SourceMigration: @unchecked Sendable {
+    enum Event: Sendable {
+        case frame(Frame)
+        case controlLost(String)
+        case dataPath(DataPathEvent)
+        case streamAccepted(UInt32)
+        /// QEMU paused the guest (its STOP event, QEMU's timestamp).
+        case qemuStopped(at: Double)
+        /// QEMU's migration changed state (its MIGRATION event).
+        case qemuStatus(MigrationStatus)
+        case note(String)
+        /// A stop (cancel, timeout) was granted: ``MigrationInterrupt``.
+        case interrupted
+    }
+
+    let store: VMStore
+    let name: String
+    let options: MigrationOptions
+    let logger: Logger
+    let track: MigrationRun
+    let events = EventQueue<Event>()
+    let interrupt = MigrationInterrupt()
+
+    // What the steps acquired, kept for the rollback, the teardown and the report.
+    var qemu: LocalQEMU?
+    var control: FrameConnection?
+    var session: NegotiatedSession?
+    var transport: SourceTransport?
+    var outgoingSlot: OutgoingSlot?
+    /// The source QEMU's pid as claimed (known before its monitor is reached).
+    var claimedPID: Int32 = 0
+    /// "name (address)" once the handshake says who the destination is.
+    var destinationHost: String
+    /// The commit decision is on disk: the VM is the destination's from now on.
+    var commitRecorded = false
+    var committed: CommittedMessage?
+
+    public init(store: VMStore, name: String, options: MigrationOptions, logger: Logger,
+                progress: @escaping @Sendable (MigrationProgress) -> Void) {
+        self.store = store
+        self.name = name
+        self.options = options
+        self.logger = logger
+        self.destinationHost = "\(options.host):\(options.port)"
+        track = MigrationRun(vm: name, graph: .networkSource, logger: logger, progress: progress)
+        interrupt.onStop { [events] in events.post(.interrupted) }
+    }
+
+    /// Asks the migration to stop (`--cancel`, Ctrl-C, SIGTERM, a timeout): granted before
+    /// the commit point (the VM stays here), refused after it (the migration completes).
+    public func stop(_ request: StopRequest = .cancelled) -> StopAnswer {
+        interrupt.request(request)
+    }
+
+    /// Runs the migration to its end. Never throws: the report says what happened.
+    public func run() -> MigrationReport {
+        let claimed: (VMRecord, VMLock)
+        do {
+            claimed = try store.claimRunning(name)
+        } catch {
+            return report(.failedVMOnSource, error: error.description, spec: nil)
+        }
+        let (record, lock) = claimed
+        claimedPID = record.state.pid
+        RunningMigrationFile.write(record.paths)
+        interrupt.startTimer(options.timeout)
+        defer {
+            interrupt.end()
+            outgoingSlot = nil
+            RunningMigrationFile.remove(record.paths)
+            withExtendedLifetime(lock) {}
+        }
+        do {
+            try migrate(record)
+            for stop in interrupt.lateRequests {
+                track.note("\(stop.message) after the commit point: too late to stop, the migration completed")
+            }
+            return report(.succeeded, error: nil, spec: record.spec)
+        } catch {
+            if MigrationOutcome.isPastCommit(error, commitRecorded: commitRecorded) {
+                // Past the recorded decision nothing rolls back: settle it with the destination.
+                closeTransport()
+                return settleAfterCommit(error.description, spec: record.spec)
+            }
+            // A granted stop is why, whatever it broke on the way (a read it cut short).
+            let cause = interrupt.pending.map(MigrateError.stopped) ?? error
+            let failedPhase = track.noteFailure(cause.description)
+            let rollback = rollBack(reason: cause.description)
+            var text = cause.description
+            if let repair = rollback.repair { text += "; " + repair }
+            let outcome = MigrationOutcome.of(cause, rollback.result)
+            return report(outcome, error: text, spec: record.spec, failedPhase: failedPhase)
+        }
+    }
+
+    /// The steps, in order (see the type's comment).
+    private func migrate(_ record: VMRecord) throws(MigrateError) {
+        try takeOutgoingSlot()
+        var qemu = try attachQEMU(record)
+        let control = try connect()
+        let session = try negotiate(control, spec: record.spec)
+        try sendBootFiles(session.missingFiles, of: record.spec, over: control)
+        try startDestination(control)
+        let transport = try openChannels(session, control: control)
+        try startQEMU(&qemu, transport: transport, plan: session.plan, paths: record.paths)
+        try transfer(transport, plan: session.plan, control: control, qmp: qemu.qmp)
+        try commit(session, control: control)
+        finish(&qemu, transport: transport, control: control)
+    }
+
+    /// Moves to the next phase; an illegal change is a bug, failed like any other error.
+    func move(to phase: MigrationPhase) throws(MigrateError) {
+        do {
+            try track.move(to: phase, streamBytes: transport?.dataPath.streamByteCount ?? 0,
+                         channels: transport?.dataPath.channelStats ?? [])
+        } catch {
+            throw .illegal(error)
+        }
+    }
+
+    // MARK: Report
+
+    func report(_ outcome: MigrationReport.Outcome, error: String?, spec: VMSpec?,
+                failedPhase: MigrationPhase? = nil) -> MigrationReport {
+        let stats = transport?.dataPath.channelStats ?? []
+        let streamBytes = transport?.dataPath.streamByteCount ?? 0
+        var r = track.report(
+            outcome, error: error, failedPhase: failedPhase,
+            source: track.ferrySide(host: HostInfo.hostname, qemuCPUSeconds: qemu?.cpuSeconds),
+            destination: .init(host: destinationHost, ferryCPUSeconds: committed?.ferryCPUSeconds,
+                               qemuCPUSeconds: committed?.qemuCPUSeconds, ferryPeakRSSBytes: committed?.ferryPeakRSSBytes))
+        r.streamBytes = streamBytes
+        r.wireBytes = stats.reduce(0) { $0 + $1.wireBytes }
+        r.retransmittedBytes = transport?.scheduler.retransmittedBytes ?? 0
+        r.throughputBitsPerSecond = r.transferSeconds.map { Double(streamBytes) * 8 / max($0, 0.001) }
+        r.multifdChannels = session?.plan.multifdChannels ?? 0
+        r.channels = stats.map { .init(channel: $0.channel, interface: $0.interface, payloadBytes: $0.payloadBytes, alive: $0.alive) }
+        r.nics = (transport?.pairs ?? []).map {
+            .init(interface: $0.localInterface, localAddress: $0.localAddress, remoteAddress: $0.remoteAddress,
+                  speedBitsPerSecond: $0.speedBitsPerSecond)
+        }
+        r.security = session?.security.summary
+        r.dataPath = transport?.summary
+        r.compression = transport.map { t in
+            MigrationReport.Compression(mode: t.compression.mode.description, periods: t.compression.periods().map {
+                .init(codec: $0.codec?.description ?? "none", fromSeconds: $0.fromSeconds, toSeconds: $0.toSeconds)
+            })
+        }
+        return r
+    }
+}

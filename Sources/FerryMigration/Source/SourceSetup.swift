@@ -1,0 +1,248 @@
+import FerryIO
+import FerryInterfaces
+import FerryQMP
+import FerryTransport
+import FerryVM
+import FerryWire
+import Foundation
+
+/// What the handshake and the offer settled with the destination.
+struct NegotiatedSession {
+    let welcome: WelcomeMessage
+    let security: SessionSecurity
+    let accept: AcceptMessage
+    let plan: StreamPlan
+    /// What each data channel proves it belongs to the session with.
+    let bindKey: [UInt8]
+    var missingFiles: [String] { accept.missingFiles }
+}
+
+// MARK: Steps up to a destination QEMU waiting for the streams
+
+extension SourceMigration {
+    /// Step: the VM's QEMU, which must have no migration under way. Its STOP and MIGRATION
+    /// events come to the event loop from here on.
+    func attachQEMU(_ record: VMRecord) throws(MigrateError) -> LocalQEMU {
+        let qemu: LocalQEMU
+        do {
+            qemu = try LocalQEMU.attach(socket: record.paths.qmpSocket, pid: record.state.pid)
+        } catch {
+            throw .qemu(error)
+        }
+        self.qemu = qemu
+        qemu.qmp.eventHandler = { [events] event in
+            switch event.name {
+            case "STOP": events.post(.qemuStopped(at: event.timestamp))
+            case "MIGRATION":
+                if let status = event.data["status"]?.string { events.post(.qemuStatus(MigrationStatus(qemuName: status))) }
+            default: break
+            }
+        }
+        return qemu
+    }
+
+    /// Step: the control connection to the destination's `ferry serve`.
+    func connect() throws(MigrateError) -> FrameConnection {
+        try move(to: .connecting)
+        let control: FrameConnection
+        do {
+            let socket = try Socket.connectTCP(host: options.host, port: options.port, timeout: options.connectTimeout)
+            socket.setUserTimeout(options.deadChannelTimeout)
+            control = FrameConnection(socket: socket)
+        } catch {
+            throw .unreachable(destination: destinationHost, error)
+        }
+        self.control = control
+        interrupt.attach(control)
+        return control
+    }
+
+    /// Step: the handshake (both hosts prove the cluster key), then the offer of the VM and
+    /// the destination's answer: its NICs, the session, the boot files it lacks.
+    func negotiate(_ control: FrameConnection, spec: VMSpec) throws(MigrateError) -> NegotiatedSession {
+        try move(to: .negotiating)
+        control.socket.setReceiveTimeout(.seconds(30))
+        let welcome: WelcomeMessage
+        let security: SessionSecurity
+        do {
+            (welcome, security) = try HandshakeRunner.source(control, keys: options.keys, host: HostInfo.hostname)
+        } catch {
+            throw .handshake(destination: destinationHost, PeerFailure(error))
+        }
+        destinationHost = "\(welcome.host) (\(options.host))"
+        track.note("connected to \(welcome.host), protocol v\(welcome.version), \(welcome.software); security: \(security.summary)")
+
+        let local = InterfaceDiscovery.list(speeds: options.nicSpeeds)
+        let plan = StreamPlan(multifdChannels: options.multifdChannels ?? StreamPolicy.multifdChannels(for: local, selection: options.nics))
+        let accept: AcceptMessage
+        do {
+            let ownPort = (try? String(contentsOfFile: store.paths.servePortFile, encoding: .utf8))
+                .flatMap { UInt16($0.trimmingCharacters(in: .whitespacesAndNewlines)) }
+            try control.send(.offer, OfferMessage(spec: spec, streams: plan, sourceHost: HostInfo.hostname, sourcePort: ownPort))
+            accept = try control.expect(.accept, as: AcceptMessage.self)
+        } catch {
+            throw .refused(PeerFailure(error))
+        }
+        var bindKey = security.bindKey
+        if security.keys == nil {
+            guard let sent = Hex.decode(accept.bindKey), sent.count == 32 else {
+                throw .protocolViolation("the destination sent a malformed bind key")
+            }
+            bindKey = sent
+        }
+        let session = NegotiatedSession(welcome: welcome, security: security, accept: accept, plan: plan, bindKey: bindKey)
+        self.session = session
+        return session
+    }
+
+    /// Step: the boot files the destination lacks, each in pieces on the control connection.
+    func sendBootFiles(_ missing: [String], of spec: VMSpec, over control: FrameConnection) throws(MigrateError) {
+        guard !missing.isEmpty else { return }
+        try move(to: .sendingBootFiles)
+        for sha in missing {
+            try interrupt.check()
+            guard let file = spec.bootFiles.first(where: { $0.sha256 == sha }) else {
+                throw .protocolViolation("the destination asked for a file that is not the VM's (\(sha.prefix(12)))")
+            }
+            try sendBootFile(file, over: control)
+        }
+        track.note("sent \(missing.count) boot file(s)")
+    }
+
+    private func sendBootFile(_ file: BootFile, over control: FrameConnection) throws(MigrateError) {
+        let path = store.bootFiles.path(of: file)
+        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { throw .bootFile("boot file \(file.name) is missing from this host's store") }
+        defer { close(fd) }
+        // One buffer for every piece, its bytes read in place behind the header.
+        let header = FileChunkMessage.headerByteCount
+        var payload = [UInt8](repeating: 0, count: header + FileChunkMessage.maximumPieceByteCount)
+        var offset: UInt64 = 0
+        while true {
+            let n = payload.withUnsafeMutableBytes { read(fd, $0.baseAddress! + header, FileChunkMessage.maximumPieceByteCount) }
+            if n < 0 && errno == EINTR { continue }
+            guard n >= 0 else { throw .bootFile("reading \(file.name): \(errnoDescription(errno))") }
+            if n == 0 { break }
+            FileChunkMessage.writeHeader(sha256: file.sha256, offset: offset, into: &payload)
+            do {
+                try control.send(Frame(type: .file, payload: n == FileChunkMessage.maximumPieceByteCount ? payload : Array(payload[..<(header + n)])))
+            } catch {
+                throw .bootFile("sending \(file.name): \(error)")
+            }
+            offset += UInt64(n)
+        }
+    }
+
+    /// Step: the destination starts its QEMU, waiting for the streams, perhaps only after
+    /// holding the migration in line (`--max-migrations`), which its `status` frames tell.
+    /// From its `ready` on, the destination's frames arrive as events.
+    func startDestination(_ control: FrameConnection) throws(MigrateError) {
+        try move(to: .startingDestination)
+        control.socket.setReceiveTimeout(.seconds(60))
+        let ready = try waitForReady(control)
+        track.note("destination QEMU \(ready.qemuVersion) waiting")
+        control.socket.setReceiveTimeout(nil)
+        startThread("ferry-control") { [events] in
+            while true {
+                do {
+                    events.post(.frame(try control.receive()))
+                } catch {
+                    events.post(.controlLost("\(error)"))
+                    return
+                }
+            }
+        }
+    }
+
+    private func waitForReady(_ control: FrameConnection) throws(MigrateError) -> ReadyMessage {
+        var line = QueueWatch()
+        while true {
+            let frame: Frame
+            do {
+                try interrupt.check()
+                frame = try control.receiveChecked()
+            } catch {
+                try interrupt.check()
+                throw .destinationCannotStart(PeerFailure(error))
+            }
+            switch frame.type {
+            case .ready:
+                try leaveLine(&line)
+                do {
+                    return try ControlCoding.decode(ReadyMessage.self, from: frame)
+                } catch {
+                    throw .protocolViolation("the destination sent a malformed ready: \(error)")
+                }
+            case .status:
+                guard let status = try? ControlCoding.decode(StatusMessage.self, from: frame),
+                      let position = status.queuePosition else { continue }
+                if position == 0 {
+                    try leaveLine(&line)
+                    continue
+                }
+                let length = status.queueLength ?? position
+                if line.firstPlace == nil {
+                    line.firstPlace = (position, length)
+                    line.since = track.elapsed - (status.queuedSeconds ?? 0)
+                    track.note("queued at the destination: \(status.text)")
+                }
+                try move(to: .queued)
+                track.show(note: "queued at the destination (position \(position) of \(length))",
+                         queuePosition: position, queueLength: length)
+            default:
+                throw .protocolViolation("the destination sent an unexpected \(frame.type) frame before ready")
+            }
+        }
+    }
+
+    /// The destination's line, as its `status` frames tell it.
+    private struct QueueWatch {
+        var firstPlace: (Int, Int)?
+        var since: Double?
+    }
+
+    private func leaveLine(_ line: inout QueueWatch) throws(MigrateError) {
+        guard let since = line.since, let first = line.firstPlace else { return }
+        let waited = track.elapsed - since
+        track.journal.addQueued(waited, "at the destination (position \(first.0) of \(first.1) on arrival)")
+        track.note(String(format: "admitted at the destination after %.1f s in line", waited))
+        line.since = nil
+        try move(to: .startingDestination)
+    }
+
+    /// Step (before any other): one of this host's outgoing slots
+    /// (`FERRY_MAX_OUTGOING_MIGRATIONS`), waiting in line while all are held.
+    func takeOutgoingSlot() throws(MigrateError) {
+        let limit = OutgoingSlot.limitFromEnvironment
+        let started = track.elapsed
+        var firstPlace: (Int, Int)?
+        var waitingShown = false
+        try? FileManager.default.createDirectory(atPath: store.paths.runDirectory, withIntermediateDirectories: true)
+        do {
+            outgoingSlot = try OutgoingSlot.acquire(
+                runDirectory: store.paths.runDirectory, limit: limit, vm: name,
+                waiting: { position, length in
+                    if firstPlace == nil {
+                        firstPlace = (position, length)
+                        track.note("queued on this host: \(limit) outgoing migration(s) at most (FERRY_MAX_OUTGOING_MIGRATIONS); position \(position) of \(length)")
+                    }
+                    if !waitingShown {
+                        waitingShown = true
+                        try? track.move(to: .queued)
+                    }
+                    track.show(note: "queued on this host (position \(position) of \(length))", queuePosition: position, queueLength: length)
+                },
+                check: { try interrupt.check() })
+        } catch let error as MigrateError {
+            throw error
+        } catch {
+            throw .store(doing: "take an outgoing slot", .io("\(error)"))
+        }
+        if let firstPlace {
+            try move(to: .preparing)
+            let waited = track.elapsed - started
+            track.journal.addQueued(waited, "on this host (position \(firstPlace.0) of \(firstPlace.1) on arrival)")
+            track.note(String(format: "took an outgoing slot after %.1f s in line", waited))
+        }
+    }
+}
