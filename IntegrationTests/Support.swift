@@ -26,6 +26,8 @@ enum Env {
 }
 
 /// A lab for one test: its own name, torn down at the end.
+// `lab`, `a` and `b` are immutable (the threads a test starts use only these); `servePIDs`
+// is touched only by the test's own thread.
 final class TestLab: @unchecked Sendable {
     let lab: Lab
     let a: LabHost

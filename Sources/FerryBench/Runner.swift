@@ -291,9 +291,11 @@ public final class BenchRunner {
 }
 
 /// Samples a namespace's NIC transmit counters every 50 ms, through /proc/PID/net/dev of a
-/// process inside it (no process spawned per sample).
+/// process inside it (no process spawned per sample). Its own thread samples; the bench's
+/// thread stops it and reads the result.
+// `samples` and `stopped` are under `lock`.
 final class NICSampler: @unchecked Sendable {
-    private let lock = NSLock()
+    private let lock = Monitor()
     private var samples: [(Double, UInt64)] = []
     private var stopped = false
 

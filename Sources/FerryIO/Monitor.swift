@@ -14,6 +14,10 @@ import Musl
 /// 2-core lab host those wake-ups were the largest single cost of the source's CPU
 /// (perf: ~40% of its samples in the scheduler's switch and wake-up paths).
 /// Conditions wait on CLOCK_MONOTONIC, so deadlines survive wall-clock changes.
+///
+/// This is Ferry's one way to lock (docs/ARCHITECTURE.md, "Threads, not an event loop"):
+/// a `Monitor` with its conditions, or ``Locked`` for a single value. Any thread.
+// The mutex is the synchronisation; its pointer is immutable after init.
 public final class Monitor: @unchecked Sendable {
     private let mutex: UnsafeMutablePointer<pthread_mutex_t>
 
@@ -40,6 +44,7 @@ public final class Monitor: @unchecked Sendable {
     public func makeCondition() -> Condition { Condition(mutex: mutex, owner: self) }
 
     /// A condition variable bound to its monitor's mutex; wait only with the lock held.
+    // pthread_cond is the synchronisation; its pointers are immutable after init.
     public final class Condition: @unchecked Sendable {
         private let cond: UnsafeMutablePointer<pthread_cond_t>
         private let mutex: UnsafeMutablePointer<pthread_mutex_t>
@@ -90,3 +95,21 @@ public final class Monitor: @unchecked Sendable {
         public func broadcast() { pthread_cond_broadcast(cond) }
     }
 }
+
+/// A value that any thread may read or change, one at a time: a ``Monitor`` around it, for
+/// state that needs no condition (counters, a result handed from one thread to another).
+public final class Locked<Value> {
+    private let monitor = Monitor()
+    private var value: Value
+    public init(_ value: Value) { self.value = value }
+    public func withLock<R>(_ body: (inout Value) throws -> R) rethrows -> R {
+        monitor.lock()
+        defer { monitor.unlock() }
+        return try body(&value)
+    }
+    public var current: Value { withLock { $0 } }
+}
+
+// `value` is only reached inside `withLock`, under `monitor`; it must be Sendable itself
+// because `current` and `withLock` hand copies of it to the calling thread.
+extension Locked: @unchecked Sendable where Value: Sendable {}

@@ -226,16 +226,3 @@ public enum HostInfo {
         return (words.contains("vmx") || words.contains("svm")) && access("/dev/kvm", R_OK | W_OK) == 0
     }
 }
-
-/// A thread-safe value box.
-public final class Locked<Value>: @unchecked Sendable {
-    private let lock = NSLock()
-    private var value: Value
-    public init(_ value: Value) { self.value = value }
-    public func withLock<R>(_ body: (inout Value) throws -> R) rethrows -> R {
-        lock.lock()
-        defer { lock.unlock() }
-        return try body(&value)
-    }
-    public var current: Value { withLock { $0 } }
-}

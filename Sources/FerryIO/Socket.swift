@@ -51,10 +51,12 @@ public struct SocketError: Error, CustomStringConvertible, Sendable {
 
 /// A blocking stream socket (TCP or Unix). One thread reads, one thread writes; `shutdown()`
 /// from any thread wakes both, `close()` releases the descriptor exactly once.
+// `fd` and `peer` are immutable; `closed` is under `closeLock`; the kernel orders the
+// reader's and the writer's calls on `fd`.
 public final class Socket: @unchecked Sendable {
     public let fd: Int32
     public let peer: String
-    private let closeLock = NSLock()
+    private let closeLock = Monitor()
     private var closed = false
 
     public init(fd: Int32, peer: String) {

@@ -13,6 +13,11 @@ import CFerryLinux
 /// A pipe holds at most `slots` page references (one per piece of a socket buffer, which
 /// can be as small as one TCP segment), so a pipe for a chunk of N bytes needs many more
 /// bytes of nominal capacity than N; see the callers.
+///
+/// Used by one thread at a time: a pipe moves between threads inside a chunk, through the
+/// data path's monitors and its pool's lock.
+// The descriptors are immutable; `count` changes only on the thread that holds the pipe
+// (two senders of a chunk resent after a failover only read it).
 public final class SplicePipe: @unchecked Sendable {
     public let readFD: Int32
     public let writeFD: Int32

@@ -1,3 +1,8 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
 import CFerryLinux
 import Foundation
 
@@ -16,4 +21,33 @@ public func startThread(_ name: String, cpus: CPUSet? = nil, core: Int? = nil, s
     thread.stackSize = stackSize
     thread.start()
     return thread
+}
+
+/// The one thread that may use an object, checked in debug builds: the first ``check(_:)``
+/// records the calling thread and every later one asserts that it comes from the same.
+/// Release builds compile the check away (it is an `assert`); the record costs a word.
+///
+/// For state that one thread owns for good. State handed from thread to thread (a
+/// connection's receive side, after its handshake) says so in its documentation instead.
+public struct ThreadOwner: Sendable {
+    @usableFromInline var owner: pthread_t?
+
+    public init() {}
+
+    /// Asserts (debug builds) that the calling thread owns `what`, claiming it on first use.
+    @inlinable
+    public mutating func check(_ what: @autoclosure () -> String, file: StaticString = #fileID, line: UInt = #line) {
+        assert(claim(), "\(what()) used off its owner thread", file: file, line: line)
+    }
+
+    /// True if the calling thread is the owner, or now is (the first caller).
+    @usableFromInline
+    mutating func claim() -> Bool {
+        let me = pthread_self()
+        guard let owner else {
+            owner = me
+            return true
+        }
+        return pthread_equal(owner, me) != 0
+    }
 }

@@ -1,3 +1,4 @@
+import FerryIO
 import Foundation
 
 /// `ferry serve --max-migrations N`: at most N incoming migrations transfer at once on this
@@ -6,9 +7,15 @@ import Foundation
 /// no QEMU and no guest memory, only its control connection. Waiting is visible: the session
 /// sends its position in `status` frames, and the daemon writes the whole picture to
 /// `<run>/incoming.json` for `ferry status`.
+///
+/// Shared by the daemon's session threads: each joins, waits for its turn and leaves.
+/// `changed` is called outside the lock, on the thread that made the change.
+// `running` and `waiting` are under `monitor`; the rest is immutable.
 final class AdmissionQueue: @unchecked Sendable {
     let limit: Int
-    private let condition = NSCondition()
+    private let monitor = Monitor()
+    /// Sessions waiting for their turn; broadcast when places are given out.
+    private let promoted: Monitor.Condition
     private var running: [IncomingMigrations.Entry] = []
     private var waiting: [IncomingMigrations.Entry] = []
     private let changed: @Sendable (IncomingMigrations) -> Void
@@ -16,11 +23,12 @@ final class AdmissionQueue: @unchecked Sendable {
     init(limit: Int, changed: @escaping @Sendable (IncomingMigrations) -> Void) {
         self.limit = max(1, limit)
         self.changed = changed
+        promoted = monitor.makeCondition()
     }
 
     /// Joins the line (or runs at once when a place is free).
     func enqueue(session: String, vm: String, source: String) {
-        let snapshot = condition.withLock {
+        let snapshot = monitor.withLock {
             waiting.append(.init(session: session, vm: vm, source: source, since: Date()))
             promote()
             return current()
@@ -30,19 +38,19 @@ final class AdmissionQueue: @unchecked Sendable {
 
     /// Waits up to `timeout` for the session's turn. Its place in line, or nil once it runs.
     func wait(session: String, timeout: Duration) -> (position: Int, length: Int)? {
-        condition.lock()
-        defer { condition.unlock() }
-        let deadline = Date().addingTimeInterval(timeout.seconds)
+        monitor.lock()
+        defer { monitor.unlock() }
+        let deadline = ContinuousClock.now + timeout
         while true {
             if running.contains(where: { $0.session == session }) { return nil }
             guard let index = waiting.firstIndex(where: { $0.session == session }) else { return nil }
-            if !condition.wait(until: deadline) { return (index + 1, waiting.count) }
+            if !promoted.wait(until: deadline) { return (index + 1, waiting.count) }
         }
     }
 
     /// The session ended (ran, failed or gave up in line): its place goes to the next.
     func remove(session: String) {
-        let snapshot = condition.withLock { () -> IncomingMigrations? in
+        let snapshot = monitor.withLock { () -> IncomingMigrations? in
             let before = running.count + waiting.count
             running.removeAll { $0.session == session }
             waiting.removeAll { $0.session == session }
@@ -53,11 +61,12 @@ final class AdmissionQueue: @unchecked Sendable {
         if let snapshot { changed(snapshot) }
     }
 
-    var snapshot: IncomingMigrations { condition.withLock { current() } }
+    var snapshot: IncomingMigrations { monitor.withLock { current() } }
 
     /// Migrations transferring now.
-    var runningCount: Int { condition.withLock { running.count } }
+    var runningCount: Int { monitor.withLock { running.count } }
 
+    /// Gives free places to the first in line (lock held).
     private func promote() {
         var moved = false
         while running.count < limit && !waiting.isEmpty {
@@ -66,7 +75,7 @@ final class AdmissionQueue: @unchecked Sendable {
             running.append(next)
             moved = true
         }
-        if moved { condition.broadcast() }
+        if moved { promoted.broadcast() }
     }
 
     private func current() -> IncomingMigrations {

@@ -9,6 +9,10 @@ import Logging
 /// several connections per NIC pair (so that more than one core works, as RSS spreads a
 /// NIC's queues), each bound to the session; a NIC that loses carrier has its channels
 /// failed over at once; a NIC that comes back gets channels again.
+///
+/// The migration's thread opens the first channels and stops it; its "ferry-nics" thread
+/// watches carrier and starts a short-lived "ferry-reopen" thread per NIC that comes back.
+// Every `var` is under `lock`; the rest is immutable.
 final class ChannelManager: @unchecked Sendable {
     struct Plan: Sendable {
         var pairs: [NICPair]
@@ -25,7 +29,7 @@ final class ChannelManager: @unchecked Sendable {
     private let dataPath: SourceDataPath
     private let logger: Logger
     private let note: @Sendable (String) -> Void
-    private let lock = NSLock()
+    private let lock = Monitor()
     private var nextChannelID = 0
     private var carrier: [String: Bool] = [:]
     private var reconnecting = Set<String>()
@@ -43,7 +47,8 @@ final class ChannelManager: @unchecked Sendable {
     func openAll() -> [String] {
         var errors: [String] = []
         for pair in plan.pairs {
-            carrier[pair.localInterface] = Self.carrier(pair.localInterface)
+            let up = Self.carrier(pair.localInterface)
+            lock.withLock { carrier[pair.localInterface] = up }
             errors += open(pair, count: plan.channelsPerPair)
         }
         return errors

@@ -10,6 +10,11 @@ import Logging
 /// `ferry serve`: accepts migrations into this host, one session per control connection,
 /// data channels joining their session by proof. Whatever a peer sends, the server logs
 /// it, answers with an error where it can, and goes on serving.
+///
+/// Threads: an accept loop per listener, one per connection (a session's for its whole
+/// life), one reconciler; the session threads register and unregister here.
+// The session tables and `pending` are under `lock`; `reconcileInterval` is set before
+// `run()`; the rest is immutable.
 public final class MigrationServer: @unchecked Sendable {
     public struct Options: Sendable {
         /// The addresses to listen on, all on `port`: only these take connections, and
@@ -46,7 +51,7 @@ public final class MigrationServer: @unchecked Sendable {
     private let store: VMStore
     private let logger: Logger
     private let listeners: [Socket]
-    private let lock = NSLock()
+    private let lock = Monitor()
     private var sessions: [String: DestinationSession] = [:]
     private var incomingNames: [String: String] = [:]
     private var pending = 0
@@ -77,7 +82,7 @@ public final class MigrationServer: @unchecked Sendable {
 
     /// Settles what a crash left half-done (``Reconciler``): at start, then every
     /// `reconcileInterval` while the daemon runs, leaving alone the VMs its live sessions
-    /// are handling.
+    /// are handling. Set the interval before ``run()``.
     public let reconciler: Reconciler
     public var reconcileInterval: Duration = .seconds(2)
 

@@ -8,7 +8,10 @@ import Foundation
 /// that find every slot held wait in line: each registers a file named by its arrival time
 /// and pid in `outgoing-queue/`, and only the first in line tries the slots, so they go in
 /// the order they came.
-public final class OutgoingSlot {
+///
+/// A held slot belongs to the migration that took it and is released when dropped; it is
+/// immutable (its number and descriptor), so any thread may hold the reference.
+public final class OutgoingSlot: Sendable {
     /// `FERRY_MAX_OUTGOING_MIGRATIONS`, default 2 (as for incoming ones, and Hyper-V's
     /// default of 2 simultaneous live migrations per host).
     public static var limitFromEnvironment: Int {

@@ -45,33 +45,43 @@ public struct QMPEvent: Sendable, Equatable {
 /// Commands are synchronous (`execute` waits for the matching reply, with a timeout);
 /// events are queued and read with `nextEvent` or observed with `eventHandler`.
 /// A reader thread owns the socket's read side; any thread may call `execute`.
+// `replies`, `events`, `greeting`, `closed` and `nextID` are under `monitor`, writes under
+// `writeLock`; `readSide` is the reader's; `qemuVersion` is set in init, before anyone shares it.
 public final class QMPClient: @unchecked Sendable {
     public let path: String
     /// QEMU's version from the greeting, e.g. "7.2.15".
     public private(set) var qemuVersion = ""
 
     private let socket: Socket
-    private let condition = NSCondition()
+    /// What the reader thread shares with the callers. A caller of `execute` (and init, for
+    /// the greeting) waits on `answered`, one of `nextEvent` on `eventQueued`.
+    private let monitor = Monitor()
+    private let answered: Monitor.Condition
+    private let eventQueued: Monitor.Condition
     private var replies: [Int: JSONValue] = [:]
     private var events: [QMPEvent] = []
     private var greeting: JSONValue?
     private var closed = false
     private var nextID = 1
-    private let writeLock = NSLock()
-    private let handlerLock = NSLock()
-    private var _eventHandler: (@Sendable (QMPEvent) -> Void)?
+    /// Serialises commands on the socket (a write may block; the state stays free meanwhile).
+    private let writeLock = Monitor()
+    private let handler = Locked<(@Sendable (QMPEvent) -> Void)?>(nil)
+    /// The reader thread: the only one that parses what QEMU sends.
+    private var readSide = ThreadOwner()
     private let logger: Logger
 
     /// Called on the reader thread for every event (in addition to queueing it).
     public var eventHandler: (@Sendable (QMPEvent) -> Void)? {
-        get { handlerLock.withLock { _eventHandler } }
-        set { handlerLock.withLock { _eventHandler = newValue } }
+        get { handler.current }
+        set { handler.withLock { $0 = newValue } }
     }
 
     /// Connects, reads the greeting and enters command mode.
     public init(path: String, timeout: Duration = .seconds(10), logger: Logger = Logger(label: "ferry.qmp")) throws(QMPError) {
         self.path = path
         self.logger = logger
+        answered = monitor.makeCondition()
+        eventQueued = monitor.makeCondition()
         do {
             socket = try Socket.connectUnix(path: path)
         } catch {
@@ -81,13 +91,13 @@ public final class QMPClient: @unchecked Sendable {
         reader.name = "qmp-reader"
         reader.start()
 
-        condition.lock()
-        let deadline = Date().addingTimeInterval(timeout.seconds)
+        monitor.lock()
+        let deadline = ContinuousClock.now + timeout
         while greeting == nil && !closed {
-            if !condition.wait(until: deadline) { break }
+            if !answered.wait(until: deadline) { break }
         }
         let greet = greeting
-        condition.unlock()
+        monitor.unlock()
         guard let greet else {
             socket.shutdown()
             throw QMPError(socket: path, command: nil, kind: closed ? .closed : .timeout)
@@ -111,11 +121,11 @@ public final class QMPClient: @unchecked Sendable {
     @discardableResult
     public func execute(_ command: String, arguments: JSONValue? = nil, passing descriptor: Int32? = nil,
                         timeout: Duration = .seconds(10)) throws(QMPError) -> JSONValue {
-        condition.lock()
+        monitor.lock()
         let id = nextID
         nextID += 1
         let isClosed = closed
-        condition.unlock()
+        monitor.unlock()
         if isClosed { throw QMPError(socket: path, command: command, kind: .closed) }
 
         var request: [String: JSONValue] = ["execute": .string(command), "id": .number(Double(id))]
@@ -131,11 +141,11 @@ public final class QMPClient: @unchecked Sendable {
             throw QMPError(socket: path, command: command, kind: .closed)
         }
 
-        condition.lock()
-        defer { condition.unlock() }
-        let deadline = Date().addingTimeInterval(timeout.seconds)
+        monitor.lock()
+        defer { monitor.unlock() }
+        let deadline = ContinuousClock.now + timeout
         while replies[id] == nil && !closed {
-            if !condition.wait(until: deadline) { break }
+            if !answered.wait(until: deadline) { break }
         }
         guard let reply = replies.removeValue(forKey: id) else {
             throw QMPError(socket: path, command: command, kind: closed ? .closed : .timeout)
@@ -150,33 +160,29 @@ public final class QMPClient: @unchecked Sendable {
 
     /// The next queued event (optionally only those named in `names`), waiting up to `timeout`.
     public func nextEvent(named names: Set<String>? = nil, timeout: Duration) -> QMPEvent? {
-        condition.lock()
-        defer { condition.unlock() }
-        let deadline = Date().addingTimeInterval(timeout.seconds)
+        monitor.lock()
+        defer { monitor.unlock() }
+        let deadline = ContinuousClock.now + timeout
         while true {
             if let index = events.firstIndex(where: { names == nil || names!.contains($0.name) }) {
                 return events.remove(at: index)
             }
             if closed { return nil }
-            if !condition.wait(until: deadline) { return nil }
+            if !eventQueued.wait(until: deadline) { return nil }
         }
     }
 
     /// Events received so far and not yet taken.
     public func drainEvents() -> [QMPEvent] {
-        condition.lock()
-        defer { condition.unlock() }
-        let out = events
-        events.removeAll()
-        return out
+        monitor.withLock {
+            let out = events
+            events.removeAll()
+            return out
+        }
     }
 
     /// True once QEMU has closed the connection.
-    public var isClosed: Bool {
-        condition.lock()
-        defer { condition.unlock() }
-        return closed
-    }
+    public var isClosed: Bool { monitor.withLock { closed } }
 
     public func close() {
         socket.shutdown()
@@ -207,14 +213,16 @@ public final class QMPClient: @unchecked Sendable {
                 break
             }
         }
-        condition.lock()
-        closed = true
-        condition.broadcast()
-        condition.unlock()
+        monitor.withLock {
+            closed = true
+            answered.broadcast()
+            eventQueued.broadcast()
+        }
         socket.close()
     }
 
     private func handle(line: [UInt8]) {
+        readSide.check("QMPClient's read side")
         guard let value = try? JSONValue.parse(line) else {
             logger.warning("QMP sent a line that is not JSON", metadata: ["socket": "\(path)"])
             return
@@ -223,23 +231,23 @@ public final class QMPClient: @unchecked Sendable {
             let ts = value["timestamp"]
             let stamp = Double(ts?["seconds"]?.int ?? 0) + Double(ts?["microseconds"]?.int ?? 0) / 1e6
             let event = QMPEvent(name: name, data: value["data"] ?? .null, timestamp: stamp)
-            condition.lock()
-            events.append(event)
-            if events.count > 10_000 { events.removeFirst(events.count - 10_000) }
-            condition.broadcast()
-            condition.unlock()
+            monitor.withLock {
+                events.append(event)
+                if events.count > 10_000 { events.removeFirst(events.count - 10_000) }
+                eventQueued.broadcast()
+            }
             eventHandler?(event)
             return
         }
-        condition.lock()
-        if value["QMP"] != nil {
-            greeting = value
-        } else if let id = value["id"]?.int {
-            replies[id] = value
-        } else if value["error"] != nil, greeting != nil, replies.isEmpty {
-            // An error without id answers a request QEMU could not parse; nothing waits on it.
+        monitor.withLock {
+            if value["QMP"] != nil {
+                greeting = value
+            } else if let id = value["id"]?.int {
+                replies[id] = value
+            } else if value["error"] != nil, greeting != nil, replies.isEmpty {
+                // An error without id answers a request QEMU could not parse; nothing waits on it.
+            }
+            answered.broadcast()
         }
-        condition.broadcast()
-        condition.unlock()
     }
 }

@@ -8,6 +8,11 @@ import Foundation
 /// pool keeps them for the next chunks. Reads from QEMU and from the network land directly
 /// in these buffers, and sends go out from them, so a chunk's bytes are not copied in
 /// user space on either side.
+///
+/// Used by one thread at a time: the thread that fills it, then (through the data path's
+/// monitor) the threads that send or write it, which only read.
+// `base` and `capacity` are immutable; `count` is set by the filling thread before the
+// buffer is handed on under a monitor, and only read after that.
 public final class ChunkBuffer: @unchecked Sendable {
     public let capacity: Int
     public let base: UnsafeMutableRawPointer
@@ -40,10 +45,12 @@ public final class ChunkBuffer: @unchecked Sendable {
     public var array: [UInt8] { Array(bytes) }
 }
 
-/// Buffers of one size, reused.
+/// Buffers of one size, reused. Any thread takes and gives back (a chunk's last reference
+/// may drop on any of the data path's threads).
+// `free` and `allocated` are under `lock`; the rest is immutable.
 public final class BufferPool: @unchecked Sendable {
     public let bufferByteCount: Int
-    private let lock = NSLock()
+    private let lock = Monitor()
     private var free: [UnsafeMutableRawPointer] = []
     private var allocated = 0
     /// Keep at most this many free buffers; more are released to the system.
@@ -86,7 +93,8 @@ public final class BufferPool: @unchecked Sendable {
 /// A chunk's bytes held in a kernel pipe, for the zero-copy path: they went from QEMU's
 /// socket into the pipe (or from a data channel into it) by splice and leave the same way,
 /// never copied into Ferry's memory. Going out of use returns the pipe to its pool.
-public final class PipeChunk: @unchecked Sendable {
+/// Used by one thread at a time, like its ``SplicePipe``.
+public final class PipeChunk: Sendable {
     public let pipe: SplicePipe
     private let pool: PipePool?
 
@@ -104,11 +112,12 @@ public final class PipeChunk: @unchecked Sendable {
 /// Pipes for ``PipeChunk``s, reused like ``BufferPool``'s buffers: a pipe given back is
 /// emptied (its pages dropped, not copied) when it is taken again, by the taking thread,
 /// so that the thread releasing a chunk (the one reading acknowledgements) does no system
-/// call for it.
+/// call for it. Any thread takes and gives back.
+// `free` and `allocated` are under `lock`; a pipe in `free` belongs to no thread.
 public final class PipePool: @unchecked Sendable {
     /// Nominal capacity of each pipe (see ``SplicePipe``).
     public let pipeCapacity: Int
-    private let lock = NSLock()
+    private let lock = Monitor()
     private var free: [SplicePipe] = []
     private var allocated = 0
     private let keep: Int

@@ -1,5 +1,6 @@
 import CFerryLinux
 import FerryCompress
+import FerryIO
 import FerryWire
 import Foundation
 
@@ -11,8 +12,11 @@ import Foundation
 /// failover is compressed again (its kept copy stays raw). Every `trialPeriod`th chunk is
 /// also compressed with each trial codec and timed on the thread's CPU clock: those are
 /// the samples the advisor judges codecs by.
+///
+/// Shared: every sender plans and records, the watchdog thread ticks, any thread reads.
+// Every `var` is under `lock`; `origin` is immutable.
 public final class CompressionController: @unchecked Sendable {
-    private let lock = NSLock()
+    private let lock = Monitor()
     private var advisor: CompressionAdvisor
     private var decision: CompressionAdvisor.Decision
     private var counter = 0
@@ -20,7 +24,9 @@ public final class CompressionController: @unchecked Sendable {
     private let origin: ContinuousClock.Instant
     private var lastTick: ContinuousClock.Instant
     private var last = (guest: UInt64(0), wire: UInt64(0))
-    public private(set) var totalGuestBytes: UInt64 = 0
+    private var guestBytesSoFar: UInt64 = 0
+    /// Guest bytes sent by the last tick.
+    public var totalGuestBytes: UInt64 { lock.withLock { guestBytesSoFar } }
 
     /// - Parameters:
     ///   - cores: cores that compression can count on (see ``defaultCores(channels:)``).
@@ -78,7 +84,7 @@ public final class CompressionController: @unchecked Sendable {
             guard seconds > 0 else { return nil }
             // Before QEMU sends anything (channels opening) there is nothing to judge: a
             // period of nothing would count as an idle link and delay the first choice.
-            if guestBytes == last.guest && totalGuestBytes == 0 {
+            if guestBytes == last.guest && guestBytesSoFar == 0 {
                 lastTick = now
                 samples = [:]
                 return nil
@@ -89,7 +95,7 @@ public final class CompressionController: @unchecked Sendable {
                 backlogFraction: min(1, backlog.seconds / seconds), samples: samples)
             lastTick = now
             last = (guestBytes, wireBytes)
-            totalGuestBytes = guestBytes
+            guestBytesSoFar = guestBytes
             samples = [:]
             let before = decision.codec
             decision = advisor.observe(interval)
@@ -106,7 +112,8 @@ public final class CompressionController: @unchecked Sendable {
 }
 
 /// One sender's compression state: its compressor and two scratch buffers (the chunk's
-/// compressed bytes, and a trial codec's output, which is only measured).
+/// compressed bytes, and a trial codec's output, which is only measured). Owned by its
+/// sender's thread (not Sendable: it never leaves it).
 final class ChunkCompressor {
     private let compressor = Compressor()
     private let output = UnsafeMutableRawBufferPointer.allocate(byteCount: ChunkPolicy.maximumChunkByteCount, alignment: 64)

@@ -11,9 +11,16 @@ import Logging
 /// main stream), so stream `i` is connected only after stream `i-1`, and only once its
 /// first bytes are here (a multifd channel's QEMU reads its header at once, blocking its
 /// main loop until it comes).
+///
+/// Threads: a receiver per data channel, a writer per stream, one acknowledgement sender;
+/// the session's thread adds channels, ends streams, waits for completion, reads the figures.
+// Every `var` (the streams' too) is under `monitor`, but a stream's writer reads its own
+// position (`nextSequence`, `writtenBytes`) unlocked: only it writes them. The rest is immutable.
 public final class DestinationDataPath: @unchecked Sendable {
     public typealias Connector = @Sendable (UInt32) throws -> Socket
 
+    /// Under `monitor`, like the rest of the path's state; its position (`nextSequence`,
+    /// `writtenBytes`) is written only by its stream's writer.
     private final class StreamState {
         /// Its writer waits here: for the next chunk in order, the end, or its turn to connect.
         let ready: Monitor.Condition
@@ -49,7 +56,7 @@ public final class DestinationDataPath: @unchecked Sendable {
     private var ackAsleep = false
     private var stopped = false
     private var bufferedBytes = 0
-    public private(set) var peakBufferedBytes = 0
+    private var peakBuffered = 0
     private var receivedPayloadBytes: UInt64 = 0
     private var duplicateChunks = 0
     private var splicedChunks = 0
@@ -156,7 +163,7 @@ public final class DestinationDataPath: @unchecked Sendable {
         if case .pipe = buffer { splicedChunks += 1 }
         stream.pendingOffsets[header.sequence] = header.offset
         bufferedBytes += size
-        peakBufferedBytes = max(peakBufferedBytes, bufferedBytes)
+        peakBuffered = max(peakBuffered, bufferedBytes)
         if header.sequence == stream.nextSequence { stream.ready.signal() }
     }
 
@@ -354,6 +361,8 @@ public final class DestinationDataPath: @unchecked Sendable {
     /// Bytes of stream data written to QEMU so far.
     public var deliveredByteCount: UInt64 { monitor.withLock { streams.reduce(0) { $0 + $1.writtenBytes } } }
     public var receivedByteCount: UInt64 { monitor.withLock { receivedPayloadBytes } }
+    /// The most bytes held in the reorder buffers at once.
+    public var peakBufferedBytes: Int { monitor.withLock { peakBuffered } }
     public var duplicates: Int { monitor.withLock { duplicateChunks } }
     /// Chunks that went from a data channel to QEMU by splice, never copied.
     public var splicedChunkCount: Int { monitor.withLock { splicedChunks } }

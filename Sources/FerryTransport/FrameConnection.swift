@@ -4,10 +4,13 @@ import FerryWire
 import Foundation
 
 /// A connection that carries Ferry frames: any thread may send (sends are serialised),
-/// one thread receives.
+/// one thread receives at a time (a handshake's thread, then the channel's receiver or
+/// the session's reader, each starting after the previous one's last frame).
+// The send side (`sealer`, `headerScratch`) is under `writeLock`; the receive side
+// (`opener`, `decompressor`, `receivedSealed`) is the receiving thread's; `counters` locks itself.
 public final class FrameConnection: @unchecked Sendable {
     public let socket: Socket
-    private let writeLock = NSLock()
+    private let writeLock = Monitor()
     private var headerScratch = [UInt8](repeating: 0, count: FrameHeader.byteCount + DataChunkHeader.byteCount + CompressionHeader.byteCount)
     /// The receiving thread's, made on the first compressed chunk.
     private var decompressor: Decompressor?

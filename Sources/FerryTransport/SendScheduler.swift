@@ -104,6 +104,11 @@ public enum TransportError: Error, CustomStringConvertible, Sendable {
 /// NIC pulls more chunks: the share of each channel follows its rate without measuring it.
 /// A failed channel's unacknowledged chunks go back to the front of the queue and are
 /// sent again on the channels that remain.
+///
+/// Shared by the stream readers (producers), the channels' senders and acknowledgement
+/// readers, the watchdog, and the migration's thread, which waits for the last acknowledgement.
+// Every `var` is under `monitor` (the state machine is one value under one lock); the
+// conditions and limits are immutable.
 public final class SendScheduler: @unchecked Sendable {
     private struct InFlight {
         var chunk: Chunk
@@ -132,10 +137,10 @@ public final class SendScheduler: @unchecked Sendable {
     private var failure: TransportError?
     private var closedForInput = false
     private var lastChannelError = ""
-    /// Chunks sent again after a channel failed.
-    public private(set) var retransmittedChunks = 0
-    public private(set) var retransmittedBytes: UInt64 = 0
-    public private(set) var peakOutstandingBytes = 0
+    /// Chunks sent again after a channel failed, and their bytes.
+    private var retransmittedChunkCount = 0
+    private var retransmittedByteCount: UInt64 = 0
+    private var peakOutstanding = 0
     /// How long the transfer may go on with no channel at all, waiting for a NIC to come
     /// back, before it fails. Zero: fail as soon as the last channel is gone.
     private let noChannelGrace: Duration
@@ -213,7 +218,7 @@ public final class SendScheduler: @unchecked Sendable {
         notePressure()
         outstandingBytes += chunk.memoryCost
         streamOutstanding[stream, default: 0] += chunk.memoryCost
-        peakOutstandingBytes = max(peakOutstandingBytes, outstandingBytes)
+        peakOutstanding = max(peakOutstanding, outstandingBytes)
         senders.signal()
     }
 
@@ -329,8 +334,8 @@ public final class SendScheduler: @unchecked Sendable {
         if !requeue.isEmpty {
             queue.replaceSubrange(queueHead..<queueHead, with: requeue)
             notePressure()
-            retransmittedChunks += requeue.count
-            retransmittedBytes += requeue.reduce(0) { $0 + UInt64($1.byteCount) }
+            retransmittedChunkCount += requeue.count
+            retransmittedByteCount += requeue.reduce(0) { $0 + UInt64($1.byteCount) }
         }
         if liveChannels.isEmpty && failure == nil {
             if noChannelGrace == .zero {
@@ -424,4 +429,9 @@ public final class SendScheduler: @unchecked Sendable {
         }
     }
     public var outstanding: Int { monitor.withLock { outstandingBytes } }
+
+    /// Chunks sent again after a channel failed.
+    public var retransmittedChunks: Int { monitor.withLock { retransmittedChunkCount } }
+    public var retransmittedBytes: UInt64 { monitor.withLock { retransmittedByteCount } }
+    public var peakOutstandingBytes: Int { monitor.withLock { peakOutstanding } }
 }

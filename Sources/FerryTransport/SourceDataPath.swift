@@ -34,13 +34,18 @@ public struct ChannelStats: Sendable, Equatable {
 
 /// The source half of the data path: reads QEMU's streams into chunks and sends them over
 /// the data channels (via the ``SendScheduler``), and takes the acknowledgements back.
+///
+/// Threads: a reader per QEMU stream, a sender and an acknowledgement reader per channel,
+/// one watchdog; the migration's thread adds channels and streams and reads the figures.
+// The channel and stream tables, `finished` and `threads` are under `lock`; `cpus` and
+// `stallTimeout` are set before the first thread starts; the rest is immutable.
 public final class SourceDataPath: @unchecked Sendable {
     public let scheduler: SendScheduler
     /// nil: chunks always go raw (no compression at all, not even measured).
     public let compression: CompressionController?
     private let logger: Logger
     private let onEvent: @Sendable (DataPathEvent) -> Void
-    private let lock = NSLock()
+    private let lock = Monitor()
     private var channels: [Int: (FrameConnection, String, Bool)] = [:]
     private var streams: [UInt32: Socket] = [:]
     private var streamBytes: [UInt32: UInt64] = [:]
@@ -68,7 +73,7 @@ public final class SourceDataPath: @unchecked Sendable {
     }
 
     /// The cores for the channel and stream threads (nil: not pinned). Set before the
-    /// first channel or stream is added.
+    /// first channel or stream is added (the threads it starts read it unlocked).
     public var cpus: CPUSet?
 
     /// Whether this host can splice chunks (pipes of the size needed, splice from a socket):
@@ -94,8 +99,10 @@ public final class SourceDataPath: @unchecked Sendable {
     /// A channel whose peer's kernel has acknowledged nothing for this long while data is
     /// outstanding is dead (a NIC or a path that died silently). Normal acknowledgements
     /// come within a round trip plus the NIC queue (tbf's 20 ms in the lab); TCP's own
-    /// retransmission gives up far later. 1 s keeps a failover well inside 2 s.
+    /// retransmission gives up far later. 1 s keeps a failover well inside 2 s. Set before
+    /// the first channel is added (the watchdog reads it unlocked).
     public var stallTimeout: Duration = .milliseconds(1000)
+    /// Under `lock`.
     private var watchdogStarted = false
 
     /// How often the compression advisor gets its figures: 0.5 s, the period its smoothing

@@ -68,8 +68,12 @@ public struct GuestConsole: Sendable {
 /// Watches heartbeats appear in one or more serial logs (the source's and the
 /// destination's) and measures, by the host's clock, the longest gap between two
 /// consecutive heartbeats: the guest's pause as the guest itself shows it.
+///
+/// Its own thread ("heartbeat-watch") scans the logs; any thread adds a log, stops it or
+/// reads the figures.
+// Every `var` is under `lock`; `clock` and `origin` are immutable.
 public final class HeartbeatWatcher: @unchecked Sendable {
-    private let lock = NSLock()
+    private let lock = Monitor()
     private var paths: [String]
     private var offsets: [String: UInt64] = [:]
     /// The unfinished last line. One for all logs: the guest writes to one console at a

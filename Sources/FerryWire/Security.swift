@@ -144,6 +144,7 @@ public struct AuthReply: Codable, Equatable, Sendable {
 
 /// One side's ephemeral X25519 key for one handshake: mixed into the session keys so that
 /// recorded traffic stays secret even if the cluster key leaks later (forward secrecy).
+// swift-crypto 3 does not mark its keys Sendable; `key` is immutable and only read.
 public struct EphemeralKey: @unchecked Sendable {
     private let key = Curve25519.KeyAgreement.PrivateKey()
     public init() {}
@@ -222,7 +223,8 @@ public enum Handshake {
 /// The keys of one migration session, derived with HKDF-SHA256 from the cluster key, the
 /// ephemeral X25519 secret and both nonces: fresh for every session, one per direction and
 /// purpose, so that a nonce never repeats under a key however the channels are numbered.
-/// (`SymmetricKey` is immutable but not marked Sendable by swift-crypto 3.)
+// All `let`: only `SymmetricKey` keeps it from being plain Sendable, which swift-crypto 3
+// does not mark although it is immutable.
 public struct SessionKeys: @unchecked Sendable {
     public let controlToDestination: SymmetricKey
     public let controlToSource: SymmetricKey
@@ -335,12 +337,15 @@ final class GCMContext {
     }
 }
 
-/// Seals the frames one connection sends (one sender at a time: the caller serialises).
+/// Seals the frames one connection sends: one sending thread at a time, the caller
+/// serialises (the frame connection's write lock).
 ///
 /// AES-256-GCM through OpenSSL's EVP interface into a buffer the sealer keeps, so a chunk
 /// costs one pass of AES-GCM and no allocation (swift-crypto's `AES.GCM.seal` returns a
 /// new buffer each call, and joining ciphertext and tag copied the chunk once more: about
 /// 1 CPU-second per GiB at the source on this project's machine).
+// `counter`, `output`, `tag` and the context are used under the caller's lock (see
+// above); `connection` is immutable.
 public final class FrameSealer: @unchecked Sendable {
     private let gcm: GCMContext
     private let connection: UInt32
@@ -381,7 +386,9 @@ public final class FrameSealer: @unchecked Sendable {
     }
 }
 
-/// Opens the frames one connection receives, in order.
+/// Opens the frames one connection receives, in order: used by the connection's receiving
+/// thread (one at a time, each starting after the previous one's last frame).
+// `counter` and the context belong to that receiving thread; `connection` is immutable.
 public final class FrameOpener: @unchecked Sendable {
     private let gcm: GCMContext
     private let connection: UInt32

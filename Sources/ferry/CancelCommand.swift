@@ -8,10 +8,15 @@ import Foundation
 /// Ctrl-C (SIGINT) and SIGTERM on `ferry migrate`: the first asks the migration to stop,
 /// which it does before its commit point (the VM stays here, the report says "cancelled by
 /// the operator") and refuses after it. `ferry migrate --cancel` sends SIGTERM.
-final class StopSignals: @unchecked Sendable {
+///
+/// Owned by the command's thread, which makes it and releases it (not Sendable); the
+/// handlers run on a dispatch queue and touch only the migration, which is.
+final class StopSignals {
     private var sources: [DispatchSourceSignal] = []
+    private var owner = ThreadOwner()
 
     init(name: String, migration: SourceMigration) {
+        owner.check("StopSignals")
         for number in [SIGINT, SIGTERM] {
             // The default action would end the process mid-migration; dispatch takes the
             // signal instead.
@@ -33,6 +38,7 @@ final class StopSignals: @unchecked Sendable {
 
     /// Back to the default actions once the migration has ended.
     func release() {
+        owner.check("StopSignals")
         for source in sources { source.cancel() }
         sources = []
         signal(SIGINT, SIG_DFL)

@@ -128,12 +128,14 @@ struct Migrate: ParsableCommand {
 
 
 /// The progress bar: one line redrawn on a terminal, a line a second otherwise (stderr).
+/// The migration calls `show` from its threads, the command `finish`: each under `lock`.
+// `lastLine`, `drew` and the writes to `json` and stderr are under `lock`; the rest is immutable.
 final class ProgressDisplay: @unchecked Sendable {
     private let enabled: Bool
     private let tty = isatty(STDERR_FILENO) == 1
     private var lastLine = 0.0
     private var drew = false
-    private let lock = NSLock()
+    private let lock = Monitor()
     private let json: FileHandle?
 
     init(enabled: Bool, jsonPath: String? = nil) {
