@@ -123,7 +123,7 @@ final class TestLab: @unchecked Sendable {
 }
 
 /// A `ferry migrate` running in the background, with its progress as it goes.
-final class RunningMigration: @unchecked Sendable {
+final class RunningMigration: Sendable {
     let progressPath: String
     private let outcome = Locked<(CommandResult, MigrationReport?)?>(nil)
 

@@ -11,7 +11,7 @@ struct QMPClientTests {
 
     /// Serves one QMP client: sends the greeting in two pieces, then answers each request
     /// with `respond` (which may also emit events first).
-    final class ScriptedPeer: @unchecked Sendable {
+    final class ScriptedPeer: Sendable {
         let path: String
         let listener: Socket
         let received = Locked<[String]>([])

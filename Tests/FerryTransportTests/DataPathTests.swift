@@ -11,6 +11,8 @@ import Testing
 /// a channel that dies in the middle.
 @Suite("Data path over loopback", .serialized)
 struct DataPathTests {
+    // `sourceChannels` and `readers` are set up and read by the test's own thread only; the
+    // data paths' threads reach the rest, which is immutable or `Locked`.
     final class Harness: @unchecked Sendable {
         let source: SourceDataPath
         let destination: DestinationDataPath

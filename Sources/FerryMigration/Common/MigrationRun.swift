@@ -96,6 +96,8 @@ final class MigrationRun {
     private let progress: @Sendable (MigrationProgress) -> Void
     private var machine: PhaseMachine<MigrationPhase>
     var journal = MigrationJournal()
+    /// The thread that runs the migration; asserted (debug builds) where the state changes.
+    private var owner = ThreadOwner()
 
     init(vm: String, graph: PhaseGraph<MigrationPhase>, logger: Logger, progress: @escaping @Sendable (MigrationProgress) -> Void) {
         self.vm = vm
@@ -109,12 +111,14 @@ final class MigrationRun {
 
     /// An event for the report, and the log.
     func note(_ what: String) {
+        owner.check("a migration's journal")
         journal.events.append(.init(at: clock.elapsed, what: what))
         logger.info("\(what)", metadata: ["vm": "\(vm)"])
     }
 
     /// The one place the phase changes (see ``PhaseMachine``); the display hears of it.
     func move(to next: MigrationPhase, streamBytes: UInt64 = 0, channels: [ChannelStats] = []) throws(IllegalTransition) {
+        owner.check("a migration's phase")
         if try machine.move(to: next) {
             show(streamBytes: streamBytes, channels: channels)
         }
