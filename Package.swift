@@ -71,7 +71,7 @@ let package = Package(
         .testTarget(name: "FerryTransportTests", dependencies: ["FerryTransport", "FerryWire", "FerryIO", "CFerryLinux", "FerryCompress", .product(name: "Crypto", package: "swift-crypto")]),
         .testTarget(name: "FerryVMTests", dependencies: ["FerryVM", "FerryWire"]),
         .testTarget(name: "FerryInterfacesTests", dependencies: ["FerryInterfaces"]),
-        .testTarget(name: "FerryMigrationTests", dependencies: ["FerryMigration", "FerryInterfaces", "FerryWire", "FerryIO"]),
+        .testTarget(name: "FerryMigrationTests", dependencies: ["FerryMigration", "FerryInterfaces", "FerryWire", "FerryIO", "FerryVM", "FerryQMP", .product(name: "Logging", package: "swift-log")]),
         .testTarget(name: "FerryCLITests", dependencies: ["ferry", "FerryWire"]),
         // Root-only suites: lab (namespaces) and end-to-end (two QEMUs, the real binary).
         .testTarget(name: "FerryIntegrationTests", dependencies: ["FerryWire", "FerryIO", "FerryVM", "FerryLab", "FerryMigration", "FerryBench", "FerryTransport"], path: "IntegrationTests"),

@@ -56,10 +56,30 @@ extension VMStore {
         try write(record, to: vmPaths(name).handover, durably: true)
     }
 
+    /// The VM's handover record: nil if it has none; throws if one exists and cannot be
+    /// read (it may say `commit`: a reconciler then decides nothing).
+    public func readHandover(_ name: String) throws -> HandoverRecord? {
+        let path = vmPaths(name).handover
+        do {
+            return try read(HandoverRecord.self, from: path)
+        } catch {
+            guard FileManager.default.fileExists(atPath: path) else { return nil }
+            throw VMError.io("cannot read \(path): \(error)")
+        }
+    }
+
     /// Removes the handover record once the outcome is settled (durably too).
     public func clearHandover(_ name: String) {
+        try? removeHandover(name)
+    }
+
+    /// Removes the handover record durably; one already gone is fine.
+    public func removeHandover(_ name: String) throws {
         let path = vmPaths(name).handover
-        guard unlink(path) == 0 else { return }
+        guard unlink(path) == 0 else {
+            if errno == ENOENT { return }
+            throw VMError.io("cannot remove \(path): \(String(cString: strerror(errno)))")
+        }
         Self.syncDirectory(of: path)
     }
 
