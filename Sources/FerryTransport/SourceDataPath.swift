@@ -110,7 +110,8 @@ public final class SourceDataPath: @unchecked Sendable {
     static let compressionPeriod: Duration = .milliseconds(500)
 
     private func watchdog() {
-        let stallMs = UInt32(stallTimeout.milliseconds)
+        var stalls = StallWatch(limitMilliseconds: UInt32(stallTimeout.milliseconds))
+        let clock = ContinuousClock.now
         var nextCompressionTick = ContinuousClock.now + Self.compressionPeriod
         while scheduler.failureReason == nil && !lock.withLock({ finished }) {
             if let compression, ContinuousClock.now >= nextCompressionTick {
@@ -129,9 +130,13 @@ public final class SourceDataPath: @unchecked Sendable {
                 }
             }
             let live = lock.withLock { channels.filter { $0.value.2 }.map { ($0.key, $0.value.0, $0.value.1) } }
+            let now = (ContinuousClock.now - clock).seconds
             for (id, connection, interface) in live {
-                if let p = connection.socket.tcpProgress(), p.unackedSegments > 0, p.millisecondsSinceLastAck > stallMs {
-                    channelDown(id, connection, interface, reason: "no TCP acknowledgement for \(p.millisecondsSinceLastAck) ms")
+                guard let p = connection.socket.tcpProgress() else { continue }
+                if let age = stalls.check(channel: id, unackedSegments: p.unackedSegments,
+                                          millisecondsSinceLastAck: p.millisecondsSinceLastAck, now: now) {
+                    stalls.forget(channel: id)
+                    channelDown(id, connection, interface, reason: "no TCP acknowledgement for \(age) ms")
                 }
             }
             scheduler.checkNoChannelGrace()

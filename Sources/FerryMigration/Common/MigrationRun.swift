@@ -209,7 +209,8 @@ struct LocalQEMU {
             track.note("VM resumed" + place)
             return ("the VM was paused by the migration and runs again" + place, true)
         }
-        if let error = done.resumeError, wasRunning {
+        // A QEMU that is gone has nothing to resume: the outcome says it died.
+        if let error = done.resumeError, wasRunning, ProcessStats.isAlive(pid: pid) {
             return ("the VM may be paused" + place + " and could not be resumed: \(error)", false)
         }
         return (nil, true)
