@@ -6,12 +6,15 @@ public enum VMError: Error, CustomStringConvertible, Sendable {
     case busy(String)
     case qemu(String)
     case io(String)
+    /// The host's memory directory cannot hold the VM's RAM.
+    case noMemoryRoom(MemoryShortfall)
 
     public var description: String {
         switch self {
         case .badInput(let s), .qemu(let s), .io(let s), .busy(let s): return s
         case .notFound(let name): return "no VM named '\(name)' on this host"
         case .exists(let name): return "a VM named '\(name)' already exists on this host"
+        case .noMemoryRoom(let shortfall): return shortfall.description
         }
     }
 }

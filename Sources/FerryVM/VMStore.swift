@@ -92,6 +92,9 @@ public struct VMStore: Sendable {
             // by a VM of the same name that died is not this VM's memory. No QEMU of this
             // host can be using it: the VM's own QEMU is not alive (checked above).
             try? FileManager.default.removeItem(atPath: vm.memoryFile)
+            // All of it reserved before QEMU maps it, or a guest that fills a full
+            // directory dies of SIGBUS (MemoryRoom.swift).
+            try reserveMemory(for: spec, file: vm.memoryFile)
             try write(spec, to: vm.spec)
             let (pid, qmp) = try QEMU.launch(spec: spec, paths: vm, store: bootFiles, incoming: incoming)
             let state = VMState(phase: incoming ? .incoming : .running, pid: pid, migratedFrom: migratedFrom)

@@ -157,6 +157,10 @@ extension DestinationSession {
                 throw .refused(.badOffer, "boot file \(file.name) has a malformed hash or size")
             }
         }
+        // Room for its RAM here, or its QEMU would die once the guest filled the directory.
+        do { try store.checkMemoryRoom(for: spec) } catch {
+            throw .refused(.badOffer, "\(HostInfo.hostname): \(error)")
+        }
     }
 
     /// Before the commit, the destination copy is disposable: stop it and forget it.
