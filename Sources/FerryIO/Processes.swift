@@ -16,6 +16,13 @@ public enum ProcessStats {
         return (utime + stime) / Double(sysconf(Int32(_SC_CLK_TCK)))
     }
 
+    /// How many threads `pid` runs (/proc/PID/status), or nil if it is gone.
+    public static func threadCount(pid: Int32) -> Int? {
+        guard let status = try? String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8),
+              let line = status.split(separator: "\n").first(where: { $0.hasPrefix("Threads:") }) else { return nil }
+        return Int(line.dropFirst("Threads:".count).trimmingCharacters(in: .whitespaces))
+    }
+
     /// CPU seconds of this process, from the kernel's precise clock.
     public static func ownCPUSeconds() -> Double {
         Double(ferry_process_cpu_ns()) / 1e9
@@ -225,4 +232,30 @@ public enum HostInfo {
         let words = Set(flags.split(separator: " "))
         return (words.contains("vmx") || words.contains("svm")) && access("/dev/kvm", R_OK | W_OK) == 0
     }
+}
+
+/// This process's limit on open descriptors (RLIMIT_NOFILE, the soft one), for sizing
+/// what holds a descriptor per peer; 1024 (the usual default) if it cannot be read.
+public var openDescriptorLimit: Int {
+    var limit = rlimit()
+    guard getrlimit(__rlimit_resource_t(RLIMIT_NOFILE.rawValue), &limit) == 0 else { return 1024 }
+    return Int(clamping: limit.rlim_cur)
+}
+
+/// Runs `body` with this process's stdout (descriptor 1) pointing at its stderr, then
+/// puts it back: what `body` and the child processes it starts print goes to stderr.
+/// For a command whose stdout is a result to parse (`ferry bench --json`) and which runs
+/// a step that prints progress (guest/build.sh). Process-wide: call it from the main
+/// thread while no other thread writes to stdout.
+public func withStandardOutputOnStandardError<R>(_ body: () throws -> R) rethrows -> R {
+    fflush(nil)
+    let saved = dup(STDOUT_FILENO)
+    guard saved >= 0 else { return try body() }
+    dup2(STDERR_FILENO, STDOUT_FILENO)
+    defer {
+        fflush(nil)
+        dup2(saved, STDOUT_FILENO)
+        close(saved)
+    }
+    return try body()
 }

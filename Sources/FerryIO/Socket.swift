@@ -223,6 +223,18 @@ public final class Socket: @unchecked Sendable {
         }
     }
 
+    /// Copies what is queued, up to `buffer.count`, without consuming it and without
+    /// blocking: nil if nothing is queued yet, 0 at end of stream (or on an error, which
+    /// the next read reports).
+    public func peek(into buffer: UnsafeMutableRawBufferPointer) -> Int? {
+        while true {
+            let n = Glibc.recv(fd, buffer.baseAddress, buffer.count, Int32(MSG_PEEK) | Int32(MSG_DONTWAIT))
+            if n >= 0 { return n }
+            if errno == EINTR { continue }
+            return errno == EAGAIN ? nil : 0
+        }
+    }
+
     /// Fills `buffer` entirely; end of stream before that is `.closed`.
     public func readExact(into buffer: UnsafeMutableRawBufferPointer) throws(SocketError) {
         var done = 0

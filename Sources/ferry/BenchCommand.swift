@@ -51,6 +51,16 @@ struct Bench: ParsableCommand {
     func run() throws {
         signal(SIGPIPE, SIG_IGN)
         guard getuid() == 0 else { throw UserError("ferry bench needs root (it builds a lab of network namespaces)") }
+        // Only the result goes to stdout (the table, or with --json the JSON, so that it
+        // parses): the guest build's notes, the lab's commands and anything they print go
+        // to stderr while the bench runs.
+        let (text, failed) = try withStandardOutputOnStandardError { try measure() }
+        print(text)
+        if failed { throw ExitCode(1) }
+    }
+
+    /// Runs the bench and writes its files; returns what to print and whether a run failed.
+    func measure() throws -> (text: String, failed: Bool) {
         let chosen = (scenarios.isEmpty ? BenchScenario.defaults : scenarios).compactMap { name in BenchScenario.catalog.first { $0.name == name } }
         let modeList = try modes.map(parseModes) ?? BenchMode.defaults
         let image = GuestImage()
@@ -58,9 +68,13 @@ struct Bench: ParsableCommand {
         try FileManager.default.createDirectory(atPath: out, withIntermediateDirectories: true)
         var results: [BenchResult] = []
         let clock = ContinuousClock.now
+        var printed: [String] = []
+        var failed = false
         if scenarios.contains(UpdateBench.scenarioName) {
-            try runUpdateBench(image)
-            if scenarios.allSatisfy({ $0 == UpdateBench.scenarioName }) { return }
+            let (text, updateFailed) = try runUpdateBench(image)
+            printed.append(text)
+            failed = updateFailed
+            if scenarios.allSatisfy({ $0 == UpdateBench.scenarioName }) { return (text, failed) }
         }
         for scenario in chosen {
             FileHandle.standardError.write(Data("== \(scenario.name): \(scenario.summary)\n".utf8))
@@ -73,29 +87,36 @@ struct Bench: ParsableCommand {
         }
         let markdown = results.map(\.markdown).joined(separator: "\n\n")
         try markdown.write(toFile: out + "/bench.md", atomically: true, encoding: .utf8)
+        let jsonText = try Self.json(results)
+        try jsonText.write(toFile: out + "/bench.json", atomically: true, encoding: .utf8)
+        FileHandle.standardError.write(Data(String(format: "bench: %.0f s; results in %@/\n", (ContinuousClock.now - clock).seconds, out).utf8))
+        if results.contains(where: { $0.runs.contains { !$0.succeeded } }) { failed = true }
+        if json {
+            // One JSON document on stdout: the update bench's (if run) and the lab's as one array.
+            return (printed.isEmpty ? jsonText : "[\n" + (printed + [jsonText]).joined(separator: ",\n") + "\n]", failed)
+        }
+        return ((printed + [markdown]).joined(separator: "\n\n"), failed)
+    }
+
+    /// Results as `ferry bench --json` prints and bench.json holds them.
+    static func json<T: Encodable>(_ value: T) throws -> String {
         let encoder = JSONEncoder()
         encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
         encoder.dateEncodingStrategy = .iso8601
-        let jsonText = String(decoding: try encoder.encode(results), as: UTF8.self)
-        try jsonText.write(toFile: out + "/bench.json", atomically: true, encoding: .utf8)
-        print(json ? jsonText : markdown)
-        FileHandle.standardError.write(Data(String(format: "bench: %.0f s; results in %@/\n", (ContinuousClock.now - clock).seconds, out).utf8))
-        if results.contains(where: { $0.runs.contains { !$0.succeeded } }) { throw ExitCode(1) }
+        return String(decoding: try encoder.encode(value), as: UTF8.self)
     }
 
-    /// The same-host update scenario (`UpdateBench`): its own table and JSON.
-    func runUpdateBench(_ image: GuestImage) throws {
+    /// The same-host update scenario (`UpdateBench`): its own table and JSON. Returns what
+    /// to print (the table, or the JSON with --json) and whether a run failed.
+    func runUpdateBench(_ image: GuestImage) throws -> (text: String, failed: Bool) {
         FileHandle.standardError.write(Data("== \(UpdateBench.scenarioName): \(UpdateBench.summary)\n".utf8))
         let bench = UpdateBench(repeats: repeats, binary: SelfPath.executable, guest: image) { line in
             FileHandle.standardError.write(Data("\(line)\n".utf8))
         }
         let result = try bench.run()
         try result.markdown.write(toFile: out + "/\(UpdateBench.scenarioName).md", atomically: true, encoding: .utf8)
-        let encoder = JSONEncoder()
-        encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
-        let jsonText = String(decoding: try encoder.encode(result), as: UTF8.self)
+        let jsonText = try Self.json(result)
         try jsonText.write(toFile: out + "/\(UpdateBench.scenarioName).json", atomically: true, encoding: .utf8)
-        print(json ? jsonText : result.markdown)
-        if result.runs.contains(where: { !$0.succeeded || !$0.guestOK }) { throw ExitCode(1) }
+        return (json ? jsonText : result.markdown, result.runs.contains(where: { !$0.succeeded || !$0.guestOK }))
     }
 }

@@ -1,4 +1,5 @@
 import ArgumentParser
+import FerryIO
 import FerryVM
 
 struct Guest: ParsableCommand {
@@ -15,7 +16,8 @@ struct Guest: ParsableCommand {
 
         func run() throws {
             let image = GuestImage(directory: out ?? GuestImage.defaultDirectory)
-            try image.build()
+            // The build's progress to stderr; stdout is the two paths below.
+            try withStandardOutputOnStandardError { try image.build() }
             print("kernel: \(image.kernel)")
             print("initrd: \(image.initrd)")
         }

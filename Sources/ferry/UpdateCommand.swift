@@ -59,6 +59,13 @@ struct UpdateArguments: ParsableArguments {
     /// Runs the update, prints the report and exits as `ferry migrate` does.
     static func perform(name: String, qemu: String?, host: HostOptions, timeout: Duration, downtime: Duration = .milliseconds(300),
                         output: ReportOptions, progressFile: String? = nil) throws {
+        // A VM that is not here is a plain mistake, not an update that failed: say so,
+        // exit 1, and print no report (the update would report "vm -> vm").
+        do {
+            _ = try host.store.record(name)
+        } catch {
+            throw UserError("\(error)")
+        }
         var options = UpdateOptions(qemuBinary: qemu ?? QEMU.binary)
         options.timeout = timeout
         options.downtimeLimit = downtime
