@@ -1,7 +1,11 @@
+import FerryIO
 import FerryQMP
 import FerryTransport
 import FerryWire
 import Foundation
+#if canImport(Glibc)
+import Glibc
+#endif
 import Testing
 @testable import FerryMigration
 
@@ -90,6 +94,21 @@ struct OrchestrationTests {
         #expect(IncomingError.sourceGone("lost the source").frame.code == .aborted)
         #expect(throws: QEMUFailure.self) { try QEMUFailure.check(.failed, reason: "boom") }
         #expect(throws: Never.self) { try QEMUFailure.check(.active, reason: nil) }
+    }
+
+    @Test("a connect is tried again only for failures of the network, never for what the daemon states; the waits double")
+    func connectRetry() {
+        let reset = SocketError("read", peer: "10.0.0.2:7470", kind: .system(ECONNRESET))
+        #expect(SourceMigration.isTransient(.unreachable(destination: "b:7470", reset)))
+        #expect(SourceMigration.isTransient(.handshake(destination: "b", .connection(reset))))
+        #expect(!SourceMigration.isTransient(.handshake(destination: "b", .said(ErrorMessage(code: .authenticationFailed, message: "no")))))
+        #expect(!SourceMigration.isTransient(.handshake(destination: "b", .security(.authenticationFailed("wrong key")))))
+        #expect(!SourceMigration.isTransient(.refused(.connection(reset))), "after the welcome, not a connect failure")
+        for attempt in 1...3 {
+            let wait = SourceMigration.connectBackoff(attempt: attempt)
+            let nominal = 0.25 * Double(1 << (attempt - 1))
+            #expect(wait >= nominal * 0.75 && wait <= nominal * 1.25, "attempt \(attempt): \(wait)")
+        }
     }
 
     @Test("rates come from the interval between samples, per interface, and only over intervals long enough to mean something")

@@ -125,8 +125,8 @@ public final class SourceMigration: @unchecked Sendable {
     private func migrate(_ record: VMRecord) throws(MigrateError) {
         try takeOutgoingSlot()
         var qemu = try attachQEMU(record)
-        let control = try connect()
-        let session = try negotiate(control, spec: record.spec)
+        let (control, welcome, security) = try connect()
+        let session = try negotiate(control, welcome: welcome, security: security, spec: record.spec)
         try sendBootFiles(session.missingFiles, of: record.spec, over: control)
         try startDestination(control)
         let transport = try openChannels(session, control: control)

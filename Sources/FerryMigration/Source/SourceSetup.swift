@@ -41,34 +41,70 @@ extension SourceMigration {
         return qemu
     }
 
-    /// Step: the control connection to the destination's `ferry serve`.
-    func connect() throws(MigrateError) -> FrameConnection {
+    /// Step: the control connection to the destination's `ferry serve`, authenticated
+    /// (both hosts prove the cluster key). A connection refused, reset or cut before the
+    /// daemon's welcome (a daemon restarting, a burst of connections shed at its door) is
+    /// tried again after 250 ms, 500 ms and 1 s (each ±25%), within `--timeout`; a refusal
+    /// the daemon states (a wrong key, an unsupported version) is not.
+    func connect() throws(MigrateError) -> (FrameConnection, WelcomeMessage, SessionSecurity) {
         try move(to: .connecting)
+        var attempt = 0
+        while true {
+            do {
+                return try connectOnce()
+            } catch {
+                attempt += 1
+                guard attempt < Self.connectAttempts, Self.isTransient(error) else { throw error }
+                let wait = Self.connectBackoff(attempt: attempt)
+                track.note("cannot reach \(destinationHost) (\(error)); trying again in \(Int(wait * 1000)) ms")
+                Thread.sleep(forTimeInterval: wait)
+                try interrupt.check()
+            }
+        }
+    }
+
+    static let connectAttempts = 4
+
+    /// The wait before attempt `attempt + 1`: 250 ms doubled each time, ±25%.
+    static func connectBackoff(attempt: Int) -> Double {
+        0.25 * Double(1 << min(attempt - 1, 4)) * Double.random(in: 0.75...1.25)
+    }
+
+    /// Failures of the network or of a daemon not (yet) answering: worth another try.
+    static func isTransient(_ error: MigrateError) -> Bool {
+        switch error {
+        case .unreachable: return true
+        case .handshake(_, .connection): return true
+        default: return false
+        }
+    }
+
+    private func connectOnce() throws(MigrateError) -> (FrameConnection, WelcomeMessage, SessionSecurity) {
         let control: FrameConnection
         do {
             let socket = try Socket.connectTCP(host: options.host, port: options.port, timeout: options.connectTimeout)
             socket.setUserTimeout(options.deadChannelTimeout)
             control = FrameConnection(socket: socket)
         } catch {
-            throw .unreachable(destination: destinationHost, error)
+            throw .unreachable(destination: "\(options.host):\(options.port)", error)
         }
         self.control = control
         interrupt.attach(control)
-        return control
-    }
-
-    /// Step: the handshake (both hosts prove the cluster key), then the offer of the VM and
-    /// the destination's answer: its NICs, the session, the boot files it lacks.
-    func negotiate(_ control: FrameConnection, spec: VMSpec) throws(MigrateError) -> NegotiatedSession {
-        try move(to: .negotiating)
         control.socket.setReceiveTimeout(.seconds(30))
-        let welcome: WelcomeMessage
-        let security: SessionSecurity
         do {
-            (welcome, security) = try HandshakeRunner.source(control, keys: options.keys, host: HostInfo.hostname)
+            let (welcome, security) = try HandshakeRunner.source(control, keys: options.keys, host: HostInfo.hostname)
+            return (control, welcome, security)
         } catch {
+            control.shutdown()
             throw .handshake(destination: destinationHost, PeerFailure(error))
         }
+    }
+
+    /// Step: the offer of the VM and the destination's answer: its NICs, the session, the
+    /// boot files it lacks.
+    func negotiate(_ control: FrameConnection, welcome: WelcomeMessage, security: SessionSecurity,
+                   spec: VMSpec) throws(MigrateError) -> NegotiatedSession {
+        try move(to: .negotiating)
         destinationHost = "\(welcome.host) (\(options.host))"
         track.note("connected to \(welcome.host), protocol v\(welcome.version), \(welcome.software); security: \(security.summary)")
 
