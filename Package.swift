@@ -62,9 +62,10 @@ let package = Package(
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),
         ]),
-        // The fuzz harness for the frame decoder, the message decoders and the handshake:
-        // corpus replay and seeds in the normal build, libFuzzer in scripts/fuzz.sh's build.
-        .executableTarget(name: "ferry-fuzz", dependencies: ["FerryWire"], path: "Sources/FerryFuzz"),
+        // The fuzz harness for the frame decoder, the message decoders, the handshake and the
+        // readers of the state files (FerryVM's StateFileCoding): corpus replay and seeds in
+        // the normal build, libFuzzer in scripts/fuzz.sh's build.
+        .executableTarget(name: "ferry-fuzz", dependencies: ["FerryWire", "FerryVM"], path: "Sources/FerryFuzz"),
         .testTarget(name: "FerryWireTests", dependencies: ["FerryWire", .product(name: "Crypto", package: "swift-crypto")]),
         .testTarget(name: "FerryQMPTests", dependencies: ["FerryQMP", "FerryWire"]),
         .testTarget(name: "FerryCompressTests", dependencies: ["FerryCompress"]),

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Fuzzes FerryWire (frame decoder, message decoders, handshake, key files, sealed frames)
+# and FerryVM's state-file readers (spec, state, handover, incoming queue)
 # with libFuzzer for SECONDS (default 30), starting from a seed corpus of valid inputs.
 #
 #   scripts/fuzz.sh [SECONDS]     build (if needed), seed, fuzz

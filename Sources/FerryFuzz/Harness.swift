@@ -14,6 +14,7 @@ func fuzzOne(_ data: UnsafeRawBufferPointer) {
     HandshakeFuzzing.run(bytes)
     KeyFileFuzzing.run(bytes)
     SealFuzzing.run(bytes)
+    StateFileFuzzing.run(bytes)
 }
 
 // MARK: - Frames

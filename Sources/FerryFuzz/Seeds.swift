@@ -23,6 +23,7 @@ enum Seeds {
         seeds.append(("sealed-data", sealedData))
         seeds.append(("frame-sealed-control", Frame(type: .status, flags: .sealed, payload: sealedControl).encoded()))
         seeds.append(("frame-sealed-data", Frame(type: .data, flags: .sealed, payload: sealedData).encoded()))
+        for (name, bytes) in StateFileFuzzing.seeds { seeds.append(("state-\(name)", bytes)) }
         return seeds
     }
 

@@ -144,8 +144,14 @@ public struct Lab: Sendable {
     public func down() throws {
         for host in Self.hosts {
             let store = VMStore(paths: StatePaths(root: stateDirectory(host)))
-            for record in store.list() where record.alive {
-                ProcessStats.terminate(pid: record.state.pid, grace: .seconds(2))
+            // Found by their command lines: a VM whose files are damaged has a QEMU too.
+            for entry in store.entries() {
+                let pids: [Int32]
+                switch entry {
+                case .healthy(let record): pids = record.alive ? [record.state.pid] : []
+                case .damaged(let vm): pids = vm.qemus.map(\.pid)
+                }
+                for pid in pids { ProcessStats.terminate(pid: pid, grace: .seconds(2)) }
             }
             let ns = namespace(host)
             if let pids = try? Command.run(["ip", "netns", "pids", ns]).stdout {

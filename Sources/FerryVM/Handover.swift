@@ -47,7 +47,7 @@ public struct HandoverRecord: Codable, Sendable, Equatable {
 extension VMStore {
     /// The VM's handover record, if a switchover is under way or unsettled.
     public func handover(_ name: String) -> HandoverRecord? {
-        try? read(HandoverRecord.self, from: vmPaths(name).handover)
+        try? readHandover(name)
     }
 
     /// Writes the handover record durably: a temporary file, fsync, rename, fsync of the
@@ -59,13 +59,16 @@ extension VMStore {
     /// The VM's handover record: nil if it has none; throws if one exists and cannot be
     /// read (it may say `commit`: a reconciler then decides nothing).
     public func readHandover(_ name: String) throws -> HandoverRecord? {
-        let path = vmPaths(name).handover
-        do {
-            return try read(HandoverRecord.self, from: path)
-        } catch {
-            guard FileManager.default.fileExists(atPath: path) else { return nil }
-            throw VMError.io("cannot read \(path): \(error)")
+        switch loadHandover(name) {
+        case .absent: return nil
+        case .valid(let record): return record
+        case .damaged(let damage): throw VMError.io("cannot read \(damage.path): it \(damage.problem)")
         }
+    }
+
+    /// The VM's handover record as read: absent, damaged (and why) or valid.
+    public func loadHandover(_ name: String) -> StateFileRead<HandoverRecord> {
+        StateFileCoding.load(.handover, at: vmPaths(name).handover, StateFileCoding.decodeHandover)
     }
 
     /// Removes the handover record once the outcome is settled (durably too).

@@ -81,7 +81,9 @@ public struct VMStore: Sendable {
         if let problem = VMSpec.validateName(spec.name) { throw VMError.badInput(problem) }
         try paths.ensure()
         let vm = vmPaths(spec.name)
-        if FileManager.default.fileExists(atPath: vm.spec) {
+        // A QEMU of this name runs here whatever its files say (damaged ones included).
+        if !qemus(of: spec.name).isEmpty { throw VMError.exists(spec.name) }
+        if FileManager.default.fileExists(atPath: vm.directory) {
             if let existing = try? record(spec.name), existing.alive { throw VMError.exists(spec.name) }
             archiveAndRemove(spec.name, reason: "replaced")
         }
@@ -176,9 +178,14 @@ public struct VMStore: Sendable {
     public func record(_ name: String) throws(VMError) -> VMRecord {
         if let problem = VMSpec.validateName(name) { throw VMError.badInput(problem) }
         let vm = vmPaths(name)
-        guard let spec: VMSpec = try? read(VMSpec.self, from: vm.spec) else { throw VMError.notFound(name) }
-        guard let state: VMState = try? read(VMState.self, from: vm.state) else { throw VMError.notFound(name) }
-        return VMRecord(spec: spec, state: state, alive: Self.isQEMU(pid: state.pid, name: name), paths: vm)
+        let spec = StateFileCoding.load(.spec, at: vm.spec) { data throws(StateFileProblem) in try StateFileCoding.decodeSpec(data, vm: name) }
+        let state = StateFileCoding.load(.state, at: vm.state, StateFileCoding.decodeState)
+        guard let spec = spec.value, let state = state.value else {
+            let damage = [spec.damage, state.damage].compactMap { $0 }
+            if damage.isEmpty && !FileManager.default.fileExists(atPath: vm.directory) { throw VMError.notFound(name) }
+            throw VMError.damaged(name, damage.isEmpty ? "its spec.json or state.json is missing" : damage.map(\.description).joined(separator: "; "))
+        }
+        return VMRecord(spec: spec, state: state, alive: ownsQEMU(pid: state.pid, name: name), paths: vm)
     }
 
     public func list() -> [VMRecord] {
@@ -212,11 +219,19 @@ public struct VMStore: Sendable {
     }
 
     /// Stops the VM's QEMU (QMP quit, then signals) and removes the VM from this host,
-    /// keeping its serial log under logs/.
+    /// keeping its serial log under logs/. Every QEMU of the VM goes, the one its state
+    /// names and any other its command line shows to be the VM's (``qemus(of:among:)``): a
+    /// VM with damaged files can be stopped.
     public func stop(_ name: String, reason: String = "stopped") throws {
-        let rec = try record(name)
-        if rec.alive, !QEMU.stop(pid: rec.state.pid, qmpSocket: rec.paths.qmpSocket) {
-            throw VMError.qemu("QEMU of '\(name)' (pid \(rec.state.pid)) does not exit")
+        if let problem = VMSpec.validateName(name) { throw VMError.badInput(problem) }
+        let vm = vmPaths(name)
+        var targets = qemus(of: name).map { (pid: $0.pid, qmpSocket: $0.commandLine.qmpSocket ?? vm.qmpSocket) }
+        if let rec = try? record(name), rec.alive, !targets.contains(where: { $0.pid == rec.state.pid }) {
+            targets.append((rec.state.pid, vm.qmpSocket))
+        }
+        if targets.isEmpty && !FileManager.default.fileExists(atPath: vm.directory) { throw VMError.notFound(name) }
+        for target in targets where !QEMU.stop(pid: target.pid, qmpSocket: target.qmpSocket) {
+            throw VMError.qemu("QEMU of '\(name)' (pid \(target.pid)) does not exit")
         }
         archiveAndRemove(name, reason: reason)
     }
@@ -236,6 +251,8 @@ public struct VMStore: Sendable {
         let vm = vmPaths(name)
         if let state = try? read(VMState.self, from: vm.state), Self.isQEMU(pid: state.pid, name: name) {
             // Never pull the memory from under a running QEMU.
+        } else if !qemus(of: name).isEmpty {
+            // Nor from under one the VM's files no longer name.
         } else {
             try? FileManager.default.removeItem(atPath: vm.memoryFile)
         }
@@ -245,7 +262,8 @@ public struct VMStore: Sendable {
         try? FileManager.default.removeItem(atPath: vm.directory)
     }
 
-    /// True if `pid` is a QEMU running the VM `name` (guards against pid reuse).
+    /// True if `pid` is a QEMU running a VM called `name` (guards against pid reuse), from
+    /// any state root: ``ownsQEMU(pid:name:)`` checks it is this store's.
     public static func isQEMU(pid: Int32, name: String) -> Bool {
         guard ProcessStats.isAlive(pid: pid), let argv = ProcessStats.commandLine(pid: pid) else { return false }
         return argv.contains("guest=\(name),debug-threads=on")
@@ -256,16 +274,15 @@ public struct VMStore: Sendable {
     /// Writes `value` as JSON through a temporary file and a rename; `durably`: fsync of
     /// the file and its directory too (``writeDurably(_:to:)``).
     func write<T: Encodable>(_ value: T, to path: String, durably: Bool = false) throws {
-        let encoder = JSONEncoder()
-        encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
-        encoder.dateEncodingStrategy = .iso8601
-        let data = try encoder.encode(value)
+        let data = try StateFileCoding.encode(value)
         if durably { return try Self.writeDurably(data, to: path) }
         let tmp = path + ".tmp"
         try data.write(to: URL(fileURLWithPath: tmp))
         guard rename(tmp, path) == 0 else { throw VMError.io("cannot write \(path)") }
     }
 
+    /// Reads a JSON file as `type`, without the rules of ``StateFileCoding`` (which the
+    /// readers of spec, state and handover go through).
     func read<T: Decodable>(_ type: T.Type, from path: String) throws -> T {
         let decoder = JSONDecoder()
         decoder.dateDecodingStrategy = .iso8601

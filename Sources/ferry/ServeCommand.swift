@@ -99,8 +99,15 @@ struct Status: ParsableCommand {
             print("  \(nic.name.padding(10))\(nic.carrier ? "up  " : "down")  \(speed.padding(16))mtu \(nic.mtu)  \(addrs)")
         }
         printMigrations(paths: paths, daemon: daemon)
-        let records = host.store.list()
-        print("VMs: \(records.count)" + (records.isEmpty ? "" : " (" + records.map { "\($0.spec.name) \($0.alive ? $0.state.phase.rawValue : "dead")" }.joined(separator: ", ") + ")"))
+        let entries = host.store.entries()
+        let described = entries.map { entry -> String in
+            switch entry {
+            case .healthy(let r): "\(r.spec.name) \(r.alive ? r.state.phase.rawValue : "dead")"
+            case .damaged(let d): "\(d.name) damaged"
+            }
+        }
+        print("VMs: \(entries.count)" + (entries.isEmpty ? "" : " (" + described.joined(separator: ", ") + ")"))
+        if described.contains(where: { $0.hasSuffix(" damaged") }) { print("  damaged VMs: `ferry vm list` says what is damaged and how to repair it") }
     }
 }
 
@@ -110,7 +117,12 @@ extension Status {
     func printMigrations(paths: StatePaths, daemon: Int32?) {
         let now = Date()
         func age(_ since: Date) -> String { String(format: "%.0f s", now.timeIntervalSince(since)) }
-        if let daemon, let incoming = IncomingMigrations.read(runDirectory: paths.runDirectory), incoming.pid == daemon {
+        let read = IncomingMigrations.load(runDirectory: paths.runDirectory)
+        if let daemon, let damage = read.damage {
+            // Never a guess at what the daemon runs: the file says nothing it can be trusted for.
+            print("incoming migrations: unknown: \(damage.path) \(damage.problem); ferry serve (pid \(daemon)) rewrites it when its migrations change")
+        }
+        if let daemon, let incoming = read.value, incoming.pid == daemon {
             print("incoming migrations: \(incoming.running.count) running, \(incoming.queued.count) queued (--max-migrations \(incoming.limit))")
             for e in incoming.running {
                 print("  running  \(e.vm.padding(16)) from \(e.source), for \(age(e.admittedAt ?? e.since))")

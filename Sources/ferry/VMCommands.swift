@@ -9,8 +9,8 @@ import Foundation
 struct VM: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "vm",
-        abstract: "Run, list, stop and read the console of the VMs on this host.",
-        subcommands: [Run.self, List.self, Stop.self, Log.self, Update.self])
+        abstract: "Run, list, stop, repair and read the console of the VMs on this host.",
+        subcommands: [Run.self, List.self, Stop.self, Log.self, Update.self, Repair.self])
 
     struct Run: ParsableCommand {
         static let configuration = CommandConfiguration(
@@ -61,7 +61,15 @@ struct VM: ParsableCommand {
                               append: append, accelerator: accelerator, machine: try QEMU.defaultMachineType(),
                               cpuModel: QEMU.defaultCPUModel(for: accelerator),
                               ramPadKiB: QEMU.tcgDirtyTrackingPadKiB(accelerator: accelerator, qemuVersion: QEMU.version()))
-            let (record, qmp) = try store.start(spec: spec, incoming: false)
+            let (record, qmp): (VMRecord, QMPClient)
+            do {
+                (record, qmp) = try store.start(spec: spec, incoming: false)
+            } catch VMError.exists(let name) {
+                if case .damaged(let vm)? = store.entry(name) {
+                    throw UserError("VM \(name) already runs here, with damaged files (\(vm.problems.joined(separator: "; "))): \(vm.advice)")
+                }
+                throw VMError.exists(name)
+            }
             let state = try qmp.queryStatus()
             qmp.close()
             print("VM \(name) is \(state.status) (pid \(record.state.pid), \(accelerator.rawValue), \(memory.mebibytes) MiB, \(cpus) vCPU)")
@@ -82,29 +90,50 @@ struct VM: ParsableCommand {
             // alone (rolling back what never committed); the rest waits for `ferry serve`.
             let notes = Reconciler(store: host.store, keys: nil, logger: host.logger("ferry.vm")).reconcile(network: false)
             if !json { for note in notes { print("reconciled: \(note)") } }
-            let records = host.store.list()
+            let entries = host.store.entries()
             if json {
                 struct Row: Encodable {
-                    var name: String, phase: String, alive: Bool, pid: Int32, memoryMiB: Int, cpus: Int, accelerator: String
+                    var name: String, phase: String?, alive: Bool, pid: Int32?, memoryMiB: Int?, cpus: Int?, accelerator: String?
                     var migratedFrom: String?
+                    /// Set for a damaged VM: what is wrong, and what to do.
+                    var damaged: [String]?, repair: String?
                 }
-                let rows = records.map { Row(name: $0.spec.name, phase: $0.state.phase.rawValue, alive: $0.alive, pid: $0.state.pid,
-                                             memoryMiB: $0.spec.memoryMiB, cpus: $0.spec.cpus,
-                                             accelerator: $0.spec.accelerator.rawValue, migratedFrom: $0.state.migratedFrom) }
+                let rows = entries.map { entry -> Row in
+                    switch entry {
+                    case .healthy(let r):
+                        return Row(name: r.spec.name, phase: r.state.phase.rawValue, alive: r.alive, pid: r.state.pid,
+                                   memoryMiB: r.spec.memoryMiB, cpus: r.spec.cpus, accelerator: r.spec.accelerator.rawValue,
+                                   migratedFrom: r.state.migratedFrom)
+                    case .damaged(let d):
+                        return Row(name: d.name, phase: d.state?.phase.rawValue, alive: !d.qemus.isEmpty, pid: d.qemus.first?.pid ?? d.state?.pid,
+                                   memoryMiB: d.spec?.memoryMiB, cpus: d.spec?.cpus, accelerator: d.spec?.accelerator.rawValue,
+                                   migratedFrom: d.state?.migratedFrom, damaged: d.problems, repair: d.advice)
+                    }
+                }
                 let encoder = JSONEncoder()
                 encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
                 print(String(decoding: try encoder.encode(rows), as: UTF8.self))
                 return
             }
-            if records.isEmpty {
+            if entries.isEmpty {
                 print("no VMs on this host")
                 return
             }
             print("NAME".padding(20) + "STATE".padding(16) + "PID".padding(9) + "MEMORY".padding(10) + "CPUS".padding(6) + "ACCEL".padding(7) + "FROM")
-            for r in records {
-                let state = r.alive ? r.state.phase.rawValue : "dead (\(r.state.phase.rawValue))"
-                print(r.spec.name.padding(20) + state.padding(16) + "\(r.state.pid)".padding(9) + "\(r.spec.memoryMiB)M".padding(10)
-                      + "\(r.spec.cpus)".padding(6) + r.spec.accelerator.rawValue.padding(7) + (r.state.migratedFrom ?? "-"))
+            for entry in entries {
+                switch entry {
+                case .healthy(let r):
+                    let state = r.alive ? r.state.phase.rawValue : "dead (\(r.state.phase.rawValue))"
+                    print(r.spec.name.padding(20) + state.padding(16) + "\(r.state.pid)".padding(9) + "\(r.spec.memoryMiB)M".padding(10)
+                          + "\(r.spec.cpus)".padding(6) + r.spec.accelerator.rawValue.padding(7) + (r.state.migratedFrom ?? "-"))
+                case .damaged(let d):
+                    let pids = d.qemus.isEmpty ? "-" : d.qemus.map { "\($0.pid)" }.joined(separator: ",")
+                    print(d.name.padding(20) + "damaged".padding(16) + pids.padding(9) + (d.spec.map { "\($0.memoryMiB)M" } ?? "?").padding(10)
+                          + (d.spec.map { "\($0.cpus)" } ?? "?").padding(6) + (d.spec?.accelerator.rawValue ?? "?").padding(7)
+                          + (d.state?.migratedFrom ?? "-"))
+                    for problem in d.problems { print("    damaged: \(problem)") }
+                    print("    repair:  \(d.advice)")
+                }
             }
         }
     }
@@ -119,11 +148,50 @@ struct VM: ParsableCommand {
 
         func run() throws {
             let store = host.store
-            let record = try store.record(name)
-            let lock = try VMLock(paths: record.paths, name: name)
-            try store.stop(name)
-            _ = lock
+            guard let entry = store.entry(name) else { throw VMError.notFound(name) }
+            let paths = store.vmPaths(name)
+            // A VM whose directory is gone has no lock to take; its QEMU is stopped all the same.
+            let lock = FileManager.default.fileExists(atPath: paths.directory) ? try VMLock(paths: paths, name: name) : nil
+            try withExtendedLifetime(lock) { try store.stop(name, reason: entry.isDamaged ? "stopped-damaged" : "stopped") }
             print("VM \(name) stopped")
+        }
+    }
+
+    struct Repair: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Adopt the QEMU of a VM whose files are damaged again (see `ferry vm list`).",
+            discussion: """
+                Rewrites spec.json from the command line of the QEMU that runs the VM and state.json \
+                from what that QEMU reports over QMP (its pid, its run state), keeping what is still \
+                readable. A damaged handover.json (a switchover's decision) is never guessed: it is \
+                dropped only with --drop-handover and only while QEMU runs the guest.
+                """)
+
+        @Argument(help: "The VM's name.")
+        var name: String
+
+        @Flag(help: "Drop a damaged handover.json (kept aside as handover.json.damaged-*) if QEMU runs the guest; check first that the peer host holds no copy of the VM waiting for a decision (default: off).")
+        var dropHandover = false
+
+        @OptionGroup var host: HostOptions
+
+        func validate() throws {
+            if let problem = VMSpec.validateName(name) { throw ValidationError(problem) }
+        }
+
+        func run() throws {
+            let store = host.store
+            guard let entry = store.entry(name) else { throw VMError.notFound(name) }
+            guard entry.isDamaged else {
+                print("VM \(name) is not damaged: nothing to repair")
+                return
+            }
+            let notes = try store.repair(name, dropHandover: dropHandover)
+            for note in notes { print("\(name): \(note)") }
+            if case .damaged(let still)? = store.entry(name) {
+                throw UserError("VM \(name) is still damaged: \(still.problems.joined(separator: "; ")); \(still.advice)")
+            }
+            print("VM \(name) repaired")
         }
     }
 
@@ -163,3 +231,10 @@ extension String {
 }
 
 extension AcceleratorChoice: ExpressibleByArgument {}
+
+extension VMEntry {
+    var isDamaged: Bool {
+        if case .damaged = self { return true }
+        return false
+    }
+}

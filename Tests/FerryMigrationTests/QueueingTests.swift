@@ -1,5 +1,6 @@
 @testable import FerryMigration
 import FerryIO
+import FerryVM
 import FerryWire
 import Foundation
 import Testing

@@ -307,6 +307,12 @@ struct ReconcileAnswerTests {
                           failed: failed.map { Rules.Failure(action: $0, why: "boom") })
     }
 
+    static func damaged(_ facts: Rules.AnswerFacts) -> Rules.AnswerFacts {
+        var facts = facts
+        facts.damaged = "state.json is not JSON"
+        return facts
+    }
+
     static let rows: [AnswerRow] = {
         let run: [Rules.Action] = [.recordCommitted(F.committed), .resume, .setRunning(session: "s1"), .clearHandover]
         return [
@@ -360,6 +366,14 @@ struct ReconcileAnswerTests {
             AnswerRow("query, no VM here: abort", query, facts(nil), [], .abort),
             AnswerRow("query, an unreadable handover record: pending, never abort", query, facts(F.vm(.migratingOut), unreadable: "bad JSON"),
                       [], .pending, "cannot be read"),
+            // Damaged files (issue 18): its QEMU may run here though no record is readable.
+            AnswerRow("commit, the VM's state here is damaged: pending, never gone", commit, damaged(facts(nil)),
+                      [], .pending, "damaged (state.json is not JSON)", "ferry vm repair"),
+            AnswerRow("commit, committed here but the state is damaged: pending", commit, damaged(facts(nil, F.committed)), [], .pending),
+            AnswerRow("query, the source's state is damaged, no commit record: pending, never abort", query, damaged(facts(nil)),
+                      [], .pending, "damaged"),
+            AnswerRow("query, the source's state is damaged, its commit record readable: commit", query, damaged(facts(nil, F.commit)),
+                      [], .commit),
         ]
     }()
 

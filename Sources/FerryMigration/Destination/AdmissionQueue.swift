@@ -1,4 +1,5 @@
 import FerryIO
+import FerryVM
 import Foundation
 
 /// `ferry serve --max-migrations N`: at most N incoming migrations transfer at once on this
@@ -83,40 +84,5 @@ final class AdmissionQueue: @unchecked Sendable {
     }
 }
 
-/// What `ferry serve` writes to `<run>/incoming.json` whenever its incoming migrations
-/// change, for `ferry status`.
-public struct IncomingMigrations: Codable, Sendable {
-    public struct Entry: Codable, Sendable {
-        public var session: String
-        public var vm: String
-        public var source: String
-        /// When it arrived.
-        public var since: Date
-        /// When it started transferring (nil: still waiting).
-        public var admittedAt: Date?
-    }
-
-    /// The daemon that wrote the file (a file from a dead daemon means nothing).
-    public var pid: Int32
-    public var limit: Int
-    public var running: [Entry]
-    public var queued: [Entry]
-    public var updatedAt: Date
-
-    public static func path(runDirectory: String) -> String { runDirectory + "/incoming.json" }
-
-    public static func read(runDirectory: String) -> IncomingMigrations? {
-        guard let data = FileManager.default.contents(atPath: path(runDirectory: runDirectory)) else { return nil }
-        let decoder = JSONDecoder()
-        decoder.dateDecodingStrategy = .iso8601
-        return try? decoder.decode(IncomingMigrations.self, from: data)
-    }
-
-    func write(runDirectory: String) {
-        let encoder = JSONEncoder()
-        encoder.dateEncodingStrategy = .iso8601
-        encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
-        guard let data = try? encoder.encode(self) else { return }
-        try? data.write(to: URL(fileURLWithPath: Self.path(runDirectory: runDirectory)), options: .atomic)
-    }
-}
+// `IncomingMigrations`, the file this queue's daemon writes, is in FerryVM/StateFiles.swift
+// with the other state files and their readers.

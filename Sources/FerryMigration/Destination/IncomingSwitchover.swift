@@ -139,7 +139,8 @@ extension DestinationSession {
     func validate(_ offer: OfferMessage) throws(IncomingError) {
         let spec = offer.spec
         if let problem = VMSpec.validateName(spec.name) { throw .refused(.badOffer, problem) }
-        if let existing = try? store.record(spec.name), existing.alive {
+        // Whatever its files say (they may be damaged): a QEMU of that name runs here.
+        if (try? store.record(spec.name))?.alive == true || !store.qemus(of: spec.name).isEmpty {
             throw .refused(.vmExists, "a VM named '\(spec.name)' already runs on \(HostInfo.hostname)")
         }
         guard spec.memoryMiB >= 16 && spec.memoryMiB <= 16 << 20 else {
@@ -167,7 +168,8 @@ extension DestinationSession {
     func discardDestinationCopy() {
         dataPath?.stop()
         guard let spec else { return }
-        store.clearHandover(spec.name)
+        // Only this session's own record: a refused offer must not touch another's.
+        if (try? store.readHandover(spec.name))?.session == session { store.clearHandover(spec.name) }
         if qemuPID > 0 {
             QEMU.stop(pid: qemuPID, qmp: qmp)
             store.archiveAndRemove(spec.name, reason: "incoming-aborted")

@@ -27,6 +27,12 @@ protocol ReconcileHost: Sendable {
     func facts(of record: VMRecord, askQEMU: Bool) -> ReconcileRules.VMFacts
     /// Carries out one step; throws what failed.
     func perform(_ action: ReconcileRules.Action, on vm: String) throws
+    /// What is damaged about the VM's files (``DamagedVM``), or nil if nothing (or it is not here).
+    func damage(of vm: String) -> String?
+}
+
+extension ReconcileHost {
+    func damage(of vm: String) -> String? { nil }
 }
 
 /// The peer's daemon.
@@ -50,6 +56,11 @@ struct StoreHost: ReconcileHost {
     func record(_ vm: String) -> VMRecord? { try? store.record(vm) }
 
     func lock(_ vm: String) -> AnyObject? { try? VMLock(paths: store.vmPaths(vm), name: vm) }
+
+    func damage(of vm: String) -> String? {
+        guard case .damaged(let damaged)? = store.entry(vm) else { return nil }
+        return damaged.problems.joined(separator: "; ")
+    }
 
     func isLocked(_ vm: String) -> Bool { VMLock.isHeld(paths: store.vmPaths(vm)) }
 

@@ -10,6 +10,8 @@ extension ReconcileRules {
         var vm: VMFacts?
         var handover: HandoverRecord? = nil
         var handoverUnreadable: String? = nil
+        /// The VM's files here are damaged (what is): a QEMU of it may run all the same.
+        var damaged: String? = nil
         /// Another process (a live session, a migration, this host's own reconciler)
         /// holds the VM's lock; for a source's decision, this request could not take it.
         var lockHeld = false
@@ -57,6 +59,10 @@ extension ReconcileRules {
         if let why = f.handoverUnreadable, f.vm != nil {
             // It may name this session: `gone` would let the source resume beside this copy.
             return Answer(.pending, "its handover record here cannot be read (\(why)); ask again")
+        }
+        if let why = f.damaged {
+            // Its QEMU may run here although no record says so: `gone` could run it twice.
+            return Answer(.pending, "its files here are damaged (\(why)); repair it here (ferry vm repair) and ask again")
         }
         guard let vm = f.vm, let h = f.handover, holdsCopy(for: request, h) else {
             if let vm = f.vm, vm.session == request.session, vm.alive {
@@ -109,6 +115,10 @@ extension ReconcileRules {
         if let h = f.handover, h.role == .source, h.session == request.session, h.decision == .commit {
             let at = ISO8601DateFormatter().string(from: h.at)
             return Answer(.commit, "the source recorded its commit at \(at)")
+        }
+        if let why = f.damaged {
+            // Its state here may have said migrating-out with a migration still running.
+            return Answer(.pending, "the source's files are damaged (\(why)); ask again once it is repaired")
         }
         if let vm = f.vm, vm.phase == .migratingOut, f.lockHeld {
             return Answer(.pending, "the migration is still running on the source")

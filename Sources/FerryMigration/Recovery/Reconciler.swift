@@ -151,6 +151,9 @@ public final class Reconciler: @unchecked Sendable {
             facts.handoverUnreadable = "\(error)"
         }
         let record = local.record(request.vm)
+        // A VM whose files are damaged may run here all the same (its QEMU found by its
+        // command line): no answer may then say `gone`.
+        facts.damaged = local.damage(of: request.vm)
         var lock: AnyObject?
         if record != nil {
             if ReconcileRules.needsLock(request, handover: facts.handover) {
