@@ -28,8 +28,12 @@ struct StateDamageTests {
         // there, and b's QEMU is left alone (still the only one of b's vm1).
         let other = try lab.startDemoVM("vm1", on: "b", memory: 256, fill: 32, dirty: 2)
         try Self.damage(other.paths.state)
-        let (migrated, _) = try lab.migrate("vm1")
+        let (migrated, report) = try lab.migrate("vm1")
         #expect(!migrated.succeeded, "a second QEMU of vm1 was offered to b: \(migrated.stdout)")
+        // Refused with the offer, before boot files or RAM move, as the VM that exists.
+        #expect(report?.error?.contains("already runs on") == true && report?.error?.contains("vm-exists") == true,
+                "\(report?.error ?? migrated.stdout)")
+        #expect(report?.failedPhase == "negotiating", "\(report?.failedPhase ?? "-")")
         #expect(UpdateTests.qemuCopies(of: other.paths.memoryFile) == [other.state.pid], "b runs vm1 twice")
         #expect(try lab.a.store.ownsQEMU(pid: pid, name: "vm1") && lab.a.store.record("vm1").state.phase == .running)
         #expect(lab.b.store.qemus(of: "vm1").map(\.pid) == [other.state.pid])
