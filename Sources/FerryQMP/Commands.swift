@@ -1,10 +1,35 @@
 import Foundation
 
+/// An enum of QEMU's QAPI schema, kept by QEMU's name for each value, with a case for a
+/// name this Ferry does not know (a newer QEMU's), so that nothing QEMU says is lost.
+public protocol QAPIEnum: Sendable, Hashable, CustomStringConvertible {
+    /// Each known value with QEMU's name for it.
+    static var qapiNames: [(Self, String)] { get }
+    /// A value QEMU names `name` that this Ferry does not know.
+    static func other(_ name: String) -> Self
+    /// The name of an ``other(_:)`` value; nil for a known one.
+    var unknownName: String? { get }
+}
+
+extension QAPIEnum {
+    /// The value QEMU names `name`.
+    public init(qemuName name: String) {
+        self = Self.qapiNames.first { $0.1 == name }?.0 ?? .other(name)
+    }
+
+    /// QEMU's name for the value.
+    public var qemuName: String {
+        unknownName ?? Self.qapiNames.first { $0.0 == self }!.1
+    }
+
+    public var description: String { qemuName }
+}
+
 /// QEMU's migration state (`MigrationStatus` in QEMU's qapi/migration.json), as
 /// `query-migrate` and the `MIGRATION` event report it. A state this QEMU names that Ferry
 /// does not know is kept as ``other(_:)`` and counts as under way: Ferry never starts a
 /// second migration over one it cannot name.
-public enum MigrationStatus: Sendable, Hashable, CustomStringConvertible {
+public enum MigrationStatus: QAPIEnum {
     case none
     case setup
     case cancelling
@@ -21,25 +46,17 @@ public enum MigrationStatus: Sendable, Hashable, CustomStringConvertible {
     case waitUnplug
     case other(String)
 
-    private static let names: [(MigrationStatus, String)] = [
+    public static let qapiNames: [(MigrationStatus, String)] = [
         (.none, "none"), (.setup, "setup"), (.cancelling, "cancelling"), (.cancelled, "cancelled"),
         (.active, "active"), (.postcopyActive, "postcopy-active"), (.postcopyPaused, "postcopy-paused"),
         (.postcopyRecover, "postcopy-recover"), (.completed, "completed"), (.failed, "failed"), (.colo, "colo"),
         (.preSwitchover, "pre-switchover"), (.device, "device"), (.waitUnplug, "wait-unplug"),
     ]
 
-    /// The state QEMU names `name`.
-    public init(qemuName name: String) {
-        self = Self.names.first { $0.1 == name }?.0 ?? .other(name)
-    }
-
-    /// QEMU's name for the state.
-    public var qemuName: String {
+    public var unknownName: String? {
         if case .other(let name) = self { return name }
-        return Self.names.first { $0.0 == self }!.1
+        return nil
     }
-
-    public var description: String { qemuName }
 
     /// QEMU has left the migration (or never had one): a new one may start, and a VM the
     /// migration paused may be resumed.
@@ -53,7 +70,7 @@ public enum MigrationStatus: Sendable, Hashable, CustomStringConvertible {
 }
 
 /// QEMU's run state (`RunState` in qapi/run-state.json), as `query-status` reports it.
-public enum QEMURunStatus: Sendable, Hashable, CustomStringConvertible {
+public enum QEMURunStatus: QAPIEnum {
     case running
     case paused
     case prelaunch
@@ -70,23 +87,17 @@ public enum QEMURunStatus: Sendable, Hashable, CustomStringConvertible {
     case ioError
     case other(String)
 
-    private static let names: [(QEMURunStatus, String)] = [
+    public static let qapiNames: [(QEMURunStatus, String)] = [
         (.running, "running"), (.paused, "paused"), (.prelaunch, "prelaunch"), (.inmigrate, "inmigrate"),
         (.finishMigrate, "finish-migrate"), (.postmigrate, "postmigrate"), (.shutdown, "shutdown"),
         (.suspended, "suspended"), (.guestPanicked, "guest-panicked"), (.internalError, "internal-error"),
         (.ioError, "io-error"),
     ]
 
-    public init(qemuName name: String) {
-        self = Self.names.first { $0.1 == name }?.0 ?? .other(name)
-    }
-
-    public var qemuName: String {
+    public var unknownName: String? {
         if case .other(let name) = self { return name }
-        return Self.names.first { $0.0 == self }!.1
+        return nil
     }
-
-    public var description: String { qemuName }
 
     /// Paused by a migration on this side (stop-and-copy or after it).
     public var isPausedByMigration: Bool { [.finishMigrate, .postmigrate].contains(self) }

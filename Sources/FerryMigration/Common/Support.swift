@@ -39,3 +39,21 @@ struct Stopwatch: Sendable {
     let start = ContinuousClock.now
     var elapsed: Double { (ContinuousClock.now - start).seconds }
 }
+
+extension FrameConnection {
+    /// Reads this control connection on a thread of its own from now on: each frame goes
+    /// to `frame`, and the reason it ended (once) to `lost`. The thread that owns the
+    /// migration then waits on its event queue alone.
+    func startReader(_ name: String, frame: @escaping @Sendable (Frame) -> Void, lost: @escaping @Sendable (String) -> Void) {
+        startThread(name) { [self] in
+            while true {
+                do {
+                    frame(try receive())
+                } catch {
+                    lost("\(error)")
+                    return
+                }
+            }
+        }
+    }
+}

@@ -273,16 +273,8 @@ final class DestinationSession: @unchecked Sendable {
         control.socket.setReceiveTimeout(nil)
         try peer { try control.send(.ready, ReadyMessage(qemuVersion: qmp.qemuVersion)) }
         server.startedTransfer(self)
-        startThread("ferry-control-rx") { [events, control] in
-            while true {
-                do {
-                    events.post(.frame(try control.receive()))
-                } catch {
-                    events.post(.controlLost("\(error)"))
-                    return
-                }
-            }
-        }
+        control.startReader("ferry-control-rx", frame: { [events] in events.post(.frame($0)) },
+                            lost: { [events] in events.post(.controlLost($0)) })
         return (qmp, dataPath)
     }
 }

@@ -178,16 +178,8 @@ extension SourceMigration {
         let ready = try waitForReady(control)
         track.note("destination QEMU \(ready.qemuVersion) waiting")
         control.socket.setReceiveTimeout(nil)
-        startThread("ferry-control") { [events] in
-            while true {
-                do {
-                    events.post(.frame(try control.receive()))
-                } catch {
-                    events.post(.controlLost("\(error)"))
-                    return
-                }
-            }
-        }
+        control.startReader("ferry-control", frame: { [events] in events.post(.frame($0)) },
+                            lost: { [events] in events.post(.controlLost($0)) })
     }
 
     private func waitForReady(_ control: FrameConnection) throws(MigrateError) -> ReadyMessage {
