@@ -20,11 +20,16 @@ struct DataPathTests {
         let received = Locked<[UInt32: [UInt8]]>([:])
         let failure = Locked<TransportError?>(nil)
         var sourceChannels: [FrameConnection] = []
+        /// The destination's ends of the channels, to kill one from the far side.
+        var destinationChannels: [FrameConnection] = []
         var readers: [Thread] = []
         let done = DispatchGroup()
 
         init(streams: Int, channels: Int, window: Int = ChunkPolicy.windowByteCount, sealed: Bool = false,
              compression: CompressionMode? = nil, zeroCopy: Bool = false) throws {
+            // As `ferry migrate` and `ferry serve` do: a write into a connection the peer
+            // closed (a splice has no MSG_NOSIGNAL) is an error to handle, not a signal.
+            signal(SIGPIPE, SIG_IGN)
             let toDestination = SymmetricKey(size: .bits256), toSource = SymmetricKey(size: .bits256)
             let logger = Logger(label: "test")
             let events = self.events
@@ -64,6 +69,7 @@ struct DataPathTests {
                     d.secure(send: FrameSealer(key: toSource, connection: UInt32(id)), receive: FrameOpener(key: toDestination, connection: UInt32(id)))
                 }
                 sourceChannels.append(c)
+                destinationChannels.append(d)
                 destination.addChannel(id, connection: d)
                 source.addChannel(id, connection: c, interface: "lo\(id % 2)")
             }
@@ -317,14 +323,26 @@ struct DataPathTests {
         let data = [Self.payload(4, 24_000_000), Self.payload(5, 8_000_000)]
         for (i, d) in data.enumerated() { try h.feed(UInt32(i), d) }
         // Let some data flow, then kill channel 1 under the sender while it holds chunks the
-        // destination has not acknowledged yet (acknowledgements come every few ms, so
-        // at a random moment it might hold none, and there would be nothing to resend).
-        let deadline = ContinuousClock.now + .seconds(10)
-        while (h.source.streamByteCount < 4_000_000 || h.source.scheduler.inFlightCount(onChannel: 1) == 0)
-                && ContinuousClock.now < deadline {
-            Thread.sleep(forTimeInterval: 0.0002)
+        // destination has not acknowledged yet. Acknowledgements come every few ms, so in
+        // the instant between the look and the kill they may all arrive, and there is then
+        // nothing to resend: in that case channel 2 is killed the same way (channel 0 is
+        // left to carry the rest), so that the resend is always exercised.
+        func requeued(on channel: Int) -> Int? {
+            h.events.current.lazy.compactMap { event -> Int? in
+                if case .channelFailed(channel, _, _, let n) = event { return n } else { return nil }
+            }.first
         }
-        h.sourceChannels[1].socket.shutdown()
+        for channel in [1, 2] {
+            let deadline = ContinuousClock.now + .seconds(10)
+            while (h.source.streamByteCount < 4_000_000 || h.source.scheduler.inFlightCount(onChannel: channel) == 0)
+                    && ContinuousClock.now < deadline {
+                Thread.sleep(forTimeInterval: 0.0002)
+            }
+            h.sourceChannels[channel].socket.shutdown()
+            let noticed = ContinuousClock.now + .seconds(5)
+            while requeued(on: channel) == nil && ContinuousClock.now < noticed { Thread.sleep(forTimeInterval: 0.001) }
+            if (requeued(on: channel) ?? 0) > 0 { break }
+        }
         try h.pumpEnds(expect: 2)
         try h.destination.waitUntilComplete(timeout: .seconds(30))
         #expect(h.done.wait(timeout: .now() + 10) == .success)
