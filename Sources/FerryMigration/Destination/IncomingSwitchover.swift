@@ -14,8 +14,10 @@ extension DestinationSession {
         var qemuCompleted = false
         var lastCheck = Stopwatch()
         while true {
-            // Once QEMU has loaded everything, only the last stream's delivery is awaited.
-            switch events.next(timeout: qemuCompleted ? .milliseconds(10) : .milliseconds(100)) {
+            // Once QEMU has loaded everything, only the last stream's delivery is awaited;
+            // after `loaded` the loop waits for the source's frames alone.
+            let finishing = qemuCompleted && phase.current == .loading
+            switch events.next(timeout: finishing ? .milliseconds(10) : .milliseconds(100)) {
             case .frame(let frame)?:
                 if try handle(frame, dataPath: dataPath, qmp: qmp, name: name) { return }
             case .controlLost(let why)?:
