@@ -115,14 +115,17 @@ struct StateDamageTests {
     }
 
     /// A process whose command line is the QEMU command line of `name` on `store`: a shell
-    /// that sleeps, with those words as its arguments ("; true" keeps it from exec'ing sleep).
+    /// that waits on its stdin with the builtin `read`, with those words as its arguments.
+    /// (It once ran `sleep`: the shell's child carries the shell's command line between its
+    /// fork and its exec, and a scan in that instant found two "QEMUs".)
     static func fakeQEMU(_ store: VMStore, _ name: String) throws -> Int32 {
         var spec = Self.spec
         spec.name = name
         let argv = QEMU.arguments(spec: spec, paths: store.vmPaths(name), store: store.bootFiles, incoming: false)
         let process = Process()
         process.executableURL = URL(fileURLWithPath: "/bin/sh")
-        process.arguments = ["-c", "sleep 120; true"] + argv
+        process.arguments = ["-c", "read -r line; true"] + argv
+        process.standardInput = Pipe()
         try process.run()
         let pid = process.processIdentifier
         let deadline = ContinuousClock.now + .seconds(5)
