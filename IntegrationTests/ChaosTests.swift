@@ -10,14 +10,16 @@ import Testing
 /// a daemon on both hosts (as on real hosts, where the daemons settle what a crash left).
 /// For every cell: at most one copy of the VM ever runs; exactly one runs afterwards
 /// unless the fault killed the only one; the survivor's guest memory check is intact; a
-/// failure says why; the next migration succeeds. `FERRY_CHAOS=all` runs all 35 cells
-/// (about 20 minutes); by default the 8 cells below. `FERRY_CHAOS_OUT=FILE` appends one
+/// failure says why; the next migration succeeds. `FERRY_CHAOS=all` runs all 40 cells
+/// (about 25 minutes); by default the 9 cells below. `FERRY_CHAOS_OUT=FILE` appends one
 /// line per cell, the table of docs/RELIABILITY.md.
 @Suite("Chaos: faults x phases", .serialized, .enabled(if: Env.canRunEndToEnd, "needs root, QEMU and the demo guest (scripts/test.sh)"))
 struct ChaosTests {
     enum Fault: String, CaseIterable, Sendable, CustomTestStringConvertible {
         static func named(_ name: String) -> Fault? { allCases.first { "\($0)" == name } }
         case nicDown = "NIC down"
+        /// eth0 of the source: the path of the control connection (`--to`).
+        case controlNICDown = "control NIC down"
         case channelReset = "one channel reset"
         case allNICsDown = "all NICs down, then back"
         case killServe = "kill -9 destination ferry serve"
@@ -64,7 +66,8 @@ struct ChaosTests {
         return [Cell(fault: .killMigrate, phase: .switchover), Cell(fault: .killServe, phase: .switchover),
                 Cell(fault: .killDestinationQEMU, phase: .switchover), Cell(fault: .killSourceQEMU, phase: .switchover),
                 Cell(fault: .killMigrate, phase: .afterSwitchover), Cell(fault: .killServe, phase: .early),
-                Cell(fault: .nicDown, phase: .late), Cell(fault: .allNICsDown, phase: .early)]
+                Cell(fault: .nicDown, phase: .late), Cell(fault: .allNICsDown, phase: .early),
+                Cell(fault: .controlNICDown, phase: .switchover)]
     }()
 
     @Test("a fault in a phase: one copy runs, intact; the error is clear; the next migration succeeds", arguments: cells)
@@ -104,6 +107,9 @@ struct ChaosTests {
         case .nicDown:
             try lab.lab.setNIC("a", nic: 1, up: false)
             restoreNICs = [("a", 1)]
+        case .controlNICDown:
+            try lab.lab.setNIC("a", nic: 0, up: false)
+            restoreNICs = [("a", 0)]
         case .channelReset:
             let ports = try lab.shell("a", "ss -tnH state established dst \(lab.lab.address("b", nic: 1)) | awk '{print $3}' | sed 's/.*://' | head -1")
             let port = ports.stdout.trimmingCharacters(in: .whitespacesAndNewlines)

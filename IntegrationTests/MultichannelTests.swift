@@ -99,6 +99,42 @@ struct MultichannelTests {
         lab.expectAbsent("vm1", on: "a")
     }
 
+    @Test("the control connection's NIC dies mid-transfer: the control connection continues over the other NIC and the migration completes")
+    func controlNICDown() throws {
+        let lab = try TestLab(nics: 2, rate: "150mbit")
+        try lab.serve()
+        _ = try lab.startDemoVM("vm1", memory: 320, fill: 192, dirty: 2)
+        // `--to` is b's eth0 address: the control connection runs over eth0.
+        let run = RunningMigration(lab, "vm1")
+        #expect(run.wait(forFraction: 0.3))
+        try lab.lab.setNIC("a", nic: 0, up: false)
+        let (result, report) = try run.finish()
+        try lab.lab.setNIC("a", nic: 0, up: true)
+        #expect(result.succeeded, "\(result.stdout)")
+        let r = try #require(report)
+        let events = r.events.map(\.what)
+        let moved = events.first { $0.contains("control connection over eth0") && $0.contains("continued over eth1") }
+        #expect(moved != nil, "\(events)")
+        #expect(events.contains { $0.contains("NIC eth0 lost carrier") }, "\(events)")
+        try lab.expectRunningAndHealthy("vm1", on: "b")
+        lab.expectAbsent("vm1", on: "a")
+    }
+
+    @Test("a destination of protocol v1: the migration runs as before, and the report says its control connection cannot move")
+    func protocolOne() throws {
+        let lab = try TestLab(nics: 2, rate: "300mbit")
+        setenv("FERRY_PROTOCOL_MAX", "1", 1)
+        defer { unsetenv("FERRY_PROTOCOL_MAX") }
+        try lab.serve()  // speaks v1 only: the variable is in its environment
+        unsetenv("FERRY_PROTOCOL_MAX")
+        _ = try lab.startDemoVM("vm1", memory: 256, fill: 64, dirty: 2)
+        let (result, report) = try lab.migrate("vm1")
+        #expect(result.succeeded, "\(result.stdout)")
+        let events = try #require(report).events.map(\.what)
+        #expect(events.contains { $0.contains("protocol v1") && $0.contains("cannot move") }, "\(events)")
+        try lab.expectRunningAndHealthy("vm1", on: "b")
+    }
+
     @Test("channels killed from outside (ss -K) mid-migration: the others carry on, the NIC gets channels again")
     func channelsKilled() throws {
         let lab = try TestLab(nics: 2, rate: "150mbit")

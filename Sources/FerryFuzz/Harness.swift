@@ -138,6 +138,15 @@ enum FrameFuzzing {
         case .limit: _ = json(LimitMessage.self, frame)
         case .resolve: _ = json(ResolveMessage.self, frame)
         case .resolved: _ = json(ResolvedMessage.self, frame)
+        case .rejoin:
+            if let rejoin = json(RejoinMessage.self, frame) {
+                rejoinProof(rejoin.proof, session: rejoin.session, generation: rejoin.generation, received: rejoin.received, role: .rejoin)
+            }
+        case .rejoined:
+            if let rejoined = json(RejoinedMessage.self, frame) {
+                rejoinProof(rejoined.proof, session: Fixtures.session, generation: rejoined.generation, received: rejoined.received, role: .rejoined)
+            }
+        case .received: _ = json(ReceivedMessage.self, frame)
         case .data: dataChunk(frame.payload)
         case .ack:
             if let ack = try? AckMessage.decode(frame.payload) {
@@ -167,6 +176,14 @@ enum FrameFuzzing {
         var raw = [UInt8](repeating: 0, count: DataChunkHeader.byteCount)
         raw.withUnsafeMutableBytes { header.write(into: $0) }
         precondition(raw[...] == payload[0..<DataChunkHeader.byteCount], "a data sub-header re-encodes to other bytes")
+    }
+
+    /// A rejoin or rejoined proof from the wire, checked under the fixed bind key.
+    static func rejoinProof(_ proof: String, session: String, generation: UInt32, received: UInt64, role: ControlRejoin.Role) {
+        let key = Fixtures.sessionKeys.bind
+        let accepted = ControlRejoin.verify(proof: proof, bindKey: key, session: session, generation: generation, received: received, role: role)
+        let expected = ControlRejoin.proof(bindKey: key, session: session, generation: generation, received: received, role: role)
+        precondition(accepted == (Array(proof.utf8) == Array(expected.utf8)), "a rejoin proof check disagrees with the proof")
     }
 
     /// A bind or bound proof from the wire, checked under the fixed bind key.

@@ -79,6 +79,13 @@ enum Seeds {
             dataFrame(stream: 0, sequence: 0, offset: 0, bytes: Array(repeating: 0xAB, count: 64)),
             dataFrame(stream: 1, sequence: 3, offset: 4096, bytes: Array("QEVM".utf8)),
             Frame(type: .ack, payload: AckMessage(entries: [.init(stream: 0, nextSequence: 1), .init(stream: 1, nextSequence: 4)]).encoded()),
+            ControlCoding.frame(.rejoin, RejoinMessage(
+                version: ProtocolVersion.current, session: Fixtures.session, generation: 1, received: 7, interface: "eth1",
+                proof: ControlRejoin.proof(bindKey: bindKey, session: Fixtures.session, generation: 1, received: 7, role: .rejoin))),
+            ControlCoding.frame(.rejoined, RejoinedMessage(
+                generation: 1, received: 12,
+                proof: ControlRejoin.proof(bindKey: bindKey, session: Fixtures.session, generation: 1, received: 12, role: .rejoined))),
+            ControlCoding.frame(.received, ReceivedMessage(received: 12)),
         ]
     }
 

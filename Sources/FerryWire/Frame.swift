@@ -121,6 +121,14 @@ public enum FrameType: UInt8, Sendable, CaseIterable {
     case resolve = 21
     /// The answer to `resolve` (``ResolvedMessage``).
     case resolved = 22
+    /// Protocol v2. Source, first frame of a new connection: the session's control
+    /// connection continues here (``RejoinMessage``), on another NIC when its own failed.
+    case rejoin = 23
+    /// Protocol v2. Destination: the control connection continues on this connection.
+    case rejoined = 24
+    /// Protocol v2, either side on the control connection: how many control frames it has
+    /// received; also the control connection's heartbeat (``ReceivedMessage``).
+    case received = 25
 }
 
 /// Frame flags. Bits not defined here must be zero; a receiver refuses unknown bits.

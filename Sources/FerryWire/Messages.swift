@@ -1,15 +1,26 @@
+import Crypto
 import Foundation
 
 /// Protocol versions this build speaks. A peer offers a range in `hello`; the destination
 /// picks the highest version both speak. Policy: a release accepts the current and the
 /// previous protocol version (see docs/PROTOCOL.md, "Versioning").
 public enum ProtocolVersion {
-    public static let current: UInt16 = 1
+    public static let current: UInt16 = 2
     public static let oldestSupported: UInt16 = 1
+    /// The first version whose control connection can move to another connection
+    /// (`rejoin`, `rejoined`, `received`; docs/PROTOCOL.md, "The control connection moves").
+    public static let movableControl: UInt16 = 2
+
+    /// The highest version this process offers: ``current``, or lower for tests of mixed
+    /// clusters (`FERRY_PROTOCOL_MAX`, never above ``current``).
+    public static var offered: UInt16 {
+        guard let text = ProcessInfo.processInfo.environment["FERRY_PROTOCOL_MAX"], let v = UInt16(text) else { return current }
+        return max(oldestSupported, min(current, v))
+    }
 
     /// The version both sides speak, or nil.
     public static func negotiate(peerMin: UInt16, peerMax: UInt16) -> UInt16? {
-        let high = min(peerMax, current)
+        let high = min(peerMax, offered)
         let low = max(peerMin, oldestSupported)
         return high >= low ? high : nil
     }
@@ -137,7 +148,7 @@ public struct HelloMessage: Codable, Equatable, Sendable {
     public var host: String
     /// The source's key id and nonce; nil from a source run with `--insecure`.
     public var auth: AuthOffer?
-    public init(minVersion: UInt16 = ProtocolVersion.oldestSupported, maxVersion: UInt16 = ProtocolVersion.current,
+    public init(minVersion: UInt16 = ProtocolVersion.oldestSupported, maxVersion: UInt16 = ProtocolVersion.offered,
                 software: String, host: String, auth: AuthOffer? = nil) {
         self.minVersion = minVersion
         self.maxVersion = maxVersion
@@ -187,11 +198,15 @@ public struct OfferMessage: Codable, Equatable, Sendable {
     /// The port of the source host's own daemon, where the destination asks for the
     /// switchover's decision if the two lose each other (nil: the default, 7470).
     public var sourcePort: UInt16?
-    public init(spec: VMSpec, streams: StreamPlan, sourceHost: String, sourcePort: UInt16? = nil) {
+    /// Protocol v2: how long the source tries to bring a lost control connection back
+    /// (its `--link-timeout`); the destination waits a little longer before it gives up.
+    public var linkTimeoutSeconds: Double?
+    public init(spec: VMSpec, streams: StreamPlan, sourceHost: String, sourcePort: UInt16? = nil, linkTimeoutSeconds: Double? = nil) {
         self.spec = spec
         self.streams = streams
         self.sourceHost = sourceHost
         self.sourcePort = sourcePort
+        self.linkTimeoutSeconds = linkTimeoutSeconds
     }
 }
 
@@ -403,4 +418,73 @@ public enum ControlCoding {
     public static func frame<T: Encodable>(_ type: FrameType, _ value: T) -> Frame {
         Frame(type: type, payload: encode(value))
     }
+}
+
+/// Protocol v2: the first frame of a connection that takes over a session's control
+/// connection. Unsealed; `proof` shows the sender holds the session's bind key and covers
+/// every field, so nobody can change the counts on the way (``ControlRejoin``).
+public struct RejoinMessage: Codable, Equatable, Sendable {
+    public var version: UInt16
+    public var session: String
+    /// Counts the control connections of the session (the first is 0); each rejoin takes a
+    /// number higher than any before, never reused (it also numbers the connection's seal).
+    public var generation: UInt32
+    /// Control frames the source has received from the destination so far.
+    public var received: UInt64
+    /// The source's NIC (for the destination's log).
+    public var interface: String
+    public var proof: String
+    public init(version: UInt16, session: String, generation: UInt32, received: UInt64, interface: String, proof: String) {
+        self.version = version
+        self.session = session
+        self.generation = generation
+        self.received = received
+        self.interface = interface
+        self.proof = proof
+    }
+}
+
+/// Protocol v2: the destination's answer to `rejoin`.
+public struct RejoinedMessage: Codable, Equatable, Sendable {
+    public var generation: UInt32
+    /// Control frames the destination has received from the source so far.
+    public var received: UInt64
+    public var proof: String
+    public init(generation: UInt32, received: UInt64, proof: String) {
+        self.generation = generation
+        self.received = received
+        self.proof = proof
+    }
+}
+
+/// Protocol v2: control frames received so far (everything but `received` itself counts).
+public struct ReceivedMessage: Codable, Equatable, Sendable {
+    public var received: UInt64
+    public init(received: UInt64) { self.received = received }
+}
+
+/// The proofs of `rejoin` and `rejoined`: HMAC-SHA256(bindKey, label ‖ session ‖ generation
+/// (u32) ‖ received (u64)), labels "ferry-rejoin-v2" and "ferry-rejoined-v2".
+public enum ControlRejoin {
+    public enum Role: String, Sendable { case rejoin = "ferry-rejoin-v2", rejoined = "ferry-rejoined-v2" }
+
+    public static func proof(bindKey: [UInt8], session: String, generation: UInt32, received: UInt64, role: Role) -> String {
+        var message = Array(role.rawValue.utf8)
+        message.append(contentsOf: Array(session.utf8))
+        withUnsafeBytes(of: generation.bigEndian) { message.append(contentsOf: $0) }
+        withUnsafeBytes(of: received.bigEndian) { message.append(contentsOf: $0) }
+        let mac = HMAC<SHA256>.authenticationCode(for: message, using: SymmetricKey(data: bindKey))
+        return Hex.encode(Array(mac))
+    }
+
+    public static func verify(proof: String, bindKey: [UInt8], session: String, generation: UInt32, received: UInt64, role: Role) -> Bool {
+        Handshake.equal(self.proof(bindKey: bindKey, session: session, generation: generation, received: received, role: role), proof)
+    }
+
+    /// The most connections a session's control may use: their seal numbers count down
+    /// from 0xFFFFFFFF, data channel numbers up from 0, and the two never meet.
+    public static let maximumGeneration: UInt32 = 0xFFFF
+
+    /// The number a control connection of `generation` seals under (``FrameSeal``).
+    public static func sealNumber(generation: UInt32) -> UInt32 { FrameSeal.controlConnection - generation }
 }

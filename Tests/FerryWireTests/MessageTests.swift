@@ -67,9 +67,27 @@ struct MessageTests {
     @Test("version negotiation picks the highest common version")
     func negotiation() {
         #expect(ProtocolVersion.negotiate(peerMin: 1, peerMax: 1) == 1)
-        #expect(ProtocolVersion.negotiate(peerMin: 1, peerMax: 9) == ProtocolVersion.current)
-        #expect(ProtocolVersion.negotiate(peerMin: 2, peerMax: 9) == nil)
+        #expect(ProtocolVersion.negotiate(peerMin: 1, peerMax: 9) == 2)
+        #expect(ProtocolVersion.negotiate(peerMin: 2, peerMax: 9) == 2)
+        #expect(ProtocolVersion.negotiate(peerMin: 3, peerMax: 9) == nil)
         #expect(ProtocolVersion.negotiate(peerMin: 0, peerMax: 0) == nil)
+        #expect(ProtocolVersion.movableControl == 2 && ProtocolVersion.current >= ProtocolVersion.movableControl)
+    }
+
+    @Test("rejoin proofs: only the key holder can continue a session's control connection, and the counts cannot be changed")
+    func rejoinProofs() {
+        let key = [UInt8](repeating: 7, count: 32)
+        let proof = ControlRejoin.proof(bindKey: key, session: "s1", generation: 2, received: 40, role: .rejoin)
+        #expect(ControlRejoin.verify(proof: proof, bindKey: key, session: "s1", generation: 2, received: 40, role: .rejoin))
+        #expect(!ControlRejoin.verify(proof: proof, bindKey: key, session: "s1", generation: 3, received: 40, role: .rejoin))
+        #expect(!ControlRejoin.verify(proof: proof, bindKey: key, session: "s1", generation: 2, received: 41, role: .rejoin))
+        #expect(!ControlRejoin.verify(proof: proof, bindKey: key, session: "s2", generation: 2, received: 40, role: .rejoin))
+        #expect(!ControlRejoin.verify(proof: proof, bindKey: key, session: "s1", generation: 2, received: 40, role: .rejoined))
+        #expect(!ControlRejoin.verify(proof: proof, bindKey: [UInt8](repeating: 8, count: 32), session: "s1", generation: 2,
+                                      received: 40, role: .rejoin))
+        // Control connections seal under numbers data channels never reach.
+        #expect(ControlRejoin.sealNumber(generation: 0) == FrameSeal.controlConnection)
+        #expect(ControlRejoin.sealNumber(generation: ControlRejoin.maximumGeneration) == 0xFFFF_0000)
     }
 
     @Test("channel binding proofs: only the key holder can bind")

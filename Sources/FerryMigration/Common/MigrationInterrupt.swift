@@ -44,6 +44,9 @@ final class MigrationInterrupt: @unchecked Sendable {
     private var pastCommitPoint = false
     private var ended = false
     private var control: FrameConnection?
+    /// Once the control connection is a link, which frees its own blocked sends (its
+    /// keeper gives up a stalled connection), `control` is nil.
+    private var link: ControlLink?
     private var refusedLate: [StopRequest] = []
     private var wake: (@Sendable () -> Void)?
 
@@ -71,6 +74,7 @@ final class MigrationInterrupt: @unchecked Sendable {
         }
         if answer == .accepted {
             wake?()
+            lock.withLock { link }?.wake()
             control?.socket.shutdownRead()
             // A send blocked on a stalled peer (a boot file into a full socket) does not
             // see the read side close: if the migration is still not unwinding after a
@@ -83,6 +87,16 @@ final class MigrationInterrupt: @unchecked Sendable {
             }
         }
         return answer
+    }
+
+    /// The control link, once there is one: a stop wakes whoever waits on it.
+    func attach(_ link: ControlLink) {
+        let stopped = lock.withLock { () -> Bool in
+            self.link = link
+            control = nil
+            return requested != nil
+        }
+        if stopped { link.wake() }
     }
 
     /// The control connection, once there is one: a stop ends its blocking reads.

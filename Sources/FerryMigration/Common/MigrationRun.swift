@@ -109,10 +109,13 @@ final class MigrationRun {
     var phase: MigrationPhase { machine.current }
     var elapsed: Double { clock.elapsed }
 
-    /// An event for the report, and the log.
-    func note(_ what: String) {
+    /// An event for the report, and the log; `at` when it happened earlier than now (a
+    /// helper thread's note, taken later), in its place in time.
+    func note(_ what: String, at: Double? = nil) {
         owner.check("a migration's journal")
-        journal.events.append(.init(at: clock.elapsed, what: what))
+        let at = at ?? clock.elapsed
+        let index = journal.events.lastIndex { $0.at <= at }.map { $0 + 1 } ?? 0
+        journal.events.insert(.init(at: at, what: what), at: index)
         logger.info("\(what)", metadata: ["vm": "\(vm)"])
     }
 

@@ -29,10 +29,11 @@ struct SessionSecurity: Sendable {
 
     enum Side { case source, destination }
 
-    /// Seals the control connection from the next frame on.
-    func secureControl(_ connection: FrameConnection, as side: Side) {
+    /// Seals the control connection from the next frame on: the first one, or the one
+    /// that took over as `generation` (``ControlRejoin``).
+    func secureControl(_ connection: FrameConnection, as side: Side, generation: UInt32 = 0) {
         guard let keys else { return }
-        secure(connection, number: FrameSeal.controlConnection, as: side,
+        secure(connection, number: ControlRejoin.sealNumber(generation: generation), as: side,
                toDestination: keys.controlToDestination, toSource: keys.controlToSource)
     }
 

@@ -61,7 +61,14 @@ final class DestinationSession: @unchecked Sendable {
     /// recorded `bind` cannot be replayed and no nonce repeats (``FrameSeal``).
     private var boundChannels = Set<UInt32>()
     private let lock = Monitor()
+    /// The connection the source's hello came on; after `accept`, frames go through `link`.
     let control: FrameConnection
+    /// The protocol version the handshake chose (v2: the control connection may move).
+    let version: UInt16
+    /// The control connection from `accept` on, set once on the session's thread (read
+    /// under `lock` by the server's threads, which hand it rejoining connections).
+    private var controlLink: ControlLink?
+    var link: ControlLink? { lock.withLock { controlLink } }
     let store: VMStore
     let server: MigrationServer
     let logger: Logger
@@ -79,9 +86,10 @@ final class DestinationSession: @unchecked Sendable {
     /// The source daemon, for settling the switchover after a crash.
     var sourceDaemon: (host: String, port: UInt16) = ("", 7470)
 
-    init(control: FrameConnection, store: VMStore, server: MigrationServer, logger: Logger,
+    init(control: FrameConnection, version: UInt16, store: VMStore, server: MigrationServer, logger: Logger,
          security: SessionSecurity, sourceHost: String) {
         self.control = control
+        self.version = version
         self.security = security
         self.sourceHost = sourceHost
         self.store = store
@@ -111,7 +119,12 @@ final class DestinationSession: @unchecked Sendable {
             default:
                 discardDestinationCopy()
             }
-            control.fail(frame.code, frame.message)
+            if let link {
+                link.fail(frame.code, frame.message)
+                link.drain(timeout: .milliseconds(500))
+            } else {
+                control.fail(frame.code, frame.message)
+            }
         }
         // QEMU's monitor takes one client at a time: let go of it before the lock, so
         // the reconciler can reach an in-doubt copy.
@@ -119,6 +132,7 @@ final class DestinationSession: @unchecked Sendable {
         vmLock = nil
         dataPath?.stop()
         server.unregister(self)
+        link?.close()
         control.shutdown()
     }
 
@@ -129,7 +143,40 @@ final class DestinationSession: @unchecked Sendable {
 
     /// Tells the source the most it may send (this host's share of its bandwidth).
     func sendLimit(_ bytesPerSecond: UInt64) {
-        try? control.send(.limit, LimitMessage(bytesPerSecond: bytesPerSecond))
+        try? link?.send(.limit, LimitMessage(bytesPerSecond: bytesPerSecond))
+    }
+
+    /// A connection that proved it continues this session's control connection (its
+    /// `rejoin` is checked by the server): the link moves to it.
+    func adoptControl(_ connection: FrameConnection, _ rejoin: RejoinMessage) throws(ControlLink.Failure) {
+        guard let link else { throw .lost("the session has no control link yet") }
+        try link.adopt(connection, rejoin: rejoin, answer: { [security, session] received in
+            RejoinedMessage(generation: rejoin.generation, received: received,
+                            proof: ControlRejoin.proof(bindKey: security.bindKey, session: session, generation: rejoin.generation,
+                                                       received: received, role: .rejoined))
+        }, secure: { [security] in security.secureControl($0, as: .destination, generation: rejoin.generation) })
+        logger.info("control connection moved", metadata: ["vm": "\(spec?.name ?? "?")", "to": "\(connection.peer)",
+                                                           "interface": "\(rejoin.interface)", "generation": "\(rejoin.generation)"])
+    }
+
+    /// The control connection becomes a link (see ``ControlLink``) once `accept` is sent.
+    private func openLink(_ offer: OfferMessage) -> ControlLink {
+        var options = ControlLink.Options(movable: version >= ProtocolVersion.movableControl)
+        // The source gives up after its link timeout; this side waits a little longer,
+        // so that it is the source that decides.
+        options.rejoinTimeout = .milliseconds(Int64(((offer.linkTimeoutSeconds ?? 10) + 5) * 1000))
+        let link = ControlLink(control, role: .destination, options: options, path: control.peer,
+                               note: { [logger] text in logger.notice("\(text)") })
+        lock.withLock { controlLink = link }
+        return link
+    }
+
+    /// The link, which exists from `accept` on (the steps that use it come after).
+    var controlLinkOrFail: ControlLink {
+        get throws(IncomingError) {
+            guard let link else { throw .record("internal: no control link") }
+            return link
+        }
     }
 
     /// Attaches a data channel that has proven it belongs to this session.
@@ -198,6 +245,7 @@ final class DestinationSession: @unchecked Sendable {
                                                     missingFiles: missing.map(\.sha256),
                                                     interfaces: server.offeredInterfaces(), dataPort: server.port))
         }
+        _ = openLink(offer)
         logger.info("incoming migration accepted", metadata: ["vm": "\(offer.spec.name)", "from": "\(sourceHost)", "missingFiles": "\(missing.count)"])
         return missing
     }
@@ -214,8 +262,11 @@ final class DestinationSession: @unchecked Sendable {
                 throw .record("cannot store boot file \(file.name): \(error)")
             }
         }
+        let link = try controlLinkOrFail
         while receivers.values.contains(where: { !$0.isComplete }) {
-            let frame = try peer { try control.receiveChecked() }
+            guard let frame = try peer({ try link.receiveChecked(timeout: .seconds(30)) }) else {
+                throw .peer(.other("no boot file piece from the source for 30 s"))
+            }
             if frame.type == .abort {
                 try move(to: .aborted)
                 throw .sourceGone("the source aborted")
@@ -270,11 +321,11 @@ final class DestinationSession: @unchecked Sendable {
             },
             onFailure: { [events] error in events.post(.dataFailed(error)) })
         self.dataPath = dataPath
-        control.socket.setReceiveTimeout(nil)
-        try peer { try control.send(.ready, ReadyMessage(qemuVersion: qmp.qemuVersion)) }
+        let link = try controlLinkOrFail
+        try peer { try link.send(.ready, ReadyMessage(qemuVersion: qmp.qemuVersion)) }
         server.startedTransfer(self)
-        control.startReader("ferry-control-rx", frame: { [events] in events.post(.frame($0)) },
-                            lost: { [events] in events.post(.controlLost($0)) })
+        link.startPump("ferry-control-rx", frame: { [events] in events.post(.frame($0)) },
+                       lost: { [events] in events.post(.controlLost($0)) })
         return (qmp, dataPath)
     }
 }

@@ -92,7 +92,8 @@ extension DestinationSession {
         try record(.prepared, for: name)
         try move(to: .prepared)
         FaultPoint.destinationAfterPrepared.pause()
-        try peer { try control.send(.loaded, LoadedMessage(receivedByteCount: dataPath.deliveredByteCount)) }
+        let link = try controlLinkOrFail
+        try peer { try link.send(.loaded, LoadedMessage(receivedByteCount: dataPath.deliveredByteCount)) }
         logger.info("VM loaded, waiting for the commit",
                     metadata: ["vm": "\(name)", "chunks": "\(dataPath.chunkCount)", "spliced": "\(dataPath.splicedChunkCount)",
                                "duplicates": "\(dataPath.duplicates)"])
@@ -123,7 +124,9 @@ extension DestinationSession {
             qemuCPUSeconds: ProcessStats.cpuSeconds(pid: qemuPID) ?? 0,
             receivedByteCount: dataPath.receivedByteCount,
             ferryPeakRSSBytes: ProcessStats.peakRSSBytes(pid: getpid()) ?? 0)
-        try? control.send(.committed, reply)
+        try? link?.send(.committed, reply)
+        // Out before the session ends and closes the link (a moving one is not waited for).
+        link?.drain(timeout: .seconds(1))
         logger.info("VM runs here now", metadata: ["vm": "\(name)", "from": "\(sourceHost)"])
         qmp.close()
     }
@@ -190,17 +193,17 @@ extension DestinationSession {
         admission.enqueue(session: session, vm: vm, source: sourceHost)
         let arrived = Stopwatch()
         var told = false
+        let link = try controlLinkOrFail
         while let place = admission.wait(session: session, timeout: told ? .seconds(1) : .milliseconds(1)) {
             let (position, length) = place
             if !told { logger.info("incoming migration waits in line", metadata: ["vm": "\(vm)", "position": "\(position)", "of": "\(length)"]) }
             told = true
             try peer {
-                try control.send(.status, StatusMessage(
+                try link.send(.status, StatusMessage(
                     text: "queued at \(HostInfo.hostname) (position \(position) of \(length), \(admission.limit) running at most)",
                     queuePosition: position, queueLength: length, queuedSeconds: arrived.elapsed))
             }
-            guard control.socket.waitReadable(timeout: .milliseconds(0)) else { continue }
-            let frame = try peer { try control.receiveChecked() }
+            guard let frame = try peer({ try link.receiveChecked(timeout: .zero) }) else { continue }
             switch frame.type {
             case .abort:
                 let reason = (try? ControlCoding.decode(AbortMessage.self, from: frame))?.reason ?? "no reason"
@@ -218,7 +221,7 @@ extension DestinationSession {
         if admission.runningCount == 1 { ProcessStats.resetPeakRSS() }
         if told {
             try peer {
-                try control.send(.status, StatusMessage(text: "admitted after \(String(format: "%.1f", arrived.elapsed)) s in line",
+                try link.send(.status, StatusMessage(text: "admitted after \(String(format: "%.1f", arrived.elapsed)) s in line",
                                                        queuePosition: 0, queueLength: 0, queuedSeconds: arrived.elapsed))
             }
             logger.info("incoming migration admitted", metadata: ["vm": "\(vm)", "queuedSeconds": "\(String(format: "%.1f", arrived.elapsed))"])

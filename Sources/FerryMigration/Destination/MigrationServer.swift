@@ -139,15 +139,17 @@ public final class MigrationServer: @unchecked Sendable {
         let connection = FrameConnection(socket: socket)
         socket.setReceiveTimeout(options.handshakeTimeout)
         switch identify(connection, id: id, address: address, refusal: refusal) {
-        case .source(let hello, let security)?:
+        case .source(let hello, let version, let security)?:
             logger.info("source authenticated", metadata: ["peer": "\(socket.peer)", "host": "\(hello.host)", "security": "\(security.summary)"])
-            let session = DestinationSession(control: connection, store: store, server: self, logger: logger,
+            let session = DestinationSession(control: connection, version: version, store: store, server: self, logger: logger,
                                              security: security, sourceHost: hello.host)
             lock.withLock { sessions[session.session] = session }
             session.run()
             socket.close()
         case .channel(let frame)?:
             bind(frame, connection, address: address)
+        case .rejoin(let frame)?:
+            rejoin(frame, connection, address: address)
         case nil:
             break
         }
@@ -155,10 +157,12 @@ public final class MigrationServer: @unchecked Sendable {
 
     /// What a new connection turned out to be.
     private enum Arrival {
-        /// A source that completed the handshake.
-        case source(HelloMessage, SessionSecurity)
+        /// A source that completed the handshake, and the protocol version chosen.
+        case source(HelloMessage, UInt16, SessionSecurity)
         /// A data channel's `bind`, to check against its session.
         case channel(Frame)
+        /// A session's control connection continuing here (`rejoin`), to check likewise.
+        case rejoin(Frame)
     }
 
     /// Reads a new connection's first frame and, for a source, runs the handshake. Until
@@ -198,12 +202,12 @@ public final class MigrationServer: @unchecked Sendable {
         switch first.type {
         case .hello:
             do {
-                let (hello, _, security) = try HandshakeRunner.destination(connection, hello: first, keys: options.keys, host: HostInfo.hostname)
+                let (hello, version, security) = try HandshakeRunner.destination(connection, hello: first, keys: options.keys, host: HostInfo.hostname)
                 guard !wasShed() else {
                     connection.close()
                     return nil
                 }
-                return .source(hello, security)
+                return .source(hello, version, security)
             } catch {
                 let (code, message): (ErrorCode, String) = (error as? ErrorMessage).map { ($0.code, $0.message) } ?? (.authenticationFailed, "\(error)")
                 refuse(code, message, message)
@@ -215,8 +219,14 @@ public final class MigrationServer: @unchecked Sendable {
                 return nil
             }
             return .channel(first)
+        case .rejoin:
+            guard !wasShed() else {
+                connection.close()
+                return nil
+            }
+            return .rejoin(first)
         default:
-            refuse(.protocolViolation, "first frame was \(first.type)", "expected hello or bind, got \(first.type)")
+            refuse(.protocolViolation, "first frame was \(first.type)", "expected hello, bind or rejoin, got \(first.type)")
             return nil
         }
     }
@@ -239,6 +249,9 @@ public final class MigrationServer: @unchecked Sendable {
         guard ChannelBinding.verify(proof: message.proof, bindKey: session.bindKey, session: message.session, channel: message.channel) else {
             return refuse(.authenticationFailed, "the channel's proof of the session key is wrong")
         }
+        guard message.channel < FrameSeal.controlConnection - ControlRejoin.maximumGeneration else {
+            return refuse(.protocolViolation, "channel number \(message.channel) is reserved for control connections")
+        }
         guard session.claim(channel: message.channel) else {
             return refuse(.authenticationFailed, "channel \(message.channel) was bound before in this session (a replayed bind)")
         }
@@ -253,6 +266,38 @@ public final class MigrationServer: @unchecked Sendable {
         connection.socket.setReceiveTimeout(nil)
         guard session.attach(channel: Int(message.channel), connection: connection) else {
             return refuse(.protocolViolation, "the session is not ready for data channels")
+        }
+    }
+
+    /// A connection that says it continues a session's control connection: its proof is
+    /// checked like a channel's bind, then the session's link moves to it.
+    private func rejoin(_ frame: Frame, _ connection: FrameConnection, address: String) {
+        let refuse = { [self] (code: ErrorCode, reason: String) in
+            note(.refused, address, peer: connection.peer, reason: "rejoin: " + reason)
+            connection.fail(code, reason)
+            connection.close()
+        }
+        guard let message = try? ControlCoding.decode(RejoinMessage.self, from: frame) else {
+            return refuse(.protocolViolation, "malformed rejoin")
+        }
+        guard message.version >= ProtocolVersion.movableControl && message.version <= ProtocolVersion.current else {
+            return refuse(.unsupportedVersion, "protocol v\(message.version) cannot move a control connection")
+        }
+        guard let session = lock.withLock({ sessions[message.session] }) else {
+            return refuse(.unknownSession, "no such session")
+        }
+        guard ControlRejoin.verify(proof: message.proof, bindKey: session.bindKey, session: message.session,
+                                   generation: message.generation, received: message.received, role: .rejoin) else {
+            return refuse(.authenticationFailed, "the rejoin's proof of the session key is wrong")
+        }
+        guard message.generation >= 1 && message.generation <= ControlRejoin.maximumGeneration else {
+            return refuse(.protocolViolation, "control connection number \(message.generation) is out of range")
+        }
+        connection.socket.setReceiveTimeout(nil)
+        do {
+            try session.adoptControl(connection, message)
+        } catch {
+            refuse(.aborted, error.description)
         }
     }
 

@@ -18,6 +18,8 @@ final class ChannelManager: @unchecked Sendable {
         var pairs: [NICPair]
         var port: UInt16
         var session: String
+        /// The protocol version the handshake chose; each `bind` says it again.
+        var version: UInt16
         var bindKey: [UInt8]
         var security: SessionSecurity
         var channelsPerPair: Int
@@ -115,27 +117,28 @@ final class ChannelManager: @unchecked Sendable {
         return errors
     }
 
-    private func connect(_ id: Int, _ pair: NICPair) throws -> FrameConnection {
-        // Bound to the local NIC's address (and to the device where we may), so the
-        // channel leaves by that NIC whatever the routing table prefers.
-        let device = Self.isRealInterface(pair.localInterface) ? pair.localInterface : nil
-        var viaDevice: Socket?
-        if device != nil {
+    /// A TCP connection over `pair`: bound to the local NIC's address (and to the device
+    /// where we may), so that it leaves by that NIC whatever the routing table prefers.
+    static func connect(over pair: NICPair, port: UInt16, timeout: Duration, logger: Logger) throws(SocketError) -> Socket {
+        if isRealInterface(pair.localInterface) {
             do {
-                viaDevice = try Socket.connectTCP(host: pair.remoteAddress, port: plan.port, timeout: plan.connectTimeout,
-                                               device: device, source: pair.localAddress)
+                return try Socket.connectTCP(host: pair.remoteAddress, port: port, timeout: timeout,
+                                             device: pair.localInterface, source: pair.localAddress)
             } catch {
                 // SO_BINDTODEVICE needs CAP_NET_RAW; the source address alone still picks
                 // the NIC on a subnet of its own.
                 logger.debug("binding to the device failed; binding the address only", metadata: ["error": "\(error)"])
             }
         }
-        let socket = try viaDevice ?? Socket.connectTCP(host: pair.remoteAddress, port: plan.port,
-                                                     timeout: plan.connectTimeout, source: pair.localAddress)
+        return try Socket.connectTCP(host: pair.remoteAddress, port: port, timeout: timeout, source: pair.localAddress)
+    }
+
+    private func connect(_ id: Int, _ pair: NICPair) throws -> FrameConnection {
+        let socket = try Self.connect(over: pair, port: plan.port, timeout: plan.connectTimeout, logger: logger)
         socket.setUserTimeout(plan.deadChannelTimeout)
         let connection = FrameConnection(socket: socket)
         let proof = ChannelBinding.proof(bindKey: plan.bindKey, session: plan.session, channel: UInt32(id))
-        try connection.send(.bind, BindMessage(version: ProtocolVersion.current, session: plan.session, channel: UInt32(id),
+        try connection.send(.bind, BindMessage(version: plan.version, session: plan.session, channel: UInt32(id),
                                                interface: pair.localInterface, proof: proof))
         socket.setReceiveTimeout(.seconds(10))
         let bound = try connection.expect(.bound, as: BoundMessage.self)

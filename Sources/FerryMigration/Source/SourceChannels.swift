@@ -74,7 +74,7 @@ extension SourceMigration {
         }.joined(separator: ", ") + (match.skipped.isEmpty ? "" : "; left out: " + match.skipped.joined(separator: ", ")))
         let manager = ChannelManager(
             plan: .init(pairs: pairs, port: accept.dataPort == 0 ? options.port : accept.dataPort, session: accept.session,
-                        bindKey: session.bindKey, security: session.security, channelsPerPair: max(1, options.channelsPerEndpoint),
+                        version: session.welcome.version, bindKey: session.bindKey, security: session.security, channelsPerPair: max(1, options.channelsPerEndpoint),
                         connectTimeout: min(options.connectTimeout, .seconds(2)), deadChannelTimeout: options.deadChannelTimeout),
             dataPath: dataPath, logger: logger, note: { [events] text in events.post(.note(text)) })
         let transport = SourceTransport(scheduler: scheduler, dataPath: dataPath, manager: manager, compression: compression,

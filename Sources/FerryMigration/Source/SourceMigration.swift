@@ -52,6 +52,10 @@ public final class SourceMigration: @unchecked Sendable {
     // What the steps acquired, kept for the rollback, the teardown and the report.
     var qemu: LocalQEMU?
     var control: FrameConnection?
+    /// The control connection once the offer is accepted: it may move to another NIC.
+    var link: ControlLink?
+    /// The link's notes, from its threads, for the journal (``takeLinkNotes()``).
+    let linkNotes = Locked<[(Double, String)]>([])
     var session: NegotiatedSession?
     var transport: SourceTransport?
     var outgoingSlot: OutgoingSlot?
@@ -127,13 +131,14 @@ public final class SourceMigration: @unchecked Sendable {
         var qemu = try attachQEMU(record)
         let (control, welcome, security) = try connect()
         let session = try negotiate(control, welcome: welcome, security: security, spec: record.spec)
-        try sendBootFiles(session.missingFiles, of: record.spec, over: control)
-        try startDestination(control)
+        let link = openControlLink(control, session)
+        try sendBootFiles(session.missingFiles, of: record.spec, over: link)
+        try startDestination(link)
         let transport = try openChannels(session, control: control)
         try startQEMU(&qemu, transport: transport, plan: session.plan, paths: record.paths)
-        try transfer(transport, plan: session.plan, control: control, qmp: qemu.qmp)
-        try commit(session, control: control)
-        finish(&qemu, transport: transport, control: control)
+        try transfer(transport, plan: session.plan, link: link, qmp: qemu.qmp)
+        try commit(session, link: link)
+        finish(&qemu, transport: transport, link: link)
     }
 
     /// Moves to the next phase; an illegal change is a bug, failed like any other error.
@@ -150,6 +155,7 @@ public final class SourceMigration: @unchecked Sendable {
 
     func report(_ outcome: MigrationReport.Outcome, error: String?, spec: VMSpec?,
                 failedPhase: MigrationPhase? = nil) -> MigrationReport {
+        takeLinkNotes()
         let stats = transport?.dataPath.channelStats ?? []
         let streamBytes = transport?.dataPath.streamByteCount ?? 0
         var r = track.report(

@@ -114,7 +114,8 @@ extension SourceMigration {
         do {
             let ownPort = (try? String(contentsOfFile: store.paths.servePortFile, encoding: .utf8))
                 .flatMap { UInt16($0.trimmingCharacters(in: .whitespacesAndNewlines)) }
-            try control.send(.offer, OfferMessage(spec: spec, streams: plan, sourceHost: HostInfo.hostname, sourcePort: ownPort))
+            try control.send(.offer, OfferMessage(spec: spec, streams: plan, sourceHost: HostInfo.hostname, sourcePort: ownPort,
+                                                  linkTimeoutSeconds: options.linkTimeout.seconds))
             accept = try control.expect(.accept, as: AcceptMessage.self)
         } catch {
             throw .refused(PeerFailure(error))
@@ -132,7 +133,7 @@ extension SourceMigration {
     }
 
     /// Step: the boot files the destination lacks, each in pieces on the control connection.
-    func sendBootFiles(_ missing: [String], of spec: VMSpec, over control: FrameConnection) throws(MigrateError) {
+    func sendBootFiles(_ missing: [String], of spec: VMSpec, over control: ControlLink) throws(MigrateError) {
         guard !missing.isEmpty else { return }
         try move(to: .sendingBootFiles)
         for sha in missing {
@@ -145,7 +146,7 @@ extension SourceMigration {
         track.note("sent \(missing.count) boot file(s)")
     }
 
-    private func sendBootFile(_ file: BootFile, over control: FrameConnection) throws(MigrateError) {
+    private func sendBootFile(_ file: BootFile, over control: ControlLink) throws(MigrateError) {
         let path = store.bootFiles.path(of: file)
         let fd = open(path, O_RDONLY | O_CLOEXEC)
         guard fd >= 0 else { throw .bootFile("boot file \(file.name) is missing from this host's store") }
@@ -172,23 +173,32 @@ extension SourceMigration {
     /// Step: the destination starts its QEMU, waiting for the streams, perhaps only after
     /// holding the migration in line (`--max-migrations`), which its `status` frames tell.
     /// From its `ready` on, the destination's frames arrive as events.
-    func startDestination(_ control: FrameConnection) throws(MigrateError) {
+    func startDestination(_ control: ControlLink) throws(MigrateError) {
         try move(to: .startingDestination)
-        control.socket.setReceiveTimeout(.seconds(60))
         let ready = try waitForReady(control)
         track.note("destination QEMU \(ready.qemuVersion) waiting")
-        control.socket.setReceiveTimeout(nil)
-        control.startReader("ferry-control", frame: { [events] in events.post(.frame($0)) },
-                            lost: { [events] in events.post(.controlLost($0)) })
+        control.startPump("ferry-control", frame: { [events] in events.post(.frame($0)) },
+                          lost: { [events] in events.post(.controlLost($0)) })
     }
 
-    private func waitForReady(_ control: FrameConnection) throws(MigrateError) -> ReadyMessage {
+    /// The destination's frames until `ready`: each must come within 60 s (in line, its
+    /// `status` comes every second).
+    private func waitForReady(_ control: ControlLink) throws(MigrateError) -> ReadyMessage {
         var line = QueueWatch()
+        var deadline = ContinuousClock.now + .seconds(60)
         while true {
             let frame: Frame
             do {
                 try interrupt.check()
-                frame = try control.receiveChecked()
+                takeLinkNotes()
+                guard let next = try control.receiveChecked(timeout: .milliseconds(500)) else {
+                    guard ContinuousClock.now < deadline else {
+                        throw SocketError("read from", peer: control.peer, kind: .timedOut)
+                    }
+                    continue
+                }
+                frame = next
+                deadline = ContinuousClock.now + .seconds(60)
             } catch {
                 try interrupt.check()
                 throw .destinationCannotStart(PeerFailure(error))

@@ -11,7 +11,7 @@ extension SourceMigration {
     /// decision is on disk before it leaves (docs/PROTOCOL.md, "Switchover and crashes"),
     /// and from then on the VM is the destination's, whatever crashes: a failure after
     /// this point is settled with the destination, never rolled back.
-    func commit(_ session: NegotiatedSession, control: FrameConnection) throws(MigrateError) {
+    func commit(_ session: NegotiatedSession, link: ControlLink) throws(MigrateError) {
         try move(to: .committing)
         try interrupt.passCommitPoint()
         FaultPoint.sourceBeforeCommit.pause()
@@ -24,7 +24,7 @@ extension SourceMigration {
         commitRecorded = true
         FaultPoint.sourceAfterCommitRecord.pause()
         do {
-            try control.send(.commit, CommitMessage())
+            try link.send(.commit, CommitMessage())
         } catch {
             throw .commitUnconfirmed("cannot send the commit (\(error))")
         }
@@ -37,8 +37,10 @@ extension SourceMigration {
     /// The destination's answer to the commit: it runs the VM, or it could not.
     private func awaitCommitted() throws(MigrateError) -> CommittedMessage? {
         while true {
-            guard let event = events.next(timeout: .seconds(30)) else {
-                throw .commitUnconfirmed("no answer to the commit within 30 s; the source copy stays paused")
+            takeLinkNotes()
+            // A control connection that moves meanwhile takes up to the link timeout.
+            guard let event = events.next(timeout: .seconds(30) + options.linkTimeout) else {
+                throw .commitUnconfirmed("no answer to the commit within \(30 + Int(options.linkTimeout.seconds)) s; the source copy stays paused")
             }
             switch event {
             case .frame(let frame) where frame.type == .committed:
@@ -58,7 +60,7 @@ extension SourceMigration {
 
     /// Step: the source copy is stopped for good and forgotten here. Its RAM file goes
     /// first, so that its pages are freed by QEMU's exit rather than by Ferry's unlink.
-    func finish(_ qemu: inout LocalQEMU, transport: SourceTransport, control: FrameConnection) {
+    func finish(_ qemu: inout LocalQEMU, transport: SourceTransport, link: ControlLink) {
         qemu.cpuEnd = ProcessStats.cpuSeconds(pid: qemu.pid)
         self.qemu = qemu
         store.releaseMemory(name)
@@ -66,8 +68,8 @@ extension SourceMigration {
         store.archiveAndRemove(name, reason: "migrated")
         transport.manager.stop()
         transport.dataPath.closeChannels()
-        try? control.send(.status, StatusMessage(text: "source stopped"))
-        control.shutdown()
+        try? link.send(.status, StatusMessage(text: "source stopped"))
+        link.close()
         try? move(to: .done)
     }
 
@@ -77,7 +79,13 @@ extension SourceMigration {
     /// is cancelled and the VM runs here again. Returns what needed repair, and what the
     /// outcome is decided from.
     func rollBack(reason: String) -> (repair: String?, result: MigrationOutcome.Rollback) {
-        try? control?.send(.abort, AbortMessage(reason: reason))
+        if let link {
+            try? link.send(.abort, AbortMessage(reason: reason))
+            // Out before the connection closes, if it is up (a moving one is not waited for).
+            link.drain(timeout: .milliseconds(500))
+        } else {
+            try? control?.send(.abort, AbortMessage(reason: reason))
+        }
         closeTransport()
         var repair: String?
         var safe = true
@@ -122,6 +130,7 @@ extension SourceMigration {
     /// Closes the data channels, QEMU's stream sockets and the control connection.
     func closeTransport() {
         transport?.close(reason: "migration ended")
+        link?.close()
         control?.shutdown()
     }
 }

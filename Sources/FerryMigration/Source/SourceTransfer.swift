@@ -27,13 +27,14 @@ extension SourceMigration {
 
     /// Step: watches QEMU, the destination and the data path until QEMU has sent
     /// everything, every stream has ended and the destination has loaded the VM.
-    func transfer(_ transport: SourceTransport, plan: StreamPlan, control: FrameConnection, qmp: QMPClient) throws(MigrateError) {
+    func transfer(_ transport: SourceTransport, plan: StreamPlan, link: ControlLink, qmp: QMPClient) throws(MigrateError) {
         var state = TransferState(streamCount: plan.streamCount)
         var sampler = RateSampler()
         while !state.isComplete {
             if let event = events.next(timeout: .milliseconds(100)) {
-                try handle(event, &state, transport: transport, control: control)
+                try handle(event, &state, transport: transport, control: link)
             }
+            takeLinkNotes()
             let interval = state.qemuDone ? Self.finishingPollInterval : Self.progressPollInterval
             if track.elapsed - state.lastPoll >= interval {
                 state.lastPoll = track.elapsed
@@ -49,7 +50,7 @@ extension SourceMigration {
     }
 
     private func handle(_ event: Event, _ state: inout TransferState, transport: SourceTransport,
-                        control: FrameConnection) throws(MigrateError) {
+                        control: ControlLink) throws(MigrateError) {
         switch event {
         case .frame(let frame):
             try handle(frame, &state, scheduler: transport.scheduler)
@@ -101,7 +102,7 @@ extension SourceMigration {
     }
 
     private func handle(_ event: DataPathEvent, _ state: inout TransferState, scheduler: SendScheduler,
-                        control: FrameConnection) throws(MigrateError) {
+                        control: ControlLink) throws(MigrateError) {
         switch event {
         case .channelUp:
             break
