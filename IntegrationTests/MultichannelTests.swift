@@ -120,6 +120,29 @@ struct MultichannelTests {
         lab.expectAbsent("vm1", on: "a")
     }
 
+    @Test("before the offer is accepted: --to a name with an address per NIC of the destination, the first NIC down; ferry migrate connects over the next")
+    func connectOverAnotherAddress() throws {
+        let lab = try TestLab(nics: 2, rate: "300mbit")
+        try lab.serve()
+        _ = try lab.startDemoVM("vm1", memory: 256, fill: 64, dirty: 2)
+        // `ip netns exec` puts /etc/netns/NAME/hosts over /etc/hosts for the command it runs.
+        let hostsDirectory = "/etc/netns/\(lab.lab.namespace("a"))"
+        try FileManager.default.createDirectory(atPath: hostsDirectory, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: hostsDirectory) }
+        try "\(lab.lab.address("b", nic: 0)) host-b\n\(lab.lab.address("b", nic: 1)) host-b\n"
+            .write(toFile: hostsDirectory + "/hosts", atomically: true, encoding: .utf8)
+        try lab.lab.setNIC("a", nic: 0, up: false)
+        defer { try? lab.lab.setNIC("a", nic: 0, up: true) }
+        let reportPath = lab.lab.directory + "/report-by-name.json"
+        let result = try lab.a.ferry(["migrate", "vm1", "--to", "host-b", "--report-file", reportPath, "--quiet"])
+        #expect(result.succeeded, "\(result.stdout)\(result.stderr)")
+        let decoder = JSONDecoder()
+        decoder.dateDecodingStrategy = .iso8601
+        let report = try decoder.decode(MigrationReport.self, from: try #require(FileManager.default.contents(atPath: reportPath)))
+        #expect(report.nics.map(\.interface) == ["eth1"], "\(report.nics)")
+        try lab.expectRunningAndHealthy("vm1", on: "b")
+    }
+
     @Test("a destination of protocol v1: the migration runs as before, and the report says its control connection cannot move")
     func protocolOne() throws {
         let lab = try TestLab(nics: 2, rate: "300mbit")

@@ -245,6 +245,7 @@ struct SecurityTests {
             /// bytes, refused at once, and is reopened at once.
             case garbage
         }
+        let host: String
         let port: UInt16
         let kind: Kind
         let addresses: [String]
@@ -254,7 +255,8 @@ struct SecurityTests {
         private let done = Locked(false)
         private let start = ContinuousClock.now
 
-        init(port: UInt16, count: Int, addresses: [String], kind: Kind) throws {
+        init(host: String = "127.0.0.1", port: UInt16, count: Int, addresses: [String], kind: Kind) throws {
+            self.host = host
             self.port = port
             self.kind = kind
             self.addresses = addresses
@@ -264,7 +266,7 @@ struct SecurityTests {
         }
 
         private func open(_ index: Int) -> Socket? {
-            guard let socket = try? Socket.connectTCP(host: "127.0.0.1", port: port, timeout: .seconds(2), source: addresses[index % addresses.count]) else { return nil }
+            guard let socket = try? Socket.connectTCP(host: host, port: port, timeout: .seconds(2), source: addresses[index % addresses.count]) else { return nil }
             opened += 1
             switch kind {
             case .silent:

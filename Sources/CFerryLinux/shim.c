@@ -191,3 +191,15 @@ long ferry_raise_nofile_limit(void) {
     }
     return (long)r.rlim_cur;
 }
+
+/* ---- Network namespaces -------------------------------------------------------- */
+
+int ferry_enter_network_namespace(const char *path) {
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return -1;
+    int rc = setns(fd, CLONE_NEWNET);
+    int saved = errno;
+    close(fd);
+    errno = saved;
+    return rc;
+}

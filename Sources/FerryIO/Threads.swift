@@ -51,3 +51,11 @@ public struct ThreadOwner: Sendable {
         return pthread_equal(owner, me) != 0
     }
 }
+
+/// Moves the calling thread into the network namespace `name` (`ip netns`); sockets it
+/// opens, and threads it starts, are in that namespace from then on. For the lab's tests.
+public func enterNetworkNamespace(_ name: String) throws(SocketError) {
+    guard ferry_enter_network_namespace("/var/run/netns/\(name)") == 0 else {
+        throw SocketError("enter network namespace \(name) for", peer: name, kind: .system(errno))
+    }
+}

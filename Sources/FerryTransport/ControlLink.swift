@@ -180,7 +180,7 @@ public final class ControlLink: @unchecked Sendable {
             try connection.send(frame)
         } catch {
             broke(connection, "\(error)")
-            if !options.movable { throw .lost("lost the control connection (\(error))") }
+            if !options.movable { throw .lost("\(error)") }
         }
     }
 
@@ -378,7 +378,7 @@ public final class ControlLink: @unchecked Sendable {
         }
         guard gaveUp else { return }
         connection.shutdown()
-        if !options.movable { failLink("lost the control connection (\(reason))") }
+        if !options.movable { failLink(reason) }
     }
 
     private func failLink(_ reason: String) {
@@ -409,9 +409,9 @@ public final class ControlLink: @unchecked Sendable {
             } else if let lostState {
                 if ContinuousClock.now - lostState.since > options.rejoinTimeout {
                     let last = lock.withLock { lastAttemptError }
-                    failLink("lost the control connection over \(lostState.path) (\(lostState.reason)) and could not "
-                             + (role == .source ? "reach the destination again" : "hear from the source again")
-                             + " within \(Int(options.rejoinTimeout.seconds)) s" + (last.isEmpty ? "" : ": \(last)"))
+                    failLink("the connection over \(lostState.path) failed (\(lostState.reason)) and "
+                             + (role == .source ? "no new one reached the destination" : "the source did not come back")
+                             + " within \(Int(options.rejoinTimeout.seconds)) s" + (last.isEmpty ? "" : " (last try: \(last))"))
                     return
                 }
                 if role == .source { rejoinOnce(lostState) }
@@ -467,7 +467,7 @@ public final class ControlLink: @unchecked Sendable {
         } catch {
             // The destination answered, and no other try would fare better.
             if let said = error as? ErrorMessage, [.unknownSession, .authenticationFailed, .unsupportedVersion, .aborted].contains(said.code) {
-                failLink("lost the control connection over \(lostState.path) (\(lostState.reason)); the destination refused to continue it: \(said.message)")
+                failLink("the connection over \(lostState.path) failed (\(lostState.reason)) and the destination refused to continue the session: \(said.message)")
                 return
             }
             lock.withLock { lastAttemptError = Self.describe(error) }

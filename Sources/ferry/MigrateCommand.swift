@@ -28,7 +28,7 @@ struct Migrate: ParsableCommand {
     @Argument(help: "The VM to migrate.")
     var name: String
 
-    @Option(help: "The destination, HOST[:PORT] (default port \(Endpoint.defaultPort)).")
+    @Option(help: "The destination, HOST[:PORT] (default port \(Endpoint.defaultPort)); a name with several addresses (one per NIC of the destination) is tried address by address.")
     var to: Endpoint?
 
     @Flag(help: "Cancel the migration of NAME that a `ferry migrate` on this host is running, and wait until it has rolled back.")

@@ -183,7 +183,7 @@ struct ControlLinkTests {
         #expect {
             _ = try pair.source.receive(timeout: .seconds(10))
         } throws: { error in
-            "\(error)".contains("could not reach the destination again within 1 s")
+            "\(error)".contains("no new one reached the destination within 1 s")
         }
         #expect(ContinuousClock.now - started < .seconds(5))
         #expect(throws: ControlLink.Failure.self) { try pair.source.send(.status, StatusMessage(text: "late")) }

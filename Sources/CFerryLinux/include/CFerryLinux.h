@@ -59,4 +59,8 @@ int ferry_pipe(int fds[2], int capacity);
 /// Raises the soft limit of open files to the hard limit. Returns the new soft limit.
 long ferry_raise_nofile_limit(void);
 
+/// Moves the calling thread into the network namespace at `path` (e.g.
+/// /var/run/netns/NAME); threads it starts later are there too. 0, or -1 with errno.
+int ferry_enter_network_namespace(const char *path);
+
 #endif
