@@ -19,6 +19,11 @@ public struct BenchRun: Codable, Sendable {
     /// QEMU's setup and the switchover, which are the same whatever carries the bytes.
     public var streamingBitsPerSecond: Double?
     public var qemuDowntimeMilliseconds: Double?
+    /// The guest's pause: QEMU's STOP on a to its RESUME on b (QEMU's event timestamps,
+    /// one clock in the lab).
+    public var guestPauseMilliseconds: Double?
+    /// Ferry only: where that pause went (the report's account).
+    public var pause: MigrationReport.Pause?
     /// The longest time between two guest heartbeats, by the host's clock.
     public var guestGapMilliseconds: Double
     public var guestOK: Bool
@@ -55,6 +60,8 @@ struct Stat {
     var median: Double
     var low: Double
     var high: Double
+    /// The 99th percentile by nearest rank (with fewer than 100 repeats, the highest).
+    var p99: Double
     init?(_ values: [Double]) {
         guard !values.isEmpty else { return nil }
         let sorted = values.sorted()
@@ -62,6 +69,7 @@ struct Stat {
         median = sorted.count % 2 == 1 ? sorted[mid] : (sorted[mid - 1] + sorted[mid]) / 2
         low = sorted.first!
         high = sorted.last!
+        p99 = sorted[max(0, Int((0.99 * Double(sorted.count)).rounded(.up)) - 1)]
     }
 }
 
@@ -118,12 +126,43 @@ extension BenchResult {
             out.append("")
             out.append("Ferry's median throughput against the others in this run: " + ratios.map { "\($0.0) \(String(format: "%.2f", $0.1))x" }.joined(separator: ", ") + ".")
         }
+        out.append(contentsOf: pauseTable)
         let failures = runs.filter { !$0.succeeded }
         if !failures.isEmpty {
             out.append("")
             out.append("Failed runs: " + failures.map { "\($0.mode.rawValue) #\($0.iteration + 1): \($0.error ?? "?")" }.joined(separator: "; "))
         }
         return out.joined(separator: "\n")
+    }
+
+    /// The guest's pause per mode (p50 and p99 over the repeats), each Ferry mode's
+    /// account of it (the median of each part), and Ferry's against QEMU alone's.
+    var pauseTable: [String] {
+        let measured = modes.filter { stat($0, { $0.guestPauseMilliseconds }) != nil }
+        guard !measured.isEmpty else { return [] }
+        var out = ["", "Guest pause, QEMU's STOP on a to RESUME on b (ms):", "",
+                   "| mode | p50 | p99 | min | runs | where it went (medians, ms) |", "|---|---|---|---|---|---|"]
+        for mode in measured {
+            let s = stat(mode) { $0.guestPauseMilliseconds }!
+            let names = runs(mode).first { $0.pause != nil }?.pause?.segments.map(\.name) ?? []
+            let parts = names.compactMap { name -> String? in
+                stat(mode) { $0.pause?.segments.first { $0.name == name }?.milliseconds }
+                    .map { "\(name) \(String(format: "%.1f", $0.median))" }
+            }
+            out.append("| \(mode.label) | \(String(format: "%.0f", s.median)) | \(String(format: "%.0f", s.p99)) | "
+                       + "\(String(format: "%.0f", s.low)) | \(runs(mode).filter { $0.guestPauseMilliseconds != nil }.count) | "
+                       + (parts.isEmpty ? "-" : parts.joined(separator: ", ")) + " |")
+        }
+        if let ferry = stat(.ferryMultichannel, { $0.guestPauseMilliseconds })?.median {
+            let peers = measured.filter { !$0.isFerry }.compactMap { m in
+                stat(m, { $0.guestPauseMilliseconds }).map { "\(m.rawValue) \(String(format: "%.2f", ferry / $0.median))x" }
+            }
+            if !peers.isEmpty {
+                out.append("")
+                out.append("Ferry's median guest pause against QEMU alone in this run: " + peers.joined(separator: ", ") + ".")
+            }
+        }
+        return out
     }
 
     /// A side's whole CPU (QEMU, plus Ferry where it carried the migration): what each mode

@@ -218,6 +218,8 @@ public final class BenchRunner {
         run.ramBytes = report.qemuTransferredBytes ?? report.streamBytes
         run.throughputBitsPerSecond = Double(report.streamBytes) * 8 / max(run.transferSeconds, 0.001)
         run.qemuDowntimeMilliseconds = report.qemuDowntimeMilliseconds
+        run.guestPauseMilliseconds = report.pause?.guestPauseMilliseconds
+        run.pause = report.pause
         run.sourceQEMUCPUSeconds = report.source.qemuCPUSeconds
         run.sourceFerryCPUSeconds = report.source.ferryCPUSeconds
         run.destinationQEMUCPUSeconds = report.destination.qemuCPUSeconds
@@ -249,9 +251,23 @@ public final class BenchRunner {
         defer { if !handedOver { ProcessStats.terminate(pid: destPID) } }
         let dst = try QMPClient(path: paths.qmpSocket)
         let src = try QMPClient(path: source.paths.qmpSocket)
+        // The guest's pause by QEMU's own events; `cont` at b the moment it has loaded, as
+        // a management layer watching its events would (QEMU alone has no pause of Ferry's).
+        let moments = Locked<(stop: Double?, resume: Double?)>((nil, nil))
+        let loaded = Monitor()
+        let loadedSignal = loaded.makeCondition()
+        let dstDone = Locked(false)
+        src.eventHandler = { event in if event.name == "STOP" { moments.withLock { $0.stop = $0.stop ?? event.timestamp } } }
+        dst.eventHandler = { event in
+            if event.name == "RESUME" { moments.withLock { $0.resume = $0.resume ?? event.timestamp } }
+            if event.name == "MIGRATION", event.data["status"]?.string == "completed" {
+                dstDone.withLock { $0 = true }
+                loaded.withLock { loadedSignal.broadcast() }
+            }
+        }
         let multifd = mode == .qemuMultifd || mode == .qemuECMP
         for q in [src, dst] {
-            try q.setMigrationCapabilities([("multifd", multifd)])
+            try q.setMigrationCapabilities([("multifd", multifd), ("events", true)])
             if multifd { try q.setMigrationParameters(["multifd-channels": 2]) }
         }
         try src.setMigrationParameters(["max-bandwidth": .number(100_000_000_000), "downtime-limit": 300])
@@ -264,22 +280,28 @@ public final class BenchRunner {
         let cpuBefore = ProcessStats.cpuSeconds(pid: source.state.pid) ?? 0
         let started = ContinuousClock.now
         try src.execute("migrate", arguments: ["uri": .string(uri)])
-        var info = MigrationInfo(status: .setup)
-        while true {
-            info = try src.queryMigrate()
-            if info.status == .failed || info.status == .cancelled {
-                throw BenchError("QEMU: migration \(info.status): \(info.errorDescription ?? "")")
+        while !dstDone.withLock({ $0 }) {
+            // The event wakes this at once; the query, every 200 ms, catches a failure.
+            _ = loaded.withLock { loadedSignal.wait(timeout: .milliseconds(200)) }
+            if dstDone.withLock({ $0 }) { break }
+            let s = try src.queryMigrate()
+            if s.status == .failed || s.status == .cancelled {
+                throw BenchError("QEMU: migration \(s.status): \(s.errorDescription ?? "")")
             }
-            let d = try dst.queryMigrate()
-            if d.status == .completed && info.status == .completed { break }
-            if d.status == .failed { throw BenchError("destination QEMU failed to load") }
+            if try dst.queryMigrate().status == .failed { throw BenchError("destination QEMU failed to load") }
             if ContinuousClock.now - started > .seconds(900) { throw BenchError("timed out") }
-            Thread.sleep(forTimeInterval: 0.02)
         }
+        try dst.execute("cont")
         run.transferSeconds = (ContinuousClock.now - started).seconds
+        var info = try src.queryMigrate()
+        while info.status != .completed && ContinuousClock.now - started < .seconds(900) {
+            Thread.sleep(forTimeInterval: 0.01)
+            info = try src.queryMigrate()
+        }
         run.sourceQEMUCPUSeconds = (ProcessStats.cpuSeconds(pid: source.state.pid) ?? cpuBefore) - cpuBefore
         run.destinationQEMUCPUSeconds = ProcessStats.cpuSeconds(pid: destPID)
-        try dst.execute("cont")
+        let seen = moments.withLock { $0 }
+        if let stop = seen.stop, let resume = seen.resume { run.guestPauseMilliseconds = (resume - stop) * 1000 }
         run.totalSeconds = (ContinuousClock.now - started).seconds
         run.ramBytes = info.transferredBytes
         run.throughputBitsPerSecond = Double(info.transferredBytes) * 8 / max(run.transferSeconds, 0.001)

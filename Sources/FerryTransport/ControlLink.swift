@@ -146,6 +146,12 @@ public final class ControlLink: @unchecked Sendable {
         if options.movable { startThread("ferry-ctl-keep") { [self] in keep() } }
     }
 
+    /// False while the link has no connection (waiting to be rejoined, or rejoining).
+    public var isConnected: Bool { lock.withLock { current != nil } }
+
+    /// Fails the link now (a newer session for the same VM supersedes this one).
+    public func abandon(_ reason: String) { failLink(reason) }
+
     /// The current connection's peer, or where it was lost.
     public var peer: String { lock.withLock { current?.peer ?? path } }
     public var currentPath: String { lock.withLock { path } }

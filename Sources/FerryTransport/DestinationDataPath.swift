@@ -57,6 +57,11 @@ public final class DestinationDataPath: @unchecked Sendable {
     private var stopped = false
     private var bufferedBytes = 0
     private var peakBuffered = 0
+    /// When the last stream's last byte was written into QEMU (seconds since the epoch).
+    private var completedAt: Double?
+    /// Called once, from a writer's thread, when every stream is complete. Set before
+    /// the first chunk arrives.
+    public var onComplete: (@Sendable () -> Void)?
     private var receivedPayloadBytes: UInt64 = 0
     private var duplicateChunks = 0
     private var splicedChunks = 0
@@ -209,8 +214,11 @@ public final class DestinationDataPath: @unchecked Sendable {
                 let end = s.end!
                 let ok = s.writtenBytes == end.byteCount
                 s.done = true
+                let all = streams.allSatisfy(\.done)
+                if all { completedAt = Date().timeIntervalSince1970 }
                 progress.broadcast()
                 monitor.unlock()
+                if all && ok { onComplete?() }
                 if !ok {
                     fail(.protocolViolation("stream \(id) ended at \(s.writtenBytes) bytes, source says \(end.byteCount)"))
                 }
@@ -357,6 +365,8 @@ public final class DestinationDataPath: @unchecked Sendable {
     }
 
     public var isComplete: Bool { monitor.withLock { streams.allSatisfy(\.done) } }
+    /// When every stream was complete (seconds since the epoch), once they are.
+    public var completionTime: Double? { monitor.withLock { completedAt } }
 
     /// Bytes of stream data written to QEMU so far.
     public var deliveredByteCount: UInt64 { monitor.withLock { streams.reduce(0) { $0 + $1.writtenBytes } } }

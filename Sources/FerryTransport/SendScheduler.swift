@@ -122,7 +122,7 @@ public final class SendScheduler: @unchecked Sendable {
     private let senders: Monitor.Condition
     private let producers: Monitor.Condition
     private let drained: Monitor.Condition
-    private let windowByteCount: Int
+    private var windowByteCount: Int
     private var queue: [Chunk] = []
     private var queueHead = 0
     private var inFlight: [UInt32: [UInt64: InFlight]] = [:]
@@ -178,6 +178,17 @@ public final class SendScheduler: @unchecked Sendable {
     }
 
     public var rateLimit: UInt64? { monitor.withLock { rateBytesPerSecond } }
+
+    /// Sets the window: the most chunk memory read from QEMU and not yet acknowledged (at
+    /// least two chunks). A smaller one takes effect as acknowledgements drain the excess.
+    public func setWindow(byteCount: Int) {
+        monitor.withLock {
+            windowByteCount = max(2 * ChunkPolicy.maximumChunkByteCount, byteCount)
+            producers.broadcast()
+        }
+    }
+
+    public var window: Int { monitor.withLock { windowByteCount } }
 
     /// Waits (lock held, released while waiting) until the bucket holds `bytes`, then takes
     /// them. The bucket holds at most 10 ms of the rate (at least one chunk), so a pause

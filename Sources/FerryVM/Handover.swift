@@ -86,8 +86,29 @@ extension VMStore {
         Self.syncDirectory(of: path)
     }
 
+    /// Writes the handover record's file durably under a name of its own, without putting
+    /// it in place: the half of ``recordHandover(_:_:)`` that can be done ahead of the
+    /// switchover step that needs it. ``StagedHandover/install()`` is then a rename and a
+    /// directory fsync. A staged file is never read; a crash leaves it harmless.
+    public func stageHandover(_ name: String, _ record: HandoverRecord) throws -> StagedHandover {
+        let path = vmPaths(name).handover
+        let staged = path + ".staged-\(record.decision.rawValue)"
+        try Self.writeFileDurably(try StateFileCoding.encode(record), to: staged)
+        return StagedHandover(staged: staged, path: path)
+    }
+
     static func writeDurably(_ data: Data, to path: String) throws {
         let tmp = path + ".tmp"
+        try writeFileDurably(data, to: tmp)
+        guard rename(tmp, path) == 0 else {
+            unlink(tmp)
+            throw VMError.io("cannot write \(path) durably: \(String(cString: strerror(errno)))")
+        }
+        syncDirectory(of: path)
+    }
+
+    /// Writes `data` to `tmp` and fsyncs it (not its directory).
+    static func writeFileDurably(_ data: Data, to tmp: String) throws {
         let fd = open(tmp, O_CREAT | O_TRUNC | O_WRONLY | O_CLOEXEC, 0o600)
         guard fd >= 0 else { throw VMError.io("cannot write \(tmp): \(String(cString: strerror(errno)))") }
         var ok = data.withUnsafeBytes { raw -> Bool in
@@ -101,11 +122,10 @@ extension VMStore {
         }
         ok = ok && fsync(fd) == 0
         close(fd)
-        guard ok, rename(tmp, path) == 0 else {
+        guard ok else {
             unlink(tmp)
-            throw VMError.io("cannot write \(path) durably: \(String(cString: strerror(errno)))")
+            throw VMError.io("cannot write \(tmp) durably: \(String(cString: strerror(errno)))")
         }
-        syncDirectory(of: path)
     }
 
     static func syncDirectory(of path: String) {
@@ -128,4 +148,21 @@ extension VMLock {
         }
         return true
     }
+}
+
+/// A handover record written and synced beside its place (``VMStore/stageHandover(_:_:)``).
+public struct StagedHandover: Sendable {
+    let staged: String
+    let path: String
+
+    /// Puts the record in place, durably: a rename, then an fsync of the directory.
+    public func install() throws {
+        guard rename(staged, path) == 0 else {
+            throw VMError.io("cannot put \(path) in place: \(String(cString: strerror(errno)))")
+        }
+        VMStore.syncDirectory(of: path)
+    }
+
+    /// Removes the staged file (the step it was for did not come).
+    public func discard() { unlink(staged) }
 }

@@ -368,12 +368,39 @@ public struct CommittedMessage: Codable, Equatable, Sendable {
     public var qemuCPUSeconds: Double
     public var receivedByteCount: UInt64
     public var ferryPeakRSSBytes: UInt64
-    public init(ferryCPUSeconds: Double, qemuCPUSeconds: Double, receivedByteCount: UInt64, ferryPeakRSSBytes: UInt64) {
+    /// When the destination's steps of the switchover happened (absent from older peers).
+    public var times: DestinationSwitchoverTimes?
+    public init(ferryCPUSeconds: Double, qemuCPUSeconds: Double, receivedByteCount: UInt64, ferryPeakRSSBytes: UInt64,
+                times: DestinationSwitchoverTimes? = nil) {
         self.ferryCPUSeconds = ferryCPUSeconds
         self.qemuCPUSeconds = qemuCPUSeconds
         self.receivedByteCount = receivedByteCount
         self.ferryPeakRSSBytes = ferryPeakRSSBytes
+        self.times = times
     }
+}
+
+/// The destination's moments of the switchover, in seconds since the epoch by its own
+/// clock (QEMU's event timestamps where QEMU says): what the source needs to account for
+/// the guest's whole pause (docs/ARCHITECTURE.md, "Where the pause goes").
+public struct DestinationSwitchoverTimes: Codable, Equatable, Sendable {
+    /// Every stream's last byte written into the destination QEMU.
+    public var lastByte: Double?
+    /// The destination QEMU's MIGRATION event `completed`: it has loaded the VM.
+    public var loaded: Double?
+    /// The session saw both and began its `prepared` record...
+    public var prepareStarted: Double?
+    /// ...which was then durable, and `loaded` went out.
+    public var prepared: Double?
+    /// `commit` arrived.
+    public var commitReceived: Double?
+    /// The `committed` record was durable; `cont` was issued.
+    public var committedRecorded: Double?
+    /// The destination QEMU's RESUME event (or `cont`'s return, where the event was missed).
+    public var resumed: Double?
+    /// `committed` went out.
+    public var committedSent: Double?
+    public init() {}
 }
 
 public struct AbortMessage: Codable, Equatable, Sendable {

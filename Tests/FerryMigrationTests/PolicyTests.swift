@@ -27,7 +27,7 @@ struct PolicyTests {
 
     @Test("the report reads at a glance and round-trips as JSON")
     func report() throws {
-        let r = MigrationReport(
+        var r = MigrationReport(
             vm: "vm1", outcome: .succeeded, error: nil, failedPhase: nil, startedAt: Date(), totalSeconds: 6.5,
             transferSeconds: 6, qemuDowntimeMilliseconds: 40, switchoverMilliseconds: 150, qemuTransferredBytes: 1 << 30,
             streamBytes: 1 << 30, wireBytes: (1 << 30) + 4096, retransmittedBytes: 1 << 20, throughputBitsPerSecond: 1.43e9,
@@ -39,13 +39,17 @@ struct PolicyTests {
             timeline: [.init(at: 1, interfaceBytes: ["eth0": 100, "eth1": 90])],
             source: .init(host: "a", ferryCPUSeconds: 0.5, qemuCPUSeconds: 1.5, ferryPeakRSSBytes: 64 << 20),
             destination: .init(host: "b", ferryCPUSeconds: 0.6, qemuCPUSeconds: 3, ferryPeakRSSBytes: 60 << 20))
+        r.pause = .init(guestPauseMilliseconds: 52.1, clockOffsetMilliseconds: 0.2,
+                        segments: [.init(name: "QEMU's final pass", milliseconds: 20), .init(name: "cont", milliseconds: 32.1)])
         let text = r.text
-        for needle in ["SUCCEEDED", "vm1", "downtime", "QEMU 40 ms", "1.43 Gbit/s", "eth0", "eth1", "sent again", "lost carrier", "Ferry peak RSS"] {
+        for needle in ["SUCCEEDED", "vm1", "downtime", "QEMU 40 ms", "1.43 Gbit/s", "eth0", "eth1", "sent again", "lost carrier", "Ferry peak RSS",
+                       "guest paused 52 ms (STOP to RESUME)", "QEMU's final pass 20.0, cont 32.1 ms"] {
             #expect(text.contains(needle), "report lacks \(needle):\n\(text)")
         }
         let decoder = JSONDecoder()
         decoder.dateDecodingStrategy = .iso8601
         let back = try decoder.decode(MigrationReport.self, from: Data(r.json.utf8))
         #expect(back.outcome == .succeeded && back.channels.count == 2 && back.timeline.count == 1)
+        #expect(back.pause == r.pause)
     }
 }

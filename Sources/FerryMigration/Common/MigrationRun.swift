@@ -18,6 +18,10 @@ struct MigrationJournal {
     var stopEventAt: Double?
     /// From that STOP to the VM running at the destination.
     var switchoverMilliseconds: Double?
+    /// The switchover's moments on this side, and the account of the pause once the
+    /// destination's are known.
+    var switchover = SourceSwitchoverTimes()
+    var pause: MigrationReport.Pause?
     var queuedSeconds: Double?
     var queueSummary: String?
 

@@ -97,6 +97,21 @@ public struct MigrationReport: Codable, Sendable {
     /// Where it waited and its place on arrival, e.g. "12.3 s at the destination
     /// (position 1 of 2 on arrival)".
     public var queued: String? = nil
+    /// The guest's pause, STOP on the source to RESUME on the destination, and where it
+    /// went (nil when the migration did not complete, or the destination sent no times).
+    public var pause: Pause? = nil
+
+    public struct Pause: Codable, Sendable, Equatable {
+        public var guestPauseMilliseconds: Double
+        /// The destination's clock minus the source's, as the commit's round trip shows it.
+        public var clockOffsetMilliseconds: Double
+        /// In order; they add up to the pause.
+        public var segments: [Segment]
+        public struct Segment: Codable, Sendable, Equatable {
+            public var name: String
+            public var milliseconds: Double
+        }
+    }
 
     public struct Compression: Codable, Sendable, Equatable {
         /// `--compress` as given: auto, none, lz4, zstd:N.
@@ -133,7 +148,13 @@ extension MigrationReport {
         var downtime: [String] = []
         if let d = qemuDowntimeMilliseconds { downtime.append("QEMU \(Format.millis(d))") }
         if let s = switchoverMilliseconds { downtime.append("guest paused <= \(Format.millis(s))") }
+        if let pause {
+            downtime.append("guest paused \(Format.millis(pause.guestPauseMilliseconds)) (STOP to RESUME)")
+        }
         if !downtime.isEmpty { lines.append("  downtime       " + downtime.joined(separator: ", ")) }
+        if let pause {
+            lines.append("  pause          " + pause.segments.map { "\($0.name) \(String(format: "%.1f", $0.milliseconds))" }.joined(separator: ", ") + " ms")
+        }
         if let mode { lines.append("  mode           " + mode) }
         var moved = "\(Format.bytes(streamBytes)) of QEMU streams, \(Format.bytes(wireBytes)) on the wire"
         if mode != nil { moved = "\(Format.bytes(streamBytes)) of QEMU stream, QEMU to QEMU over a Unix socket" }

@@ -50,8 +50,10 @@ final class DestinationSession: @unchecked Sendable {
         case frame(Frame)
         case controlLost(String)
         case dataFailed(TransportError)
-        /// The destination QEMU's migration changed state (its MIGRATION event).
-        case qemuStatus(MigrationStatus)
+        /// The destination QEMU's migration changed state (its MIGRATION event, QEMU's timestamp).
+        case qemuStatus(MigrationStatus, at: Double)
+        /// Every stream has been written into QEMU.
+        case streamsComplete
     }
 
     let session = Hex.random(byteCount: 16)
@@ -79,12 +81,18 @@ final class DestinationSession: @unchecked Sendable {
     var spec: VMSpec?
     var qmp: QMPClient?
     var qemuPID: Int32 = 0
-    var sourceHost = "?"
+    let sourceHost: String
     /// Held on the incoming VM while this session handles it, so the reconciler (and the
     /// answers to peers) leave it alone.
     var vmLock: VMLock?
     /// The source daemon, for settling the switchover after a crash.
     var sourceDaemon: (host: String, port: UInt16) = ("", 7470)
+    /// The switchover's moments here, for the source's account of the pause.
+    var times = DestinationSwitchoverTimes()
+    /// QEMU's RESUME, from its event reader.
+    let resumedAt = Locked<Double?>(nil)
+    /// Records written ahead of the step that puts them in place.
+    var staged: [HandoverRecord.Decision: StagedHandover] = [:]
 
     init(control: FrameConnection, version: UInt16, store: VMStore, server: MigrationServer, logger: Logger,
          security: SessionSecurity, sourceHost: String) {
@@ -100,6 +108,11 @@ final class DestinationSession: @unchecked Sendable {
     }
 
     var vmName: String? { spec?.name }
+
+    /// Read by the server's threads: the phase is the session thread's, so this is a
+    /// snapshot, kept under `lock`.
+    var isBeforePrepared: Bool { lock.withLock { beforePrepared } }
+    private var beforePrepared = true
 
     /// Runs the session to its end; every failure is reported to the source and undone here.
     func run() {
@@ -131,6 +144,7 @@ final class DestinationSession: @unchecked Sendable {
         qmp?.close()
         vmLock = nil
         dataPath?.stop()
+        for record in staged.values { record.discard() }
         server.unregister(self)
         link?.close()
         control.shutdown()
@@ -192,6 +206,8 @@ final class DestinationSession: @unchecked Sendable {
         } catch {
             throw .record(error.description)
         }
+        let before = [.offered, .receivingBootFiles, .queued, .loading, .aborted].contains(next)
+        lock.withLock { beforePrepared = before }
     }
 
     /// Talks to the source: any failure of the connection or its frames is the peer's.
@@ -236,6 +252,7 @@ final class DestinationSession: @unchecked Sendable {
     /// files this host lacks.
     func accept(_ offer: OfferMessage) throws(IncomingError) -> [BootFile] {
         sourceDaemon = (Reconciler.host(ofPeer: control.peer), offer.sourcePort ?? 7470)
+        _ = server.supersedeAbandoned(vm: offer.spec.name, by: self)
         try validate(offer)
         spec = offer.spec
         try peer { try server.register(self, name: offer.spec.name) }
@@ -297,10 +314,11 @@ final class DestinationSession: @unchecked Sendable {
         self.qmp = qmp
         qemuPID = record.state.pid
         vmLock = try? VMLock(paths: record.paths, name: offer.spec.name)
-        qmp.eventHandler = { [events] event in
+        qmp.eventHandler = { [events, resumedAt] event in
             if event.name == "MIGRATION", let status = event.data["status"]?.string {
-                events.post(.qemuStatus(MigrationStatus(qemuName: status)))
+                events.post(.qemuStatus(MigrationStatus(qemuName: status), at: event.timestamp))
             }
+            if event.name == "RESUME" { resumedAt.withLock { $0 = event.timestamp } }
         }
         do {
             try qmp.setMigrationCapabilities([("multifd", offer.streams.multifdChannels > 0), ("events", true)])
@@ -320,6 +338,7 @@ final class DestinationSession: @unchecked Sendable {
                 return socket
             },
             onFailure: { [events] error in events.post(.dataFailed(error)) })
+        dataPath.onComplete = { [events] in events.post(.streamsComplete) }
         self.dataPath = dataPath
         let link = try controlLinkOrFail
         try peer { try link.send(.ready, ReadyMessage(qemuVersion: qmp.qemuVersion)) }

@@ -25,9 +25,14 @@ extension DestinationSession {
             case .dataFailed(let error)?:
                 // Writing to QEMU failed (it died) or a peer broke the protocol.
                 throw .dataPath(error)
-            case .qemuStatus(let status)?:
+            case .qemuStatus(let status, let at)?:
                 if status == .failed { throw .qemu("the destination QEMU failed to load the VM: \(reason(qmp))") }
-                if status == .completed { qemuCompleted = true }
+                if status == .completed {
+                    qemuCompleted = true
+                    times.loaded = at
+                }
+            case .streamsComplete?:
+                break
             case nil:
                 break
             }
@@ -43,6 +48,7 @@ extension DestinationSession {
                         throw .qemu("the destination QEMU failed to load the VM: \(info.errorDescription ?? "no reason")")
                     }
                     qemuCompleted = info.status == .completed
+                    if qemuCompleted && times.loaded == nil { times.loaded = Date().timeIntervalSince1970 }
                 }
             }
             // QEMU's MIGRATION event says it has loaded everything; the streams must have
@@ -63,6 +69,8 @@ extension DestinationSession {
             _ = try peer { try ControlCoding.decode(StreamOpenMessage.self, from: frame) }
         case .streamEnd:
             let end = try peer { try ControlCoding.decode(StreamEndMessage.self, from: frame) }
+            // QEMU has sent everything: the switchover is near.
+            stage(.prepared, for: name)
             do {
                 try dataPath.streamEnded(end)
             } catch {
@@ -73,6 +81,7 @@ extension DestinationSession {
             try move(to: .aborted)
             throw .sourceGone("the source aborted: \(reason)")
         case .commit:
+            times.commitReceived = Date().timeIntervalSince1970
             guard phase.current == .prepared else { throw .protocolViolation("commit before the VM was loaded") }
             try commit(qmp: qmp, name: name, dataPath: dataPath)
             return true
@@ -89,11 +98,15 @@ extension DestinationSession {
 
     /// `prepared`, durably, before the source may decide on it; then `loaded`.
     private func prepare(_ dataPath: DestinationDataPath, name: String) throws(IncomingError) {
+        times.lastByte = dataPath.completionTime
+        times.prepareStarted = Date().timeIntervalSince1970
         try record(.prepared, for: name)
+        times.prepared = Date().timeIntervalSince1970
         try move(to: .prepared)
         FaultPoint.destinationAfterPrepared.pause()
         let link = try controlLinkOrFail
         try peer { try link.send(.loaded, LoadedMessage(receivedByteCount: dataPath.deliveredByteCount)) }
+        stage(.committed, for: name)
         logger.info("VM loaded, waiting for the commit",
                     metadata: ["vm": "\(name)", "chunks": "\(dataPath.chunkCount)", "spliced": "\(dataPath.splicedChunkCount)",
                                "duplicates": "\(dataPath.duplicates)"])
@@ -104,8 +117,11 @@ extension DestinationSession {
         // Durably `committed` before the VM runs: a crash from here on ends with it running here.
         try record(.committed, for: name)
         try move(to: .committed)
+        times.committedRecorded = Date().timeIntervalSince1970
         do {
             try qmp.execute("cont")
+            // QEMU sends RESUME before cont's answer, and its reader has handed it over by now.
+            times.resumed = resumedAt.withLock { $0 } ?? Date().timeIntervalSince1970
         } catch {
             // The record says committed and the source's copy is stopped for good: the
             // reconciler keeps trying to run this one.
@@ -119,11 +135,12 @@ extension DestinationSession {
             // what it says, brings the VM's record up to date.
             logger.warning("the VM runs, but its record could not be updated", metadata: ["vm": "\(name)", "error": "\(error)"])
         }
-        let reply = CommittedMessage(
+        var reply = CommittedMessage(
             ferryCPUSeconds: ProcessStats.ownCPUSeconds() - ferryCPUStart,
             qemuCPUSeconds: ProcessStats.cpuSeconds(pid: qemuPID) ?? 0,
             receivedByteCount: dataPath.receivedByteCount,
-            ferryPeakRSSBytes: ProcessStats.peakRSSBytes(pid: getpid()) ?? 0)
+            ferryPeakRSSBytes: ProcessStats.peakRSSBytes(pid: getpid()) ?? 0, times: times)
+        reply.times?.committedSent = Date().timeIntervalSince1970
         try? link?.send(.committed, reply)
         // Out before the session ends and closes the link (a moving one is not waited for).
         link?.drain(timeout: .seconds(1))
@@ -132,13 +149,31 @@ extension DestinationSession {
     }
 
     /// Writes this session's handover record durably (see ``HandoverRecord``).
+    /// Durable before the step that depends on it; the staged copy, if one was written
+    /// ahead (``stage(_:for:)``), only needs its rename and the directory's fsync.
     private func record(_ decision: HandoverRecord.Decision, for name: String) throws(IncomingError) {
         do {
+            if let staged = staged.removeValue(forKey: decision) {
+                do {
+                    try staged.install()
+                    return
+                } catch {
+                    staged.discard()  // and write it whole below
+                }
+            }
             try store.recordHandover(name, HandoverRecord(session: session, role: .destination, decision: decision,
                                                           peerHost: sourceDaemon.host, peerPort: sourceDaemon.port))
         } catch {
             throw .record("cannot record the switchover (\(decision.rawValue)) here: \(error)")
         }
+    }
+
+    /// Writes a record the switchover will need next, ahead of the step that puts it in
+    /// place: its file write and fsync leave the guest's pause. Best effort.
+    func stage(_ decision: HandoverRecord.Decision, for name: String) {
+        guard staged[decision] == nil else { return }
+        staged[decision] = try? store.stageHandover(name, HandoverRecord(session: session, role: .destination, decision: decision,
+                                                                         peerHost: sourceDaemon.host, peerPort: sourceDaemon.port))
     }
 
     func validate(_ offer: OfferMessage) throws(IncomingError) {
@@ -172,6 +207,8 @@ extension DestinationSession {
     /// Before the commit, the destination copy is disposable: stop it and forget it.
     func discardDestinationCopy() {
         dataPath?.stop()
+        for record in staged.values { record.discard() }
+        staged = [:]
         guard let spec else { return }
         // Only this session's own record: a refused offer must not touch another's.
         if (try? store.readHandover(spec.name))?.session == session { store.clearHandover(spec.name) }

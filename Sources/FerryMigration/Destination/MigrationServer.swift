@@ -301,6 +301,28 @@ public final class MigrationServer: @unchecked Sendable {
         }
     }
 
+    /// A new offer for `name` from the same source host while an earlier session for it
+    /// waits, without a control connection, for its source to come back: that source has
+    /// given up (the VM's lock
+    /// lets one `ferry migrate` at a time move it, and this offer is another), unless the
+    /// earlier session got as far as `prepared`, whose copy only its source's decision may
+    /// discard. The earlier session is failed, discards its copy, and is waited for (10 s
+    /// at most). Returns whether it went.
+    func supersedeAbandoned(vm name: String, by newer: DestinationSession) -> Bool {
+        let older = lock.withLock { incomingNames[name].flatMap { sessions[$0] } }
+        guard let older, older !== newer, older.sourceHost == newer.sourceHost, let link = older.link, !link.isConnected,
+              older.isBeforePrepared else { return false }
+        logger.notice("a new offer for the VM supersedes a session whose source is gone",
+                      metadata: ["vm": "\(name)", "session": "\(older.session)"])
+        link.abandon("superseded: a new migration of the VM arrived while this one's source was away")
+        let deadline = ContinuousClock.now + .seconds(10)
+        while ContinuousClock.now < deadline {
+            if lock.withLock({ incomingNames[name] != older.session }) { return true }
+            Thread.sleep(forTimeInterval: 0.02)
+        }
+        return false
+    }
+
     func register(_ session: DestinationSession, name: String) throws {
         try lock.withLock {
             if let other = incomingNames[name], other != session.session {

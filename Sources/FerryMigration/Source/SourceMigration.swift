@@ -34,8 +34,8 @@ public final class SourceMigration: @unchecked Sendable {
         case streamAccepted(UInt32)
         /// QEMU paused the guest (its STOP event, QEMU's timestamp).
         case qemuStopped(at: Double)
-        /// QEMU's migration changed state (its MIGRATION event).
-        case qemuStatus(MigrationStatus)
+        /// QEMU's migration changed state (its MIGRATION event, QEMU's timestamp).
+        case qemuStatus(MigrationStatus, at: Double)
         case note(String)
         /// A stop (cancel, timeout) was granted: ``MigrationInterrupt``.
         case interrupted
@@ -65,6 +65,8 @@ public final class SourceMigration: @unchecked Sendable {
     var destinationHost: String
     /// The commit decision is on disk: the VM is the destination's from now on.
     var commitRecorded = false
+    /// The commit record, written ahead and not yet in place.
+    var stagedCommit: StagedHandover?
     var committed: CommittedMessage?
 
     public init(store: VMStore, name: String, options: MigrationOptions, logger: Logger,
@@ -164,6 +166,7 @@ public final class SourceMigration: @unchecked Sendable {
             destination: .init(host: destinationHost, ferryCPUSeconds: committed?.ferryCPUSeconds,
                                qemuCPUSeconds: committed?.qemuCPUSeconds, ferryPeakRSSBytes: committed?.ferryPeakRSSBytes))
         r.streamBytes = streamBytes
+        r.pause = outcome == .succeeded ? track.journal.pause : nil
         r.wireBytes = stats.reduce(0) { $0 + $1.wireBytes }
         r.retransmittedBytes = transport?.scheduler.retransmittedBytes ?? 0
         r.throughputBitsPerSecond = r.transferSeconds.map { Double(streamBytes) * 8 / max($0, 0.001) }

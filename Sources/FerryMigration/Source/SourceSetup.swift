@@ -34,7 +34,9 @@ extension SourceMigration {
             switch event.name {
             case "STOP": events.post(.qemuStopped(at: event.timestamp))
             case "MIGRATION":
-                if let status = event.data["status"]?.string { events.post(.qemuStatus(MigrationStatus(qemuName: status))) }
+                if let status = event.data["status"]?.string {
+                    events.post(.qemuStatus(MigrationStatus(qemuName: status), at: event.timestamp))
+                }
             default: break
             }
         }

@@ -15,23 +15,51 @@ extension SourceMigration {
         try move(to: .committing)
         try interrupt.passCommitPoint()
         FaultPoint.sourceBeforeCommit.pause()
+        track.journal.switchover.commitStarted = Date().timeIntervalSince1970
         do {
-            try store.recordHandover(name, HandoverRecord(session: session.accept.session, role: .source, decision: .commit,
-                                                          peerHost: options.host, peerPort: options.port))
+            // Written at the guest's STOP (``stageCommit()``): only the rename and the
+            // directory's fsync are left for the pause.
+            if let staged = stagedCommit.take() {
+                do {
+                    try staged.install()
+                } catch {
+                    staged.discard()
+                    try store.recordHandover(name, commitRecord(session))
+                }
+            } else {
+                try store.recordHandover(name, commitRecord(session))
+            }
         } catch {
             throw .commitNotRecorded((error as? VMError) ?? .io("\(error)"))
         }
         commitRecorded = true
+        track.journal.switchover.commitRecorded = Date().timeIntervalSince1970
         FaultPoint.sourceAfterCommitRecord.pause()
         do {
             try link.send(.commit, CommitMessage())
         } catch {
             throw .commitUnconfirmed("cannot send the commit (\(error))")
         }
+        track.journal.switchover.commitSent = Date().timeIntervalSince1970
         committed = try awaitCommitted()
+        track.journal.switchover.committedReceived = Date().timeIntervalSince1970
         track.journal.guestResumed()
+        if let times = committed?.times {
+            track.journal.pause = SwitchoverAccount.make(source: track.journal.switchover, destination: times)
+        }
         track.note("VM runs on \(session.welcome.host)")
         FaultPoint.sourceAfterCommitted.pause()
+    }
+
+    func commitRecord(_ session: NegotiatedSession) -> HandoverRecord {
+        HandoverRecord(session: session.accept.session, role: .source, decision: .commit, peerHost: options.host, peerPort: options.port)
+    }
+
+    /// The commit record, written beside its place while the last bytes cross the link
+    /// (best effort: without it, ``commit(_:link:)`` writes it whole).
+    func stageCommit() {
+        guard let session, stagedCommit == nil else { return }
+        stagedCommit = try? store.stageHandover(name, commitRecord(session))
     }
 
     /// The destination's answer to the commit: it runs the VM, or it could not.
@@ -79,6 +107,7 @@ extension SourceMigration {
     /// is cancelled and the VM runs here again. Returns what needed repair, and what the
     /// outcome is decided from.
     func rollBack(reason: String) -> (repair: String?, result: MigrationOutcome.Rollback) {
+        stagedCommit.take()?.discard()
         if let link {
             try? link.send(.abort, AbortMessage(reason: reason))
             // Out before the connection closes, if it is up (a moving one is not waited for).

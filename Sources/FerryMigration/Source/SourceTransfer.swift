@@ -15,6 +15,12 @@ struct TransferState {
     var lastPoll = -1.0
     /// When QEMU's MIGRATION event said it completed (seconds since the start).
     var completedEventAt: Double?
+    /// The best rate the channels have carried QEMU's streams at (bytes per second), over
+    /// whole seconds, leaving out the first (when QEMU fills the window at once).
+    var peakRate = 0.0
+    var rateMark: (at: Double, bytes: UInt64, first: Bool)?
+    /// The window and QEMU's downtime limit once its first pass is done.
+    var budget: SwitchoverBudget?
 
     var isComplete: Bool { qemuDone && loaded && streamEnds.count == streamCount }
 }
@@ -65,12 +71,17 @@ extension SourceMigration {
         case .qemuStopped(let at):
             guard qemu?.migrateStarted == true else { return }
             track.journal.stopEventAt = at
+            track.journal.switchover.stop = at
             try move(to: .switchover)
+            stageCommit()
             track.note("source VM paused for the switchover")
-        case .qemuStatus(let status):
+        case .qemuStatus(let status, let at):
             // QEMU's account (figures, a failure's reason) comes from a poll, at once.
             if status.hasEnded || status == .cancelling { state.lastPoll = -1 }
-            if status == .completed && state.completedEventAt == nil { state.completedEventAt = track.elapsed }
+            if status == .completed && state.completedEventAt == nil {
+                state.completedEventAt = track.elapsed
+                track.journal.switchover.completed = at
+            }
         case .streamAccepted(let id):
             do {
                 try control.send(.streamOpen, StreamOpenMessage(stream: id))
@@ -84,6 +95,7 @@ extension SourceMigration {
         switch frame.type {
         case .loaded:
             state.loaded = true
+            track.journal.switchover.loadedReceived = Date().timeIntervalSince1970
             track.note("destination loaded the VM")
         case .error:
             let message = (try? ControlCoding.decode(ErrorMessage.self, from: frame))
@@ -143,8 +155,43 @@ extension SourceMigration {
         let bytes = dataPath.streamByteCount
         let stats = dataPath.channelStats
         track.journal.timeline.append(sampler.sample(now: track.elapsed, streamBytes: bytes, channels: stats))
+        if let mark = state.rateMark {
+            if track.elapsed - mark.at >= 1 {
+                if !mark.first { state.peakRate = max(state.peakRate, Double(bytes &- mark.bytes) / (track.elapsed - mark.at)) }
+                state.rateMark = (track.elapsed, bytes, false)
+            }
+        } else {
+            state.rateMark = (track.elapsed, bytes, true)
+        }
+        // Near the end of QEMU's first pass (a second of it left at the best rate), or after it.
+        let nearEnd = state.budget != nil || info.dirtySyncCount >= 2 || Double(info.remainingBytes) < state.peakRate
+        if info.status == .active && nearEnd && state.peakRate > 0 {
+            try budgetSwitchover(&state, qmp: qmp, scheduler: dataPath.scheduler, sync: info.dirtySyncCount)
+        }
         track.show(streamBytes: bytes, bitsPerSecond: sampler.bitsPerSecond, channels: stats,
                  interfaceBitsPerSecond: sampler.interfaceBitsPerSecond)
+    }
+
+    /// After QEMU's first pass: the late window and QEMU's downtime limit
+    /// (``SwitchoverBudget``), set again when the rate moves the limit by 10 ms or more.
+    private func budgetSwitchover(_ state: inout TransferState, qmp: QMPClient, scheduler: SendScheduler,
+                                  sync: UInt64) throws(MigrateError) {
+        let target = Int(options.downtimeLimit.milliseconds)
+        let budget = SwitchoverBudget(targetMilliseconds: target, rateBytesPerSecond: state.peakRate,
+                                      fullWindow: ChunkPolicy.windowByteCount,
+                                      qemuBufferedBytes: SwitchoverBudget.qemuBufferedBytes(streamCount: state.streamCount),
+                                      share: SwitchoverBudget.share(afterSync: sync))
+        if let old = state.budget, abs(old.qemuLimitMilliseconds - budget.qemuLimitMilliseconds) < 10 { return }
+        scheduler.setWindow(byteCount: budget.window)
+        do {
+            try qmp.setMigrationParameters(["downtime-limit": .number(Double(budget.qemuLimitMilliseconds))])
+        } catch {
+            throw .qemu(.command(doing: "set QEMU's downtime limit", error))
+        }
+        track.note(String(format: "switchover budget: QEMU's downtime limit %d ms (%.0f ms of the %d ms target is left after the window of %@ drains with QEMU's socket, %.0f ms at %@, and the commit)",
+                          budget.qemuLimitMilliseconds, budget.budgetMilliseconds, target, Format.bytes(UInt64(budget.window)),
+                          budget.drainMilliseconds, Format.rate(state.peakRate * 8)))
+        state.budget = budget
     }
 
     private func checkQEMU(_ status: MigrationStatus, reason: String?) throws(MigrateError) {

@@ -1,0 +1,58 @@
+import FerryTransport
+import Foundation
+
+/// How Ferry keeps QEMU's downtime promise (`--downtime`), and pauses the guest for less
+/// where the guest allows.
+///
+/// QEMU stops the guest once it expects to send what is left within its downtime limit, at
+/// the bandwidth it sees at its socket. What it counts as sent is still in Ferry's hands:
+/// in QEMU's socket buffer and in Ferry's window (up to 32 MiB, 130 ms at 2 Gbit/s), and all
+/// of it must cross the link before the destination can load the VM; then come the records,
+/// two one-way trips and `cont`. So near the end of QEMU's first pass (a second of it left,
+/// or its second dirty sync seen), Ferry shrinks its window to what the link carries in
+/// ``lateWindowSeconds``; the budget is the target minus the time that window and QEMU's
+/// socket buffer take to drain at the best rate the channels have carried, minus
+/// ``commitAllowance``. QEMU gets a quarter of the budget at the end of its first pass, half
+/// after its next, then all of it: a guest that dirties little is stopped with little left
+/// (one more pass costs a fraction of a second), one that dirties much gets the whole
+/// budget two passes later. A value; no clock.
+struct SwitchoverBudget: Equatable {
+    /// The late window: this long at the link's rate, at least ``minimumLateWindow``.
+    static let lateWindowSeconds = 0.02
+    static let minimumLateWindow = 2 << 20
+    /// The switchover's own steps after the last byte is loaded: two durable records,
+    /// two one-way trips, `cont` (measured at 2-6 ms in the lab; room for real disks).
+    static let commitAllowance = 0.02
+    /// QEMU never gets less than this share of the target (a link too slow for the
+    /// promise still converges; the report then shows the pause it got).
+    static let minimumShare = 0.1
+    /// The budget's share QEMU gets after its dirty sync number `sync` (2: the first
+    /// pass done).
+    static func share(afterSync sync: UInt64) -> Double {
+        min(1, 0.25 * Double(1 << min(4, Int(max(2, sync)) - 2)))
+    }
+
+    /// The window from now on, in bytes.
+    let window: Int
+    /// What QEMU is told its downtime limit is, in milliseconds.
+    let qemuLimitMilliseconds: Int
+    /// The time the window and QEMU's socket buffer take to cross the link.
+    let drainMilliseconds: Double
+
+    /// The whole budget (before the share) in milliseconds.
+    let budgetMilliseconds: Double
+
+    init(targetMilliseconds: Int, rateBytesPerSecond: Double, fullWindow: Int, qemuBufferedBytes: Int, share: Double = 1) {
+        let rate = max(rateBytesPerSecond, 1)
+        window = min(fullWindow, max(Self.minimumLateWindow, Int(rate * Self.lateWindowSeconds)))
+        drainMilliseconds = Double(window + qemuBufferedBytes) / rate * 1000
+        budgetMilliseconds = Double(targetMilliseconds) - drainMilliseconds - Self.commitAllowance * 1000
+        qemuLimitMilliseconds = max(1, Int(max(budgetMilliseconds * share, Double(targetMilliseconds) * Self.minimumShare).rounded(.down)))
+    }
+
+    /// Bytes QEMU may have written that Ferry has not yet read: its socket buffer (a
+    /// socket pair of 4 MiB with one stream; the default ~208 KiB per multifd stream).
+    static func qemuBufferedBytes(streamCount: Int) -> Int {
+        streamCount == 1 ? ChunkPolicy.qemuSocketBufferByteCount : streamCount * (256 << 10)
+    }
+}
