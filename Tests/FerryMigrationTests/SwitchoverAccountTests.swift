@@ -100,3 +100,13 @@ struct SwitchoverBudgetTests {
         #expect(b.qemuLimitMilliseconds == Int((300 - Double((32 << 20) + 3 * (256 << 10)) / 5e9 * 1000 - 20).rounded(.down)))
     }
 }
+
+extension SwitchoverBudgetTests {
+    @Test("the starting window: 64 ms of the link, 8 to 32 MiB, 32 MiB when a speed is unknown")
+    func startingWindow() {
+        #expect(SwitchoverBudget.startingWindow(linkBitsPerSecond: 2_000_000_000) == 16_000_000)
+        #expect(SwitchoverBudget.startingWindow(linkBitsPerSecond: 100_000_000) == 8 << 20)
+        #expect(SwitchoverBudget.startingWindow(linkBitsPerSecond: 40_000_000_000) == 32 << 20)
+        #expect(SwitchoverBudget.startingWindow(linkBitsPerSecond: nil) == 32 << 20)
+    }
+}

@@ -61,7 +61,9 @@ extension SourceMigration {
         let match = NICMatcher.match(local: local, remote: accept.interfaces.map(\.networkInterface), localSelection: options.nics)
         var pairs = match.pairs
         let speeds = pairs.map(\.speedBitsPerSecond)
-        compression.setLinkSpeed(bitsPerSecond: speeds.contains(nil) || speeds.isEmpty ? nil : speeds.compactMap { $0 }.reduce(0, +))
+        let linkSpeed = speeds.contains(nil) || speeds.isEmpty ? nil : speeds.compactMap { $0 }.reduce(0, +)
+        compression.setLinkSpeed(bitsPerSecond: linkSpeed)
+        scheduler.setWindow(byteCount: SwitchoverBudget.startingWindow(linkBitsPerSecond: linkSpeed))
         if pairs.isEmpty {
             // No NIC pair found (e.g. loopback, or the peer hid its NICs): use the path the
             // control connection took.

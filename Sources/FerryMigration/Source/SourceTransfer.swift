@@ -19,8 +19,12 @@ struct TransferState {
     /// whole seconds, leaving out the first (when QEMU fills the window at once).
     var peakRate = 0.0
     var rateMark: (at: Double, bytes: UInt64, first: Bool)?
-    /// The window and QEMU's downtime limit once its first pass is done.
+    /// The window and QEMU's downtime limit as last set (``SwitchoverBudget``).
     var budget: SwitchoverBudget?
+    /// The NIC pairs' speeds together, bytes per second (0: some unknown).
+    var linkRate = 0.0
+    /// The window the transfer started with.
+    var fullWindow = ChunkPolicy.windowByteCount
 
     var isComplete: Bool { qemuDone && loaded && streamEnds.count == streamCount }
 }
@@ -35,6 +39,9 @@ extension SourceMigration {
     /// everything, every stream has ended and the destination has loaded the VM.
     func transfer(_ transport: SourceTransport, plan: StreamPlan, link: ControlLink, qmp: QMPClient) throws(MigrateError) {
         var state = TransferState(streamCount: plan.streamCount)
+        let speeds = transport.pairs.map(\.speedBitsPerSecond)
+        if !speeds.isEmpty, !speeds.contains(nil) { state.linkRate = Double(speeds.compactMap { $0 }.reduce(0, +)) / 8 }
+        state.fullWindow = transport.scheduler.window
         var sampler = RateSampler()
         while !state.isComplete {
             if let event = events.next(timeout: .milliseconds(100)) {
@@ -163,9 +170,8 @@ extension SourceMigration {
         } else {
             state.rateMark = (track.elapsed, bytes, true)
         }
-        // Near the end of QEMU's first pass (a second of it left at the best rate), or after it.
-        let nearEnd = state.budget != nil || info.dirtySyncCount >= 2 || Double(info.remainingBytes) < state.peakRate
-        if info.status == .active && nearEnd && state.peakRate > 0 {
+        // Before QEMU's STOP (after it, the final pass has begun).
+        if info.status == .active && track.journal.stopEventAt == nil {
             try budgetSwitchover(&state, qmp: qmp, scheduler: dataPath.scheduler, sync: info.dirtySyncCount)
         }
         track.show(streamBytes: bytes, bitsPerSecond: sampler.bitsPerSecond, channels: stats,
@@ -176,12 +182,14 @@ extension SourceMigration {
     /// (``SwitchoverBudget``), set again when the rate moves the limit by 10 ms or more.
     private func budgetSwitchover(_ state: inout TransferState, qmp: QMPClient, scheduler: SendScheduler,
                                   sync: UInt64) throws(MigrateError) {
+        // The channels' best so far once measured; until then the NICs' speeds.
+        let rate = state.peakRate > 0 ? state.peakRate : state.linkRate
+        guard rate > 0 else { return }
         let target = Int(options.downtimeLimit.milliseconds)
-        let budget = SwitchoverBudget(targetMilliseconds: target, rateBytesPerSecond: state.peakRate,
-                                      fullWindow: ChunkPolicy.windowByteCount,
+        let budget = SwitchoverBudget(targetMilliseconds: target, rateBytesPerSecond: rate, fullWindow: state.fullWindow,
                                       qemuBufferedBytes: SwitchoverBudget.qemuBufferedBytes(streamCount: state.streamCount),
-                                      share: SwitchoverBudget.share(afterSync: sync))
-        if let old = state.budget, abs(old.qemuLimitMilliseconds - budget.qemuLimitMilliseconds) < 10 { return }
+                                      share: SwitchoverBudget.share(afterSync: sync), late: sync >= 2)
+        if let old = state.budget, abs(old.qemuLimitMilliseconds - budget.qemuLimitMilliseconds) < 10, old.window == budget.window { return }
         scheduler.setWindow(byteCount: budget.window)
         do {
             try qmp.setMigrationParameters(["downtime-limit": .number(Double(budget.qemuLimitMilliseconds))])
@@ -190,7 +198,7 @@ extension SourceMigration {
         }
         track.note(String(format: "switchover budget: QEMU's downtime limit %d ms (%.0f ms of the %d ms target is left after the window of %@ drains with QEMU's socket, %.0f ms at %@, and the commit)",
                           budget.qemuLimitMilliseconds, budget.budgetMilliseconds, target, Format.bytes(UInt64(budget.window)),
-                          budget.drainMilliseconds, Format.rate(state.peakRate * 8)))
+                          budget.drainMilliseconds, Format.rate(rate * 8)))
         state.budget = budget
     }
 
