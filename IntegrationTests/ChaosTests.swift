@@ -198,13 +198,7 @@ struct ChaosTests {
 
     static func record(_ cell: Cell, outcome: String, migrate: String, error: String) {
         guard let path = ProcessInfo.processInfo.environment["FERRY_CHAOS_OUT"] else { return }
-        let line = "| \(cell.fault.rawValue) | \(cell.phase.rawValue) | \(outcome) | \(migrate) | \(error.replacingOccurrences(of: "|", with: "/").prefix(160)) |\n"
-        if let handle = FileHandle(forWritingAtPath: path) {
-            handle.seekToEndOfFile()
-            handle.write(Data(line.utf8))
-            try? handle.close()
-        } else {
-            FileManager.default.createFile(atPath: path, contents: Data(line.utf8))
-        }
+        appendLine("| \(cell.fault.rawValue) | \(cell.phase.rawValue) | \(outcome) | \(migrate) | \(error.replacingOccurrences(of: "|", with: "/").prefix(160)) |",
+                   to: path)
     }
 }

@@ -83,15 +83,6 @@ struct NICPullSoakTests {
         }
         try lab.expectRunningAndHealthy("vm1", on: here)
         print("NIC-pull soak: \(tally)")
-        if let path = env["FERRY_SOAK_OUT"] {
-            let line = "\(Date()) \(tally)\n"
-            if let handle = FileHandle(forWritingAtPath: path) {
-                handle.seekToEndOfFile()
-                handle.write(Data(line.utf8))
-                try? handle.close()
-            } else {
-                FileManager.default.createFile(atPath: path, contents: Data(line.utf8))
-            }
-        }
+        if let path = env["FERRY_SOAK_OUT"] { appendLine("\(Date()) \(tally)", to: path) }
     }
 }

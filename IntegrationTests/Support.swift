@@ -185,3 +185,16 @@ final class RunningMigration: Sendable {
         return try #require(outcome.current, "ferry migrate did not finish in time")
     }
 }
+
+/// Appends `line` and a newline to the file at `path`, creating it if need be (the figures
+/// a long manual run leaves for the docs).
+func appendLine(_ line: String, to path: String) {
+    let bytes = Data((line + "\n").utf8)
+    if let handle = FileHandle(forWritingAtPath: path) {
+        handle.seekToEndOfFile()
+        handle.write(bytes)
+        try? handle.close()
+    } else {
+        FileManager.default.createFile(atPath: path, contents: bytes)
+    }
+}

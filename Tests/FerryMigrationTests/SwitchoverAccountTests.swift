@@ -79,7 +79,12 @@ struct SwitchoverBudgetTests {
                                        qemuBufferedBytes: SwitchoverBudget.qemuBufferedBytes(streamCount: 1),
                                        share: SwitchoverBudget.share(afterSync: 2))
         #expect(quarter.qemuLimitMilliseconds == 60)
-        #expect([1, 2, 3, 4, 9].map { SwitchoverBudget.share(afterSync: $0) } == [0.25, 0.25, 0.5, 1, 1])
+        #expect([1, 2, 3, 4, 9].map { SwitchoverBudget.share(afterSync: $0) } == [0, 0.25, 0.5, 1, 1])
+        // Through the first pass QEMU is held: it stops only with nothing left.
+        let held = SwitchoverBudget(targetMilliseconds: 300, rateBytesPerSecond: 250e6, fullWindow: 32 << 20,
+                                    qemuBufferedBytes: SwitchoverBudget.qemuBufferedBytes(streamCount: 1),
+                                    share: SwitchoverBudget.share(afterSync: 1), late: false)
+        #expect(held.qemuLimitMilliseconds == 0 && held.window == 32 << 20)
     }
 
     @Test("a link too slow for the promise: QEMU keeps a tenth of the target, never nothing")
@@ -101,11 +106,13 @@ struct SwitchoverBudgetTests {
     }
 }
 
+
 extension SwitchoverBudgetTests {
-    @Test("the starting window: 64 ms of the link, 8 to 32 MiB, 32 MiB when a speed is unknown")
+    @Test("the starting window: 64 ms of the link, 16 to 32 MiB, 32 MiB when a speed is unknown")
     func startingWindow() {
-        #expect(SwitchoverBudget.startingWindow(linkBitsPerSecond: 2_000_000_000) == 16_000_000)
-        #expect(SwitchoverBudget.startingWindow(linkBitsPerSecond: 100_000_000) == 8 << 20)
+        #expect(SwitchoverBudget.startingWindow(linkBitsPerSecond: 2_000_000_000) == 16 << 20)
+        #expect(SwitchoverBudget.startingWindow(linkBitsPerSecond: 3_000_000_000) == 24_000_000)
+        #expect(SwitchoverBudget.startingWindow(linkBitsPerSecond: 100_000_000) == 16 << 20)
         #expect(SwitchoverBudget.startingWindow(linkBitsPerSecond: 40_000_000_000) == 32 << 20)
         #expect(SwitchoverBudget.startingWindow(linkBitsPerSecond: nil) == 32 << 20)
     }

@@ -111,7 +111,8 @@ extension SourceMigration {
             throw .store(doing: "record the VM as migrating out", (error as? VMError) ?? .io("\(error)"))
         }
         track.note("QEMU started migrating (main + \(plan.multifdChannels) multifd)"
-                 + (self.transport?.qemuStreamKind.map { ", into \($0)" } ?? ""))
+                 + (self.transport?.qemuStreamKind.map { ", into \($0)" } ?? "")
+                 + "; its downtime limit is held at 0 ms through its first pass")
     }
 
     /// QEMU's streams into the data path; returns the URI QEMU migrates to.
@@ -167,7 +168,9 @@ extension SourceMigration {
                 // QEMU 7.2's default cap is 128 MiB/s. Ferry sets the pace (its window, its rate
                 // limit across all channels, the links), so QEMU is left uncapped.
                 "max-bandwidth": .number(100_000_000_000),
-                "downtime-limit": .number(Double(options.downtimeLimit.milliseconds)),
+                // Held at 0 through QEMU's first pass; the transfer then gives it its share
+                // of the --downtime budget (``SwitchoverBudget``).
+                "downtime-limit": .number(0),
             ]
             if plan.multifdChannels > 0 { params["multifd-channels"] = .number(Double(plan.multifdChannels)) }
             try qmp.setMigrationParameters(params)

@@ -21,6 +21,8 @@ struct TransferState {
     var rateMark: (at: Double, bytes: UInt64, first: Bool)?
     /// The window and QEMU's downtime limit as last set (``SwitchoverBudget``).
     var budget: SwitchoverBudget?
+    /// The window has been shrunk and QEMU is held until Ferry's buffers are down to it.
+    var draining = false
     /// The NIC pairs' speeds together, bytes per second (0: some unknown).
     var linkRate = 0.0
     /// The window the transfer started with.
@@ -48,7 +50,7 @@ extension SourceMigration {
                 try handle(event, &state, transport: transport, control: link)
             }
             takeLinkNotes()
-            let interval = state.qemuDone ? Self.finishingPollInterval : Self.progressPollInterval
+            let interval = state.qemuDone || state.draining ? Self.finishingPollInterval : Self.progressPollInterval
             if track.elapsed - state.lastPoll >= interval {
                 state.lastPoll = track.elapsed
                 try poll(qmp, &state, &sampler, dataPath: transport.dataPath)
@@ -170,9 +172,10 @@ extension SourceMigration {
         } else {
             state.rateMark = (track.elapsed, bytes, true)
         }
-        // Before QEMU's STOP (after it, the final pass has begun).
-        if info.status == .active && track.journal.stopEventAt == nil {
-            try budgetSwitchover(&state, qmp: qmp, scheduler: dataPath.scheduler, sync: info.dirtySyncCount)
+        // Once QEMU's first pass is done, before its STOP (after it, the final pass has begun).
+        if info.status == .active && info.dirtySyncCount >= 2 && track.journal.stopEventAt == nil {
+            let average = track.journal.migrateIssuedAt.map { Double(bytes) / max(0.001, track.elapsed - $0) } ?? 0
+            try budgetSwitchover(&state, qmp: qmp, scheduler: dataPath.scheduler, sync: info.dirtySyncCount, average: average)
         }
         track.show(streamBytes: bytes, bitsPerSecond: sampler.bitsPerSecond, channels: stats,
                  interfaceBitsPerSecond: sampler.interfaceBitsPerSecond)
@@ -181,9 +184,9 @@ extension SourceMigration {
     /// After QEMU's first pass: the late window and QEMU's downtime limit
     /// (``SwitchoverBudget``), set again when the rate moves the limit by 10 ms or more.
     private func budgetSwitchover(_ state: inout TransferState, qmp: QMPClient, scheduler: SendScheduler,
-                                  sync: UInt64) throws(MigrateError) {
-        // The channels' best so far once measured; until then the NICs' speeds.
-        let rate = state.peakRate > 0 ? state.peakRate : state.linkRate
+                                  sync: UInt64, average: Double) throws(MigrateError) {
+        // The channels' best over whole seconds; else the NICs' speeds; else the average so far.
+        let rate = state.peakRate > 0 ? state.peakRate : state.linkRate > 0 ? state.linkRate : average
         guard rate > 0 else { return }
         let target = Int(options.downtimeLimit.milliseconds)
         let budget = SwitchoverBudget(targetMilliseconds: target, rateBytesPerSecond: rate, fullWindow: state.fullWindow,
@@ -191,6 +194,14 @@ extension SourceMigration {
                                       share: SwitchoverBudget.share(afterSync: sync), late: sync >= 2)
         if let old = state.budget, abs(old.qemuLimitMilliseconds - budget.qemuLimitMilliseconds) < 10, old.window == budget.window { return }
         scheduler.setWindow(byteCount: budget.window)
+        // QEMU stays held until what the first pass left in Ferry's buffers has crossed:
+        // until then a stop would pause the guest for all of it.
+        guard scheduler.outstanding <= budget.window else {
+            if !state.draining { track.note("window shrunk to \(Format.bytes(UInt64(budget.window))); QEMU held until Ferry's buffers are down to it") }
+            state.draining = true
+            return
+        }
+        state.draining = false
         do {
             try qmp.setMigrationParameters(["downtime-limit": .number(Double(budget.qemuLimitMilliseconds))])
         } catch {

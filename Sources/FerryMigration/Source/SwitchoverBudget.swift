@@ -8,16 +8,19 @@ import Foundation
 /// the bandwidth it sees at its socket. What it counts as sent is still in Ferry's hands:
 /// in QEMU's socket buffer and in Ferry's window (up to 32 MiB, 130 ms at 2 Gbit/s), and all
 /// of it must cross the link before the destination can load the VM; then come the records,
-/// two one-way trips and `cont`. The budget is the target minus the time the window and
-/// QEMU's socket buffer take to drain at the link's rate (the NIC pairs' speeds, then the
-/// best rate the channels have carried), minus ``commitAllowance``; it holds from the
-/// start of the migration. Once QEMU's first pass is done (its second dirty sync: when it
-/// ends is not foreseeable, zero pages go by in a flash) Ferry shrinks its window to what
-/// the link carries in ``lateWindowSeconds``, and the budget grows by the drain saved.
-/// QEMU gets a quarter of the budget up to the end of its first pass, half after its next,
-/// then all of it: a guest that dirties little is stopped with little left (one more pass
-/// costs a fraction of a second), one that dirties much gets the whole budget two passes
-/// later. A value; no clock.
+/// two one-way trips and `cont`.
+///
+/// So QEMU's downtime limit is 0 through its first pass: at the pass's end (which nobody
+/// can see coming: zero pages go by in a flash) the window is full, and QEMU, unable to
+/// stop, makes another pass, whose pages wait behind the window; the window drains while
+/// the guest still runs. Once Ferry sees the first pass done (QEMU's second dirty sync) it
+/// shrinks the window to what the link carries in ``lateWindowSeconds`` and gives QEMU the
+/// budget: the target minus the time that window and QEMU's socket buffer take to drain at
+/// the best rate the channels have carried (or the NIC pairs' speeds), minus
+/// ``commitAllowance``; a quarter of it at first, half after the next pass, then all. A
+/// guest that dirties little is stopped with little left (the extra passes cost a fraction
+/// of a second); one that dirties much gets the whole budget two passes later. A value; no
+/// clock.
 struct SwitchoverBudget: Equatable {
     /// The late window: this long at the link's rate, at least ``minimumLateWindow``.
     static let lateWindowSeconds = 0.02
@@ -29,9 +32,9 @@ struct SwitchoverBudget: Equatable {
     /// promise still converges; the report then shows the pause it got).
     static let minimumShare = 0.1
     /// The budget's share QEMU gets after its dirty sync number `sync` (2: the first
-    /// pass done).
+    /// pass done); before that, nothing (see ``holds(beforeSync:)``).
     static func share(afterSync sync: UInt64) -> Double {
-        min(1, 0.25 * Double(1 << min(4, Int(max(2, sync)) - 2)))
+        sync < 2 ? 0 : min(1, 0.25 * Double(1 << min(4, Int(sync) - 2)))
     }
 
     /// The window from now on, in bytes.
@@ -51,18 +54,24 @@ struct SwitchoverBudget: Equatable {
         window = late ? min(fullWindow, max(Self.minimumLateWindow, Int(rate * Self.lateWindowSeconds))) : fullWindow
         drainMilliseconds = Double(window + qemuBufferedBytes) / rate * 1000
         budgetMilliseconds = Double(targetMilliseconds) - drainMilliseconds - Self.commitAllowance * 1000
-        qemuLimitMilliseconds = max(1, Int(max(budgetMilliseconds * share, Double(targetMilliseconds) * Self.minimumShare).rounded(.down)))
+        // A share of 0 holds QEMU in its passes: it stops only with nothing left at all.
+        qemuLimitMilliseconds = share == 0 ? 0
+            : max(1, Int(max(budgetMilliseconds * share, Double(targetMilliseconds) * Self.minimumShare).rounded(.down)))
     }
 
     /// The window a transfer starts with: 64 ms of the NIC pairs' speeds together, between
-    /// 8 and 32 MiB (32 MiB where a speed is unknown). It bounds what is still to cross the
-    /// link when QEMU stops the guest at the end of its first pass, which nobody can see
-    /// coming. Measured on 2 x 1 gbit (`ferry bench --scenario 2x1gbit`, 3 runs each): a
-    /// 32 MiB window paused the guest for 299 ms at the median, 16 MiB for 45 ms, 8 MiB
-    /// for 56 ms, for 0.94, 0.88 and 0.83 of line rate while the memory streamed.
+    /// 16 and 32 MiB (32 MiB where a speed is unknown). When QEMU's first pass is also its
+    /// last (a guest that dirties nothing stops with nothing pending, whatever its limit),
+    /// what the window holds then is part of the pause. Measured on 2 x 1 gbit
+    /// (`ferry bench --scenario 2x1gbit`, 3 runs each): 32 MiB paused the guest for 299 ms
+    /// at the median, 16 MiB for 45 ms, 8 MiB for 56 ms, at 0.94, 0.88 and 0.83 of line
+    /// rate while the memory streamed. Below 16 MiB, NICs of unequal speed are no longer
+    /// filled in proportion (160 and 80 Mbit/s with 8 MiB: an even split, 171 Mbit/s in
+    /// all): chunks go to whichever channel's socket takes them, and a small window never
+    /// fills the fast NIC's sockets ahead of the slow one's.
     static func startingWindow(linkBitsPerSecond: UInt64?) -> Int {
         guard let link = linkBitsPerSecond, link > 0 else { return ChunkPolicy.windowByteCount }
-        return min(ChunkPolicy.windowByteCount, max(8 << 20, Int(Double(link) / 8 * 0.064)))
+        return min(ChunkPolicy.windowByteCount, max(16 << 20, Int(Double(link) / 8 * 0.064)))
     }
 
     /// Bytes QEMU may have written that Ferry has not yet read: its socket buffer (a
