@@ -224,9 +224,14 @@ struct ConcurrencyTests {
             print(String(format: "  ferry serve on %@: RSS %.1f -> %.1f MiB (first/last tenth), fds %.1f -> %.1f; RSS min %.1f max %.1f MiB",
                          host, rss0 / 1048576, rss1 / 1048576, fd0, fd1,
                          Double(samples.map { $0.rss[host]! }.min()!) / 1048576, Double(samples.map { $0.rss[host]! }.max()!) / 1048576))
-            // A daemon that keeps something per migration would grow with every one; the
-            // buffer pools and thread stacks it reuses make some noise, hence the tolerance.
-            #expect(rss1 - rss0 < 16 * 1048576, "ferry serve on \(host) grew from \(rss0) to \(rss1) bytes over \(samples.count) migrations")
+            // A daemon that keeps something per migration would grow with every one, past
+            // anything it reached in the first half. Its RSS swings by 20-40 MiB between
+            // migrations (buffer pools, the allocator's per-thread arenas filling as each
+            // session's threads come and go: 32 to 75 MiB over 24 migrations, with no trend),
+            // so the last tenth is held against the first half's highest, with a tolerance.
+            let firstHalfHighest = Double(samples.prefix(max(tenth, samples.count / 2)).map { $0.rss[host]! }.max()!)
+            #expect(rss1 - max(rss0, firstHalfHighest) < 16 * 1048576,
+                    "ferry serve on \(host) grew from \(rss0) (highest in the first half \(firstHalfHighest)) to \(rss1) bytes over \(samples.count) migrations")
             #expect(fd1 - fd0 <= 2, "ferry serve on \(host) holds more descriptors: \(fd0) -> \(fd1)")
         }
         #expect(errors == 0, "the guest counted memory errors")
