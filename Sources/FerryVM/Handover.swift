@@ -56,6 +56,20 @@ extension VMStore {
         try write(record, to: vmPaths(name).handover, durably: true)
     }
 
+    /// The same, putting `staged` (written ahead, ``stageHandover(_:_:)``) in place when
+    /// there is one: then only its rename and the directory's fsync are left. A staged
+    /// copy that cannot be put in place is discarded and `record` written whole.
+    public func recordHandover(_ name: String, _ record: HandoverRecord, staged: StagedHandover?) throws {
+        if let staged {
+            do {
+                return try staged.install()
+            } catch {
+                staged.discard()
+            }
+        }
+        try recordHandover(name, record)
+    }
+
     /// The VM's handover record: nil if it has none; throws if one exists and cannot be
     /// read (it may say `commit`: a reconciler then decides nothing).
     public func readHandover(_ name: String) throws -> HandoverRecord? {

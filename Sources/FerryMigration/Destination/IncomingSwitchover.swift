@@ -153,16 +153,9 @@ extension DestinationSession {
     /// ahead (``stage(_:for:)``), only needs its rename and the directory's fsync.
     private func record(_ decision: HandoverRecord.Decision, for name: String) throws(IncomingError) {
         do {
-            if let staged = staged.removeValue(forKey: decision) {
-                do {
-                    try staged.install()
-                    return
-                } catch {
-                    staged.discard()  // and write it whole below
-                }
-            }
             try store.recordHandover(name, HandoverRecord(session: session, role: .destination, decision: decision,
-                                                          peerHost: sourceDaemon.host, peerPort: sourceDaemon.port))
+                                                          peerHost: sourceDaemon.host, peerPort: sourceDaemon.port),
+                                     staged: staged.removeValue(forKey: decision))
         } catch {
             throw .record("cannot record the switchover (\(decision.rawValue)) here: \(error)")
         }

@@ -231,12 +231,18 @@ public final class MigrationServer: @unchecked Sendable {
         }
     }
 
+    /// Refuses a connection that named a session (a `bind` or a `rejoin`): counted and
+    /// logged at the tally's rate, answered, closed.
+    /// `logAs` prefixes the reason in the log only.
+    private func refuseJoin(_ connection: FrameConnection, address: String, _ code: ErrorCode, _ reason: String, data: Bool,
+                            logAs prefix: String = "") {
+        note(.refused, address, peer: connection.peer, reason: prefix + reason, data: data)
+        connection.fail(code, reason)
+        connection.close()
+    }
+
     private func bind(_ frame: Frame, _ connection: FrameConnection, address: String) {
-        let refuse = { [self] (code: ErrorCode, reason: String) in
-            note(.refused, address, peer: connection.peer, reason: reason, data: true)
-            connection.fail(code, reason)
-            connection.close()
-        }
+        let refuse = { [self] (code: ErrorCode, reason: String) in refuseJoin(connection, address: address, code, reason, data: true) }
         guard let message = try? ControlCoding.decode(BindMessage.self, from: frame) else {
             return refuse(.protocolViolation, "malformed bind")
         }
@@ -272,11 +278,7 @@ public final class MigrationServer: @unchecked Sendable {
     /// A connection that says it continues a session's control connection: its proof is
     /// checked like a channel's bind, then the session's link moves to it.
     private func rejoin(_ frame: Frame, _ connection: FrameConnection, address: String) {
-        let refuse = { [self] (code: ErrorCode, reason: String) in
-            note(.refused, address, peer: connection.peer, reason: "rejoin: " + reason)
-            connection.fail(code, reason)
-            connection.close()
-        }
+        let refuse = { [self] (code: ErrorCode, reason: String) in refuseJoin(connection, address: address, code, reason, data: false, logAs: "rejoin: ") }
         guard let message = try? ControlCoding.decode(RejoinMessage.self, from: frame) else {
             return refuse(.protocolViolation, "malformed rejoin")
         }
@@ -303,8 +305,8 @@ public final class MigrationServer: @unchecked Sendable {
 
     /// A new offer for `name` from the same source host while an earlier session for it
     /// waits, without a control connection, for its source to come back: that source has
-    /// given up (the VM's lock
-    /// lets one `ferry migrate` at a time move it, and this offer is another), unless the
+    /// given up (the VM's lock lets one `ferry migrate` at a time move it, and this offer
+    /// is another), unless the
     /// earlier session got as far as `prepared`, whose copy only its source's decision may
     /// discard. The earlier session is failed, discards its copy, and is waited for (10 s
     /// at most). Returns whether it went.

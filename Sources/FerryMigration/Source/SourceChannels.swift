@@ -14,6 +14,8 @@ struct SourceTransport {
     let compression: CompressionController
     /// The NIC pairs the channels run over.
     let pairs: [NICPair]
+    /// Their speeds together, bits per second (nil: some unknown).
+    let linkBitsPerSecond: UInt64?
     /// The report's `data path` line.
     let summary: String
     /// Where QEMU's multifd streams connect (nil with one stream, handed over by getfd).
@@ -80,7 +82,7 @@ extension SourceMigration {
                         connectTimeout: min(options.connectTimeout, .seconds(2)), deadChannelTimeout: options.deadChannelTimeout),
             dataPath: dataPath, logger: logger, note: { [events] text in events.post(.note(text)) })
         let transport = SourceTransport(scheduler: scheduler, dataPath: dataPath, manager: manager, compression: compression,
-                                        pairs: pairs, summary: summary)
+                                        pairs: pairs, linkBitsPerSecond: linkSpeed, summary: summary)
         self.transport = transport
         let openErrors = manager.openAll()
         guard scheduler.liveChannelCount > 0 else { throw .noChannels(openErrors) }

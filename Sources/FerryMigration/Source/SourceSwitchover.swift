@@ -19,16 +19,7 @@ extension SourceMigration {
         do {
             // Written at the guest's STOP (``stageCommit()``): only the rename and the
             // directory's fsync are left for the pause.
-            if let staged = stagedCommit.take() {
-                do {
-                    try staged.install()
-                } catch {
-                    staged.discard()
-                    try store.recordHandover(name, commitRecord(session))
-                }
-            } else {
-                try store.recordHandover(name, commitRecord(session))
-            }
+            try store.recordHandover(name, commitRecord(session), staged: stagedCommit.take())
         } catch {
             throw .commitNotRecorded((error as? VMError) ?? .io("\(error)"))
         }

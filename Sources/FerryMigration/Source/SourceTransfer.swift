@@ -41,8 +41,7 @@ extension SourceMigration {
     /// everything, every stream has ended and the destination has loaded the VM.
     func transfer(_ transport: SourceTransport, plan: StreamPlan, link: ControlLink, qmp: QMPClient) throws(MigrateError) {
         var state = TransferState(streamCount: plan.streamCount)
-        let speeds = transport.pairs.map(\.speedBitsPerSecond)
-        if !speeds.isEmpty, !speeds.contains(nil) { state.linkRate = Double(speeds.compactMap { $0 }.reduce(0, +)) / 8 }
+        state.linkRate = Double(transport.linkBitsPerSecond ?? 0) / 8
         state.fullWindow = transport.scheduler.window
         var sampler = RateSampler()
         while !state.isComplete {
