@@ -140,7 +140,7 @@ extension BenchResult {
     var pauseTable: [String] {
         let measured = modes.filter { stat($0, { $0.guestPauseMilliseconds }) != nil }
         guard !measured.isEmpty else { return [] }
-        var out = ["", "Guest pause, QEMU's STOP on a to RESUME on b (ms):", "",
+        var out = ["", "Guest pause, QEMU's STOP on the source to RESUME on the destination (ms):", "",
                    "| mode | p50 | p99 | min | runs | where it went (medians, ms) |", "|---|---|---|---|---|---|"]
         for mode in measured {
             let s = stat(mode) { $0.guestPauseMilliseconds }!
@@ -153,15 +153,22 @@ extension BenchResult {
                        + "\(String(format: "%.0f", s.low)) | \(runs(mode).filter { $0.guestPauseMilliseconds != nil }.count) | "
                        + (parts.isEmpty ? "-" : parts.joined(separator: ", ")) + " |")
         }
-        if let ferry = stat(.ferryMultichannel, { $0.guestPauseMilliseconds })?.median {
+        // Each Ferry mode with defaults (one way and ping-pong) against each QEMU-alone mode.
+        for ferryMode in [BenchMode.ferryMultichannel, .ferryPingPong] {
+            guard let ferry = stat(ferryMode, { $0.guestPauseMilliseconds })?.median else { continue }
             let peers = measured.filter { !$0.isFerry }.compactMap { m in
                 stat(m, { $0.guestPauseMilliseconds }).map { "\(m.rawValue) \(String(format: "%.2f", ferry / $0.median))x" }
             }
             if !peers.isEmpty {
                 out.append("")
-                out.append("Ferry's median guest pause against QEMU alone in this run: " + peers.joined(separator: ", ") + ".")
+                out.append("\(ferryMode.rawValue): median guest pause against QEMU alone in this run: " + peers.joined(separator: ", ") + ".")
             }
         }
+        let target = MigrationOptions(host: "", port: 0).downtimeLimit.seconds * 1000
+        let over = runs.filter { $0.mode.isFerry && ($0.guestPauseMilliseconds ?? 0) > target }
+        out.append("")
+        out.append("Ferry runs whose guest pause exceeded the \(Int(target)) ms --downtime target: "
+                   + (over.isEmpty ? "none" : over.map { "\($0.mode.rawValue) #\($0.iteration + 1) (\(Int($0.guestPauseMilliseconds!)) ms)" }.joined(separator: ", ")) + ".")
         return out
     }
 

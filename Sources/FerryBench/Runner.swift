@@ -52,6 +52,14 @@ public final class BenchRunner {
         // The insecure mode needs a daemon that runs --insecure too: a second one, on its own port.
         let insecurePID = modes.contains(where: \.isInsecure) ? try b.startServe(port: Self.insecurePort, extra: ["--insecure"]) : nil
         defer { if let insecurePID { ProcessStats.terminate(pid: insecurePID) } }
+        // Ping-pong: a receives too; its guest lives across the runs and is stopped at the end.
+        let servePIDa = modes.contains(.ferryPingPong) ? try a.startServe() : nil
+        defer {
+            if let servePIDa { ProcessStats.terminate(pid: servePIDa) }
+            for host in [a, b] where (try? host.store.record(Self.pingPongVM)) != nil {
+                try? host.store.stop(Self.pingPongVM, reason: "bench")
+            }
+        }
         var runs: [BenchRun] = []
         let total = repeats * modes.count
         // Modes interleave within each repeat, so that drift on the machine hits all alike.
@@ -117,17 +125,26 @@ public final class BenchRunner {
 
     // MARK: One run
 
+    /// The guest that moves back and forth in the ping-pong mode (the other modes' guest,
+    /// "bench", is started afresh for each run).
+    static let pingPongVM = "bench-pingpong"
+
     private func measure(_ mode: BenchMode, _ iteration: Int) -> BenchRun {
         var run = BenchRun(mode: mode, iteration: iteration, succeeded: false, error: nil, totalSeconds: 0, transferSeconds: 0,
                            ramBytes: 0, throughputBitsPerSecond: 0, qemuDowntimeMilliseconds: nil, guestGapMilliseconds: 0,
                            guestOK: false, nicTxBytes: [:], timeline: [], events: [])
-        let vm = "bench"
+        let pingPong = mode == .ferryPingPong
+        let vm = pingPong ? Self.pingPongVM : "bench"
         defer {
-            for host in [a, b] { if (try? host.store.record(vm)) != nil { try? host.store.stop(vm, reason: "bench") } }
+            if !pingPong {
+                for host in [a, b] { if (try? host.store.record(vm)) != nil { try? host.store.stop(vm, reason: "bench") } }
+            }
         }
         do {
-            let source = try startGuest(vm, mptcp: mode == .qemuMPTCP)
-            let before = try nicTxBytes()
+            // Ping-pong: the guest leaves whichever host has it (a, the first time).
+            let (from, to) = pingPong && (try? b.store.record(vm)) != nil ? (b, a) : (a, b)
+            let source = try (try? from.store.record(vm)) ?? startGuest(vm, mptcp: mode == .qemuMPTCP)
+            let before = try nicTxBytes(from)
             let sampler = NICSampler(pid: source.state.pid, nics: (0..<scenario.nics).map { lab.interface(nic: $0) })
             let watcher = HeartbeatWatcher(paths: [source.paths.serialLog])
             defer { watcher.stop() }
@@ -135,15 +152,15 @@ public final class BenchRunner {
             var destinationPID: Int32?
             defer { if let destinationPID { ProcessStats.terminate(pid: destinationPID) } }
             if mode.isFerry {
-                destinationLog = b.store.vmPaths(vm).serialLog
+                destinationLog = to.store.vmPaths(vm).serialLog
                 watcher.add(path: destinationLog)
-                try migrateWithFerry(mode, vm, &run)
+                try migrateWithFerry(mode, vm, from: from, to: to, &run)
             } else {
                 (destinationLog, destinationPID) = try migrateWithQEMU(mode, source, watcher, &run)
             }
             sampler.stop()
             run.streamingBitsPerSecond = sampler.streamingBitsPerSecond
-            let after = try nicTxBytes()
+            let after = try nicTxBytes(from)
             for (nic, bytes) in after { run.nicTxBytes[nic] = bytes &- (before[nic] ?? 0) }
             // The guest at b: heartbeats go on and its memory check holds.
             let console = GuestConsole(path: destinationLog)
@@ -179,21 +196,22 @@ public final class BenchRunner {
         return record
     }
 
-    private func nicTxBytes() throws -> [String: UInt64] {
+    private func nicTxBytes(_ host: LabHost) throws -> [String: UInt64] {
         var out: [String: UInt64] = [:]
         for nic in 0..<scenario.nics {
             let name = lab.interface(nic: nic)
-            let text = try Command.check(["ip", "netns", "exec", lab.namespace("a"), "cat", "/sys/class/net/\(name)/statistics/tx_bytes"]).stdout
+            let text = try Command.check(["ip", "netns", "exec", lab.namespace(host.host), "cat", "/sys/class/net/\(name)/statistics/tx_bytes"]).stdout
             out[name] = UInt64(text.trimmingCharacters(in: .whitespacesAndNewlines)) ?? 0
         }
         return out
     }
 
-    private func migrateWithFerry(_ mode: BenchMode, _ vm: String, _ run: inout BenchRun) throws {
+    private func migrateWithFerry(_ mode: BenchMode, _ vm: String, from: LabHost, to: LabHost, _ run: inout BenchRun) throws {
         let reportPath = lab.directory + "/bench-report.json"
         try? FileManager.default.removeItem(atPath: reportPath)
         // The insecure mode goes to b's --insecure daemon, on its own port.
-        let target = mode.isInsecure ? "\(lab.address("b", nic: 0)):\(Self.insecurePort)" : lab.address("b", nic: 0)
+        let address = lab.address(to.host, nic: 0)
+        let target = mode.isInsecure ? "\(address):\(Self.insecurePort)" : address
         var args = ["migrate", vm, "--to", target, "--report-file", reportPath, "--quiet"]
         if mode.isInsecure { args.append("--insecure") }
         if mode == .ferryZeroCopy || mode == .ferryCopied { args += ["--compress", "none"] }
@@ -203,7 +221,7 @@ public final class BenchRunner {
         if mode == .ferryLZ4 { args += ["--compress", "lz4"] }
         if mode == .ferryZstd { args += ["--compress", "zstd"] }
         let started = ContinuousClock.now
-        let result = try a.ferry(args)
+        let result = try from.ferry(args)
         run.totalSeconds = (ContinuousClock.now - started).seconds
         let decoder = JSONDecoder()
         decoder.dateDecodingStrategy = .iso8601

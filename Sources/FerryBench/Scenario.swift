@@ -77,11 +77,14 @@ public enum BenchMode: String, Codable, Sendable, CaseIterable {
     case ferryZstd = "ferry-zstd"
     /// Ferry with its defaults: every NIC, several channels each, authenticated and encrypted.
     case ferryMultichannel = "ferry"
+    /// Ferry with its defaults, one guest moving back and forth: both hosts run `ferry serve`,
+    /// and each run is one leg (a to b, then b to a, ...), the guest filled once.
+    case ferryPingPong = "ferry-pingpong"
 
     /// The modes `ferry bench` runs unless told otherwise.
     public static let defaults: [BenchMode] = allCases.filter { $0 != .ferryLZ4 && $0 != .ferryZstd }
 
-    public var isFerry: Bool { [.ferryOneChannel, .ferryMultichannel, .ferryInsecure, .ferryNoCompression, .ferryZeroCopy, .ferryCopied, .ferryLZ4, .ferryZstd].contains(self) }
+    public var isFerry: Bool { self != .qemuOneStream && self != .qemuMultifd && self != .qemuECMP && self != .qemuMPTCP }
 
     /// Modes that migrate without authentication (to b's `--insecure` daemon).
     public var isInsecure: Bool { [.ferryInsecure, .ferryZeroCopy, .ferryCopied].contains(self) }
@@ -100,6 +103,7 @@ public enum BenchMode: String, Codable, Sendable, CaseIterable {
         case .ferryLZ4: "Ferry multichannel, --compress lz4"
         case .ferryZstd: "Ferry multichannel, --compress zstd"
         case .ferryMultichannel: "Ferry multichannel (defaults: AES-256-GCM, compress auto)"
+        case .ferryPingPong: "Ferry multichannel, ping-pong (one guest, a to b to a ...)"
         }
     }
 }

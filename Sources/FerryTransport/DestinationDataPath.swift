@@ -3,14 +3,21 @@ import FerryWire
 import Foundation
 import Logging
 
-/// The destination half of the data path: takes chunks from every data channel, puts each
-/// stream back in order, writes it to the destination QEMU, and acknowledges what QEMU has
-/// been given (cumulatively, per stream, on the live channels in turn).
+/// The receiving half of the data path: takes chunks from every data channel, puts each
+/// stream back in order, writes it to its local socket, and acknowledges what was written
+/// (cumulatively, per stream, on the live channels in turn). The destination's: QEMU's
+/// migration streams and the forward halves of two-way streams. The source's (created by
+/// its ``SourceDataPath`` for two-way streams): their reverse halves.
 ///
 /// QEMU 7.2 tells its channels apart by the order in which they connect (the first is the
-/// main stream), so stream `i` is connected only after stream `i-1`, and only once its
-/// first bytes are here (a multifd channel's QEMU reads its header at once, blocking its
-/// main loop until it comes).
+/// main stream), so migration stream `i` is connected only after stream `i-1`, and only
+/// once its first bytes are here (a multifd channel's QEMU reads its header at once,
+/// blocking its main loop until it comes). A two-way stream's half is written to the
+/// socket it was opened with, in no order with the others.
+///
+/// With two-way streams the destination also sends: ``reverse`` reads the reverse halves
+/// from the same sockets and sends them on the same channels, whose acknowledgements this
+/// path's receivers hand it.
 ///
 /// Threads: a receiver per data channel, a writer per stream, one acknowledgement sender;
 /// the session's thread adds channels, ends streams, waits for completion, reads the figures.
@@ -32,6 +39,10 @@ public final class DestinationDataPath: @unchecked Sendable {
         var end: StreamEndMessage?
         var connected = false
         var done = false
+        /// A two-way stream's half: the socket it is written to (nil until opened; chunks
+        /// may come before the control connection's `streamOpen` is handled).
+        var socket: Socket?
+        var twoWay = false
     }
 
     /// One lock over the state; each stream's writer, the acknowledgement sender and the
@@ -39,11 +50,15 @@ public final class DestinationDataPath: @unchecked Sendable {
     private let monitor = Monitor()
     private let ackNeeded: Monitor.Condition
     private let progress: Monitor.Condition
+    /// QEMU's migration streams: 0..<streamCount, connected in order by `connector`.
     private let streamCount: Int
     private let connector: Connector
+    /// Whether a chunk may come for a two-way stream before it is opened here (at the
+    /// destination, where the source opens them; the source opens its reverse halves first).
+    private let acceptsUnopened: Bool
     private let logger: Logger
     private let onFailure: @Sendable (TransportError) -> Void
-    private var streams: [StreamState]
+    private var streams: [UInt32: StreamState] = [:]
     private var channels: [Int: FrameConnection] = [:]
     private var failure: TransportError?
     /// Delivered to QEMU and not yet acknowledged: since when, how many bytes, and whether
@@ -79,36 +94,112 @@ public final class DestinationDataPath: @unchecked Sendable {
     /// The cores for the channel and stream threads (nil: not pinned).
     private let cpus: CPUSet?
 
-    public init(streamCount: Int, cpus: CPUSet? = nil, logger: Logger, connector: @escaping Connector,
-                onFailure: @escaping @Sendable (TransportError) -> Void) {
+    /// The sending half for the reverse halves of two-way streams (nil: one-way only, as
+    /// with a peer older than ``ProtocolVersion/twoWayStreams``).
+    public let reverse: SourceDataPath?
+
+    /// `twoWay`: this destination's session may open two-way streams (protocol 3 on).
+    public convenience init(streamCount: Int, twoWay: Bool = false, cpus: CPUSet? = nil, logger: Logger, connector: @escaping Connector,
+                            onFailure: @escaping @Sendable (TransportError) -> Void) {
+        let reverse = twoWay ? SourceDataPath(scheduler: SendScheduler(windowByteCount: ChunkPolicy.reverseWindowByteCount),
+                                              acknowledgedByPeer: false, logger: logger, onEvent: { _ in }) : nil
+        self.init(streamCount: streamCount, acceptsUnopened: twoWay, reverse: reverse, cpus: cpus, logger: logger,
+                  connector: connector, onFailure: onFailure)
+    }
+
+    init(streamCount: Int, acceptsUnopened: Bool, reverse: SourceDataPath?, cpus: CPUSet?, logger: Logger,
+         connector: @escaping Connector, onFailure: @escaping @Sendable (TransportError) -> Void) {
         self.cpus = cpus
         self.streamCount = streamCount
         self.connector = connector
+        self.acceptsUnopened = acceptsUnopened
+        self.reverse = reverse
         self.logger = logger
         self.onFailure = onFailure
         let monitor = self.monitor
         self.ackNeeded = monitor.makeCondition()
         self.progress = monitor.makeCondition()
-        self.streams = (0..<streamCount).map { _ in StreamState(ready: monitor.makeCondition()) }
         for i in 0..<streamCount {
+            streams[UInt32(i)] = StreamState(ready: monitor.makeCondition())
             spawn("ferry-wr-\(i)", core: i) { [self] in writeLoop(UInt32(i)) }
         }
         spawn("ferry-acks") { [self] in ackLoop() }
     }
 
+    /// The receiving half of a source's two-way streams: their reverse halves, each opened
+    /// with its socket before the stream is announced.
+    static func reverseHalves(cpus: CPUSet?, logger: Logger, onFailure: @escaping @Sendable (TransportError) -> Void) -> DestinationDataPath {
+        DestinationDataPath(streamCount: 0, acceptsUnopened: false, reverse: nil, cpus: cpus, logger: logger,
+                            connector: { _ in throw TransportError.aborted("no migration streams here") }, onFailure: onFailure)
+    }
+
+    /// Where the events of ``reverse`` go (the ends of reverse halves, its failure). Set
+    /// before the first two-way stream is opened.
+    public var onReverseEvent: (@Sendable (DataPathEvent) -> Void)? {
+        get { reverse?.eventSink }
+        set { reverse?.eventSink = newValue }
+    }
+
+    // MARK: Two-way streams
+
+    /// A two-way stream is open: its forward half is written to `socket` (chunks that came
+    /// before are written now), and at the destination its reverse half is read from the
+    /// same socket and sent back (`priority` 1: ahead of the rest).
+    public func openTwoWay(stream: UInt32, socket: Socket, priority: UInt8 = 0) throws(TransportError) {
+        guard let reverse else { throw .protocolViolation("two-way stream \(stream) on a session of a protocol before \(ProtocolVersion.twoWayStreams)") }
+        guard StreamID.isTwoWay(stream) else { throw .protocolViolation("stream \(stream) cannot be a two-way stream") }
+        try openHalf(stream, socket: socket)
+        let half = StreamID.reverse(stream)
+        if priority > 0 { reverse.scheduler.setHighPriority(stream: half) }
+        reverse.addStream(half, socket: socket, twoWay: true)
+    }
+
+    /// Starts writing `half` to `socket`.
+    func openHalf(_ half: UInt32, socket: Socket) throws(TransportError) {
+        let opened = monitor.withLock { () -> Bool in
+            let state = streams[half] ?? StreamState(ready: monitor.makeCondition())
+            guard state.socket == nil else { return false }
+            state.socket = socket
+            state.twoWay = true
+            state.connected = true
+            streams[half] = state
+            state.ready.signal()
+            return true
+        }
+        guard opened else { throw .protocolViolation("stream \(half) opened twice") }
+        spawn("ferry-wr-\(half)") { [self] in writeLoop(half) }
+    }
+
     // MARK: Channels
 
-    /// Starts receiving on a bound data channel.
+    /// Starts receiving on a bound data channel (and sending the reverse halves on it).
     public func addChannel(_ id: Int, connection: FrameConnection) {
         monitor.withLock { channels[id] = connection }
+        // Its "interface" in logs: the peer it reaches (a destination does not name its NICs per channel).
+        reverse?.addChannel(id, connection: connection, interface: connection.socket.peer)
         spawn("ferry-rx-\(id)", core: id) { [self] in receiveLoop(id, connection) }
+    }
+
+    /// A channel the source's ``SourceDataPath`` receives on: acknowledgements of the reverse
+    /// halves go out on it too.
+    func addAcknowledgementChannel(_ id: Int, connection: FrameConnection) {
+        monitor.withLock { channels[id] = connection }
+    }
+
+    func removeChannel(_ id: Int) {
+        monitor.withLock { channels[id] = nil }
+    }
+
+    /// Receives one frame on `connection` into this path's buffers.
+    func receive(on connection: FrameConnection) throws -> FrameConnection.Received {
+        try connection.receive(dataInto: pool, largerInto: largePool, pipes: pipes)
     }
 
     private func receiveLoop(_ id: Int, _ connection: FrameConnection) {
         while true {
             let received: FrameConnection.Received
             do {
-                received = try connection.receive(dataInto: pool, largerInto: largePool, pipes: pipes)
+                received = try receive(on: connection)
             } catch let error as WireError {
                 fail(.protocolViolation("data channel \(id): \(error)"))
                 return
@@ -125,18 +216,26 @@ public final class DestinationDataPath: @unchecked Sendable {
                     logger.info("data channel closed", metadata: ["channel": "\(id)", "reason": "\(error)"])
                 }
                 connection.shutdown()
+                reverse?.channelLost(id, reason: "receive: \(error)")
                 return
             }
             let header: DataChunkHeader, bytes: ChunkBytes
             switch received {
             case .data(let h, let buffer): (header, bytes) = (h, .memory(buffer))
             case .splicedData(let h, let pipe): (header, bytes) = (h, .pipe(pipe))
+            case .frame(let frame) where frame.type == .ack && reverse != nil:
+                guard let ack = try? AckMessage.decode(frame.payload) else {
+                    fail(.protocolViolation("malformed ack on data channel \(id)"))
+                    return
+                }
+                reverse!.acknowledge(ack)
+                continue
             case .frame(let frame):
                 fail(.protocolViolation("\(frame.type) frame on data channel \(id)"))
                 return
             }
             do {
-                try accept(header, bytes)
+                try deliver(header, bytes)
             } catch let error as TransportError {
                 fail(error)
                 return
@@ -147,14 +246,23 @@ public final class DestinationDataPath: @unchecked Sendable {
         }
     }
 
-    private func accept(_ header: DataChunkHeader, _ buffer: ChunkBytes) throws {
-        guard Int(header.stream) < streamCount else {
-            throw TransportError.protocolViolation("chunk for stream \(header.stream), only \(streamCount) streams")
-        }
+    /// Takes a chunk that came on a data channel.
+    func deliver(_ header: DataChunkHeader, _ buffer: ChunkBytes) throws {
         let size = buffer.count
         monitor.lock()
         defer { monitor.unlock() }
-        let stream = streams[Int(header.stream)]
+        let stream: StreamState
+        if let known = streams[header.stream] {
+            stream = known
+        } else if acceptsUnopened && StreamID.isTwoWay(header.stream) {
+            // A two-way stream whose `streamOpen` is still on its way (the source's window
+            // bounds what it may send meanwhile).
+            stream = StreamState(ready: monitor.makeCondition())
+            stream.twoWay = true
+            streams[header.stream] = stream
+        } else {
+            throw TransportError.protocolViolation("chunk for stream \(header.stream), which is not open")
+        }
         receivedPayloadBytes += UInt64(size)
         if header.sequence < stream.nextSequence || stream.pending[header.sequence] != nil {
             duplicateChunks += 1  // sent again after a channel failed, but it had arrived
@@ -174,47 +282,59 @@ public final class DestinationDataPath: @unchecked Sendable {
 
     // MARK: Streams
 
-    /// The source says stream `end.stream` has ended after `end.chunkCount` chunks.
+    /// The peer says half `end.stream` has ended after `end.chunkCount` chunks.
     public func streamEnded(_ end: StreamEndMessage) throws {
-        guard Int(end.stream) < streamCount else {
-            throw TransportError.protocolViolation("end of unknown stream \(end.stream)")
+        monitor.lock()
+        defer { monitor.unlock() }
+        if streams[end.stream] == nil && acceptsUnopened && StreamID.isTwoWay(end.stream) {
+            // A forward half that ended before its first chunk or its opening came.
+            let state = StreamState(ready: monitor.makeCondition())
+            state.twoWay = true
+            streams[end.stream] = state
         }
-        monitor.withLock {
-            streams[Int(end.stream)].end = end
-            streams[Int(end.stream)].ready.signal()
-        }
+        guard let stream = streams[end.stream] else { throw TransportError.protocolViolation("end of unknown stream \(end.stream)") }
+        guard stream.end == nil else { throw TransportError.protocolViolation("stream \(end.stream) ended twice") }
+        stream.end = end
+        stream.ready.signal()
     }
+
+    /// Whether every chunk of a two-way stream's half has been written to its socket.
+    public func isWritten(half: UInt32) -> Bool { monitor.withLock { streams[half]?.done ?? false } }
 
     private func writeLoop(_ id: UInt32) {
         let index = Int(id)
-        var socket: Socket?
-        defer { socket?.close() }
+        let twoWay = monitor.withLock { streams[id]!.twoWay }
+        // A two-way stream's socket is shared with the reader of its other half, and closes
+        // when both have let go of it.
+        var socket: Socket? = monitor.withLock { streams[id]!.socket }
+        defer { if !twoWay { socket?.close() } }
         while true {
             monitor.lock()
             // Wait for: our turn to connect and our first bytes, or the next chunk, or the end.
             var chunk: ChunkBytes?
             var offset: UInt64 = 0
             while failure == nil && !stopped {
-                let s = streams[index]
+                let s = streams[id]!
                 if let end = s.end, s.nextSequence == end.chunkCount { break }
-                if let bytes = s.pending[s.nextSequence], s.connected || index == 0 || streams[index - 1].connected {
+                if let bytes = s.pending[s.nextSequence], s.connected || index == 0 || streams[id - 1]!.connected {
                     chunk = bytes
                     offset = s.pendingOffsets[s.nextSequence] ?? 0
                     break
                 }
-                streams[index].ready.wait()
+                s.ready.wait()
             }
             if failure != nil || stopped {
                 monitor.unlock()
                 return
             }
-            let s = streams[index]
+            let s = streams[id]!
             guard let bytes = chunk else {
-                // Every chunk written: this stream is complete.
+                // Every chunk written: this stream (or half) is complete.
                 let end = s.end!
                 let ok = s.writtenBytes == end.byteCount
+                let wasDone = migrationStreamsDone
                 s.done = true
-                let all = streams.allSatisfy(\.done)
+                let all = !wasDone && migrationStreamsDone
                 if all { completedAt = Date().timeIntervalSince1970 }
                 progress.broadcast()
                 monitor.unlock()
@@ -240,8 +360,8 @@ public final class DestinationDataPath: @unchecked Sendable {
                     return
                 }
                 monitor.withLock {
-                    streams[index].connected = true
-                    if index + 1 < streams.count { streams[index + 1].ready.signal() }
+                    s.connected = true
+                    if index + 1 < streamCount { streams[id + 1]!.ready.signal() }
                 }
             }
             let size = bytes.count  // a pipe's count is 0 once drained
@@ -322,8 +442,8 @@ public final class DestinationDataPath: @unchecked Sendable {
             ackDirty = false
             ackUrgent = false
             unacknowledgedBytes = 0
-            let ack = AckMessage(entries: streams.enumerated().map {
-                AckMessage.Entry(stream: UInt32($0.offset), nextSequence: $0.element.nextSequence)
+            let ack = AckMessage(entries: streams.keys.sorted().map {
+                AckMessage.Entry(stream: $0, nextSequence: streams[$0]!.nextSequence)
             })
             let targets = channels.keys.sorted().map { channels[$0]! }
             monitor.unlock()
@@ -356,7 +476,7 @@ public final class DestinationDataPath: @unchecked Sendable {
         monitor.lock()
         defer { monitor.unlock() }
         let deadline = Date().addingTimeInterval(timeout.seconds)
-        while failure == nil && !streams.allSatisfy(\.done) {
+        while failure == nil && !migrationStreamsDone {
             if !progress.wait(timeout: .nanoseconds(Int64(deadline.timeIntervalSinceNow * 1e9))) {
                 throw .timedOut("streams incomplete after \(Int(timeout.seconds)) s")
             }
@@ -364,12 +484,15 @@ public final class DestinationDataPath: @unchecked Sendable {
         if let failure { throw failure }
     }
 
-    public var isComplete: Bool { monitor.withLock { streams.allSatisfy(\.done) } }
+    /// QEMU's migration streams are all written (lock held). Two-way streams end on their own.
+    private var migrationStreamsDone: Bool { (0..<UInt32(streamCount)).allSatisfy { streams[$0]!.done } }
+
+    public var isComplete: Bool { monitor.withLock { migrationStreamsDone } }
     /// When every stream was complete (seconds since the epoch), once they are.
     public var completionTime: Double? { monitor.withLock { completedAt } }
 
     /// Bytes of stream data written to QEMU so far.
-    public var deliveredByteCount: UInt64 { monitor.withLock { streams.reduce(0) { $0 + $1.writtenBytes } } }
+    public var deliveredByteCount: UInt64 { monitor.withLock { streams.values.reduce(0) { $0 + $1.writtenBytes } } }
     public var receivedByteCount: UInt64 { monitor.withLock { receivedPayloadBytes } }
     /// The most bytes held in the reorder buffers at once.
     public var peakBufferedBytes: Int { monitor.withLock { peakBuffered } }
@@ -387,6 +510,7 @@ public final class DestinationDataPath: @unchecked Sendable {
             return true
         }
         if first {
+            reverse?.shutdown(reason: "\(error)")
             onFailure(error)
             stop()
         }
@@ -394,17 +518,19 @@ public final class DestinationDataPath: @unchecked Sendable {
 
     /// Stops every thread and closes the channels.
     public func stop() {
-        let conns = monitor.withLock { () -> [FrameConnection] in
+        let (conns, sockets) = monitor.withLock { () -> ([FrameConnection], [Socket]) in
             stopped = true
             wakeAll()
-            return Array(channels.values)
+            return (Array(channels.values), streams.values.compactMap(\.socket))
         }
+        reverse?.shutdown(reason: "stopped")
         conns.forEach { $0.shutdown() }
+        sockets.forEach { $0.shutdown() }
     }
 
     /// Wakes every waiting thread (lock held): on failure and stop.
     private func wakeAll() {
-        streams.forEach { $0.ready.broadcast() }
+        streams.values.forEach { $0.ready.broadcast() }
         ackNeeded.broadcast()
         progress.broadcast()
     }

@@ -43,6 +43,9 @@ public enum ChunkPolicy {
     /// process may not pass net.core.wmem_max (not root), the socket gets that maximum.
     public static let qemuSocketBufferByteCount = 4 << 20
     public static let pipeByteCount = chunkByteCount * pipeSlotMargin
+    /// The window of a destination's reverse halves (a disk's replies, QEMU's return
+    /// path): their traffic is small, and this bounds what the destination holds for them.
+    public static let reverseWindowByteCount = 8 << 20
 }
 
 /// A piece of a QEMU stream on its way to the destination.
@@ -125,6 +128,10 @@ public final class SendScheduler: @unchecked Sendable {
     private var windowByteCount: Int
     private var queue: [Chunk] = []
     private var queueHead = 0
+    /// Chunks of high-priority streams: taken before anything in `queue` (few and small:
+    /// a page request, a disk's replies), and put back first after a failover.
+    private var priorityQueue: [Chunk] = []
+    private var priorityStreams = Set<UInt32>()
     private var inFlight: [UInt32: [UInt64: InFlight]] = [:]
     private var acked: [UInt32: UInt64] = [:]
     /// Memory held by chunks read and not yet acknowledged (buffer capacities).
@@ -209,6 +216,14 @@ public final class SendScheduler: @unchecked Sendable {
         return failure == nil
     }
 
+    /// Chunks of `stream` (a half's number) go ahead of every other stream's from now on.
+    public func setHighPriority(stream: UInt32) {
+        monitor.withLock { _ = priorityStreams.insert(stream) }
+    }
+
+    /// Whether a chunk waits to be sent (lock held).
+    private var hasQueued: Bool { !priorityQueue.isEmpty || queueHead < queue.count }
+
     // MARK: Producers (one reader thread per QEMU stream)
 
     /// Queues a chunk, waiting while the window is full and the chunk's stream has used its
@@ -225,7 +240,7 @@ public final class SendScheduler: @unchecked Sendable {
         }
         waitingProducers -= 1
         if let failure { throw failure }
-        queue.append(chunk)
+        if priorityStreams.contains(stream) { priorityQueue.append(chunk) } else { queue.append(chunk) }
         notePressure()
         outstandingBytes += chunk.memoryCost
         streamOutstanding[stream, default: 0] += chunk.memoryCost
@@ -257,6 +272,16 @@ public final class SendScheduler: @unchecked Sendable {
         defer { monitor.unlock() }
         while true {
             if failure != nil || !liveChannels.contains(channel) { return nil }
+            if !priorityQueue.isEmpty {
+                if rateBytesPerSecond != nil {
+                    guard takeTokens(priorityQueue[0].byteCount) else { return nil }
+                    guard !priorityQueue.isEmpty, liveChannels.contains(channel) else { continue }
+                }
+                let chunk = priorityQueue.removeFirst()
+                notePressure()
+                if let taken = take(chunk, for: channel) { return taken }
+                continue
+            }
             if queueHead < queue.count {
                 if rateBytesPerSecond != nil {
                     guard takeTokens(queue[queueHead].byteCount) else { return nil }
@@ -272,16 +297,22 @@ public final class SendScheduler: @unchecked Sendable {
                     queueHead = 0
                 }
                 notePressure()
-                // A chunk that was acknowledged while it waited for a resend is dropped.
-                if !chunk.isHeld || chunk.header.sequence < acked[chunk.header.stream, default: 0] { continue }
-                inFlight[chunk.header.stream, default: [:]][chunk.header.sequence] = InFlight(chunk: chunk, channel: channel)
-                // More queued: pass the wake-up on to another sender.
-                if queueHead < queue.count { senders.signal() }
-                return chunk
+                if let taken = take(chunk, for: channel) { return taken }
+                continue
             }
             if closedForInput && inFlight.values.allSatisfy(\.isEmpty) { return nil }
             senders.wait()
         }
+    }
+
+    /// Records a dequeued chunk as in flight on `channel` (lock held); nil for a chunk that
+    /// was acknowledged while it waited for a resend (dropped).
+    private func take(_ chunk: Chunk, for channel: Int) -> Chunk? {
+        if !chunk.isHeld || chunk.header.sequence < acked[chunk.header.stream, default: 0] { return nil }
+        inFlight[chunk.header.stream, default: [:]][chunk.header.sequence] = InFlight(chunk: chunk, channel: channel)
+        // More queued: pass the wake-up on to another sender.
+        if hasQueued { senders.signal() }
+        return chunk
     }
 
     /// A cumulative acknowledgement: every chunk of `stream` below `nextSequence` arrived.
@@ -310,6 +341,12 @@ public final class SendScheduler: @unchecked Sendable {
             if queue[i].isHeld {
                 release(queue[i])
                 queue[i].drop()
+            }
+        }
+        for i in priorityQueue.indices where priorityQueue[i].header.stream == stream && priorityQueue[i].header.sequence < nextSequence {
+            if priorityQueue[i].isHeld {
+                release(priorityQueue[i])
+                priorityQueue[i].drop()
             }
         }
         if waitingProducers > 0 { producers.broadcast() }
@@ -342,11 +379,19 @@ public final class SendScheduler: @unchecked Sendable {
             }
         }
         requeue.sort { ($0.header.sequence, $0.header.stream) < ($1.header.sequence, $1.header.stream) }
+        let urgent = requeue.filter { priorityStreams.contains($0.header.stream) }
+        if !urgent.isEmpty {
+            priorityQueue.insert(contentsOf: urgent, at: 0)
+            requeue.removeAll { priorityStreams.contains($0.header.stream) }
+        }
         if !requeue.isEmpty {
             queue.replaceSubrange(queueHead..<queueHead, with: requeue)
+        }
+        let requeued = urgent.count + requeue.count
+        if requeued > 0 {
             notePressure()
-            retransmittedChunkCount += requeue.count
-            retransmittedByteCount += requeue.reduce(0) { $0 + UInt64($1.byteCount) }
+            retransmittedChunkCount += requeued
+            retransmittedByteCount += (urgent + requeue).reduce(0) { $0 + UInt64($1.byteCount) }
         }
         if liveChannels.isEmpty && failure == nil {
             if noChannelGrace == .zero {
@@ -357,7 +402,7 @@ public final class SendScheduler: @unchecked Sendable {
         }
         // Requeued chunks, a removed channel's sender, perhaps a failure: wake everyone.
         wakeAll()
-        return requeue.count
+        return requeued
     }
 
     // MARK: Ending
@@ -417,7 +462,7 @@ public final class SendScheduler: @unchecked Sendable {
 
     /// Starts or stops the backlog clock as the queue and the waiting reader say (lock held).
     private func notePressure() {
-        let behind = queueHead < queue.count || waitingProducers > 0 && outstandingBytes > 0
+        let behind = hasQueued || waitingProducers > 0 && outstandingBytes > 0
         if behind && backlogSince == nil {
             backlogSince = .now
         } else if !behind, let since = backlogSince {

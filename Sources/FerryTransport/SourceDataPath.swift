@@ -32,20 +32,30 @@ public struct ChannelStats: Sendable, Equatable {
     }
 }
 
-/// The source half of the data path: reads QEMU's streams into chunks and sends them over
-/// the data channels (via the ``SendScheduler``), and takes the acknowledgements back.
+/// The sending half of the data path: reads local sockets into chunks and sends them over
+/// the data channels (via the ``SendScheduler``), and takes the acknowledgements back. The
+/// source's: QEMU's migration streams and the forward halves of two-way streams, and its
+/// channels' receivers hand the reverse halves that come back to ``reverse``. A
+/// destination's (its ``DestinationDataPath/reverse``): the reverse halves, sent on the
+/// channels the destination receives on, which hand it their acknowledgements.
 ///
-/// Threads: a reader per QEMU stream, a sender and an acknowledgement reader per channel,
-/// one watchdog; the migration's thread adds channels and streams and reads the figures.
-// The channel and stream tables, `finished` and `threads` are under `lock`; `cpus` and
-// `stallTimeout` are set before the first thread starts; the rest is immutable.
+/// Threads: a reader per stream, a sender and (at the source) a receiver per channel, one
+/// watchdog (at the source); the migration's thread adds channels and streams and reads
+/// the figures.
+// The channel and stream tables, `finished`, `threads` and `sink` are under `lock`; `cpus`
+// and `stallTimeout` are set before the first thread starts; the rest is immutable.
 public final class SourceDataPath: @unchecked Sendable {
     public let scheduler: SendScheduler
     /// nil: chunks always go raw (no compression at all, not even measured).
     public let compression: CompressionController?
     private let logger: Logger
-    private let onEvent: @Sendable (DataPathEvent) -> Void
+    private var sink: (@Sendable (DataPathEvent) -> Void)?
     private let lock = Monitor()
+    /// Whether this path reads its channels' acknowledgements itself and watches them for
+    /// stalls (the source; a destination's receivers hand it the acknowledgements).
+    private let acknowledgedByPeer: Bool
+    /// The receiving half for two-way streams' reverse halves (the source's; nil: one-way).
+    public let reverse: DestinationDataPath?
     private var channels: [Int: (FrameConnection, String, Bool)] = [:]
     private var streams: [UInt32: Socket] = [:]
     private var streamBytes: [UInt32: UInt64] = [:]
@@ -59,13 +69,21 @@ public final class SourceDataPath: @unchecked Sendable {
 
     /// `zeroCopy`: splice chunks through pipes instead of reading them (only for unsealed
     /// channels without compression, which never need the bytes; see ``zeroCopyAvailable``).
-    public init(scheduler: SendScheduler, compression: CompressionController? = nil, zeroCopy: Bool = false, logger: Logger,
+    /// `twoWay`: streams may be two-way (protocol 3 on). `acknowledgedByPeer` false: a
+    /// destination's sender of reverse halves (see the type's notes).
+    public init(scheduler: SendScheduler, compression: CompressionController? = nil, zeroCopy: Bool = false,
+                twoWay: Bool = false, acknowledgedByPeer: Bool = true, logger: Logger,
                 onEvent: @escaping @Sendable (DataPathEvent) -> Void) {
         precondition(!(zeroCopy && compression != nil), "zero-copy chunks cannot be compressed")
         self.scheduler = scheduler
         self.compression = compression
         self.logger = logger
-        self.onEvent = onEvent
+        self.sink = onEvent
+        self.acknowledgedByPeer = acknowledgedByPeer
+        self.reverse = twoWay ? DestinationDataPath.reverseHalves(cpus: nil, logger: logger, onFailure: { [scheduler] error in
+            scheduler.fail(error)
+            onEvent(.failed(error))
+        }) : nil
         self.pool = BufferPool(bufferByteCount: ChunkPolicy.chunkByteCount,
                                keep: ChunkPolicy.windowByteCount / ChunkPolicy.chunkByteCount + 16)
         self.pipes = zeroCopy ? PipePool(pipeCapacity: ChunkPolicy.pipeByteCount,
@@ -80,6 +98,16 @@ public final class SourceDataPath: @unchecked Sendable {
     /// probed once per process, for both ends of the data path.
     public static let zeroCopyAvailable = SplicePipe.isUsable(capacity: ChunkPolicy.pipeByteCount)
 
+    /// Where this path's events go (a destination's reverse path gets its sink late).
+    public var eventSink: (@Sendable (DataPathEvent) -> Void)? {
+        get { lock.withLock { sink } }
+        set { lock.withLock { sink = newValue } }
+    }
+
+    private func onEvent(_ event: DataPathEvent) {
+        lock.withLock { sink }?(event)
+    }
+
     // MARK: Channels
 
     /// Starts sending on a bound data channel.
@@ -87,13 +115,30 @@ public final class SourceDataPath: @unchecked Sendable {
         let startWatchdog = lock.withLock { () -> Bool in
             channels[id] = (connection, interface, true)
             defer { watchdogStarted = true }
-            return !watchdogStarted
+            return !watchdogStarted && acknowledgedByPeer
         }
         scheduler.addChannel(id)
+        reverse?.addAcknowledgementChannel(id, connection: connection)
         spawn("ferry-tx-\(id)", core: id) { [self] in sendLoop(id, connection, interface) }
-        spawn("ferry-ack-\(id)", core: id) { [self] in ackLoop(id, connection, interface) }
+        if acknowledgedByPeer {
+            spawn("ferry-ack-\(id)", core: id) { [self] in ackLoop(id, connection, interface) }
+        }
         if startWatchdog { spawn("ferry-watchdog") { [self] in watchdog() } }
         onEvent(.channelUp(channel: id, interface: interface))
+    }
+
+    /// An acknowledgement a destination's receiver took for this path.
+    func acknowledge(_ ack: AckMessage) {
+        for entry in ack.entries {
+            scheduler.acknowledge(stream: entry.stream, nextSequence: entry.nextSequence)
+        }
+    }
+
+    /// Channel `id` broke where its receiver saw it (a destination's): its chunks go again
+    /// on the others.
+    func channelLost(_ id: Int, reason: String) {
+        guard let (connection, interface, _) = lock.withLock({ channels[id] }) else { return }
+        channelDown(id, connection, interface, reason: reason)
     }
 
     /// A channel whose peer's kernel has acknowledged nothing for this long while data is
@@ -195,7 +240,22 @@ public final class SourceDataPath: @unchecked Sendable {
                 // socket's wait queue with the sender blocked for buffer space, and is woken
                 // (for nothing) each time space frees up; poll's wait is woken only for input.
                 _ = connection.socket.waitReadable(timeout: nil)
-                frame = try connection.receive()
+                if let reverse {
+                    switch try reverse.receive(on: connection) {
+                    case .frame(let f): frame = f
+                    case .data(let header, let buffer):
+                        try reverse.deliver(header, .memory(buffer))
+                        continue
+                    case .splicedData(let header, let pipe):
+                        try reverse.deliver(header, .pipe(pipe))
+                        continue
+                    }
+                } else {
+                    frame = try connection.receive()
+                }
+            } catch let error as TransportError {
+                reverse?.fail(error)
+                return
             } catch let error as SecurityError {
                 // Not a broken link but a forged or replayed frame: someone is on the path.
                 // The migration stops; the VM stays on the source.
@@ -213,9 +273,7 @@ public final class SourceDataPath: @unchecked Sendable {
                     channelDown(id, connection, interface, reason: "malformed ack")
                     return
                 }
-                for entry in ack.entries {
-                    scheduler.acknowledge(stream: entry.stream, nextSequence: entry.nextSequence)
-                }
+                acknowledge(ack)
             case .error:
                 let message = (try? ControlCoding.decode(ErrorMessage.self, from: frame))?.description ?? "error frame"
                 channelDown(id, connection, interface, reason: "destination: \(message)")
@@ -235,6 +293,7 @@ public final class SourceDataPath: @unchecked Sendable {
         }
         connection.shutdown()
         guard first else { return }
+        reverse?.removeChannel(id)
         let requeued = scheduler.channelFailed(id, reason: reason)
         if scheduler.failureReason == nil {
             logger.warning("data channel failed; its chunks go again on the others",
@@ -257,13 +316,26 @@ public final class SourceDataPath: @unchecked Sendable {
 
     // MARK: Streams
 
-    /// Starts reading QEMU stream `id` from `socket` into chunks.
-    public func addStream(_ id: UInt32, socket: Socket) {
+    /// Starts reading stream (or half) `id` from `socket` into chunks. `twoWay`: the socket
+    /// also carries the other half, so reaching its end closes only this direction.
+    public func addStream(_ id: UInt32, socket: Socket, twoWay: Bool = false) {
         lock.withLock { streams[id] = socket }
-        spawn("ferry-rd-\(id)", core: Int(id)) { [self] in readLoop(id, socket) }
+        spawn("ferry-rd-\(id)", core: twoWay ? nil : Int(id)) { [self] in readLoop(id, socket, twoWay: twoWay) }
     }
 
-    private func readLoop(_ id: UInt32, _ socket: Socket) {
+    /// Opens two-way stream `stream` on `socket` (the source's end: a local client that
+    /// connected): its reverse half is written to the socket as it comes back, then its
+    /// forward half is read. Announce it (`streamOpen`) after this. `priority` 1: its
+    /// chunks go ahead of every other stream's.
+    public func openTwoWay(stream: UInt32, socket: Socket, priority: UInt8 = 0) throws(TransportError) {
+        guard let reverse else { throw .aborted("two-way streams need protocol \(ProtocolVersion.twoWayStreams) on both hosts") }
+        guard StreamID.isTwoWay(stream) else { throw .aborted("stream \(stream) cannot be a two-way stream") }
+        if priority > 0 { scheduler.setHighPriority(stream: stream) }
+        try reverse.openHalf(StreamID.reverse(stream), socket: socket)
+        addStream(stream, socket: socket, twoWay: true)
+    }
+
+    private func readLoop(_ id: UInt32, _ socket: Socket, twoWay: Bool) {
         var sequence: UInt64 = 0
         var offset: UInt64 = 0
         var ended = false
@@ -297,7 +369,7 @@ public final class SourceDataPath: @unchecked Sendable {
             offset += UInt64(n)
             lock.withLock { streamBytes[id] = offset }
         }
-        socket.close()
+        if twoWay { socket.shutdownRead() } else { socket.close() }
         onEvent(.streamEnded(StreamEndMessage(stream: id, chunkCount: sequence, byteCount: offset)))
     }
 
@@ -326,6 +398,7 @@ public final class SourceDataPath: @unchecked Sendable {
     /// Stops every thread: sockets are shut, the scheduler fails its waiters.
     public func shutdown(reason: String) {
         scheduler.fail(.aborted(reason))
+        reverse?.stop()
         let (conns, socks) = lock.withLock { (channels.values.map(\.0), Array(streams.values)) }
         conns.forEach { $0.shutdown() }
         socks.forEach { $0.shutdown() }

@@ -5,11 +5,15 @@ import Foundation
 /// picks the highest version both speak. Policy: a release accepts the current and the
 /// previous protocol version (see docs/PROTOCOL.md, "Versioning").
 public enum ProtocolVersion {
-    public static let current: UInt16 = 2
+    public static let current: UInt16 = 3
     public static let oldestSupported: UInt16 = 1
     /// The first version whose control connection can move to another connection
     /// (`rejoin`, `rejoined`, `received`; docs/PROTOCOL.md, "The control connection moves").
     public static let movableControl: UInt16 = 2
+    /// The first version with two-way streams: a stream carries bytes both ways, each half
+    /// closed on its own, with a kind and a priority (docs/PROTOCOL.md, "Two-way streams").
+    /// A migration that needs one (a disk copy) refuses a peer that chose an older version.
+    public static let twoWayStreams: UInt16 = 3
 
     /// The highest version this process offers: ``current``, or lower for tests of mixed
     /// clusters (`FERRY_PROTOCOL_MAX`, never above ``current``).
@@ -337,11 +341,57 @@ public struct BoundMessage: Codable, Equatable, Sendable {
     }
 }
 
-public struct StreamOpenMessage: Codable, Equatable, Sendable {
-    public var stream: UInt32
-    public init(stream: UInt32) { self.stream = stream }
+/// Identifies a stream's halves on the wire. A stream's forward half carries bytes from
+/// the side that opened it (always the source) to the other; from version 3 on, a two-way
+/// stream's reverse half carries bytes back, under the stream's number with bit 31 set.
+/// QEMU's migration channels are streams 0, 1, ... in the order QEMU connected; two-way
+/// streams of other kinds are numbered from ``firstTwoWay`` up.
+public enum StreamID {
+    public static let reverseBit: UInt32 = 0x8000_0000
+    /// The first number of a stream that is not one of QEMU's migration channels.
+    public static let firstTwoWay: UInt32 = 0x1_0000
+    /// The most streams of other kinds one session may open (a disk copy takes one per disk).
+    public static let twoWayLimit: UInt32 = 4096
+
+    public static func reverse(_ stream: UInt32) -> UInt32 { stream | reverseBit }
+    public static func isReverse(_ half: UInt32) -> Bool { half & reverseBit != 0 }
+    /// The stream a half belongs to.
+    public static func stream(ofHalf half: UInt32) -> UInt32 { half & ~reverseBit }
+    /// Whether `stream` is a number a two-way stream may have.
+    public static func isTwoWay(_ stream: UInt32) -> Bool {
+        stream >= firstTwoWay && stream < firstTwoWay + twoWayLimit
+    }
 }
 
+/// What a stream carries, and so how the destination connects it.
+public enum StreamKind: String, Codable, Sendable, CaseIterable {
+    /// One of QEMU's migration channels: one-way, connected to the destination QEMU in order.
+    case migration
+    /// A disk copy: the source QEMU's NBD client to the destination's NBD server, two-way.
+    /// `target` names the disk (its index in the offer's spec), never a path.
+    case nbd
+}
+
+public struct StreamOpenMessage: Codable, Equatable, Sendable {
+    public var stream: UInt32
+    /// Absent: `migration` (every stream before version 3).
+    public var kind: StreamKind?
+    /// What the destination connects the stream to, in the kind's own terms (never a path).
+    public var target: String?
+    /// 0 (absent) is the bulk of the migration; 1 goes ahead of it on every channel.
+    public var priority: UInt8?
+
+    public init(stream: UInt32, kind: StreamKind? = nil, target: String? = nil, priority: UInt8? = nil) {
+        self.stream = stream
+        self.kind = kind
+        self.target = target
+        self.priority = priority
+    }
+}
+
+/// The end of one half of a stream (its number with ``StreamID/reverseBit`` for a reverse
+/// half), sent by the side that read it: the peer closes that direction of its socket once
+/// it has written every chunk.
 public struct StreamEndMessage: Codable, Equatable, Sendable {
     public var stream: UInt32
     public var chunkCount: UInt64

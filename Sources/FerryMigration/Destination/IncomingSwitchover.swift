@@ -66,7 +66,13 @@ extension DestinationSession {
     private func handle(_ frame: Frame, dataPath: DestinationDataPath, qmp: QMPClient, name: String) throws(IncomingError) -> Bool {
         switch frame.type {
         case .streamOpen:
-            _ = try peer { try ControlCoding.decode(StreamOpenMessage.self, from: frame) }
+            let open = try peer { try ControlCoding.decode(StreamOpenMessage.self, from: frame) }
+            // QEMU's streams need nothing here: they connect in order as their bytes come.
+            // A two-way stream connects only to what the session set up for it, and this
+            // session set up none (a kind of stream the offer did not ask for).
+            if let kind = open.kind, kind != .migration {
+                throw .protocolViolation("stream \(open.stream) of kind \(kind.rawValue): this session serves no such stream")
+            }
         case .streamEnd:
             let end = try peer { try ControlCoding.decode(StreamEndMessage.self, from: frame) }
             // QEMU has sent everything: the switchover is near.

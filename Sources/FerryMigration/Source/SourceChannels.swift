@@ -172,7 +172,7 @@ extension SourceMigration {
                 "max-bandwidth": .number(100_000_000_000),
                 // Held at 0 through QEMU's first pass; the transfer then gives it its share
                 // of the --downtime budget (``SwitchoverBudget``).
-                "downtime-limit": .number(0),
+                "downtime-limit": .number(Double(SwitchoverBudget.heldLimitMilliseconds)),
             ]
             if plan.multifdChannels > 0 { params["multifd-channels"] = .number(Double(plan.multifdChannels)) }
             try qmp.setMigrationParameters(params)

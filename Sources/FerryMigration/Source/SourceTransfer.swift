@@ -190,12 +190,12 @@ extension SourceMigration {
         let target = Int(options.downtimeLimit.milliseconds)
         let budget = SwitchoverBudget(targetMilliseconds: target, rateBytesPerSecond: rate, fullWindow: state.fullWindow,
                                       qemuBufferedBytes: SwitchoverBudget.qemuBufferedBytes(streamCount: state.streamCount),
-                                      share: SwitchoverBudget.share(afterSync: sync), late: sync >= 2)
+                                      share: SwitchoverBudget.share(afterSync: sync))
         if let old = state.budget, abs(old.qemuLimitMilliseconds - budget.qemuLimitMilliseconds) < 10, old.window == budget.window { return }
         scheduler.setWindow(byteCount: budget.window)
         // QEMU stays held until what the first pass left in Ferry's buffers has crossed:
         // until then a stop would pause the guest for all of it.
-        guard scheduler.outstanding <= budget.window else {
+        guard !budget.holds(outstanding: scheduler.outstanding) else {
             if !state.draining { track.note("window shrunk to \(Format.bytes(UInt64(budget.window))); QEMU held until Ferry's buffers are down to it") }
             state.draining = true
             return

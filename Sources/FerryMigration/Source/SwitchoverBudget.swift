@@ -31,13 +31,17 @@ struct SwitchoverBudget: Equatable {
     /// QEMU never gets less than this share of the target (a link too slow for the
     /// promise still converges; the report then shows the pause it got).
     static let minimumShare = 0.1
-    /// The budget's share QEMU gets after its dirty sync number `sync` (2: the first
-    /// pass done); before that, nothing (see ``holds(beforeSync:)``).
+    /// The downtime limit QEMU has from `migrate` until its first pass is done: none. It
+    /// stops only with nothing left at all (a guest that dirties nothing).
+    static let heldLimitMilliseconds = 0
+
+    /// The budget's share QEMU gets after its dirty sync number `sync` (2: the first pass
+    /// done, a quarter; then a half; from the fourth on, all of it).
     static func share(afterSync sync: UInt64) -> Double {
-        sync < 2 ? 0 : min(1, 0.25 * Double(1 << min(4, Int(sync) - 2)))
+        min(1, 0.25 * Double(1 << min(4, max(0, Int(sync) - 2))))
     }
 
-    /// The window from now on, in bytes.
+    /// The window from now on (the late window), in bytes.
     let window: Int
     /// What QEMU is told its downtime limit is, in milliseconds.
     let qemuLimitMilliseconds: Int
@@ -47,17 +51,18 @@ struct SwitchoverBudget: Equatable {
     /// The whole budget (before the share) in milliseconds.
     let budgetMilliseconds: Double
 
-    /// `late`: QEMU's first pass is done, and the window shrinks.
-    init(targetMilliseconds: Int, rateBytesPerSecond: Double, fullWindow: Int, qemuBufferedBytes: Int, share: Double = 1,
-         late: Bool = true) {
+    init(targetMilliseconds: Int, rateBytesPerSecond: Double, fullWindow: Int, qemuBufferedBytes: Int, share: Double = 1) {
         let rate = max(rateBytesPerSecond, 1)
-        window = late ? min(fullWindow, max(Self.minimumLateWindow, Int(rate * Self.lateWindowSeconds))) : fullWindow
+        window = min(fullWindow, max(Self.minimumLateWindow, Int(rate * Self.lateWindowSeconds)))
         drainMilliseconds = Double(window + qemuBufferedBytes) / rate * 1000
         budgetMilliseconds = Double(targetMilliseconds) - drainMilliseconds - Self.commitAllowance * 1000
-        // A share of 0 holds QEMU in its passes: it stops only with nothing left at all.
-        qemuLimitMilliseconds = share == 0 ? 0
-            : max(1, Int(max(budgetMilliseconds * share, Double(targetMilliseconds) * Self.minimumShare).rounded(.down)))
+        qemuLimitMilliseconds = max(1, Int(max(budgetMilliseconds * share, Double(targetMilliseconds) * Self.minimumShare).rounded(.down)))
     }
+
+    /// Whether QEMU stays held at ``heldLimitMilliseconds`` while `outstanding` bytes (what
+    /// the first pass left in Ferry's window) are still to cross: a stop now would pause
+    /// the guest for all of them.
+    func holds(outstanding: Int) -> Bool { outstanding > window }
 
     /// The window a transfer starts with: 64 ms of the NIC pairs' speeds together, between
     /// 16 and 32 MiB (32 MiB where a speed is unknown). When QEMU's first pass is also its
