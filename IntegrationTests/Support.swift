@@ -49,15 +49,15 @@ final class TestLab: @unchecked Sendable {
     func host(_ name: String) -> LabHost { name == "a" ? a : b }
 
     @discardableResult
-    func serve(on host: String = "b", extra: [String] = []) throws -> Int32 {
-        let pid = try self.host(host).startServe(extra: extra)
+    func serve(on host: String = "b", extra: [String] = [], prelude: String? = nil) throws -> Int32 {
+        let pid = try self.host(host).startServe(extra: extra, prelude: prelude)
         servePIDs.append(pid)
         return pid
     }
 
     /// Starts the demo guest on `host` and waits until its memory is filled and checked.
     func startDemoVM(_ name: String, on host: String = "a", memory: Int = 256, fill: Int = 64, dirty: Int = 4,
-                     content: String = "random") throws -> VMRecord {
+                     content: String = "random", disks: [String] = [], append: String = "") throws -> VMRecord {
         let h = self.host(host)
         // Under TCG the guest kernel has, once in a CI run, stopped dead in early boot
         // (serial log cut off mid-line at "NetLabel: Ini", before any migration). That is
@@ -68,7 +68,8 @@ final class TestLab: @unchecked Sendable {
         for attempt in 1...2 {
             let result = try h.ferry(["vm", "run", name, "--memory", "\(memory)M", "--cpus", "2",
                                       "--kernel", Env.guest.kernel, "--initrd", Env.guest.initrd,
-                                      "--append", GuestImage.append(fillMiB: fill, dirtyMiBPerSecond: dirty, fill: content)])
+                                      "--append", GuestImage.append(fillMiB: fill, dirtyMiBPerSecond: dirty, fill: content) + append]
+                                     + disks.flatMap { ["--disk", $0] })
             try #require(result.succeeded, "vm run failed: \(result.stderr)")
             let record = try h.store.record(name)
             let console = GuestConsole(path: record.paths.serialLog)
@@ -172,6 +173,18 @@ final class RunningMigration: Sendable {
         let deadline = ContinuousClock.now + timeout
         while ContinuousClock.now < deadline {
             if let last = progress.last, last.streamBytes >= bytes && last.phase == "transferring" { return true }
+            if outcome.current != nil { return false }
+            Thread.sleep(forTimeInterval: 0.05)
+        }
+        return false
+    }
+
+    /// Waits until the migration's progress is in `phase`, with some bytes carried.
+    @discardableResult
+    func wait(forPhase phase: MigrationPhase, timeout: Duration = .seconds(60)) -> Bool {
+        let deadline = ContinuousClock.now + timeout
+        while ContinuousClock.now < deadline {
+            if let last = progress.last, last.phase == phase.rawValue && last.streamBytes > 0 { return true }
             if outcome.current != nil { return false }
             Thread.sleep(forTimeInterval: 0.05)
         }

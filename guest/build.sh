@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Build Ferry's demo guest: a Debian cloud kernel and a busybox initramfs
-# that runs the memory workload (guest/workload.c).
+# that runs the memory workload (guest/workload.c), with the kernel's virtio
+# block and network drivers (modules, loaded by /init) for disks and NICs.
 #
 #   bash guest/build.sh OUT_DIR
 #
@@ -164,8 +165,11 @@ fi
 
 say "unpacking $(basename "$KDEB")"
 mkdir -p "$TMP/kernel"
-# Only boot/ is needed (the modules are not used): a partial `dpkg -x`.
-dpkg-deb --fsys-tarfile "$KDEB" | tar -x -C "$TMP/kernel" --wildcards './boot/*' ||
+# boot/ and the virtio modules are all that is needed: a partial `dpkg -x`.
+dpkg-deb --fsys-tarfile "$KDEB" | tar -x -C "$TMP/kernel" --wildcards './boot/*' \
+    './lib/modules/*/kernel/drivers/virtio/*' './lib/modules/*/kernel/drivers/block/virtio_blk.ko*' \
+    './lib/modules/*/kernel/drivers/net/virtio_net.ko*' './lib/modules/*/kernel/drivers/net/net_failover.ko*' \
+    './lib/modules/*/kernel/net/core/failover.ko*' ||
     die "cannot unpack $KDEB"
 shopt -s nullglob
 vmlinuz=("$TMP"/kernel/boot/vmlinuz-*)
@@ -179,6 +183,23 @@ if [ ${#kconfig[@]} -eq 1 ]; then
             die "kernel $KREL lacks built-in CONFIG_$opt, which the guest needs"
     done
 fi
+
+# The guest's drivers, in load order (each after what it depends on; checked
+# against the modules' own dependency lists, so a kernel that changes them
+# fails the build here rather than the guest at boot).
+MODULES="virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_blk failover net_failover virtio_net"
+MODDIR="$TMP/kernel/lib/modules/$KREL/kernel"
+loaded=" "
+for m in $MODULES; do
+    f=$(find "$MODDIR" -name "$m.ko*" | head -n1)
+    [ -n "$f" ] || die "kernel $KREL has no module $m"
+    case "$f" in *.ko) ;; *) die "module $f is compressed; the guest's busybox insmod needs plain .ko files" ;; esac
+    # The module's .modinfo section holds "depends=a,b" (what modinfo prints).
+    for dep in $(tr '\0' '\n' <"$f" | sed -n 's/^depends=//p' | head -n1 | tr ',' ' '); do
+        case "$loaded" in *" $dep "*) ;; *) die "module $m needs $dep, which is not loaded before it" ;; esac
+    done
+    loaded="$loaded$m "
+done
 
 # ---------------------------------------------------------------- workload
 say "compiling workload"
@@ -199,6 +220,11 @@ for applet in $("$BUSYBOX" --list); do
 done
 install -m 755 "$SRC_INIT" "$ROOT/init"
 install -m 755 "$TMP/ferry-workload" "$ROOT/bin/ferry-workload"
+mkdir -p "$ROOT/lib/modules"
+for m in $MODULES; do
+    install -m 644 "$(find "$MODDIR" -name "$m.ko" | head -n1)" "$ROOT/lib/modules/$m.ko"
+done
+echo "$MODULES" >"$ROOT/lib/modules/load-order"
 # The kernel opens /dev/console for /init before devtmpfs is mounted.
 if [ "$(id -u)" = 0 ]; then
     mknod -m 600 "$ROOT/dev/console" c 5 1

@@ -20,6 +20,16 @@
  *
  * Settings come from the kernel command line (/proc/cmdline):
  *   ferry.mem=<MiB> ferry.dirty=<MiB/s> ferry.fill=random|text ferry.hz=<n>
+ *   ferry.disk=<dev> ferry.diskmib=<MiB> ferry.diskrate=<MiB/s>
+ *
+ * With ferry.disk (e.g. vda), it also writes self-checking 4 KiB blocks to
+ * the first diskmib MiB of /dev/<dev> at diskrate MiB/s (O_DIRECT, random
+ * blocks, same layout as a page with magic "FERRYDK1") and reads back as
+ * many written blocks, checking each against the generation it must carry.
+ * That table lives in guest memory, which moves with the disk at a
+ * migration's switchover: a disk write lost or reordered by the move shows
+ * up as a stale block.  Blocks never written are never read (a disk copy
+ * must keep them sparse, not fill them).
  * Host-only options: --cmdline STR, --seconds N, --corrupt-test, --dump FILE.
  *
  * Single-threaded on purpose: verification never races a rewrite.
@@ -33,6 +43,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -41,6 +52,7 @@
 #define HDR_WORDS 4u
 #define PAYLOAD_WORDS (PAGE_WORDS - HDR_WORDS) /* 508, a multiple of 4 */
 #define PAGE_MAGIC 0x3147505952524546ull       /* "FERRYPG1" */
+#define DISK_MAGIC 0x314b445952524546ull       /* "FERRYDK1" */
 
 #define K1 0x9e3779b97f4a7c15ull
 #define K2 0xc2b2ae3d27d4eb4full
@@ -61,7 +73,10 @@ static struct {
     unsigned hz;
     int workload; /* ferry.workload (used by /init; parsed for completeness) */
     double verify_mib_s; /* ferry.verify: verification rate; < 0 = as fast as time allows */
-} cfg = {64, 0.0, FILL_RANDOM, 10, 1, -1.0};
+    char disk[32];       /* ferry.disk: block device name under /dev, "" = none */
+    uint64_t disk_mib;   /* ferry.diskmib */
+    double disk_mib_s;   /* ferry.diskrate */
+} cfg = {64, 0.0, FILL_RANDOM, 10, 1, -1.0, "", 64, 1.0};
 
 static uint64_t *region;      /* npages * PAGE_WORDS words */
 static uint64_t *page_gen;    /* generation each page must carry */
@@ -445,6 +460,103 @@ static void verify_some(uint64_t n)
 }
 
 /* ------------------------------------------------------------------ */
+/* disk                                                                */
+
+static int disk_fd = -1;
+static uint64_t *disk_gen;   /* generation each block must carry (0: never written) */
+static uint64_t *disk_buf;   /* one aligned block for O_DIRECT */
+static uint64_t disk_blocks;
+static uint64_t disk_written, disk_checked, disk_errors;
+static uint64_t disk_rng = 0x13198a2e03707344ull;
+
+static int disk_open(void)
+{
+    char path[64];
+    snprintf(path, sizeof path, "/dev/%s", cfg.disk);
+    /* the device node may appear a moment after the driver is loaded */
+    for (int i = 0; i < 50 && disk_fd < 0; i++) {
+        disk_fd = open(path, O_RDWR | O_DIRECT | O_SYNC);
+        if (disk_fd < 0)
+            usleep(100000);
+    }
+    if (disk_fd < 0) {
+        emit("FERRY-FATAL cannot open %s: %s", path, strerror(errno));
+        return -1;
+    }
+    disk_blocks = cfg.disk_mib * (1024 * 1024 / PAGE_BYTES);
+    disk_gen = mmap(NULL, disk_blocks * sizeof(uint64_t), PROT_READ | PROT_WRITE,
+                    MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (disk_gen == MAP_FAILED || posix_memalign((void **)&disk_buf, PAGE_BYTES, PAGE_BYTES)) {
+        emit("FERRY-FATAL no memory for the disk table");
+        return -1;
+    }
+    return 0;
+}
+
+static void disk_write_block(uint64_t i)
+{
+    uint64_t gen = disk_gen[i] + 1;
+    gen_random(disk_buf + HDR_WORDS, i ^ DISK_MAGIC, gen);
+    disk_buf[0] = DISK_MAGIC;
+    disk_buf[1] = i;
+    disk_buf[2] = gen;
+    disk_buf[3] = page_sum(disk_buf + HDR_WORDS, i, gen);
+    ssize_t w = pwrite(disk_fd, disk_buf, PAGE_BYTES, (off_t)(i * PAGE_BYTES));
+    if (w != (ssize_t)PAGE_BYTES) {
+        disk_errors++;
+        total_errors++;
+        if (error_lines++ < MAX_ERROR_LINES)
+            emit("FERRY-ERROR disk-block=%llu reason=write errno=%d ms=%llu", (unsigned long long)i, errno,
+                 (unsigned long long)ms_since_start());
+        return;
+    }
+    disk_gen[i] = gen;
+    disk_written++;
+}
+
+static void disk_check_block(uint64_t i)
+{
+    ssize_t r = pread(disk_fd, disk_buf, PAGE_BYTES, (off_t)(i * PAGE_BYTES));
+    const char *bad = NULL;
+    if (r != (ssize_t)PAGE_BYTES)
+        bad = "read";
+    else if (disk_buf[0] != DISK_MAGIC)
+        bad = "magic";
+    else if (disk_buf[1] != i)
+        bad = "index";
+    else if (disk_buf[2] != disk_gen[i])
+        bad = disk_buf[2] < disk_gen[i] ? "stale" : "ahead";
+    else if (disk_buf[3] != page_sum(disk_buf + HDR_WORDS, i, disk_buf[2]))
+        bad = "checksum";
+    disk_checked++;
+    if (!bad)
+        return;
+    disk_errors++;
+    total_errors++;
+    if (error_lines++ < MAX_ERROR_LINES)
+        emit("FERRY-ERROR disk-block=%llu gen=%llu found_gen=%llu reason=%s ms=%llu", (unsigned long long)i,
+             (unsigned long long)disk_gen[i], (unsigned long long)disk_buf[2], bad,
+             (unsigned long long)ms_since_start());
+    disk_write_block(i); /* heal it so each loss is counted once */
+}
+
+/* n blocks written at random, then n written blocks read back */
+static void disk_step(uint64_t n)
+{
+    for (uint64_t k = 0; k < n; k++)
+        disk_write_block(((xorshift64(&disk_rng) >> 32) * disk_blocks) >> 32);
+    if (disk_written == 0)
+        return;
+    for (uint64_t k = 0; k < n; k++) {
+        /* a random block that has been written: probe from a random start */
+        uint64_t i = ((xorshift64(&disk_rng) >> 32) * disk_blocks) >> 32;
+        for (uint64_t t = 0; t < disk_blocks && disk_gen[i] == 0; t++)
+            i = i + 1 == disk_blocks ? 0 : i + 1;
+        disk_check_block(i);
+    }
+}
+
+/* ------------------------------------------------------------------ */
 /* configuration                                                       */
 
 static void parse_cmdline(const char *cmdline)
@@ -487,6 +599,17 @@ static void parse_cmdline(const char *cmdline)
             unsigned long v = strtoul(val, &end, 10);
             if (end != val && v >= 1 && v <= 1000)
                 cfg.hz = (unsigned)v;
+        } else if (!strcmp(key, "disk")) {
+            if (strlen(val) < sizeof cfg.disk && !strchr(val, '/'))
+                strcpy(cfg.disk, val);
+        } else if (!strcmp(key, "diskmib")) {
+            unsigned long long v = strtoull(val, &end, 10);
+            if (end != val && v >= 1 && v <= 1024 * 1024)
+                cfg.disk_mib = v;
+        } else if (!strcmp(key, "diskrate")) {
+            double v = strtod(val, &end);
+            if (end != val && v >= 0 && v < 1e5)
+                cfg.disk_mib_s = v;
         } else if (!strcmp(key, "workload")) {
             cfg.workload = atoi(val);
         } else if (!strcmp(key, "verify")) {
@@ -654,6 +777,14 @@ int main(int argc, char **argv)
         ct_armed_pass = total_passes;
     }
 
+    if (cfg.disk[0] && disk_open() != 0)
+        return 2;
+    if (cfg.disk[0])
+        emit("FERRY-DISK dev=%s mib=%llu rate_mib_s=%.1f", cfg.disk, (unsigned long long)cfg.disk_mib,
+             cfg.disk_mib_s);
+    const double disk_blocks_per_period = cfg.disk_mib_s * 256.0 / cfg.hz;
+    double disk_credit = 0;
+
     /* main loop: dirty, verify, heartbeat */
     const uint64_t period = 1000000000ull / cfg.hz;
     const double pages_per_ns = cfg.dirty_mib_s * 256.0 / 1e9;
@@ -688,7 +819,15 @@ int main(int argc, char **argv)
             if (now_ns() >= dirty_end)
                 break;
         }
-        /* 2. verify with the time left, keeping some slack (or at the set rate) */
+        /* 2. the disk's writes and reads for this period */
+        if (disk_fd >= 0) {
+            disk_credit += disk_blocks_per_period;
+            if (disk_credit >= 1.0) {
+                disk_step((uint64_t)disk_credit);
+                disk_credit -= (double)(uint64_t)disk_credit;
+            }
+        }
+        /* 3. verify with the time left, keeping some slack (or at the set rate) */
         uint64_t verify_end = deadline > slack ? deadline - slack : deadline;
         if (verify_pages_per_ns > 0) {
             verify_credit += (double)period * verify_pages_per_ns;
@@ -702,8 +841,11 @@ int main(int argc, char **argv)
             while (now_ns() < verify_end)
                 verify_some(32);
         }
-        /* 3. heartbeat */
+        /* 4. heartbeat */
         sleep_until(deadline);
+        if (disk_fd >= 0 && seq % cfg.hz == 0)
+            emit("FERRY-DISK written=%llu checked=%llu errors=%llu", (unsigned long long)disk_written,
+                 (unsigned long long)disk_checked, (unsigned long long)disk_errors);
         emit("FERRY-HB seq=%llu ms=%llu mem_mib=%llu gen=%llu checked=%llu "
              "passes=%llu errors=%llu status=%s",
              (unsigned long long)seq++, (unsigned long long)ms_since_start(),

@@ -7,6 +7,8 @@ have() { command -v "$1" >/dev/null 2>&1; }
 pkg_installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
 
 have qemu-system-x86_64 || need+=(qemu-system-x86)
+# qemu-img (a disk's format and size, the copy a destination receives) and qemu-io (tests).
+have qemu-img && have qemu-io || need+=(qemu-utils)
 [ -x /bin/busybox ] && /bin/busybox --list >/dev/null 2>&1 && pkg_installed busybox-static || need+=(busybox-static)
 have cpio || need+=(cpio)
 have gcc || need+=(gcc)

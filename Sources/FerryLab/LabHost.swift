@@ -36,10 +36,19 @@ public struct LabHost: Sendable {
     public var serveLog: String { lab.stateDirectory(host) + "/serve.log" }
 
     /// Starts `ferry serve` in the background on this host; returns its pid once it listens.
-    public func startServe(port: UInt16 = 7470, extra: [String] = []) throws -> Int32 {
+    /// `prelude`: shell commands run first in the daemon's own mount namespace (which
+    /// `ip netns exec` makes private): what it sees of the filesystem may differ from the
+    /// other host's, as a host's own disks would.
+    public func startServe(port: UInt16 = 7470, extra: [String] = [], prelude: String? = nil) throws -> Int32 {
         let process = Process()
         process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-        process.arguments = try lab.execArguments(host, [binary, "serve", "--listen", "0.0.0.0:\(port)"] + extra)
+        let serve = [binary, "serve", "--listen", "0.0.0.0:\(port)"] + extra
+        if let prelude {
+            let quoted = serve.map { "'" + $0.replacingOccurrences(of: "'", with: "'\\''") + "'" }.joined(separator: " ")
+            process.arguments = try lab.execArguments(host, ["bash", "-c", prelude + " && exec " + quoted])
+        } else {
+            process.arguments = try lab.execArguments(host, serve)
+        }
         _ = FileManager.default.createFile(atPath: serveLog, contents: nil)
         let log = FileHandle(forWritingAtPath: serveLog)!
         // Only what this daemon writes counts (another may already have said it listens).

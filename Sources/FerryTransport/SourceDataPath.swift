@@ -390,6 +390,9 @@ public final class SourceDataPath: @unchecked Sendable {
     /// Chunk buffers allocated now (in flight or kept for reuse): bounded by the window.
     public var allocatedBufferCount: Int { pool.allocatedCount }
 
+    /// Bytes read so far from stream (or half) `id`.
+    public func byteCount(ofStream id: UInt32) -> UInt64 { lock.withLock { streamBytes[id] ?? 0 } }
+
     /// Bytes read from QEMU so far, all streams.
     public var streamByteCount: UInt64 { lock.withLock { streamBytes.values.reduce(0, +) } }
 

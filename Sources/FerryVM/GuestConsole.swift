@@ -50,6 +50,22 @@ public struct GuestConsole: Sendable {
     }
 
     public var isReady: Bool { text.contains("FERRY-READY") }
+
+    /// The disk workload's last account (`FERRY-DISK written=W checked=C errors=E`, once a
+    /// second when the guest has `ferry.disk`): blocks written, blocks read back and checked
+    /// against the generation they must carry, and how many were wrong.
+    public var lastDiskStatus: (written: UInt64, checked: UInt64, errors: UInt64)? {
+        for line in text.split(separator: "\n").reversed() where line.hasPrefix("FERRY-DISK written=") {
+            var fields: [String: UInt64] = [:]
+            for part in line.split(separator: " ").dropFirst() {
+                let kv = part.split(separator: "=", maxSplits: 1)
+                if kv.count == 2, let v = UInt64(kv[1]) { fields[String(kv[0])] = v }
+            }
+            guard let w = fields["written"], let c = fields["checked"], let e = fields["errors"] else { return nil }
+            return (w, c, e)
+        }
+        return nil
+    }
     public var errorLines: [String] {
         text.split(separator: "\n").filter { $0.contains("FERRY-ERROR") }.map(String.init)
     }

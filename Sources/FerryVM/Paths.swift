@@ -12,6 +12,7 @@ import Foundation
 ///                  /lock           held while a command changes the VM (flock)
 /// <root>/images/<sha256>           boot files, by content
 /// <root>/logs/                     serial logs of VMs that stopped or left this host
+/// <root>/disks/<name>/diskN.FORMAT  disks copied here by a migration (or `serve --disk-dir`)
 ///
 /// <memory root>/ferry-<hash of root>/<name>.ram   the VM's guest RAM (tmpfs, see below)
 /// ```
@@ -28,6 +29,8 @@ public struct StatePaths: Sendable {
     public var vmsDirectory: String { root + "/vms" }
     public var imagesDirectory: String { root + "/images" }
     public var logsDirectory: String { root + "/logs" }
+    /// Where a migration puts the disks it copies here, unless `ferry serve --disk-dir` says.
+    public var disksDirectory: String { root + "/disks" }
     public var runDirectory: String { root + "/run" }
     /// The port this host's `ferry serve` listens on, for migrations from here to name to
     /// the destination (which asks it for the switchover's decision after a crash).

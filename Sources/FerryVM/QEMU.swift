@@ -113,6 +113,7 @@ public enum QEMU {
             "-pidfile", instance.pidFile,
             "-daemonize",
         ]
+        argv += DiskImage.qemuArguments(spec.disks)
         if incoming { argv += ["-S", "-incoming", "defer"] }
         return argv
     }

@@ -22,11 +22,17 @@ public struct QEMUCommandLine: Sendable, Equatable {
     public var append: String?
     /// Started to receive a migration (`-incoming`).
     public var incoming = false
+    /// Its disks, in order, from their `-blockdev` nodes (``DiskImage/qemuArguments(_:paths:)``);
+    /// the virtual sizes are not on the command line (0 here: `ferry vm repair` reads them
+    /// from the images).
+    public var disks: [DiskSpec] = []
 
     /// Nil unless `argv` is a QEMU Ferry started (`-name guest=NAME,debug-threads=on`).
     public init?(_ argv: [String]) {
         guard let binary = argv.first else { return nil }
         var name: String?
+        var diskFiles: [Int: (String, Bool)] = [:]
+        var diskFormats: [Int: DiskFormat] = [:]
         self.binary = binary
         self.name = ""
         var i = 1
@@ -55,12 +61,32 @@ public struct QEMUCommandLine: Sendable, Equatable {
             case "-kernel": kernel = value
             case "-initrd": initrd = value
             case "-append": append = value
+            case "-blockdev": Self.readBlockdev(value, files: &diskFiles, formats: &diskFormats)
             default: continue
             }
             i += 1
         }
         guard let name, !name.isEmpty else { return nil }
         self.name = name
+        for index in 0..<diskFiles.count {
+            guard let (path, shared) = diskFiles[index], let format = diskFormats[index] else { break }
+            disks.append(DiskSpec(path: path, format: format, virtualSizeBytes: 0, shared: shared))
+        }
+    }
+
+    /// One of a disk's two nodes: `driver=file,filename=PATH,node-name=diskN-file|diskN-shared,...`
+    /// or `driver=FORMAT,file=diskN-...,node-name=diskN,...`.
+    private static func readBlockdev(_ value: String, files diskFiles: inout [Int: (String, Bool)], formats diskFormats: inout [Int: DiskFormat]) {
+        guard let nodeRange = value.range(of: ",node-name=disk", options: .backwards) else { return }
+        let node = value[nodeRange.upperBound...].prefix { $0 != "," }
+        if value.hasPrefix("driver=file,filename=") {
+            let path = value[value.index(value.startIndex, offsetBy: "driver=file,filename=".count)..<nodeRange.lowerBound]
+            let parts = node.split(separator: "-")
+            guard parts.count == 2, let index = Int(parts[0]), parts[1] == "file" || parts[1] == "shared" else { return }
+            diskFiles[index] = (path.replacingOccurrences(of: ",,", with: ","), parts[1] == "shared")
+        } else if let index = Int(node), let format = DiskFormat.allCases.first(where: { value.hasPrefix("driver=\($0.rawValue),") }) {
+            diskFormats[index] = format
+        }
     }
 
     /// `text` without `prefix` and `suffix`; nil unless it has both.
@@ -87,7 +113,7 @@ public struct QEMUCommandLine: Sendable, Equatable {
     public func spec(kernel: BootFile, initrd: BootFile?) -> VMSpec? {
         guard let ramKiB, ramKiB > 0, let cpus, let accelerator, let machine, let cpuModel, let append else { return nil }
         return VMSpec(name: name, memoryMiB: ramKiB / 1024, cpus: cpus, kernel: kernel, initrd: initrd, append: append,
-                      accelerator: accelerator, machine: machine, cpuModel: cpuModel, ramPadKiB: ramKiB % 1024)
+                      accelerator: accelerator, machine: machine, cpuModel: cpuModel, ramPadKiB: ramKiB % 1024, disks: disks)
     }
 
     static func canonical(_ path: String) -> String {

@@ -233,8 +233,16 @@ extension VMStore {
         guard let kernelPath = line.kernel else { throw VMError.badInput("no -kernel") }
         let kernel = try storedBootFile(kernelPath, name: "kernel")
         let initrd = try line.initrd.map { path throws(VMError) in try storedBootFile(path, name: "initrd") }
-        guard let spec = line.spec(kernel: kernel, initrd: initrd) else {
+        guard var spec = line.spec(kernel: kernel, initrd: initrd) else {
             throw VMError.badInput("its command line lacks one of -m, -smp, -accel, -machine, -cpu, -append")
+        }
+        // The disks' sizes are the images' own (read while QEMU holds them).
+        for i in spec.disks.indices {
+            do {
+                spec.disks[i].virtualSizeBytes = try DiskImage.inspect(path: spec.disks[i].path, format: spec.disks[i].format).1
+            } catch {
+                throw VMError.badInput("its disk \(spec.disks[i].path): \(error)")
+            }
         }
         if let problem = StateFileCoding.check(spec, vm: line.name) { throw VMError.badInput("the spec it gives \(problem)") }
         return spec

@@ -113,6 +113,9 @@ public enum StateFileCoding {
         guard isOptionWord(spec.machine) else { return "has a malformed machine type" }
         guard isOptionWord(spec.cpuModel) else { return "has a malformed CPU model" }
         guard !spec.append.contains("\0") else { return "has a NUL in its kernel command line" }
+        for disk in spec.disks {
+            guard disk.path.hasPrefix("/"), !disk.path.contains("\0"), disk.virtualSizeBytes > 0 else { return "has a malformed disk" }
+        }
         return nil
     }
 

@@ -86,10 +86,16 @@ public struct VMSpec: Codable, Equatable, Sendable {
     /// KiB added to the guest RAM beyond `memoryMiB` (see `QEMU.tcgDirtyTrackingPadKiB`).
     /// Part of the spec because both ends must give QEMU the same RAM size.
     public var ramPadKiB: Int
+    /// The VM's disks, in the order the guest sees them (vda, vdb, ...). A peer that does
+    /// not know this field would drop the disks: a source sends a spec with disks only to
+    /// a destination that chose protocol 3 or later (``ProtocolVersion/twoWayStreams``).
+    public var disks: [DiskSpec]
 
     public init(name: String, memoryMiB: Int, cpus: Int, kernel: BootFile, initrd: BootFile?,
-                append: String, accelerator: Accelerator, machine: String, cpuModel: String, ramPadKiB: Int = 0) {
+                append: String, accelerator: Accelerator, machine: String, cpuModel: String, ramPadKiB: Int = 0,
+                disks: [DiskSpec] = []) {
         self.ramPadKiB = ramPadKiB
+        self.disks = disks
         self.name = name
         self.memoryMiB = memoryMiB
         self.cpus = cpus
@@ -115,6 +121,7 @@ public struct VMSpec: Codable, Equatable, Sendable {
         machine = try c.decode(String.self, forKey: .machine)
         cpuModel = try c.decode(String.self, forKey: .cpuModel)
         ramPadKiB = try c.decodeIfPresent(Int.self, forKey: .ramPadKiB) ?? 0
+        disks = try c.decodeIfPresent([DiskSpec].self, forKey: .disks) ?? []
     }
 
     /// VM names are used as directory names and QEMU ids: keep them to a safe alphabet.
@@ -127,6 +134,43 @@ public struct VMSpec: Codable, Equatable, Sendable {
             return "the VM name '\(name)' may only contain letters, digits, '-', '_' and '.'"
         }
         return nil
+    }
+}
+
+/// A disk image's format, as `qemu-img info` names it. Recorded when the VM starts and
+/// passed to QEMU explicitly, never probed again (a raw image whose guest wrote a qcow2
+/// header must not turn into a qcow2 image).
+public enum DiskFormat: String, Codable, Sendable, CaseIterable {
+    case raw, qcow2
+}
+
+/// One disk of a VM: an image file, attached as a virtio-blk device.
+public struct DiskSpec: Codable, Equatable, Sendable {
+    /// The image on the host the VM runs on (absolute).
+    public var path: String
+    public var format: DiskFormat
+    /// The size the guest sees, bytes.
+    public var virtualSizeBytes: UInt64
+    /// The same file is reachable at `path` on every host (NFS, a cluster filesystem):
+    /// never copied; proved to be the same file before a migration moves anything.
+    public var shared: Bool
+
+    public init(path: String, format: DiskFormat, virtualSizeBytes: UInt64, shared: Bool) {
+        self.path = path
+        self.format = format
+        self.virtualSizeBytes = virtualSizeBytes
+        self.shared = shared
+    }
+
+    /// The guest's name for disk `index` (vda, vdb, ..., vdz, vdaa, ...).
+    public static func guestName(_ index: Int) -> String {
+        let letters = Array("abcdefghijklmnopqrstuvwxyz")
+        var n = index, name = ""
+        repeat {
+            name = String(letters[n % 26]) + name
+            n = n / 26 - 1
+        } while n >= 0
+        return "vd" + name
     }
 }
 
@@ -205,7 +249,13 @@ public struct OfferMessage: Codable, Equatable, Sendable {
     /// Protocol v2: how long the source tries to bring a lost control connection back
     /// (its `--link-timeout`); the destination waits a little longer before it gives up.
     public var linkTimeoutSeconds: Double?
-    public init(spec: VMSpec, streams: StreamPlan, sourceHost: String, sourcePort: UInt16? = nil, linkTimeoutSeconds: Double? = nil) {
+    /// Protocol v3, one per disk of `spec` (nil for a disk that is not shared): the token
+    /// the source has just written beside the shared image (``SharedDiskToken``). The
+    /// destination reads it at the same path: the same token proves the same file.
+    public var sharedDiskTokens: [String?]?
+    public init(spec: VMSpec, streams: StreamPlan, sourceHost: String, sourcePort: UInt16? = nil, linkTimeoutSeconds: Double? = nil,
+                sharedDiskTokens: [String?]? = nil) {
+        self.sharedDiskTokens = sharedDiskTokens
         self.spec = spec
         self.streams = streams
         self.sourceHost = sourceHost
@@ -291,8 +341,12 @@ public struct AcceptMessage: Codable, Equatable, Sendable {
     public var interfaces: [InterfaceMessage]
     /// The port data channels connect to, on any of `interfaces`.
     public var dataPort: UInt16
+    /// Protocol v3, one per disk of the offer's spec: where the destination keeps it (the
+    /// same path for a shared disk; the image it created for a copied one).
+    public var diskPaths: [String]?
     public init(session: String, bindKey: String, missingFiles: [String],
-                interfaces: [InterfaceMessage] = [], dataPort: UInt16 = 0) {
+                interfaces: [InterfaceMessage] = [], dataPort: UInt16 = 0, diskPaths: [String]? = nil) {
+        self.diskPaths = diskPaths
         self.session = session
         self.bindKey = bindKey
         self.missingFiles = missingFiles

@@ -24,6 +24,9 @@ struct Serve: ParsableCommand {
     @Option(name: .customLong("max-migrations"), help: "Incoming migrations that transfer at once; more are accepted and wait in line, first come first served (default: 2).")
     var maxMigrations = 2
 
+    @Option(name: .customLong("disk-dir"), help: "Where the disks copied here go, as DIR/VM/diskN.FORMAT (default: the state root's disks/).")
+    var diskDirectory: String?
+
     @OptionGroup var cpuOptions: CPUOptions
 
     @OptionGroup var security: SecurityOptions
@@ -59,6 +62,7 @@ struct Serve: ParsableCommand {
             options.keys = keys
             options.cpus = cpuOptions.set
             options.maxMigrations = maxMigrations
+            options.diskDirectory = diskDirectory.map { URL(fileURLWithPath: $0).standardizedFileURL.path }
             server = try MigrationServer(store: host.store, options: options, logger: logger)
         } catch {
             throw UserError("cannot listen: \(error)")

@@ -37,6 +37,13 @@ struct VM: ParsableCommand {
         @Option(help: "Accelerator: auto picks KVM where the CPU has vmx/svm, TCG otherwise (default: auto).")
         var accel: AcceleratorChoice = .auto
 
+        @Option(name: .customLong("disk"), help: ArgumentHelp(
+            "A disk: PATH[,format=qcow2|raw][,shared] (repeatable; the guest sees vda, vdb, ... in this order).",
+            discussion: "The image must exist. Its format is detected and recorded (format= overrides the probe for raw). "
+                + "shared: the same file is at PATH on every host (NFS, a cluster filesystem), so a migration does not copy it; "
+                + "Ferry proves it is the same file before anything moves."))
+        var disks: [DiskArgument] = []
+
         @OptionGroup var host: HostOptions
 
         func validate() throws {
@@ -55,12 +62,19 @@ struct VM: ParsableCommand {
             if accelerator == .kvm && accel == .kvm && !HostInfo.hasHardwareVirtualization {
                 throw UserError("--accel kvm: this CPU has no vmx/svm or /dev/kvm is not usable")
             }
+            var diskSpecs: [DiskSpec] = []
+            for disk in disks {
+                guard !diskSpecs.contains(where: { $0.path == disk.path }) else { throw UserError("--disk \(disk.path) is given twice") }
+                let (format, size) = try DiskImage.inspect(path: disk.path, format: disk.format)
+                diskSpecs.append(DiskSpec(path: disk.path, format: format, virtualSizeBytes: size, shared: disk.shared))
+            }
             let kernelFile = try store.bootFiles.importFile(at: kernel)
             let initrdFile = try initrd.map { try store.bootFiles.importFile(at: $0) }
             let spec = VMSpec(name: name, memoryMiB: memory.mebibytes, cpus: cpus, kernel: kernelFile, initrd: initrdFile,
                               append: append, accelerator: accelerator, machine: try QEMU.defaultMachineType(),
                               cpuModel: QEMU.defaultCPUModel(for: accelerator),
-                              ramPadKiB: QEMU.tcgDirtyTrackingPadKiB(accelerator: accelerator, qemuVersion: QEMU.version()))
+                              ramPadKiB: QEMU.tcgDirtyTrackingPadKiB(accelerator: accelerator, qemuVersion: QEMU.version()),
+                              disks: diskSpecs)
             let (record, qmp): (VMRecord, QMPClient)
             do {
                 (record, qmp) = try store.start(spec: spec, incoming: false)
@@ -73,6 +87,9 @@ struct VM: ParsableCommand {
             let state = try qmp.queryStatus()
             qmp.close()
             print("VM \(name) is \(state.status) (pid \(record.state.pid), \(accelerator.rawValue), \(memory.mebibytes) MiB, \(cpus) vCPU)")
+            for (i, disk) in diskSpecs.enumerated() {
+                print("disk \(DiskSpec.guestName(i)): \(disk.path) (\(disk.format.rawValue), \(Format.bytes(disk.virtualSizeBytes))\(disk.shared ? ", shared" : ""))")
+            }
             print("console: ferry vm log \(name) -f")
         }
     }
@@ -236,5 +253,28 @@ extension VMEntry {
     var isDamaged: Bool {
         if case .damaged = self { return true }
         return false
+    }
+}
+
+/// `--disk PATH[,format=qcow2|raw][,shared]`.
+struct DiskArgument: ExpressibleByArgument {
+    var path: String
+    var format: DiskFormat?
+    var shared = false
+
+    init?(argument: String) {
+        var parts = argument.split(separator: ",", omittingEmptySubsequences: false).map(String.init)
+        guard let first = parts.first, !first.isEmpty else { return nil }
+        parts.removeFirst()
+        path = URL(fileURLWithPath: first).standardizedFileURL.path
+        for part in parts {
+            if part == "shared" {
+                shared = true
+            } else if part.hasPrefix("format="), let f = DiskFormat(rawValue: String(part.dropFirst(7))) {
+                format = f
+            } else {
+                return nil
+            }
+        }
     }
 }

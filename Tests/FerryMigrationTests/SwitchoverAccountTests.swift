@@ -50,6 +50,16 @@ struct SwitchoverAccountTests {
         #expect(abs(pause.segments.reduce(0) { $0 + $1.milliseconds } - pause.guestPauseMilliseconds) < 0.001)
     }
 
+    @Test("with disks copied, the pause starts with the copies' last writes, then QEMU's final pass")
+    func disks() throws {
+        var (s, d) = Self.moments(skew: 0)
+        s.disksFinished = s.stop! + 0.005
+        let pause = try #require(SwitchoverAccount.make(source: s, destination: d))
+        #expect(pause.segments.prefix(2).map(\.name) == ["the disk copies' last writes", "QEMU's final pass"])
+        #expect(abs(pause.segments[0].milliseconds - 5) < 0.01 && abs(pause.segments[1].milliseconds - 15) < 0.01)
+        #expect(abs(pause.segments.reduce(0) { $0 + $1.milliseconds } - pause.guestPauseMilliseconds) < 0.001)
+    }
+
     @Test("a moment not known: its segment's time goes to the one before; no destination times, no account")
     func missing() throws {
         var (s, d) = Self.moments(skew: 0)
@@ -107,6 +117,18 @@ struct SwitchoverBudgetTests {
 
 
 extension SwitchoverBudgetTests {
+    @Test("the first pass's tail: the late window once less than half a second of the link is left, not before, not at nothing")
+    func tail() {
+        #expect(SwitchoverBudget.tailWindow(remainingBytes: 200_000_000, rateBytesPerSecond: 250e6, fullWindow: 16 << 20) == nil)
+        #expect(SwitchoverBudget.tailWindow(remainingBytes: 100_000_000, rateBytesPerSecond: 250e6, fullWindow: 16 << 20) == 5_000_000)
+        #expect(SwitchoverBudget.tailWindow(remainingBytes: 0, rateBytesPerSecond: 250e6, fullWindow: 16 << 20) == nil)
+        // A quarter of the RAM left, up to 2 s of the link: the tail has begun (zero pages leap).
+        #expect(SwitchoverBudget.tailWindow(remainingBytes: 300_000_000, totalBytes: 1_400_000_000, rateBytesPerSecond: 250e6, fullWindow: 16 << 20) == 5_000_000)
+        #expect(SwitchoverBudget.tailWindow(remainingBytes: 600_000_000, totalBytes: 64 << 30, rateBytesPerSecond: 250e6, fullWindow: 16 << 20) == nil)
+        // A slow link: the late window's floor.
+        #expect(SwitchoverBudget.tailWindow(remainingBytes: 1_000_000, rateBytesPerSecond: 12.5e6, fullWindow: 16 << 20) == 2 << 20)
+    }
+
     @Test("the starting window: 64 ms of the link, 16 to 32 MiB, 32 MiB when a speed is unknown")
     func startingWindow() {
         #expect(SwitchoverBudget.startingWindow(linkBitsPerSecond: 2_000_000_000) == 16 << 20)

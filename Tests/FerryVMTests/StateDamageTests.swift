@@ -114,6 +114,24 @@ struct StateDamageTests {
         #expect(QEMUCommandLine(["sleep", "10"]) == nil)
     }
 
+    @Test("a VM's disks read back from its QEMU command line: paths (commas too), formats, shared or not, in order")
+    func commandLineDisks() throws {
+        let store = try VMTests().tempStore()
+        var spec = Self.spec
+        spec.disks = [DiskSpec(path: "/srv/a,b/vm1.qcow2", format: .qcow2, virtualSizeBytes: 1 << 30, shared: false),
+                      DiskSpec(path: "/nfs/vm1-data.raw", format: .raw, virtualSizeBytes: 1 << 20, shared: true)]
+        let argv = QEMU.arguments(spec: spec, paths: store.vmPaths("vm1"), store: store.bootFiles, incoming: false)
+        #expect(argv.contains("virtio-blk-pci,drive=disk1,id=vd1"))
+        let line = try #require(QEMUCommandLine(argv))
+        // The sizes are the images' (read by `ferry vm repair`), not on the command line.
+        #expect(line.disks == spec.disks.map { DiskSpec(path: $0.path, format: $0.format, virtualSizeBytes: 0, shared: $0.shared) })
+        #expect(DiskSpec.guestName(0) == "vda" && DiskSpec.guestName(25) == "vdz" && DiskSpec.guestName(26) == "vdaa")
+        var bad = spec
+        bad.disks[0].path = "relative.qcow2"
+        #expect(StateFileCoding.check(bad, vm: "vm1") != nil)
+        #expect(StateFileCoding.check(spec, vm: "vm1") == nil)
+    }
+
     /// A process whose command line is the QEMU command line of `name` on `store`: a shell
     /// that waits on its stdin with the builtin `read`, with those words as its arguments.
     /// (It once ran `sleep`: the shell's child carries the shell's command line between its

@@ -1,3 +1,4 @@
+import Foundation
 import Testing
 @testable import FerryWire
 
@@ -35,6 +36,25 @@ struct MessageTests {
         #expect(String(decoding: ControlCoding.encode(commit), as: UTF8.self).contains(#""decision":"commit""#))
         let future = Frame(type: .resolve, payload: Array(#"{"session": "s1", "vm": "vm1", "decision": "maybe"}"#.utf8))
         #expect(throws: WireError.self) { try ControlCoding.decode(ResolveMessage.self, from: future) }
+    }
+
+    @Test("disks in the spec and the offer; a stream of a kind this host does not know is refused, not read as QEMU's")
+    func disksAndStreamKinds() throws {
+        var spec = Self.spec
+        spec.disks = [DiskSpec(path: "/srv/vm1.qcow2", format: .qcow2, virtualSizeBytes: 1 << 30, shared: false),
+                      DiskSpec(path: "/nfs/vm1.raw", format: .raw, virtualSizeBytes: 1 << 20, shared: true)]
+        let offer = OfferMessage(spec: spec, streams: StreamPlan(multifdChannels: 0), sourceHost: "a", sharedDiskTokens: [nil, "ab"])
+        #expect(try ControlCoding.decode(OfferMessage.self, from: ControlCoding.frame(.offer, offer)) == offer)
+        // A spec from before disks reads as a VM without disks.
+        let old = try JSONEncoder().encode(Self.spec)
+        #expect(try JSONDecoder().decode(VMSpec.self, from: old).disks.isEmpty)
+        let open = StreamOpenMessage(stream: StreamID.firstTwoWay, kind: .nbd, target: "0", priority: 1)
+        #expect(try ControlCoding.decode(StreamOpenMessage.self, from: ControlCoding.frame(.streamOpen, open)) == open)
+        let future = Frame(type: .streamOpen, payload: Array(#"{"stream": 65536, "kind": "teleport"}"#.utf8))
+        #expect(throws: WireError.self) { try ControlCoding.decode(StreamOpenMessage.self, from: future) }
+        // Halves: bit 31 names the reverse one; two-way numbers have their own range.
+        #expect(StreamID.reverse(65536) == 0x8001_0000 && StreamID.isReverse(0x8001_0000) && StreamID.stream(ofHalf: 0x8001_0000) == 65536)
+        #expect(!StreamID.isTwoWay(0) && StreamID.isTwoWay(65536) && !StreamID.isTwoWay(65536 + 4096))
     }
 
     @Test("ack round trip and malformed acks")

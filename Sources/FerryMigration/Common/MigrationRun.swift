@@ -24,6 +24,8 @@ struct MigrationJournal {
     var pause: MigrationReport.Pause?
     var queuedSeconds: Double?
     var queueSummary: String?
+    /// From the disk copies' start to every copy caught up.
+    var diskCopySeconds: Double?
 
     /// From `migrate` to QEMU's completion (to now, for a success whose QEMU finished
     /// without Ferry seeing it).

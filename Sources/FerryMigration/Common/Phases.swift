@@ -9,6 +9,7 @@ public enum MigrationPhase: String, Codable, Sendable, CaseIterable {
     case sendingBootFiles = "sending-boot-files"
     case startingDestination = "starting-destination"
     case openingChannels = "opening-channels"
+    case copyingDisks = "copying-disks"
     case transferring
     case switchover
     case committing
@@ -37,7 +38,8 @@ extension PhaseGraph where Phase == MigrationPhase {
         .negotiating: [.sendingBootFiles, .startingDestination],
         .sendingBootFiles: [.startingDestination],
         .startingDestination: [.queued, .openingChannels],
-        .openingChannels: [.transferring],
+        .openingChannels: [.copyingDisks, .transferring],
+        .copyingDisks: [.transferring],
         .transferring: [.switchover, .committing],
         .switchover: [.committing],
         .committing: [.done],

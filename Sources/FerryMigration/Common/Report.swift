@@ -100,6 +100,26 @@ public struct MigrationReport: Codable, Sendable {
     /// The guest's pause, STOP on the source to RESUME on the destination, and where it
     /// went (nil when the migration did not complete, or the destination sent no times).
     public var pause: Pause? = nil
+    /// The VM's disks: where each is on both hosts, and what its copy carried.
+    public var disks: [Disk]? = nil
+
+    public struct Disk: Codable, Sendable, Equatable {
+        /// The guest's name (vda, vdb, ...).
+        public var name: String
+        public var format: String
+        public var virtualSizeBytes: UInt64
+        public var shared: Bool
+        public var sourcePath: String
+        public var destinationPath: String?
+        /// Bytes of its copy's NBD traffic from the source (writes with their data, and
+        /// requests), nil for a shared disk.
+        public var copiedBytes: UInt64?
+        /// From the copy's start to every disk caught up.
+        public var copySeconds: Double?
+        /// After a success: the source's image, which Ferry leaves as it was (the VM no
+        /// longer uses it; the operator removes it). nil for a shared disk.
+        public var staleSourceImage: String?
+    }
 
     public struct Pause: Codable, Sendable, Equatable {
         public var guestPauseMilliseconds: Double
@@ -156,7 +176,8 @@ extension MigrationReport {
             lines.append("  pause          " + pause.segments.map { "\($0.name) \(String(format: "%.1f", $0.milliseconds))" }.joined(separator: ", ") + " ms")
         }
         if let mode { lines.append("  mode           " + mode) }
-        var moved = "\(Format.bytes(streamBytes)) of QEMU streams, \(Format.bytes(wireBytes)) on the wire"
+        let copied = (disks ?? []).contains { $0.copiedBytes != nil }
+        var moved = "\(Format.bytes(streamBytes)) of QEMU streams\(copied ? " and disk copies" : ""), \(Format.bytes(wireBytes)) on the wire"
         if mode != nil { moved = "\(Format.bytes(streamBytes)) of QEMU stream, QEMU to QEMU over a Unix socket" }
         if retransmittedBytes > 0 { moved += ", \(Format.bytes(retransmittedBytes)) sent again" }
         lines.append("  moved          " + moved)
@@ -170,6 +191,22 @@ extension MigrationReport {
             lines.append("  compression    " + line)
         }
         if let bps = throughputBitsPerSecond { lines.append("  throughput     \(Format.rate(bps))") }
+        for disk in disks ?? [] {
+            var line = "  disk \(disk.name.padding(toLength: 9, withPad: " ", startingAt: 0)) \(disk.format), \(Format.bytes(disk.virtualSizeBytes)): "
+            if disk.shared {
+                line += "shared, \(disk.sourcePath) on both hosts, not copied"
+            } else {
+                line += "\(disk.sourcePath) -> \(destination.host):\(disk.destinationPath ?? "?")"
+                if let bytes = disk.copiedBytes {
+                    line += ", \(Format.bytes(bytes)) copied"
+                    if let t = disk.copySeconds { line += " (all disks caught up in \(Format.seconds(t)))" }
+                }
+            }
+            lines.append(line)
+            if let stale = disk.staleSourceImage {
+                lines.append("                 left on \(source.host), no longer used: \(stale) (remove it when you no longer need it)")
+            }
+        }
         if let security { lines.append("  security       \(security)") }
         if let dataPath { lines.append("  data path      \(dataPath)") }
         if mode == nil {

@@ -6,6 +6,8 @@ import Foundation
 struct SourceSwitchoverTimes: Sendable, Equatable {
     /// QEMU's STOP: the guest's pause begins.
     var stop: Double?
+    /// The disk copies were completed and QEMU told to go on (only with disks copied).
+    var disksFinished: Double?
     /// QEMU's MIGRATION event `completed`: it has written everything into Ferry's socket.
     var completed: Double?
     /// The destination's `loaded` reached the migration's thread.
@@ -38,8 +40,10 @@ enum SwitchoverAccount {
         let roundTrip = (committedReceived - commitSent) - (committedSent - commitReceived)
         let offset = abs(estimate) <= max(0, roundTrip) / 2 ? 0 : estimate
         func local(_ t: Double?) -> Double? { t.map { $0 - offset } }
-        let milestones: [(String, Double?)] = [
-            ("QEMU's final pass", s.stop),
+        // With disks copied, QEMU waits at its STOP until Ferry has completed the copies.
+        let disks: [(String, Double?)] = s.disksFinished == nil ? [] : [("the disk copies' last writes", s.stop)]
+        let milestones: [(String, Double?)] = disks + [
+            ("QEMU's final pass", s.disksFinished ?? s.stop),
             ("Ferry's buffers and the wire", s.completed),
             ("destination QEMU's load", local(d.lastByte)),
             ("destination sees it loaded", local(d.loaded)),

@@ -54,6 +54,9 @@ final class DestinationSession: @unchecked Sendable {
         case qemuStatus(MigrationStatus, at: Double)
         /// Every stream has been written into QEMU.
         case streamsComplete
+        /// A two-way stream's reverse half has been read to its end here (a disk copy's
+        /// NBD server closed its side): the source is told.
+        case reverseEnded(StreamEndMessage)
     }
 
     let session = Hex.random(byteCount: 16)
@@ -93,6 +96,8 @@ final class DestinationSession: @unchecked Sendable {
     let resumedAt = Locked<Double?>(nil)
     /// Records written ahead of the step that puts them in place.
     var staged: [HandoverRecord.Decision: StagedHandover] = [:]
+    /// The VM's disks here (``IncomingDisks``).
+    var disks = IncomingDisks()
 
     init(control: FrameConnection, version: UInt16, store: VMStore, server: MigrationServer, logger: Logger,
          security: SessionSecurity, sourceHost: String) {
@@ -254,13 +259,15 @@ final class DestinationSession: @unchecked Sendable {
         sourceDaemon = (Reconciler.host(ofPeer: control.peer), offer.sourcePort ?? 7470)
         _ = server.supersedeAbandoned(vm: offer.spec.name, by: self)
         try validate(offer)
-        spec = offer.spec
+        // The spec as this host runs it: its disks where they are kept here.
+        spec = try placeDisks(offer)
         try peer { try server.register(self, name: offer.spec.name) }
         let missing = offer.spec.bootFiles.filter { !store.bootFiles.has($0) }
         try peer {
             try control.send(.accept, AcceptMessage(session: session, bindKey: security.keys == nil ? Hex.encode(bindKey) : "",
                                                     missingFiles: missing.map(\.sha256),
-                                                    interfaces: server.offeredInterfaces(), dataPort: server.port))
+                                                    interfaces: server.offeredInterfaces(), dataPort: server.port,
+                                                    diskPaths: disks.paths.isEmpty ? nil : disks.paths))
         }
         _ = openLink(offer)
         logger.info("incoming migration accepted", metadata: ["vm": "\(offer.spec.name)", "from": "\(sourceHost)", "missingFiles": "\(missing.count)"])
@@ -305,9 +312,11 @@ final class DestinationSession: @unchecked Sendable {
     /// feeds it; `ready` tells the source to start.
     func startQEMU(_ offer: OfferMessage) throws(IncomingError) -> (QMPClient, DestinationDataPath) {
         try move(to: .loading)
+        let spec = self.spec ?? offer.spec
+        try createDiskImages(for: spec)
         let (record, qmp): (VMRecord, QMPClient)
         do {
-            (record, qmp) = try store.start(spec: offer.spec, incoming: true, migratedFrom: sourceHost)
+            (record, qmp) = try store.start(spec: spec, incoming: true, migratedFrom: sourceHost)
         } catch {
             throw .qemu("cannot start QEMU here: \(error)")
         }
@@ -329,9 +338,10 @@ final class DestinationSession: @unchecked Sendable {
         } catch {
             throw .qemu("cannot prepare QEMU for the incoming migration: \(error)")
         }
+        try serveDiskCopies(qmp, paths: record.paths)
         let incomingPath = record.paths.incomingSocket
         let dataPath = DestinationDataPath(
-            streamCount: offer.streams.streamCount, cpus: server.options.cpus ?? CPUSet.automatic(), logger: logger,
+            streamCount: offer.streams.streamCount, twoWay: !disks.copied.isEmpty, cpus: server.options.cpus ?? CPUSet.automatic(), logger: logger,
             connector: { _ in
                 let socket = try Socket.connectUnix(path: incomingPath)
                 socket.setSendBuffer(ChunkPolicy.qemuSocketBufferByteCount)
@@ -339,6 +349,13 @@ final class DestinationSession: @unchecked Sendable {
             },
             onFailure: { [events] error in events.post(.dataFailed(error)) })
         dataPath.onComplete = { [events] in events.post(.streamsComplete) }
+        dataPath.onReverseEvent = { [events] event in
+            switch event {
+            case .streamEnded(let end): events.post(.reverseEnded(end))
+            case .failed(let error): events.post(.dataFailed(error))
+            default: break
+            }
+        }
         self.dataPath = dataPath
         let link = try controlLinkOrFail
         try peer { try link.send(.ready, ReadyMessage(qemuVersion: qmp.qemuVersion)) }

@@ -33,6 +33,9 @@ extension DestinationSession {
                 }
             case .streamsComplete?:
                 break
+            case .reverseEnded(let end)?:
+                let link = try controlLinkOrFail
+                try peer { try link.send(.streamEnd, end) }
             case nil:
                 break
             }
@@ -68,15 +71,13 @@ extension DestinationSession {
         case .streamOpen:
             let open = try peer { try ControlCoding.decode(StreamOpenMessage.self, from: frame) }
             // QEMU's streams need nothing here: they connect in order as their bytes come.
-            // A two-way stream connects only to what the session set up for it, and this
-            // session set up none (a kind of stream the offer did not ask for).
-            if let kind = open.kind, kind != .migration {
-                throw .protocolViolation("stream \(open.stream) of kind \(kind.rawValue): this session serves no such stream")
-            }
+            // A two-way stream connects only to what the session set up for it (a disk
+            // copy's NBD server).
+            if let kind = open.kind, kind != .migration { try openDiskStream(open, dataPath: dataPath) }
         case .streamEnd:
             let end = try peer { try ControlCoding.decode(StreamEndMessage.self, from: frame) }
             // QEMU has sent everything: the switchover is near.
-            stage(.prepared, for: name)
+            if !StreamID.isTwoWay(end.stream) { stage(.prepared, for: name) }
             do {
                 try dataPath.streamEnded(end)
             } catch {
@@ -105,6 +106,9 @@ extension DestinationSession {
     /// `prepared`, durably, before the source may decide on it; then `loaded`.
     private func prepare(_ dataPath: DestinationDataPath, name: String) throws(IncomingError) {
         times.lastByte = dataPath.completionTime
+        // The disk copies are complete (the source completed its mirrors before it sent the
+        // device state QEMU has just loaded): no more writes come through the NBD server.
+        if let qmp { try stopServingDisks(qmp) }
         times.prepareStarted = Date().timeIntervalSince1970
         try record(.prepared, for: name)
         times.prepared = Date().timeIntervalSince1970
@@ -215,6 +219,7 @@ extension DestinationSession {
             QEMU.stop(pid: qemuPID, qmp: qmp)
             store.archiveAndRemove(spec.name, reason: "incoming-aborted")
         }
+        removeCreatedDisks()
     }
 
     // MARK: Waiting in line (`--max-migrations`)

@@ -54,6 +54,9 @@ public final class MigrationServer: @unchecked Sendable {
         public var cpus: CPUSet?
         /// `--max-migrations`: incoming migrations that transfer at once; more wait in line.
         public var maxMigrations = 2
+        /// `--disk-dir`: where the disks copied here go, as `DIR/VM/diskN.FORMAT` (nil: the
+        /// state root's `disks/`).
+        public var diskDirectory: String?
         public init(addresses: [String], port: UInt16) {
             precondition(!addresses.isEmpty)
             self.addresses = addresses

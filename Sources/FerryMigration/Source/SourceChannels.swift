@@ -38,7 +38,8 @@ extension SourceMigration {
 
     /// Step: pairs this host's NICs with the destination's and opens data channels on
     /// each pair, bound to the session.
-    func openChannels(_ session: NegotiatedSession, control: FrameConnection) throws(MigrateError) -> SourceTransport {
+    /// `twoWay`: the migration opens two-way streams (its disk copies).
+    func openChannels(_ session: NegotiatedSession, control: FrameConnection, twoWay: Bool = false) throws(MigrateError) -> SourceTransport {
         try move(to: .openingChannels)
         let accept = session.accept
         let scheduler = SendScheduler(noChannelGrace: options.linkTimeout)
@@ -53,7 +54,8 @@ extension SourceMigration {
             ? "zero-copy: spliced through pipes from QEMU's socket to the NICs, kept by reference until acknowledged"
             : "copied: read into pooled buffers" + (sealed ? ", sealed at send time" : "")
                 + (options.compression == .none ? "" : ", compressed when it pays")
-        let dataPath = SourceDataPath(scheduler: scheduler, compression: zeroCopy ? nil : compression, zeroCopy: zeroCopy, logger: logger) { [events] event in
+        let dataPath = SourceDataPath(scheduler: scheduler, compression: zeroCopy ? nil : compression, zeroCopy: zeroCopy,
+                                      twoWay: twoWay, logger: logger) { [events] event in
             events.post(.dataPath(event))
         }
         dataPath.stallTimeout = options.stallTimeout
@@ -165,7 +167,11 @@ extension SourceMigration {
         do {
             // x-ignore-shared off, explicitly: guest RAM is a shared memory backend (for
             // same-host updates), and across hosts it must be sent, not left out.
-            try qmp.setMigrationCapabilities([("multifd", plan.multifdChannels > 0), ("events", true), ("x-ignore-shared", false)])
+            // pause-before-switchover with disks being copied: QEMU stops the guest and waits
+            // (`pre-switchover`) before it sends the device state, so that the copies can be
+            // completed first (``finishDiskCopies``).
+            try qmp.setMigrationCapabilities([("multifd", plan.multifdChannels > 0), ("events", true), ("x-ignore-shared", false),
+                                              ("pause-before-switchover", !diskCopies.isEmpty)])
             var params: [String: JSONValue] = [
                 // QEMU 7.2's default cap is 128 MiB/s. Ferry sets the pace (its window, its rate
                 // limit across all channels, the links), so QEMU is left uncapped.

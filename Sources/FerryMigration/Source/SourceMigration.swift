@@ -63,11 +63,20 @@ public final class SourceMigration: @unchecked Sendable {
     var claimedPID: Int32 = 0
     /// "name (address)" once the handshake says who the destination is.
     var destinationHost: String
+    /// Where the destination keeps each disk (its `accept`), for the report.
+    var destinationDiskPaths: [String] = []
     /// The commit decision is on disk: the VM is the destination's from now on.
     var commitRecorded = false
     /// The commit record, written ahead and not yet in place.
     var stagedCommit: StagedHandover?
     var committed: CommittedMessage?
+    /// The disks being copied (``copyDisks``), their mirrors' events, and whether the
+    /// switchover has completed them.
+    var diskCopies: [DiskCopy] = []
+    let blockJobs = BlockJobWatch()
+    var diskCopiesFinished = false
+    var diskSampler = RateSampler()
+    var lastDiskProgress = -1.0
 
     public init(store: VMStore, name: String, options: MigrationOptions, logger: Logger,
                 progress: @escaping @Sendable (MigrationProgress) -> Void) {
@@ -136,7 +145,9 @@ public final class SourceMigration: @unchecked Sendable {
         let link = openControlLink(control, session)
         try sendBootFiles(session.missingFiles, of: record.spec, over: link)
         try startDestination(link)
-        let transport = try openChannels(session, control: control)
+        let copies = Self.copiedDisks(record.spec, paths: record.paths)
+        let transport = try openChannels(session, control: control, twoWay: !copies.isEmpty)
+        try copyDisks(copies, spec: record.spec, transport: transport, qmp: qemu.qmp, link: link)
         try startQEMU(&qemu, transport: transport, plan: session.plan, paths: record.paths)
         try transfer(transport, plan: session.plan, link: link, qmp: qemu.qmp)
         try commit(session, link: link)
@@ -166,6 +177,7 @@ public final class SourceMigration: @unchecked Sendable {
             destination: .init(host: destinationHost, ferryCPUSeconds: committed?.ferryCPUSeconds,
                                qemuCPUSeconds: committed?.qemuCPUSeconds, ferryPeakRSSBytes: committed?.ferryPeakRSSBytes))
         r.streamBytes = streamBytes
+        r.disks = diskReports(spec: spec, succeeded: outcome == .succeeded)
         r.pause = outcome == .succeeded ? track.journal.pause : nil
         r.wireBytes = stats.reduce(0) { $0 + $1.wireBytes }
         r.retransmittedBytes = transport?.scheduler.retransmittedBytes ?? 0

@@ -30,9 +30,10 @@ extension SourceMigration {
             throw .qemu(error)
         }
         self.qemu = qemu
-        qemu.qmp.eventHandler = { [events] event in
+        qemu.qmp.eventHandler = { [events, blockJobs] event in
             switch event.name {
             case "STOP": events.post(.qemuStopped(at: event.timestamp))
+            case _ where blockJobs.handle(event): break
             case "MIGRATION":
                 if let status = event.data["status"]?.string {
                     events.post(.qemuStatus(MigrationStatus(qemuName: status), at: event.timestamp))
@@ -116,11 +117,21 @@ extension SourceMigration {
         do {
             let ownPort = (try? String(contentsOfFile: store.paths.servePortFile, encoding: .utf8))
                 .flatMap { UInt16($0.trimmingCharacters(in: .whitespacesAndNewlines)) }
+            let tokens = try prepareDisks(spec, version: welcome.version)
             try control.send(.offer, OfferMessage(spec: spec, streams: plan, sourceHost: HostInfo.hostname, sourcePort: ownPort,
-                                                  linkTimeoutSeconds: options.linkTimeout.seconds))
+                                                  linkTimeoutSeconds: options.linkTimeout.seconds, sharedDiskTokens: tokens))
             accept = try control.expect(.accept, as: AcceptMessage.self)
+        } catch let error as MigrateError {
+            control.shutdown()
+            throw error
         } catch {
             throw .refused(PeerFailure(error))
+        }
+        if !spec.disks.isEmpty {
+            guard let paths = accept.diskPaths, paths.count == spec.disks.count else {
+                throw .protocolViolation("the destination accepted a VM with disks without saying where it keeps them")
+            }
+            destinationDiskPaths = paths
         }
         var bindKey = security.bindKey
         if security.keys == nil {

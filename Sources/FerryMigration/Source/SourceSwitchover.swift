@@ -106,6 +106,8 @@ extension SourceMigration {
         } else {
             try? control?.send(.abort, AbortMessage(reason: reason))
         }
+        // The mirrors first: their NBD clients write through the transport.
+        abandonDiskCopies()
         closeTransport()
         var repair: String?
         var safe = true

@@ -5,7 +5,11 @@ import Foundation
 
 /// Where the transfer stands: what has to be true before the switchover may be decided.
 struct TransferState {
+    /// Forward halves to end: QEMU's streams and the disk copies' NBD connections.
     let streamCount: Int
+    /// Reverse halves to end: the disk copies' (their NBD servers close after the client).
+    var reverseCount = 0
+    var reverseEnds = Set<UInt32>()
     /// The destination said `loaded`: its QEMU holds the whole VM, paused.
     var loaded = false
     /// QEMU on this side has sent everything.
@@ -28,7 +32,17 @@ struct TransferState {
     /// The window the transfer started with.
     var fullWindow = ChunkPolicy.windowByteCount
 
-    var isComplete: Bool { qemuDone && loaded && streamEnds.count == streamCount }
+    /// The window was shrunk for the first pass's tail (``SwitchoverBudget/tailWindow``).
+    var tailWindow = false
+
+    var isComplete: Bool { qemuDone && loaded && streamEnds.count == streamCount && reverseEnds.count == reverseCount }
+
+    /// The rate to plan with: the channels' best over whole seconds; else the NICs' speeds;
+    /// else `average` (the average so far); nil if none is known.
+    func bestRate(average: Double) -> Double? {
+        let rate = peakRate > 0 ? peakRate : linkRate > 0 ? linkRate : average
+        return rate > 0 ? rate : nil
+    }
 }
 
 extension SourceMigration {
@@ -40,13 +54,14 @@ extension SourceMigration {
     /// Step: watches QEMU, the destination and the data path until QEMU has sent
     /// everything, every stream has ended and the destination has loaded the VM.
     func transfer(_ transport: SourceTransport, plan: StreamPlan, link: ControlLink, qmp: QMPClient) throws(MigrateError) {
-        var state = TransferState(streamCount: plan.streamCount)
+        var state = TransferState(streamCount: plan.streamCount + diskCopies.count)
+        state.reverseCount = diskCopies.count
         state.linkRate = Double(transport.linkBitsPerSecond ?? 0) / 8
         state.fullWindow = transport.scheduler.window
         var sampler = RateSampler()
         while !state.isComplete {
             if let event = events.next(timeout: .milliseconds(100)) {
-                try handle(event, &state, transport: transport, control: link)
+                try handle(event, &state, transport: transport, control: link, qmp: qmp)
             }
             takeLinkNotes()
             let interval = state.qemuDone || state.draining ? Self.finishingPollInterval : Self.progressPollInterval
@@ -64,7 +79,7 @@ extension SourceMigration {
     }
 
     private func handle(_ event: Event, _ state: inout TransferState, transport: SourceTransport,
-                        control: ControlLink) throws(MigrateError) {
+                        control: ControlLink, qmp: QMPClient) throws(MigrateError) {
         switch event {
         case .frame(let frame):
             try handle(frame, &state, scheduler: transport.scheduler)
@@ -86,6 +101,8 @@ extension SourceMigration {
         case .qemuStatus(let status, let at):
             // QEMU's account (figures, a failure's reason) comes from a poll, at once.
             if status.hasEnded || status == .cancelling { state.lastPoll = -1 }
+            // Paused before the device state (only with disks copied): the copies finish first.
+            if status == .preSwitchover && !diskCopies.isEmpty && !diskCopiesFinished { try finishDiskCopies(qmp) }
             if status == .completed && state.completedEventAt == nil {
                 state.completedEventAt = track.elapsed
                 track.journal.switchover.completed = at
@@ -97,6 +114,14 @@ extension SourceMigration {
                 throw .controlLost("\(error)")
             }
         }
+    }
+
+    /// The destination's `limit`: the smaller of it and `--bandwidth` from now on.
+    func applyLimit(_ frame: Frame, scheduler: SendScheduler) {
+        guard let limit = try? ControlCoding.decode(LimitMessage.self, from: frame) else { return }
+        let effective = [options.bandwidthBytesPerSecond, limit.bytesPerSecond].compactMap { $0 }.min()
+        scheduler.setRateLimit(bytesPerSecond: effective)
+        track.note("destination limits this migration to " + (limit.bytesPerSecond.map { Format.rate(Double($0) * 8) } ?? "nothing"))
     }
 
     private func handle(_ frame: Frame, _ state: inout TransferState, scheduler: SendScheduler) throws(MigrateError) {
@@ -112,10 +137,20 @@ extension SourceMigration {
         case .status:
             break
         case .limit:
-            guard let limit = try? ControlCoding.decode(LimitMessage.self, from: frame) else { return }
-            let effective = [options.bandwidthBytesPerSecond, limit.bytesPerSecond].compactMap { $0 }.min()
-            scheduler.setRateLimit(bytesPerSecond: effective)
-            track.note("destination limits this migration to " + (limit.bytesPerSecond.map { Format.rate(Double($0) * 8) } ?? "nothing"))
+            applyLimit(frame, scheduler: scheduler)
+        case .streamEnd:
+            // A reverse half (a disk copy's NBD server closed its side) has ended.
+            guard let reverse = transport?.dataPath.reverse else {
+                throw .protocolViolation("the destination ended a stream's reverse half on a one-way session")
+            }
+            do {
+                let end = try ControlCoding.decode(StreamEndMessage.self, from: frame)
+                guard StreamID.isReverse(end.stream) else { throw TransportError.protocolViolation("the destination ended forward half \(end.stream)") }
+                try reverse.streamEnded(end)
+                state.reverseEnds.insert(end.stream)
+            } catch {
+                throw .protocolViolation("the destination's streamEnd: \(error)")
+            }
         default:
             throw .protocolViolation("destination sent an unexpected \(frame.type) frame")
         }
@@ -171,6 +206,16 @@ extension SourceMigration {
         } else {
             state.rateMark = (track.elapsed, bytes, true)
         }
+        // The first pass's tail: if it is also the last (a guest that dirties little), QEMU
+        // stops with nothing left, and whatever Ferry's window holds then is in the pause.
+        if info.status == .active && info.dirtySyncCount < 2 && track.journal.stopEventAt == nil && state.budget == nil
+            && !state.tailWindow, let rate = state.bestRate(average: 0),
+            let window = SwitchoverBudget.tailWindow(remainingBytes: info.remainingBytes, totalBytes: info.totalBytes,
+                                                     rateBytesPerSecond: rate, fullWindow: state.fullWindow) {
+            state.tailWindow = true
+            dataPath.scheduler.setWindow(byteCount: window)
+            track.note("QEMU's first pass is nearly done (\(Format.bytes(info.remainingBytes)) left): window shrunk to \(Format.bytes(UInt64(window)))")
+        }
         // Once QEMU's first pass is done, before its STOP (after it, the final pass has begun).
         if info.status == .active && info.dirtySyncCount >= 2 && track.journal.stopEventAt == nil {
             let average = track.journal.migrateIssuedAt.map { Double(bytes) / max(0.001, track.elapsed - $0) } ?? 0
@@ -184,9 +229,7 @@ extension SourceMigration {
     /// (``SwitchoverBudget``), set again when the rate moves the limit by 10 ms or more.
     private func budgetSwitchover(_ state: inout TransferState, qmp: QMPClient, scheduler: SendScheduler,
                                   sync: UInt64, average: Double) throws(MigrateError) {
-        // The channels' best over whole seconds; else the NICs' speeds; else the average so far.
-        let rate = state.peakRate > 0 ? state.peakRate : state.linkRate > 0 ? state.linkRate : average
-        guard rate > 0 else { return }
+        guard let rate = state.bestRate(average: average) else { return }
         let target = Int(options.downtimeLimit.milliseconds)
         let budget = SwitchoverBudget(targetMilliseconds: target, rateBytesPerSecond: rate, fullWindow: state.fullWindow,
                                       qemuBufferedBytes: SwitchoverBudget.qemuBufferedBytes(streamCount: state.streamCount),

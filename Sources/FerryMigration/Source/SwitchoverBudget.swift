@@ -64,6 +64,27 @@ struct SwitchoverBudget: Equatable {
     /// the guest for all of them.
     func holds(outstanding: Int) -> Bool { outstanding > window }
 
+    /// How long before the first pass's end its tail begins: QEMU's `remaining` below what
+    /// the link carries in this time (its pages with data; zero pages go faster).
+    static let tailSeconds = 0.5
+    static let longestTailSeconds = 2.0
+
+    /// The window for the first pass's tail, or nil while the tail has not begun. Once
+    /// `remainingBytes` of the pass are less than ``tailSeconds`` of the link, the window
+    /// becomes the late window: if the guest dirtied so little that QEMU stops at the
+    /// pass's end, only that much waits in Ferry's buffers through the pause (the outliers
+    /// of the 2 x 1 gbit bench were 260-340 ms of draining a 16 MiB window after the stop).
+    /// Half a second of the link at the smaller window costs the pass little: the window
+    /// still covers the link's bandwidth-delay product many times over.
+    static func tailWindow(remainingBytes: UInt64, totalBytes: UInt64 = 0, rateBytesPerSecond: Double, fullWindow: Int) -> Int? {
+        // Zero pages leave `remaining` in leaps (they take no time to send), so a pass can
+        // end between two looks: the tail starts at a quarter of the RAM left, up to
+        // ``longestTailSeconds`` of the link, or at ``tailSeconds`` of it, whichever is more.
+        let tail = max(rateBytesPerSecond * tailSeconds, min(Double(totalBytes) / 4, rateBytesPerSecond * longestTailSeconds))
+        guard remainingBytes > 0, Double(remainingBytes) < tail else { return nil }
+        return min(fullWindow, max(minimumLateWindow, Int(rateBytesPerSecond * lateWindowSeconds)))
+    }
+
     /// The window a transfer starts with: 64 ms of the NIC pairs' speeds together, between
     /// 16 and 32 MiB (32 MiB where a speed is unknown). When QEMU's first pass is also its
     /// last (a guest that dirties nothing stops with nothing pending, whatever its limit),

@@ -1,0 +1,146 @@
+import FerryIO
+import FerryLab
+import FerryMigration
+import FerryVM
+import FerryWire
+import Foundation
+import Testing
+
+/// VMs with disks, migrated for real: a disk copied live over Ferry's channels while the
+/// guest writes to it, a shared disk left where it is, and the refusals that keep two hosts
+/// from ever writing different copies of one disk.
+@Suite("Disks: live copy over the channels, shared storage, refusals", .serialized, .enabled(if: Env.canRunEndToEnd))
+struct DiskTests {
+    /// The guest's disk workload: 2 MiB/s of 4 KiB writes over the first 32 MiB of vda,
+    /// each block read back later and checked against the generation it must carry.
+    static let diskWorkload = " ferry.disk=vda ferry.diskmib=32 ferry.diskrate=2"
+
+    /// An image in the lab's directory (removed with the lab), `pattern`: 16 MiB of the
+    /// byte 0x5a written at 64 MiB first, outside the guest's workload, to find again.
+    static func makeImage(_ lab: TestLab, _ name: String, format: DiskFormat, pattern: Bool) throws -> String {
+        let dir = lab.lab.directory + "/images"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        let path = dir + "/" + name
+        try Command.check(["qemu-img", "create", "-q", "-f", format.rawValue, path, "128M"])
+        if pattern {
+            try Command.check(["qemu-io", "-f", format.rawValue, "-c", "write -P 0x5a 64M 16M", path])
+        }
+        return path
+    }
+
+    /// The disk workload's account at `host` advances with no error: its writes and reads
+    /// go on, and every block it wrote before, during and after the move reads back right.
+    static func expectDiskHealthy(_ lab: TestLab, _ name: String, on host: String) throws {
+        let console = GuestConsole(path: try lab.host(host).store.record(name).paths.serialLog)
+        let first = console.wait(timeout: .seconds(15)) { _ in console.lastDiskStatus != nil }
+        try #require(first, "no FERRY-DISK line on \(host)")
+        let start = console.lastDiskStatus!
+        let advanced = console.wait(timeout: .seconds(20)) { _ in (console.lastDiskStatus?.checked ?? 0) > start.checked + 50 }
+        #expect(advanced, "the disk workload does not advance on \(host)")
+        #expect(console.lastDiskStatus?.errors == 0, "disk errors on \(host): \(console.errorLines.prefix(3))")
+    }
+
+    @Test("a disk that is not shared is copied live while the guest writes to it: every write is there at b, the copy stays sparse, the source image is left as it was")
+    func copiedDisk() throws {
+        let lab = try TestLab(nics: 2, rate: "500mbit")
+        try lab.serve()
+        let image = try Self.makeImage(lab, "vm1-disk0.qcow2", format: .qcow2, pattern: true)
+        _ = try lab.startDemoVM("vm1", memory: 256, fill: 48, dirty: 2, disks: [image], append: Self.diskWorkload)
+        try Self.expectDiskHealthy(lab, "vm1", on: "a")
+        let (result, report) = try lab.migrate("vm1")
+        let left = try Data(contentsOf: URL(fileURLWithPath: image))
+        #expect(result.succeeded, "\(result.stdout)\(result.stderr)")
+        let r = try #require(report)
+        if let path = ProcessInfo.processInfo.environment["FERRY_DISK_REPORT"] { appendLine(r.text, to: path) }
+        let disk = try #require(r.disks?.first)
+        #expect(!disk.shared && disk.format == "qcow2" && disk.virtualSizeBytes == 128 << 20)
+        let copy = try #require(disk.destinationPath)
+        #expect(copy.hasPrefix(lab.lab.stateDirectory("b") + "/disks/vm1/disk0.qcow2"))
+        #expect((disk.copiedBytes ?? 0) > 16 << 20, "copied \(disk.copiedBytes ?? 0) bytes")
+        #expect(disk.staleSourceImage == image)
+        #expect(r.events.contains { $0.what.hasPrefix("disks caught up") })
+        #expect(r.pause?.segments.first?.name == "the disk copies' last writes")
+        // The guest goes on at b, and everything it wrote anywhere reads back right.
+        try lab.expectRunningAndHealthy("vm1", on: "b")
+        try Self.expectDiskHealthy(lab, "vm1", on: "b")
+        lab.expectAbsent("vm1", on: "a")
+        // What the guest never wrote came too (the pattern), zeros were not written out:
+        // the copy is sparse, and the source's image stays as the guest left it at the
+        // switchover (checked again seconds later, while the guest writes on at b).
+        let check = try Command.run(["qemu-io", "-r", "-U", "-f", "qcow2", "-c", "read -P 0x5a 64M 16M", copy])
+        #expect(check.succeeded && !check.stdout.contains("Pattern verification failed"), "\(check.stdout)\(check.stderr)")
+        let allocated = try #require(DiskImage.allocatedBytes(path: copy))
+        #expect(allocated < 64 << 20, "the copy of a 128 MiB disk with about 48 MiB written takes \(allocated) bytes")
+        #expect(try Data(contentsOf: URL(fileURLWithPath: image)) == left, "the source image changed after the migration")
+    }
+
+    @Test("a shared disk is not copied: the destination proves it is the same file and opens it there")
+    func sharedDisk() throws {
+        let lab = try TestLab(nics: 2)
+        try lab.serve()
+        let image = try Self.makeImage(lab, "vm2-shared.raw", format: .raw, pattern: false)
+        _ = try lab.startDemoVM("vm2", memory: 256, fill: 32, dirty: 2, disks: [image + ",shared"], append: Self.diskWorkload)
+        try Self.expectDiskHealthy(lab, "vm2", on: "a")
+        let (result, report) = try lab.migrate("vm2")
+        #expect(result.succeeded, "\(result.stdout)\(result.stderr)")
+        let disk = try #require(report?.disks?.first)
+        #expect(disk.shared && disk.destinationPath == image && disk.copiedBytes == nil && disk.staleSourceImage == nil)
+        #expect(report?.events.contains { $0.what.hasPrefix("copying") } == false)
+        try lab.expectRunningAndHealthy("vm2", on: "b")
+        try Self.expectDiskHealthy(lab, "vm2", on: "b")
+        #expect(try lab.b.store.record("vm2").spec.disks.first?.path == image)
+    }
+
+    @Test("a disk marked shared that is another file at the destination is refused before anything moves; the VM runs on at the source")
+    func wrongShared() throws {
+        let lab = try TestLab(nics: 2)
+        let image = try Self.makeImage(lab, "vm3-disk.raw", format: .raw, pattern: false)
+        // b's daemon sees its own copy at the same path: its mount namespace (which `ip netns
+        // exec` makes private) has a tmpfs over the images' directory holding a copy of the
+        // image, as a host with a local disk of that name would. Same path, another file.
+        let dir = (image as NSString).deletingLastPathComponent
+        let aside = "/tmp/\(lab.lab.name)-copy.raw"
+        defer { try? FileManager.default.removeItem(atPath: aside) }
+        try lab.serve(prelude: "cp \(image) \(aside) && mount -t tmpfs tmpfs \(dir) && cp \(aside) \(image)")
+        _ = try lab.startDemoVM("vm3", memory: 256, fill: 32, dirty: 2, disks: [image + ",shared"], append: Self.diskWorkload)
+        let (result, report) = try lab.migrate("vm3")
+        #expect(!result.succeeded)
+        #expect(report?.outcome == .failedVMOnSource)
+        #expect(report?.error?.contains("not the same file") == true, "\(report?.error ?? result.stderr)")
+        try lab.expectRunningAndHealthy("vm3", on: "a")
+        try Self.expectDiskHealthy(lab, "vm3", on: "a")
+    }
+
+    @Test("a destination of protocol v2 cannot take a VM with disks: refused before the offer, the VM stays")
+    func oldDestination() throws {
+        let lab = try TestLab(nics: 2)
+        setenv("FERRY_PROTOCOL_MAX", "2", 1)
+        defer { unsetenv("FERRY_PROTOCOL_MAX") }
+        try lab.serve()
+        unsetenv("FERRY_PROTOCOL_MAX")
+        let image = try Self.makeImage(lab, "vm4-disk.qcow2", format: .qcow2, pattern: false)
+        _ = try lab.startDemoVM("vm4", memory: 256, fill: 32, dirty: 2, disks: [image], append: Self.diskWorkload)
+        let (result, report) = try lab.migrate("vm4")
+        #expect(!result.succeeded)
+        #expect(report?.error?.contains("protocol v2") == true, "\(report?.error ?? result.stderr)")
+        try lab.expectRunningAndHealthy("vm4", on: "a")
+        #expect(!FileManager.default.fileExists(atPath: lab.lab.stateDirectory("b") + "/disks/vm4"))
+    }
+
+    @Test("a migration cancelled while its disk copies: the mirror stops, the guest writes on at the source, the destination's image is removed")
+    func cancelledCopy() throws {
+        let lab = try TestLab(nics: 1, rate: "100mbit")
+        try lab.serve()
+        let image = try Self.makeImage(lab, "vm5-disk.qcow2", format: .qcow2, pattern: true)
+        _ = try lab.startDemoVM("vm5", memory: 256, fill: 32, dirty: 2, disks: [image], append: Self.diskWorkload)
+        let running = RunningMigration(lab, "vm5")
+        #expect(running.wait(forPhase: .copyingDisks), "the migration never copied disks")
+        try lab.a.ferry(["migrate", "--cancel", "vm5"])
+        let (result, report) = try running.finish()
+        #expect(!result.succeeded)
+        #expect(report?.outcome == .cancelled)
+        try lab.expectRunningAndHealthy("vm5", on: "a")
+        try Self.expectDiskHealthy(lab, "vm5", on: "a")
+        #expect(!FileManager.default.fileExists(atPath: lab.lab.stateDirectory("b") + "/disks/vm5/disk0.qcow2"))
+    }
+}
