@@ -40,6 +40,44 @@ struct DiskTests {
         #expect(console.lastDiskStatus?.errors == 0, "disk errors on \(host): \(console.errorLines.prefix(3))")
     }
 
+    /// A disk the firmware boots: a FAT filesystem with syslinux, the demo guest's kernel
+    /// and initrd, and its kernel command line in syslinux.cfg.
+    static func makeBootDisk(_ lab: TestLab, _ name: String, append: String) throws -> String {
+        let dir = lab.lab.directory + "/images"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        let path = dir + "/" + name, config = dir + "/syslinux.cfg"
+        try "DEFAULT ferry\nLABEL ferry\n  KERNEL vmlinuz\n  INITRD initrd.img\n  APPEND \(append)\n".write(toFile: config, atomically: true, encoding: .utf8)
+        try Command.check(["truncate", "-s", "64M", path])
+        try Command.check(["mkfs.vfat", "-n", "FERRYBOOT", path])
+        for (file, target) in [(Env.guest.kernel, "vmlinuz"), (Env.guest.initrd, "initrd.img"), (config, "syslinux.cfg")] {
+            try Command.check(["mcopy", "-i", path, file, "::" + target])
+        }
+        try Command.check(["syslinux", "--install", path])
+        return path
+    }
+
+    @Test("--boot disk: a VM that boots from its first disk, with no kernel of Ferry's, migrates with both its disks copied")
+    func bootFromDisk() throws {
+        let lab = try TestLab(nics: 2)
+        try lab.serve()
+        let boot = try Self.makeBootDisk(lab, "vm6-boot.raw", append: GuestImage.append(fillMiB: 32, dirtyMiBPerSecond: 2)
+                                             + " ferry.disk=vdb ferry.diskmib=32 ferry.diskrate=2")
+        let data = try Self.makeImage(lab, "vm6-data.qcow2", format: .qcow2, pattern: false)
+        let run = try lab.a.ferry(["vm", "run", "vm6", "--memory", "256M", "--cpus", "2", "--boot", "disk", "--disk", boot, "--disk", data])
+        try #require(run.succeeded, "vm run failed: \(run.stderr)")
+        let console = GuestConsole(path: try lab.a.store.record("vm6").paths.serialLog)
+        try #require(console.wait(timeout: .seconds(120)) { $0.contains("FERRY-READY") }, "the guest did not boot from its disk: \(console.text.suffix(800))")
+        #expect(try lab.a.store.record("vm6").spec.kernel == nil)
+        try Self.expectDiskHealthy(lab, "vm6", on: "a")
+        let (result, report) = try lab.migrate("vm6")
+        #expect(result.succeeded, "\(result.stdout)\(result.stderr)")
+        #expect(report?.disks?.map(\.name) == ["vda", "vdb"] && report?.disks?.allSatisfy { ($0.copiedBytes ?? 0) > 0 } == true)
+        try lab.expectRunningAndHealthy("vm6", on: "b")
+        try Self.expectDiskHealthy(lab, "vm6", on: "b")
+        let spec = try lab.b.store.record("vm6").spec
+        #expect(spec.kernel == nil && spec.bootFiles.isEmpty && spec.disks.count == 2)
+    }
+
     @Test("a disk that is not shared is copied live while the guest writes to it: every write is there at b, the copy stays sparse, the source image is left as it was")
     func copiedDisk() throws {
         let lab = try TestLab(nics: 2, rate: "500mbit")
@@ -72,6 +110,32 @@ struct DiskTests {
         let allocated = try #require(DiskImage.allocatedBytes(path: copy))
         #expect(allocated < 64 << 20, "the copy of a 128 MiB disk with about 48 MiB written takes \(allocated) bytes")
         #expect(try Data(contentsOf: URL(fileURLWithPath: image)) == left, "the source image changed after the migration")
+    }
+
+    @Test("a NIC that dies while the disk copies: its chunks, both ways, go again on the other NIC, and every block arrives")
+    func nicDownWhileCopying() throws {
+        let lab = try TestLab(nics: 2, rate: "100mbit")
+        try lab.serve()
+        let image = try Self.makeImage(lab, "vm7-disk.qcow2", format: .qcow2, pattern: true)
+        _ = try lab.startDemoVM("vm7", memory: 256, fill: 32, dirty: 2, disks: [image], append: Self.diskWorkload)
+        let run = RunningMigration(lab, "vm7")
+        #expect(run.wait(forPhase: .copyingDisks), "the migration never copied disks")
+        // A few MiB into the copy (16 MiB of pattern at 200 Mbit/s take most of a second).
+        let deadline = ContinuousClock.now + .seconds(20)
+        while (run.progress.last?.streamBytes ?? 0) < 3 << 20 && ContinuousClock.now < deadline { Thread.sleep(forTimeInterval: 0.02) }
+        try lab.lab.setNIC("a", nic: 1, up: false)
+        let (result, report) = try run.finish()
+        #expect(result.succeeded, "\(result.stdout)")
+        let r = try #require(report)
+        #expect(r.events.contains { $0.what.contains("NIC eth1 lost carrier") }, "\(r.events.map(\.what))")
+        #expect(r.events.firstIndex { $0.what.contains("lost carrier") }! < r.events.firstIndex { $0.what.hasPrefix("disks caught up") }!,
+                "the NIC died after the copy had caught up")
+        try lab.lab.setNIC("a", nic: 1, up: true)
+        try lab.expectRunningAndHealthy("vm7", on: "b")
+        try Self.expectDiskHealthy(lab, "vm7", on: "b")
+        let copy = try #require(r.disks?.first?.destinationPath)
+        let check = try Command.run(["qemu-io", "-r", "-U", "-f", "qcow2", "-c", "read -P 0x5a 64M 16M", copy])
+        #expect(check.succeeded && !check.stdout.contains("Pattern verification failed"), "\(check.stdout)\(check.stderr)")
     }
 
     @Test("a shared disk is not copied: the destination proves it is the same file and opens it there")

@@ -9,6 +9,10 @@ pkg_installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "insta
 have qemu-system-x86_64 || need+=(qemu-system-x86)
 # qemu-img (a disk's format and size, the copy a destination receives) and qemu-io (tests).
 have qemu-img && have qemu-io || need+=(qemu-utils)
+# A disk the tests boot a VM from (--boot disk): a FAT image with syslinux on it.
+have syslinux || need+=(syslinux)
+have mcopy || need+=(mtools)
+have mkfs.vfat || need+=(dosfstools)
 [ -x /bin/busybox ] && /bin/busybox --list >/dev/null 2>&1 && pkg_installed busybox-static || need+=(busybox-static)
 have cpio || need+=(cpio)
 have gcc || need+=(gcc)

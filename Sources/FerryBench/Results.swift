@@ -35,6 +35,10 @@ public struct BenchRun: Codable, Sendable {
     public var destinationFerryCPUSeconds: Double?
     public var sourceFerryPeakRSSBytes: UInt64?
     public var destinationFerryPeakRSSBytes: UInt64?
+    /// With a disk: its copy's bytes (Ferry: the NBD stream from the source; QEMU alone:
+    /// the mirror's length) and the time from the copy's start to the mirror's catching up.
+    public var diskBytes: UInt64? = nil
+    public var diskCopySeconds: Double? = nil
     /// Ferry only: bytes per interface over time, and the report's events.
     public var timeline: [MigrationReport.Sample]
     public var events: [MigrationReport.Event]
@@ -127,6 +131,7 @@ extension BenchResult {
             out.append("Ferry's median throughput against the others in this run: " + ratios.map { "\($0.0) \(String(format: "%.2f", $0.1))x" }.joined(separator: ", ") + ".")
         }
         out.append(contentsOf: pauseTable)
+        out.append(contentsOf: diskTable)
         let failures = runs.filter { !$0.succeeded }
         if !failures.isEmpty {
             out.append("")
@@ -169,6 +174,26 @@ extension BenchResult {
         out.append("")
         out.append("Ferry runs whose guest pause exceeded the \(Int(target)) ms --downtime target: "
                    + (over.isEmpty ? "none" : over.map { "\($0.mode.rawValue) #\($0.iteration + 1) (\(Int($0.guestPauseMilliseconds!)) ms)" }.joined(separator: ", ")) + ".")
+        return out
+    }
+
+    /// With a disk: how fast each mode copied it until the mirror caught up (median).
+    var diskTable: [String] {
+        guard scenario.diskMiB > 0 else { return [] }
+        let measured = modes.filter { stat($0, { $0.diskCopySeconds }) != nil }
+        guard !measured.isEmpty else { return [] }
+        var out = ["", "Disk copy (\(scenario.diskMiB) MiB of data, until the mirror caught up):", "",
+                   "| mode | copy time s (p50) | data rate Gbit/s (p50) | whole migration s (p50) | runs |", "|---|---|---|---|---|"]
+        for mode in measured {
+            let t = stat(mode) { $0.diskCopySeconds }!
+            // The data on the disk over the time (the same for every mode: a mirror's own
+            // count includes the zeros it skipped).
+            let data = Double(scenario.diskMiB << 20)
+            let rate = stat(mode) { r in r.diskCopySeconds.map { data * 8 / max($0, 0.001) / 1e9 } }
+            let total = stat(mode) { $0.totalSeconds }
+            out.append("| \(mode.label) | \(String(format: "%.2f", t.median)) | \(rate.map { String(format: "%.2f", $0.median) } ?? "-") | "
+                       + "\(total.map { String(format: "%.1f", $0.median) } ?? "-") | \(runs(mode).filter { $0.diskCopySeconds != nil }.count) |")
+        }
         return out
     }
 

@@ -47,6 +47,7 @@ public final class BenchRunner {
         try lab.up(nics: scenario.nics, rate: scenario.rate)
         defer { try? lab.down() }
         try preparePeers()
+        try makeDiskTemplate()
         let servePID = try b.startServe()
         defer { ProcessStats.terminate(pid: servePID) }
         // The insecure mode needs a daemon that runs --insecure too: a second one, on its own port.
@@ -90,6 +91,35 @@ public final class BenchRunner {
             .split(separator: "\n").first { $0.hasPrefix("model name") }?
             .split(separator: ":").last?.trimmingCharacters(in: .whitespaces) ?? "unknown CPU"
         return "\(ProcessInfo.processInfo.activeProcessorCount) x \(cpu), \(ProcessInfo.processInfo.physicalMemory >> 30) GiB"
+    }
+
+    // MARK: The disk
+
+    /// The guest's disk workload: 2 MiB/s of checked 4 KiB writes over its first 64 MiB.
+    static let diskAppend = " ferry.disk=vda ferry.diskmib=64 ferry.diskrate=2"
+    var diskTemplate: String { lab.directory + "/bench-disk-template.raw" }
+
+    /// A raw image four times the scenario's data, its first `diskMiB` incompressible, made
+    /// once per bench; each run's guest gets a sparse copy of it.
+    private func makeDiskTemplate() throws {
+        guard scenario.diskMiB > 0 else { return }
+        log("making the disk image (\(scenario.diskMiB) MiB of data)")
+        try Command.check(["truncate", "-s", "\(scenario.diskMiB * 4)M", diskTemplate])
+        try Command.check(["dd", "if=/dev/urandom", "of=\(diskTemplate)", "bs=1M", "count=\(scenario.diskMiB)", "conv=notrunc", "status=none"])
+    }
+
+    /// The run's disk: a sparse copy of the template.
+    private func makeDisk(_ vm: String) throws -> String {
+        let path = lab.directory + "/bench-disk-\(vm).raw"
+        try? FileManager.default.removeItem(atPath: path)
+        try Command.check(["cp", "--sparse=always", diskTemplate, path])
+        return path
+    }
+
+    /// Every image of `vm` the bench made or a migration left (each host's copies too).
+    private func removeDisks(_ vm: String) {
+        try? FileManager.default.removeItem(atPath: lab.directory + "/bench-disk-\(vm).raw")
+        for host in [a, b] { try? FileManager.default.removeItem(atPath: host.store.paths.disksDirectory + "/" + vm) }
     }
 
     // MARK: Peers' plumbing
@@ -138,6 +168,7 @@ public final class BenchRunner {
         defer {
             if !pingPong {
                 for host in [a, b] { if (try? host.store.record(vm)) != nil { try? host.store.stop(vm, reason: "bench") } }
+                removeDisks(vm)
             }
         }
         do {
@@ -166,6 +197,11 @@ public final class BenchRunner {
             let console = GuestConsole(path: destinationLog)
             let alive = console.wait(timeout: .seconds(10)) { _ in (console.heartbeats.count) >= 5 }
             run.guestOK = alive && console.heartbeats.allSatisfy(\.ok) && !watcher.sawErrors
+            if scenario.diskMiB > 0 {
+                // Its disk too: the workload goes on and every block it wrote reads back right.
+                let checked = console.wait(timeout: .seconds(10)) { _ in (console.lastDiskStatus?.checked ?? 0) > 0 }
+                run.guestOK = run.guestOK && checked && console.lastDiskStatus?.errors == 0
+            }
             run.guestGapMilliseconds = watcher.largestGapSeconds * 1000
             run.succeeded = alive
             if !alive { run.error = "no heartbeats from the guest at b" }
@@ -181,10 +217,12 @@ public final class BenchRunner {
     private func startGuest(_ vm: String, mptcp: Bool) throws -> VMRecord {
         // Room for the guest kernel beside the filled memory: 256 MiB, plus its page tables
         // and the workload's bookkeeping, which grow with the fill (a 4 GiB fill OOMs in 4.25 GiB).
-        let args = ["vm", "run", vm, "--memory", "\(scenario.fillMiB + 256 + scenario.fillMiB / 8)M", "--cpus", "2",
+        var args = ["vm", "run", vm, "--memory", "\(scenario.fillMiB + 256 + scenario.fillMiB / 8)M", "--cpus", "2",
                                   "--kernel", guest.kernel, "--initrd", guest.initrd,
                                   "--append", GuestImage.append(fillMiB: scenario.fillMiB, dirtyMiBPerSecond: scenario.dirtyMiBPerSecond,
-                                                                fill: scenario.fill, verifyMiBPerSecond: 32)]
+                                                                fill: scenario.fill, verifyMiBPerSecond: 32)
+                                      + (scenario.diskMiB > 0 ? Self.diskAppend : "")]
+        if scenario.diskMiB > 0 { args += ["--disk", try makeDisk(vm)] }
         let result = try Command.run(try lab.execArguments("a", (mptcp ? ["mptcpize", "run"] : []) + [binary] + args))
         guard result.succeeded else { throw BenchError("vm run: \(result.stderr)") }
         let record = try a.store.record(vm)
@@ -230,7 +268,8 @@ public final class BenchRunner {
             throw BenchError("ferry migrate wrote no report: \(result.stdout.suffix(300))")
         }
         guard report.succeeded else { throw BenchError("ferry migrate failed: \(report.error ?? "?")") }
-        let startedAt = report.events.first { $0.what.hasPrefix("QEMU started migrating") }?.at ?? 0
+        // With disks, the transfer starts with their copies.
+        let startedAt = report.events.first { $0.what.hasPrefix("copying") || $0.what.hasPrefix("QEMU started migrating") }?.at ?? 0
         let loadedAt = report.events.first { $0.what.hasPrefix("destination loaded") }?.at ?? report.totalSeconds
         run.transferSeconds = loadedAt - startedAt
         run.ramBytes = report.qemuTransferredBytes ?? report.streamBytes
@@ -246,6 +285,12 @@ public final class BenchRunner {
         run.destinationFerryPeakRSSBytes = report.destination.ferryPeakRSSBytes
         run.timeline = report.timeline
         run.events = report.events
+        if let disks = report.disks, !disks.isEmpty {
+            run.diskBytes = disks.compactMap(\.copiedBytes).reduce(0, +)
+            run.diskCopySeconds = disks.first?.copySeconds
+            // As an operator would once the VM runs at its destination: the source's image goes.
+            for stale in disks.compactMap(\.staleSourceImage) { try? FileManager.default.removeItem(atPath: stale) }
+        }
     }
 
     /// QEMU alone: a destination QEMU started by hand in b's namespace, migrated to over TCP.
@@ -257,7 +302,15 @@ public final class BenchRunner {
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
         let paths = VMPaths(directory: dir)
         watcher.add(path: paths.serialLog)
-        var argv = QEMU.arguments(spec: source.spec, paths: paths, store: a.store.bootFiles, incoming: true)
+        // With a disk: the destination QEMU gets an empty image of its own to be copied into.
+        var spec = source.spec
+        let disk = !spec.disks.isEmpty
+        if disk {
+            let copy = dir + "/disk0." + spec.disks[0].format.rawValue
+            try DiskImage.create(path: copy, format: spec.disks[0].format, virtualSizeBytes: spec.disks[0].virtualSizeBytes)
+            spec.disks[0].path = copy
+        }
+        var argv = QEMU.arguments(spec: spec, paths: paths, store: a.store.bootFiles, incoming: true)
         let mptcp = mode == .qemuMPTCP
         if mptcp { argv = ["mptcpize", "run"] + argv }
         let launched = try Command.run(["ip", "netns", "exec", lab.namespace("b")] + argv)
@@ -275,7 +328,14 @@ public final class BenchRunner {
         let loaded = Monitor()
         let loadedSignal = loaded.makeCondition()
         let dstDone = Locked(false)
-        src.eventHandler = { event in if event.name == "STOP" { moments.withLock { $0.stop = $0.stop ?? event.timestamp } } }
+        let preSwitchover = Locked(false)
+        src.eventHandler = { event in
+            if event.name == "STOP" { moments.withLock { $0.stop = $0.stop ?? event.timestamp } }
+            if event.name == "MIGRATION", event.data["status"]?.string == "pre-switchover" {
+                preSwitchover.withLock { $0 = true }
+                loaded.withLock { loadedSignal.broadcast() }
+            }
+        }
         dst.eventHandler = { event in
             if event.name == "RESUME" { moments.withLock { $0.resume = $0.resume ?? event.timestamp } }
             if event.name == "MIGRATION", event.data["status"]?.string == "completed" {
@@ -289,6 +349,13 @@ public final class BenchRunner {
             if multifd { try q.setMigrationParameters(["multifd-channels": 2]) }
         }
         try src.setMigrationParameters(["max-bandwidth": .number(100_000_000_000), "downtime-limit": 300])
+        if disk {
+            // As libvirt copies a disk: the destination serves its image over NBD (TCP, on b's
+            // first NIC), the source mirrors into it (active), and the memory follows once the
+            // mirror has caught up; QEMU waits at pre-switchover for the mirror's completion.
+            run.diskCopySeconds = try copyDiskWithQEMU(src: src, dst: dst, bytes: &run.diskBytes)
+            try src.setMigrationCapabilities([("pause-before-switchover", true)])
+        }
         let host = mode == .qemuECMP ? Self.ecmpAddress : lab.address("b", nic: 0)
         let uri = "tcp:\(host):\(Self.qemuPort)"
         // Under MPTCP the destination listens on every address, so that the subflows the
@@ -298,10 +365,21 @@ public final class BenchRunner {
         let cpuBefore = ProcessStats.cpuSeconds(pid: source.state.pid) ?? 0
         let started = ContinuousClock.now
         try src.execute("migrate", arguments: ["uri": .string(uri)])
+        var mirrorDone = false
         while !dstDone.withLock({ $0 }) {
             // The event wakes this at once; the query, every 200 ms, catches a failure.
             _ = loaded.withLock { loadedSignal.wait(timeout: .milliseconds(200)) }
             if dstDone.withLock({ $0 }) { break }
+            if disk && !mirrorDone && preSwitchover.withLock({ $0 }) {
+                try src.execute("block-job-cancel", arguments: ["device": "bench-copy"])
+                let until = ContinuousClock.now + .seconds(30)
+                while (try src.execute("query-block-jobs").array?.isEmpty == false) && ContinuousClock.now < until {
+                    Thread.sleep(forTimeInterval: 0.002)
+                }
+                try src.execute("blockdev-del", arguments: ["node-name": "disk0-copy"])
+                try src.execute("migrate-continue", arguments: ["state": "pre-switchover"])
+                mirrorDone = true
+            }
             let s = try src.queryMigrate()
             if s.status == .failed || s.status == .cancelled {
                 throw BenchError("QEMU: migration \(s.status): \(s.errorDescription ?? "")")
@@ -309,8 +387,9 @@ public final class BenchRunner {
             if try dst.queryMigrate().status == .failed { throw BenchError("destination QEMU failed to load") }
             if ContinuousClock.now - started > .seconds(900) { throw BenchError("timed out") }
         }
+        if disk { try dst.execute("nbd-server-stop") }
         try dst.execute("cont")
-        run.transferSeconds = (ContinuousClock.now - started).seconds
+        run.transferSeconds = (ContinuousClock.now - started).seconds + (run.diskCopySeconds ?? 0)
         var info = try src.queryMigrate()
         while info.status != .completed && ContinuousClock.now - started < .seconds(900) {
             Thread.sleep(forTimeInterval: 0.01)
@@ -320,13 +399,40 @@ public final class BenchRunner {
         run.destinationQEMUCPUSeconds = ProcessStats.cpuSeconds(pid: destPID)
         let seen = moments.withLock { $0 }
         if let stop = seen.stop, let resume = seen.resume { run.guestPauseMilliseconds = (resume - stop) * 1000 }
-        run.totalSeconds = (ContinuousClock.now - started).seconds
+        run.totalSeconds = (ContinuousClock.now - started).seconds + (run.diskCopySeconds ?? 0)
         run.ramBytes = info.transferredBytes
-        run.throughputBitsPerSecond = Double(info.transferredBytes) * 8 / max(run.transferSeconds, 0.001)
+        // With a disk, what moved is its data too (the mirror's count includes skipped zeros).
+        let moved = Double(info.transferredBytes) + Double(disk ? scenario.diskMiB << 20 : 0)
+        run.throughputBitsPerSecond = moved * 8 / max(run.transferSeconds, 0.001)
         run.qemuDowntimeMilliseconds = info.downtimeMilliseconds
         try? src.quit()
         handedOver = true
         return (paths.serialLog, destPID)
+    }
+}
+
+extension BenchRunner {
+    static let nbdPort = 7481
+
+    /// QEMU alone's disk copy: NBD server at b, mirror at a, until the mirror is ready.
+    /// Returns the seconds it took; `bytes`: the mirror's length.
+    func copyDiskWithQEMU(src: QMPClient, dst: QMPClient, bytes: inout UInt64?) throws -> Double {
+        let host = lab.address("b", nic: 0)
+        try dst.execute("nbd-server-start", arguments: ["addr": ["type": "inet", "data": ["host": .string(host), "port": .string(String(Self.nbdPort))]]])
+        try dst.execute("block-export-add", arguments: ["type": "nbd", "id": "disk0", "node-name": "disk0", "writable": true])
+        let started = ContinuousClock.now
+        try src.execute("blockdev-add", arguments: ["driver": "nbd", "node-name": "disk0-copy", "export": "disk0",
+                                                    "server": ["type": "inet", "host": .string(host), "port": .string(String(Self.nbdPort))]])
+        try src.execute("blockdev-mirror", arguments: ["job-id": "bench-copy", "device": "disk0", "target": "disk0-copy",
+                                                       "sync": "full", "copy-mode": "write-blocking"])
+        while ContinuousClock.now - started < .seconds(900) {
+            if let job = try src.execute("query-block-jobs").array?.first, job["ready"]?.bool == true {
+                bytes = UInt64(job["len"]?.double ?? 0)
+                return (ContinuousClock.now - started).seconds
+            }
+            Thread.sleep(forTimeInterval: 0.01)
+        }
+        throw BenchError("QEMU's disk copy did not catch up")
     }
 }
 

@@ -13,8 +13,13 @@ public struct BenchScenario: Codable, Sendable, Equatable {
     public var fill: String
     /// MiB/s the guest keeps rewriting after the fill (0: idle after fill).
     public var dirtyMiBPerSecond: Int
+    /// A disk that is copied with the VM (not shared): MiB of incompressible data on it
+    /// before the migration (0: no disk). Its virtual size is four times that; the guest
+    /// keeps writing 2 MiB/s to it and checks what it wrote.
+    public var diskMiB: Int
 
-    public init(name: String, nics: Int, rate: String?, fillMiB: Int, fill: String, dirtyMiBPerSecond: Int) {
+    public init(name: String, nics: Int, rate: String?, fillMiB: Int, fill: String, dirtyMiBPerSecond: Int, diskMiB: Int = 0) {
+        self.diskMiB = diskMiB
         self.name = name
         self.nics = nics
         self.rate = rate
@@ -34,6 +39,7 @@ public struct BenchScenario: Codable, Sendable, Equatable {
     public var summary: String {
         "\(nics) x \(rate ?? "unlimited"), \(fillMiB) MiB \(fill == "random" ? "incompressible" : "compressible") guest, "
             + (dirtyMiBPerSecond == 0 ? "idle after fill" : "dirtying \(dirtyMiBPerSecond) MiB/s")
+            + (diskMiB == 0 ? "" : ", a disk with \(diskMiB) MiB of data, copied (written at 2 MiB/s)")
     }
 
     /// The scenarios `ferry bench` knows by name.
@@ -43,6 +49,7 @@ public struct BenchScenario: Codable, Sendable, Equatable {
         BenchScenario(name: "2x1gbit-dirty", nics: 2, rate: "1gbit", fillMiB: 1024, fill: "random", dirtyMiBPerSecond: 16),
         BenchScenario(name: "1x1gbit-text", nics: 1, rate: "1gbit", fillMiB: 1024, fill: "text", dirtyMiBPerSecond: 0),
         BenchScenario(name: "2x1gbit-4g", nics: 2, rate: "1gbit", fillMiB: 4096, fill: "random", dirtyMiBPerSecond: 0),
+        BenchScenario(name: "2x1gbit-disk", nics: 2, rate: "1gbit", fillMiB: 512, fill: "random", dirtyMiBPerSecond: 0, diskMiB: 1024),
         // For the test suite: proves the harness, in a minute or two.
         BenchScenario(name: "tiny", nics: 2, rate: nil, fillMiB: 64, fill: "random", dirtyMiBPerSecond: 0),
     ]

@@ -73,7 +73,7 @@ enum StateFileFuzzing {
         precondition(line.runs(spec.name, at: vmPaths), "the command line of a valid spec does not run its VM")
         precondition(!line.runs(spec.name, at: VMStore(paths: StatePaths(root: "/var/lib/ferry-other")).vmPaths(spec.name)),
                      "the command line of a VM matches another host's VM of that name")
-        precondition(line.kernel == paths.image(spec.kernel.sha256) && line.initrd == spec.initrd.map { paths.image($0.sha256) },
+        precondition(line.kernel == spec.kernel.map { paths.image($0.sha256) } && line.initrd == spec.initrd.map { paths.image($0.sha256) },
                      "the boot files do not read back")
         precondition(line.spec(kernel: spec.kernel, initrd: spec.initrd) == spec, "the command line of a valid spec reads back as another spec")
     }

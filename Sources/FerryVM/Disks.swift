@@ -20,13 +20,14 @@ public enum DiskImage {
 
     /// The QEMU options for the VM's disks, in order (the guest sees vda, vdb, ...), each
     /// at `paths[i]` (the spec's own path unless the destination keeps its copy elsewhere).
-    public static func qemuArguments(_ disks: [DiskSpec], paths: [String]? = nil) -> [String] {
+    /// `bootFromDisk`: the first disk is the one the firmware boots (no kernel given).
+    public static func qemuArguments(_ disks: [DiskSpec], paths: [String]? = nil, bootFromDisk: Bool = false) -> [String] {
         var argv: [String] = []
         for (i, disk) in disks.enumerated() {
             let path = paths?[i] ?? disk.path
             argv += ["-blockdev", "driver=file,filename=\(QEMU.optionValue(path)),node-name=\(fileNodeName(i, shared: disk.shared)),discard=unmap",
                      "-blockdev", "driver=\(disk.format.rawValue),file=\(fileNodeName(i, shared: disk.shared)),node-name=\(nodeName(i)),discard=unmap",
-                     "-device", "virtio-blk-pci,drive=\(nodeName(i)),id=vd\(i)"]
+                     "-device", "virtio-blk-pci,drive=\(nodeName(i)),id=vd\(i)" + (i == 0 && bootFromDisk ? ",bootindex=1" : "")]
         }
         return argv
     }

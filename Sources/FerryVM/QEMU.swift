@@ -102,18 +102,20 @@ public enum QEMU {
             "-m", "\(ram)k",
             "-smp", "\(spec.cpus)",
             "-nodefaults", "-no-user-config", "-display", "none",
-            "-kernel", store.path(of: spec.kernel),
         ]
-        if let initrd = spec.initrd { argv += ["-initrd", store.path(of: initrd)] }
+        if let kernel = spec.kernel {
+            argv += ["-kernel", store.path(of: kernel)]
+            if let initrd = spec.initrd { argv += ["-initrd", store.path(of: initrd)] }
+            argv += ["-append", spec.append]
+        }
         argv += [
-            "-append", spec.append,
             "-chardev", "file,id=serial0,path=\(paths.serialLog),append=on",
             "-serial", "chardev:serial0",
             "-qmp", "unix:\(instance.qmpSocket),server=on,wait=off",
             "-pidfile", instance.pidFile,
             "-daemonize",
         ]
-        argv += DiskImage.qemuArguments(spec.disks)
+        argv += DiskImage.qemuArguments(spec.disks, bootFromDisk: spec.kernel == nil)
         if incoming { argv += ["-S", "-incoming", "defer"] }
         return argv
     }

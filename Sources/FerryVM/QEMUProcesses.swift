@@ -110,9 +110,11 @@ public struct QEMUCommandLine: Sendable, Equatable {
     }
 
     /// The spec this command line runs, given its boot files; nil if a part is missing.
-    public func spec(kernel: BootFile, initrd: BootFile?) -> VMSpec? {
-        guard let ramKiB, ramKiB > 0, let cpus, let accelerator, let machine, let cpuModel, let append else { return nil }
-        return VMSpec(name: name, memoryMiB: ramKiB / 1024, cpus: cpus, kernel: kernel, initrd: initrd, append: append,
+    public func spec(kernel: BootFile?, initrd: BootFile?) -> VMSpec? {
+        guard let ramKiB, ramKiB > 0, let cpus, let accelerator, let machine, let cpuModel else { return nil }
+        // A kernel comes with its command line; a VM that boots from its disk has neither.
+        guard (kernel == nil) == (append == nil), kernel != nil || !disks.isEmpty else { return nil }
+        return VMSpec(name: name, memoryMiB: ramKiB / 1024, cpus: cpus, kernel: kernel, initrd: initrd, append: append ?? "",
                       accelerator: accelerator, machine: machine, cpuModel: cpuModel, ramPadKiB: ramKiB % 1024, disks: disks)
     }
 

@@ -155,7 +155,7 @@ public enum VMRepairRules {
     /// `spec` with the boot file names of `other` where the contents are the same.
     static func named(_ spec: VMSpec, like other: VMSpec) -> VMSpec {
         var spec = spec
-        if spec.kernel.sha256 == other.kernel.sha256 { spec.kernel.name = other.kernel.name }
+        if let kernel = spec.kernel, kernel.sha256 == other.kernel?.sha256 { spec.kernel?.name = other.kernel!.name }
         if let initrd = spec.initrd, let old = other.initrd, initrd.sha256 == old.sha256 { spec.initrd?.name = old.name }
         return spec
     }
@@ -230,8 +230,8 @@ extension VMStore {
 
     /// The spec the QEMU of `line` runs, its boot files found in the store by hash.
     func specOf(_ line: QEMUCommandLine) throws(VMError) -> VMSpec {
-        guard let kernelPath = line.kernel else { throw VMError.badInput("no -kernel") }
-        let kernel = try storedBootFile(kernelPath, name: "kernel")
+        // No -kernel: a VM that boots from its first disk.
+        let kernel = try line.kernel.map { path throws(VMError) in try storedBootFile(path, name: "kernel") }
         let initrd = try line.initrd.map { path throws(VMError) in try storedBootFile(path, name: "initrd") }
         guard var spec = line.spec(kernel: kernel, initrd: initrd) else {
             throw VMError.badInput("its command line lacks one of -m, -smp, -accel, -machine, -cpu, -append")

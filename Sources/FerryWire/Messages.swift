@@ -75,7 +75,9 @@ public struct VMSpec: Codable, Equatable, Sendable {
     public var name: String
     public var memoryMiB: Int
     public var cpus: Int
-    public var kernel: BootFile
+    /// The kernel QEMU boots (with `initrd` and `append`); nil: the VM boots from its first
+    /// disk, as a BIOS would (`vm run --boot disk`).
+    public var kernel: BootFile?
     public var initrd: BootFile?
     public var append: String
     public var accelerator: Accelerator
@@ -91,7 +93,7 @@ public struct VMSpec: Codable, Equatable, Sendable {
     /// a destination that chose protocol 3 or later (``ProtocolVersion/twoWayStreams``).
     public var disks: [DiskSpec]
 
-    public init(name: String, memoryMiB: Int, cpus: Int, kernel: BootFile, initrd: BootFile?,
+    public init(name: String, memoryMiB: Int, cpus: Int, kernel: BootFile?, initrd: BootFile?,
                 append: String, accelerator: Accelerator, machine: String, cpuModel: String, ramPadKiB: Int = 0,
                 disks: [DiskSpec] = []) {
         self.ramPadKiB = ramPadKiB
@@ -107,14 +109,14 @@ public struct VMSpec: Codable, Equatable, Sendable {
         self.cpuModel = cpuModel
     }
 
-    public var bootFiles: [BootFile] { [kernel] + (initrd.map { [$0] } ?? []) }
+    public var bootFiles: [BootFile] { [kernel, initrd].compactMap { $0 } }
 
     public init(from decoder: Decoder) throws {
         let c = try decoder.container(keyedBy: CodingKeys.self)
         name = try c.decode(String.self, forKey: .name)
         memoryMiB = try c.decode(Int.self, forKey: .memoryMiB)
         cpus = try c.decode(Int.self, forKey: .cpus)
-        kernel = try c.decode(BootFile.self, forKey: .kernel)
+        kernel = try c.decodeIfPresent(BootFile.self, forKey: .kernel)
         initrd = try c.decodeIfPresent(BootFile.self, forKey: .initrd)
         append = try c.decode(String.self, forKey: .append)
         accelerator = try c.decode(Accelerator.self, forKey: .accelerator)

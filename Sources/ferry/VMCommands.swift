@@ -25,14 +25,17 @@ struct VM: ParsableCommand {
         @Option(help: "Number of vCPUs (default: 1).")
         var cpus = 1
 
-        @Option(help: "The guest kernel (bzImage/vmlinuz).")
-        var kernel: String
+        @Option(help: "The guest kernel (bzImage/vmlinuz); not with --boot disk.")
+        var kernel: String?
 
         @Option(help: "The guest initrd (optional).")
         var initrd: String?
 
         @Option(help: "The kernel command line (default: console=ttyS0).")
-        var append = "console=ttyS0"
+        var append: String?
+
+        @Option(help: "What the VM boots: kernel (--kernel, --initrd, --append) or disk (its first --disk, as a BIOS would) (default: kernel).")
+        var boot: BootChoice = .kernel
 
         @Option(help: "Accelerator: auto picks KVM where the CPU has vmx/svm, TCG otherwise (default: auto).")
         var accel: AcceleratorChoice = .auto
@@ -50,9 +53,18 @@ struct VM: ParsableCommand {
             if let problem = VMSpec.validateName(name) { throw ValidationError(problem) }
             guard (1...256).contains(cpus) else { throw ValidationError("--cpus must be between 1 and 256") }
             guard memory.mebibytes >= 16 else { throw ValidationError("--memory must be at least 16M") }
-            guard FileManager.default.isReadableFile(atPath: kernel) else { throw ValidationError("cannot read --kernel '\(kernel)'") }
-            if let initrd, !FileManager.default.isReadableFile(atPath: initrd) {
-                throw ValidationError("cannot read --initrd '\(initrd)'")
+            switch boot {
+            case .kernel:
+                guard let kernel else { throw ValidationError("--kernel is needed (or --boot disk, to boot from the first --disk)") }
+                guard FileManager.default.isReadableFile(atPath: kernel) else { throw ValidationError("cannot read --kernel '\(kernel)'") }
+                if let initrd, !FileManager.default.isReadableFile(atPath: initrd) {
+                    throw ValidationError("cannot read --initrd '\(initrd)'")
+                }
+            case .disk:
+                guard !disks.isEmpty else { throw ValidationError("--boot disk boots from the first --disk: give one") }
+                guard kernel == nil && initrd == nil && append == nil else {
+                    throw ValidationError("--boot disk boots what is on the disk: --kernel, --initrd and --append do not apply")
+                }
             }
         }
 
@@ -68,10 +80,10 @@ struct VM: ParsableCommand {
                 let (format, size) = try DiskImage.inspect(path: disk.path, format: disk.format)
                 diskSpecs.append(DiskSpec(path: disk.path, format: format, virtualSizeBytes: size, shared: disk.shared))
             }
-            let kernelFile = try store.bootFiles.importFile(at: kernel)
+            let kernelFile = try kernel.map { try store.bootFiles.importFile(at: $0) }
             let initrdFile = try initrd.map { try store.bootFiles.importFile(at: $0) }
             let spec = VMSpec(name: name, memoryMiB: memory.mebibytes, cpus: cpus, kernel: kernelFile, initrd: initrdFile,
-                              append: append, accelerator: accelerator, machine: try QEMU.defaultMachineType(),
+                              append: kernel == nil ? "" : append ?? "console=ttyS0", accelerator: accelerator, machine: try QEMU.defaultMachineType(),
                               cpuModel: QEMU.defaultCPUModel(for: accelerator),
                               ramPadKiB: QEMU.tcgDirtyTrackingPadKiB(accelerator: accelerator, qemuVersion: QEMU.version()),
                               disks: diskSpecs)
@@ -277,4 +289,9 @@ struct DiskArgument: ExpressibleByArgument {
             }
         }
     }
+}
+
+/// `--boot kernel|disk`.
+enum BootChoice: String, ExpressibleByArgument, CaseIterable {
+    case kernel, disk
 }

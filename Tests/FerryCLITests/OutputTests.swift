@@ -34,6 +34,25 @@ struct OutputTests {
     }
 }
 
+extension OutputTests {
+    @Test("vm run refuses bad disks with a clear error and starts nothing", arguments: [
+        (["--kernel", "/bin/sh", "--disk", "/nonexistent/vm.qcow2"], "does not exist"),
+        (["--kernel", "/bin/sh", "--disk", "/bin/sh,format=qcow2"], "not in qcow2 format"),
+        (["--kernel", "/bin/sh", "--disk", "/bin/sh,format=vmdk"], "--disk"),
+        (["--boot", "disk"], "--boot disk boots from the first --disk"),
+        (["--boot", "disk", "--disk", "/bin/sh", "--kernel", "/bin/sh"], "do not apply"),
+        ([String](), "--kernel is needed"),
+    ])
+    func badDisks(args: [String], message: String) throws {
+        let directory = NSTemporaryDirectory() + "ferry-out-\(UUID().uuidString.prefix(8))"
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        let run = try BinaryRun(["vm", "run", "vm1"] + args + ["--state-dir", directory])
+        #expect(run.status != 0)
+        #expect(run.stderr.contains(message), "stderr: \(run.stderr)")
+        #expect(!FileManager.default.fileExists(atPath: directory + "/vms/vm1/state.json"))
+    }
+}
+
 /// One run of the ferry binary: its exit status, stdout and stderr.
 struct BinaryRun {
     static var ferry: String {

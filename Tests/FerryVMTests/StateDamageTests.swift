@@ -240,9 +240,9 @@ struct StateDamageTests {
         #expect(both.spec == Self.spec && both.state == VMState(phase: .running, pid: 77, startedAt: Self.at))
         // spec.json readable, other boot file names: kept as it is.
         var renamed = Self.spec
-        renamed.kernel.name = "bzImage"
+        renamed.kernel?.name = "bzImage"
         let kept = try #require(repair(Self.facts { $0.spec = renamed; $0.state = VMState(phase: .running, pid: 77, startedAt: Self.at) }))
-        #expect(!kept.writeSpec && !kept.writeState && kept.notes.isEmpty && kept.spec.kernel.name == "bzImage")
+        #expect(!kept.writeSpec && !kept.writeState && kept.notes.isEmpty && kept.spec.kernel?.name == "bzImage")
         // A readable spec.json that says other than QEMU runs: QEMU wins.
         var stale = Self.spec
         stale.cpus = 8
