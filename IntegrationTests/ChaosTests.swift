@@ -13,7 +13,9 @@ import Testing
 /// failure says why; the next migration succeeds. `FERRY_CHAOS=all` runs all 40 cells
 /// (about 25 minutes); by default the 8 cells below (a data NIC down is
 /// `MultichannelTests.nicDownUpDown`'s, in more detail). `FERRY_CHAOS_OUT=FILE` appends one
-/// line per cell, the table of docs/RELIABILITY.md.
+/// line per cell, the table of docs/RELIABILITY.md. `FERRY_CHAOS_DISK=1` gives the VM a disk
+/// that is copied while the guest writes to it: its blocks must read back right where the VM
+/// survives, and no partial copy may stay on the other host.
 @Suite("Chaos: faults x phases", .serialized, .enabled(if: Env.canRunEndToEnd, "needs root, QEMU and the demo guest (scripts/test.sh)"))
 struct ChaosTests {
     enum Fault: String, CaseIterable, Sendable, CustomTestStringConvertible {
@@ -85,7 +87,11 @@ struct ChaosTests {
         }
         try lab.serve(on: "a")
         var destinationDaemon = try lab.serve(on: "b")
-        _ = try lab.startDemoVM("vm1", memory: 256, fill: 64, dirty: 2)
+        // FERRY_CHAOS_DISK=1: the VM has a disk that is copied, which the guest writes to.
+        let disk = ProcessInfo.processInfo.environment["FERRY_CHAOS_DISK"] == "1"
+        let image = disk ? try DiskTests.makeImage(lab, "vm1-disk.qcow2", format: .qcow2, pattern: true) : nil
+        _ = try lab.startDemoVM("vm1", memory: 256, fill: 64, dirty: 2, disks: image.map { [$0] } ?? [],
+                                append: disk ? DiskTests.diskWorkload : "")
         let run = RunningMigration(lab, "vm1")
 
         // Reach the phase.
@@ -168,6 +174,14 @@ struct ChaosTests {
         if let report, !report.succeeded { #expect(!(report.error ?? "").isEmpty, "a failed migration without an error") }
         guard let host = copies.first else { return }
         try lab.expectRunningAndHealthy("vm1", on: host)
+        if disk {
+            // Its disk intact where it runs, and no partial copy left on the other host.
+            try DiskTests.expectDiskHealthy(lab, "vm1", on: host)
+            let other = host == "a" ? lab.b : lab.a
+            let left = (try? FileManager.default.contentsOfDirectory(atPath: other.store.paths.disksDirectory + "/vm1")) ?? []
+            #expect(left.isEmpty, "a copy left on the other host: \(left)")
+            if host == "b" { try? FileManager.default.removeItem(atPath: image!) }  // as the operator would: it is stale
+        }
         // The next migration succeeds.
         let other = host == "a" ? "b" : "a"
         let (next, nextReport) = try lab.migrate("vm1", from: host, to: other)

@@ -175,6 +175,62 @@ struct DiskTests {
         try Self.expectDiskHealthy(lab, "vm3", on: "a")
     }
 
+    @Test("bad input at the destination, refused before anything moves: a copy's path that exists, not enough room for the data")
+    func destinationRefusals() throws {
+        let lab = try TestLab(nics: 1)
+        // b's --disk-dir is a 12 MiB tmpfs in its own mount namespace: too small for 16 MiB.
+        let small = lab.lab.directory + "/small-disks"
+        try FileManager.default.createDirectory(atPath: small, withIntermediateDirectories: true)
+        let daemon = try lab.serve(extra: ["--disk-dir", small], prelude: "mount -t tmpfs -o size=12m tmpfs \(small)")
+        let image = try Self.makeImage(lab, "vm8-disk.qcow2", format: .qcow2, pattern: true)
+        _ = try lab.startDemoVM("vm8", memory: 256, fill: 32, dirty: 2, disks: [image], append: Self.diskWorkload)
+        var (result, report) = try lab.migrate("vm8")
+        #expect(!result.succeeded && report?.error?.contains("not enough room") == true, "\(report?.error ?? result.stdout)")
+        // The default place, with a copy already there.
+        let taken = lab.lab.stateDirectory("b") + "/disks/vm8/disk0.qcow2"
+        try FileManager.default.createDirectory(atPath: (taken as NSString).deletingLastPathComponent, withIntermediateDirectories: true)
+        try Data("older copy".utf8).write(to: URL(fileURLWithPath: taken))
+        ProcessStats.terminate(pid: daemon)
+        try lab.serve()
+        (result, report) = try lab.migrate("vm8")
+        #expect(!result.succeeded && report?.error?.contains("already exists") == true, "\(report?.error ?? result.stdout)")
+        #expect(try String(contentsOfFile: taken, encoding: .utf8) == "older copy", "the existing file was touched")
+        try lab.expectRunningAndHealthy("vm8", on: "a")
+        try Self.expectDiskHealthy(lab, "vm8", on: "a")
+    }
+
+    @Test("an image another VM holds is refused at vm run (QEMU's lock), with QEMU's reason")
+    func heldImage() throws {
+        let lab = try TestLab(nics: 1)
+        let image = try Self.makeImage(lab, "vm9-disk.qcow2", format: .qcow2, pattern: false)
+        _ = try lab.startDemoVM("vm9", memory: 256, fill: 16, dirty: 1, disks: [image])
+        let second = try lab.a.ferry(["vm", "run", "vm10", "--memory", "128M", "--kernel", Env.guest.kernel, "--initrd", Env.guest.initrd, "--disk", image])
+        #expect(!second.succeeded)
+        #expect(second.stderr.contains("lock"), "stderr: \(second.stderr)")
+        #expect((try? lab.a.store.record("vm10"))?.alive != true)
+        try lab.expectRunningAndHealthy("vm9", on: "a")
+    }
+
+    @Test("same-host update: the new QEMU takes the disks where they are, nothing copied; an idle disk's copy is identical, block for block")
+    func updateAndCompare() throws {
+        let lab = try TestLab(nics: 2)
+        try lab.serve()
+        let image = try Self.makeImage(lab, "vm11-disk.qcow2", format: .qcow2, pattern: true)
+        // No disk workload: the disk stays as it is, so the copy can be compared whole.
+        _ = try lab.startDemoVM("vm11", memory: 256, fill: 32, dirty: 2, disks: [image])
+        let update = try lab.a.ferry(["vm", "update", "vm11", "--json"])
+        #expect(update.succeeded, "\(update.stdout)\(update.stderr)")
+        #expect(try lab.a.store.record("vm11").spec.disks.first?.path == image)
+        #expect(!FileManager.default.fileExists(atPath: lab.lab.stateDirectory("a") + "/disks/vm11"))
+        try lab.expectRunningAndHealthy("vm11", on: "a")
+        let (result, report) = try lab.migrate("vm11")
+        #expect(result.succeeded, "\(result.stdout)")
+        let copy = try #require(report?.disks?.first?.destinationPath)
+        let compare = try Command.run(["qemu-img", "compare", "-U", image, copy])
+        #expect(compare.succeeded && compare.stdout.contains("Images are identical"), "\(compare.stdout)\(compare.stderr)")
+        try lab.expectRunningAndHealthy("vm11", on: "b")
+    }
+
     @Test("a destination of protocol v2 cannot take a VM with disks: refused before the offer, the VM stays")
     func oldDestination() throws {
         let lab = try TestLab(nics: 2)

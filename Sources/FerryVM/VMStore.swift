@@ -256,10 +256,30 @@ public struct VMStore: Sendable {
         } else {
             try? FileManager.default.removeItem(atPath: vm.memoryFile)
         }
+        if reason.hasPrefix(Self.incomingDiscard) { removeCopiedDisks(name) }
         let stamp = ISO8601DateFormatter().string(from: Date()).replacingOccurrences(of: ":", with: "")
         try? FileManager.default.createDirectory(atPath: paths.logsDirectory, withIntermediateDirectories: true)
         _ = rename(vm.serialLog, paths.logsDirectory + "/\(name)-\(stamp)-\(reason).log")
         try? FileManager.default.removeItem(atPath: vm.directory)
+    }
+
+    /// The prefix of the reasons an incoming copy is discarded for, one that never ran here
+    /// (its source keeps the VM): `incoming-aborted`, `incoming-died`, ...
+    public static let incomingDiscard = "incoming-"
+
+    /// An incoming copy that never ran is discarded: so are the images its disks were
+    /// copied into (every disk of its spec that is not shared is an image its migration
+    /// created here; a shared one is the source's own and stays). Their directory goes too
+    /// once empty. Never for a VM that ran here: its images are its disks.
+    private func removeCopiedDisks(_ name: String) {
+        guard let spec = try? read(VMSpec.self, from: vmPaths(name).spec) else { return }
+        for disk in spec.disks where !disk.shared {
+            try? FileManager.default.removeItem(atPath: disk.path)
+            let directory = (disk.path as NSString).deletingLastPathComponent
+            if (try? FileManager.default.contentsOfDirectory(atPath: directory))?.isEmpty == true {
+                try? FileManager.default.removeItem(atPath: directory)
+            }
+        }
     }
 
     /// True if `pid` is a QEMU running a VM called `name` (guards against pid reuse), from

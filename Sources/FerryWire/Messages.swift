@@ -255,9 +255,13 @@ public struct OfferMessage: Codable, Equatable, Sendable {
     /// the source has just written beside the shared image (``SharedDiskToken``). The
     /// destination reads it at the same path: the same token proves the same file.
     public var sharedDiskTokens: [String?]?
+    /// Protocol v3, one per disk of `spec`: the bytes its image takes on the source's
+    /// filesystem now (what a copy will need, at least; the destination checks its room).
+    public var diskAllocatedBytes: [UInt64]?
     public init(spec: VMSpec, streams: StreamPlan, sourceHost: String, sourcePort: UInt16? = nil, linkTimeoutSeconds: Double? = nil,
-                sharedDiskTokens: [String?]? = nil) {
+                sharedDiskTokens: [String?]? = nil, diskAllocatedBytes: [UInt64]? = nil) {
         self.sharedDiskTokens = sharedDiskTokens
+        self.diskAllocatedBytes = diskAllocatedBytes
         self.spec = spec
         self.streams = streams
         self.sourceHost = sourceHost

@@ -114,6 +114,25 @@ struct StateDamageTests {
         #expect(QEMUCommandLine(["sleep", "10"]) == nil)
     }
 
+    @Test("a discarded incoming copy takes the images its disks were copied into with it; a shared image, and any VM's that ran here, stay")
+    func discardedCopyRemovesItsImages() throws {
+        let store = try VMTests().tempStore()
+        let copy = store.paths.disksDirectory + "/vm1/disk0.qcow2", shared = store.paths.root + "/shared.raw"
+        try FileManager.default.createDirectory(atPath: (copy as NSString).deletingLastPathComponent, withIntermediateDirectories: true)
+        for path in [copy, shared] { try Data("image".utf8).write(to: URL(fileURLWithPath: path)) }
+        var spec = Self.spec
+        spec.disks = [DiskSpec(path: copy, format: .qcow2, virtualSizeBytes: 1 << 20, shared: false),
+                      DiskSpec(path: shared, format: .raw, virtualSizeBytes: 1 << 20, shared: true)]
+        for (reason, kept) in [("stopped", true), ("died", true), ("incoming-aborted", false)] {
+            try FileManager.default.createDirectory(atPath: store.vmPaths("vm1").directory, withIntermediateDirectories: true)
+            try store.write(spec, to: store.vmPaths("vm1").spec)
+            store.archiveAndRemove("vm1", reason: reason)
+            #expect(FileManager.default.fileExists(atPath: copy) == kept, "\(reason)")
+            #expect(FileManager.default.fileExists(atPath: shared), "\(reason): the shared image must stay")
+        }
+        #expect(!FileManager.default.fileExists(atPath: store.paths.disksDirectory + "/vm1"), "its emptied directory goes too")
+    }
+
     @Test("a VM's disks read back from its QEMU command line: paths (commas too), formats, shared or not, in order")
     func commandLineDisks() throws {
         let store = try VMTests().tempStore()

@@ -330,7 +330,13 @@ final class DestinationSession: @unchecked Sendable {
             if event.name == "RESUME" { resumedAt.withLock { $0 = event.timestamp } }
         }
         do {
-            try qmp.setMigrationCapabilities([("multifd", offer.streams.multifdChannels > 0), ("events", true)])
+            // late-block-activate with disks: QEMU would take a shared image's locks (and
+            // write access) as soon as it has loaded the VM, before the commit; a rollback
+            // would then find the image held here when the source's QEMU takes it back.
+            // With it, this QEMU takes its disks at `cont`, which runs only once committed.
+            // (A copied disk's node is active already: its NBD export activated it.)
+            try qmp.setMigrationCapabilities([("multifd", offer.streams.multifdChannels > 0), ("events", true),
+                                              ("late-block-activate", !spec.disks.isEmpty)])
             if offer.streams.multifdChannels > 0 {
                 try qmp.setMigrationParameters(["multifd-channels": .number(Double(offer.streams.multifdChannels))])
             }

@@ -62,7 +62,27 @@ extension DestinationSession {
                 spec.disks[i].path = path
             }
         }
+        try checkRoom(for: spec, directory: directory, allocated: offer.diskAllocatedBytes)
         return spec
+    }
+
+    /// Room for the copies' data where they go: what the source's images take now, and a
+    /// sixteenth more for the guest's writes during the copy and the format's metadata.
+    private func checkRoom(for spec: VMSpec, directory: String, allocated: [UInt64]?) throws(IncomingError) {
+        guard !disks.copied.isEmpty else { return }
+        let needed = disks.copied.reduce(UInt64(0)) { sum, i in
+            sum + (allocated.flatMap { i < $0.count ? $0[i] : nil } ?? spec.disks[i].virtualSizeBytes)
+        }
+        // The nearest directory that exists is on the filesystem the copies will be on.
+        var probe = directory
+        while !FileManager.default.fileExists(atPath: probe) && probe != "/" { probe = (probe as NSString).deletingLastPathComponent }
+        var fs = statvfs()
+        guard statvfs(probe, &fs) == 0 else { return }
+        let free = UInt64(fs.f_bavail) * UInt64(fs.f_frsize)
+        guard free >= needed + needed / 16 else {
+            throw .refused(.badOffer, "not enough room on \(HostInfo.hostname) for the disks' data: \(Format.bytes(needed)) to copy into "
+                + "\(directory), \(Format.bytes(free)) free")
+        }
     }
 
     /// Creates the empty images the copied disks go into (just before QEMU opens them).

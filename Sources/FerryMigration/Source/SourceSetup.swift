@@ -119,7 +119,9 @@ extension SourceMigration {
                 .flatMap { UInt16($0.trimmingCharacters(in: .whitespacesAndNewlines)) }
             let tokens = try prepareDisks(spec, version: welcome.version)
             try control.send(.offer, OfferMessage(spec: spec, streams: plan, sourceHost: HostInfo.hostname, sourcePort: ownPort,
-                                                  linkTimeoutSeconds: options.linkTimeout.seconds, sharedDiskTokens: tokens))
+                                                  linkTimeoutSeconds: options.linkTimeout.seconds, sharedDiskTokens: tokens,
+                                                  diskAllocatedBytes: spec.disks.isEmpty ? nil
+                                                      : spec.disks.map { DiskImage.allocatedBytes(path: $0.path) ?? $0.virtualSizeBytes }))
             accept = try control.expect(.accept, as: AcceptMessage.self)
         } catch let error as MigrateError {
             control.shutdown()
