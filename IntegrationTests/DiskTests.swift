@@ -231,6 +231,63 @@ struct DiskTests {
         try lab.expectRunningAndHealthy("vm11", on: "b")
     }
 
+    @Test("the destination's filesystem fills up in the middle of the copy: the copy fails, the VM writes on at the source, no partial image stays")
+    func destinationFull() throws {
+        let lab = try TestLab(nics: 1)
+        // The image takes little room (compressed clusters) but holds 48 MiB of data: the
+        // room check passes, and the 24 MiB tmpfs of b's --disk-dir fills up mid-copy.
+        let raw = lab.lab.directory + "/images/vm12-data.raw"
+        try FileManager.default.createDirectory(atPath: lab.lab.directory + "/images", withIntermediateDirectories: true)
+        try Command.check(["qemu-img", "create", "-q", "-f", "raw", raw, "128M"])
+        try Command.check(["qemu-io", "-f", "raw", "-c", "write -P 0x5a 64M 48M", raw])
+        let image = lab.lab.directory + "/images/vm12-disk.qcow2"
+        try Command.check(["qemu-img", "convert", "-c", "-O", "qcow2", raw, image])
+        let small = lab.lab.directory + "/small-disks"
+        try FileManager.default.createDirectory(atPath: small, withIntermediateDirectories: true)
+        let daemon = try lab.serve(extra: ["--disk-dir", small], prelude: "mount -t tmpfs -o size=24m tmpfs \(small)")
+        _ = try lab.startDemoVM("vm12", memory: 256, fill: 32, dirty: 2, disks: [image], append: Self.diskWorkload)
+        let (result, report) = try lab.migrate("vm12")
+        #expect(!result.succeeded)
+        #expect(report?.outcome == .failedVMOnSource, "\(result.stdout)")
+        #expect(report?.error?.contains("disk copy") == true, "\(report?.error ?? result.stdout)")
+        try lab.expectRunningAndHealthy("vm12", on: "a")
+        try Self.expectDiskHealthy(lab, "vm12", on: "a")
+        // The destination discarded its copy, and the image it had begun (on its daemon's own
+        // tmpfs: looked at from inside that mount namespace).
+        #expect((try? lab.b.store.record("vm12")) == nil, "the destination still has the VM")
+        let left = try Command.run(["nsenter", "-t", String(daemon), "-m", "ls", "-A", small])
+        #expect(left.succeeded && left.stdout.trimmingCharacters(in: .whitespacesAndNewlines).isEmpty, "left on b: \(left.stdout)\(left.stderr)")
+    }
+
+    @Test("a shared disk and a rollback after the destination has loaded: the source's QEMU takes its image back and writes on")
+    func sharedRollback() throws {
+        let lab = try TestLab(nics: 2)
+        let marks = lab.lab.directory + "/fault-marks"
+        setenv("FERRY_FAULT_PAUSE", "\(FaultPoint.sourceBeforeCommit.rawValue):6", 1)
+        setenv("FERRY_FAULT_MARK", marks, 1)
+        defer { unsetenv("FERRY_FAULT_PAUSE"); unsetenv("FERRY_FAULT_MARK") }
+        try lab.serve(on: "a")
+        try lab.serve(on: "b")
+        let image = try Self.makeImage(lab, "vm13-shared.raw", format: .raw, pattern: false)
+        _ = try lab.startDemoVM("vm13", memory: 256, fill: 32, dirty: 2, disks: [image + ",shared"], append: Self.diskWorkload)
+        let run = RunningMigration(lab, "vm13")
+        // Held before the commit (the destination has loaded and recorded `prepared`): the
+        // source dies there, and the daemons settle it as never committed.
+        let reached = ChaosTests.waitUntil(timeout: .seconds(60)) {
+            (try? String(contentsOfFile: marks, encoding: .utf8))?.contains(FaultPoint.sourceBeforeCommit.rawValue) == true
+        }
+        try #require(reached, "the migration never reached the commit point")
+        for pid in ChaosTests.pids(of: [Env.ferry, "migrate", "vm13"]) { kill(pid, SIGKILL) }
+        _ = try? run.finish(timeout: .seconds(30))
+        let settled = ChaosTests.waitUntil(timeout: .seconds(45)) {
+            (try? lab.a.store.record("vm13"))?.state.phase == .running && lab.a.store.handover("vm13") == nil
+                && (try? lab.b.store.record("vm13")) == nil
+        }
+        #expect(settled, "not settled: a \((try? lab.a.store.record("vm13"))?.state.phase.rawValue ?? "-"), b \((try? lab.b.store.record("vm13"))?.state.phase.rawValue ?? "-")")
+        try lab.expectRunningAndHealthy("vm13", on: "a")
+        try Self.expectDiskHealthy(lab, "vm13", on: "a")
+    }
+
     @Test("a destination of protocol v2 cannot take a VM with disks: refused before the offer, the VM stays")
     func oldDestination() throws {
         let lab = try TestLab(nics: 2)

@@ -1,4 +1,5 @@
 import FerryMigration
+import FerryWire
 import Foundation
 
 /// One measured migration.
@@ -38,6 +39,8 @@ public struct BenchRun: Codable, Sendable {
     /// With a disk: its copy's bytes (Ferry: the NBD stream from the source; QEMU alone:
     /// the mirror's length) and the time from the copy's start to the mirror's catching up.
     public var diskBytes: UInt64? = nil
+    /// Ferry only: where the destination's writers waited (the report's).
+    public var destinationWaits: DestinationWaits? = nil
     public var diskCopySeconds: Double? = nil
     /// Ferry only: bytes per interface over time, and the report's events.
     public var timeline: [MigrationReport.Sample]

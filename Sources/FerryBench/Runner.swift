@@ -285,6 +285,7 @@ public final class BenchRunner {
         run.destinationFerryPeakRSSBytes = report.destination.ferryPeakRSSBytes
         run.timeline = report.timeline
         run.events = report.events
+        run.destinationWaits = report.destinationWaits
         if let disks = report.disks, !disks.isEmpty {
             run.diskBytes = disks.compactMap(\.copiedBytes).reduce(0, +)
             run.diskCopySeconds = disks.first?.copySeconds

@@ -78,6 +78,8 @@ public final class DestinationDataPath: @unchecked Sendable {
     /// the first chunk arrives.
     public var onComplete: (@Sendable () -> Void)?
     private var receivedPayloadBytes: UInt64 = 0
+    /// Where the writers waited (``DestinationWaits``).
+    private var writerWaits = DestinationWaits()
     private var duplicateChunks = 0
     private var splicedChunks = 0
     private var acceptedChunks = 0
@@ -313,6 +315,8 @@ public final class DestinationDataPath: @unchecked Sendable {
             // Wait for: our turn to connect and our first bytes, or the next chunk, or the end.
             var chunk: ChunkBytes?
             var offset: UInt64 = 0
+            // Since when the next chunk was late while later ones of this stream were here.
+            var lateSince: ContinuousClock.Instant?
             while failure == nil && !stopped {
                 let s = streams[id]!
                 if let end = s.end, s.nextSequence == end.chunkCount { break }
@@ -321,7 +325,13 @@ public final class DestinationDataPath: @unchecked Sendable {
                     offset = s.pendingOffsets[s.nextSequence] ?? 0
                     break
                 }
+                if lateSince == nil && s.pending[s.nextSequence] == nil && !s.pending.isEmpty { lateSince = .now }
                 s.ready.wait()
+            }
+            if let lateSince {
+                let waited = (ContinuousClock.now - lateSince).seconds * 1000
+                writerWaits.lateChunkTotalMilliseconds += waited
+                writerWaits.lateChunkLongestMilliseconds = max(writerWaits.lateChunkLongestMilliseconds, waited)
             }
             if failure != nil || stopped {
                 monitor.unlock()
@@ -365,6 +375,16 @@ public final class DestinationDataPath: @unchecked Sendable {
                 }
             }
             let size = bytes.count  // a pipe's count is 0 once drained
+            let writeStarted = ContinuousClock.now
+            defer {
+                let waited = (ContinuousClock.now - writeStarted).seconds * 1000
+                if waited >= 5 {
+                    monitor.withLock {
+                        writerWaits.qemuTotalMilliseconds += waited
+                        writerWaits.qemuLongestMilliseconds = max(writerWaits.qemuLongestMilliseconds, waited)
+                    }
+                }
+            }
             do {
                 switch bytes {
                 case .memory(let buffer): try socket!.writeAll(buffer.bytes)
@@ -494,6 +514,9 @@ public final class DestinationDataPath: @unchecked Sendable {
     /// Bytes of stream data written to QEMU so far.
     public var deliveredByteCount: UInt64 { monitor.withLock { streams.values.reduce(0) { $0 + $1.writtenBytes } } }
     public var receivedByteCount: UInt64 { monitor.withLock { receivedPayloadBytes } }
+    /// Where the writers waited so far (``DestinationWaits``).
+    public var waits: DestinationWaits { monitor.withLock { writerWaits } }
+
     /// The most bytes held in the reorder buffers at once.
     public var peakBufferedBytes: Int { monitor.withLock { peakBuffered } }
     public var duplicates: Int { monitor.withLock { duplicateChunks } }

@@ -116,6 +116,7 @@ public enum StateFileCoding {
         for disk in spec.disks {
             guard disk.path.hasPrefix("/"), !disk.path.contains("\0"), disk.virtualSizeBytes > 0 else { return "has a malformed disk" }
         }
+        if let problem = spec.bootProblem { return problem }
         return nil
     }
 

@@ -111,6 +111,15 @@ public struct VMSpec: Codable, Equatable, Sendable {
 
     public var bootFiles: [BootFile] { [kernel, initrd].compactMap { $0 } }
 
+    /// What is wrong with how this VM boots, or nil: a kernel (its initrd and command line
+    /// with it), or else the first disk, which then needs to exist.
+    public var bootProblem: String? {
+        guard kernel == nil else { return nil }
+        if disks.isEmpty { return "has nothing to boot: no kernel and no disk" }
+        if initrd != nil || !append.isEmpty { return "has an initrd or a kernel command line but no kernel" }
+        return nil
+    }
+
     public init(from decoder: Decoder) throws {
         let c = try decoder.container(keyedBy: CodingKeys.self)
         name = try c.decode(String.self, forKey: .name)
@@ -480,13 +489,34 @@ public struct CommittedMessage: Codable, Equatable, Sendable {
     public var ferryPeakRSSBytes: UInt64
     /// When the destination's steps of the switchover happened (absent from older peers).
     public var times: DestinationSwitchoverTimes?
+    /// Where the destination's writers waited (absent from older peers).
+    public var waits: DestinationWaits?
     public init(ferryCPUSeconds: Double, qemuCPUSeconds: Double, receivedByteCount: UInt64, ferryPeakRSSBytes: UInt64,
-                times: DestinationSwitchoverTimes? = nil) {
+                times: DestinationSwitchoverTimes? = nil, waits: DestinationWaits? = nil) {
+        self.waits = waits
         self.ferryCPUSeconds = ferryCPUSeconds
         self.qemuCPUSeconds = qemuCPUSeconds
         self.receivedByteCount = receivedByteCount
         self.ferryPeakRSSBytes = ferryPeakRSSBytes
         self.times = times
+    }
+}
+
+/// Where the destination's stream writers waited during a migration, in milliseconds: for
+/// a chunk that was late while later ones of its stream were already here (the in-order
+/// rule holding the others back), and for the destination QEMU to take what was written
+/// (a write that blocked 5 ms or more). The longest of each, and the total.
+public struct DestinationWaits: Codable, Equatable, Sendable {
+    public var lateChunkLongestMilliseconds: Double
+    public var lateChunkTotalMilliseconds: Double
+    public var qemuLongestMilliseconds: Double
+    public var qemuTotalMilliseconds: Double
+    public init(lateChunkLongestMilliseconds: Double = 0, lateChunkTotalMilliseconds: Double = 0,
+                qemuLongestMilliseconds: Double = 0, qemuTotalMilliseconds: Double = 0) {
+        self.lateChunkLongestMilliseconds = lateChunkLongestMilliseconds
+        self.lateChunkTotalMilliseconds = lateChunkTotalMilliseconds
+        self.qemuLongestMilliseconds = qemuLongestMilliseconds
+        self.qemuTotalMilliseconds = qemuTotalMilliseconds
     }
 }
 

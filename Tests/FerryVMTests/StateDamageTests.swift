@@ -149,6 +149,20 @@ struct StateDamageTests {
         bad.disks[0].path = "relative.qcow2"
         #expect(StateFileCoding.check(bad, vm: "vm1") != nil)
         #expect(StateFileCoding.check(spec, vm: "vm1") == nil)
+        // Something to boot: a kernel, or else the first disk (the fuzzer found a spec with
+        // neither, its "kernel" key mangled, which read back as another spec).
+        var diskBoot = spec
+        diskBoot.kernel = nil
+        diskBoot.initrd = nil
+        diskBoot.append = ""
+        #expect(StateFileCoding.check(diskBoot, vm: "vm1") == nil)
+        let bootLine = try #require(QEMUCommandLine(QEMU.arguments(spec: diskBoot, paths: store.vmPaths("vm1"), store: store.bootFiles, incoming: false)))
+        #expect(bootLine.kernel == nil && bootLine.spec(kernel: nil, initrd: nil)?.disks.count == 2)
+        var nothing = diskBoot
+        nothing.disks = []
+        #expect(StateFileCoding.check(nothing, vm: "vm1") == "has nothing to boot: no kernel and no disk")
+        diskBoot.append = "console=ttyS0"
+        #expect(StateFileCoding.check(diskBoot, vm: "vm1") != nil)
     }
 
     /// A process whose command line is the QEMU command line of `name` on `store`: a shell

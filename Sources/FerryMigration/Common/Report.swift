@@ -102,6 +102,9 @@ public struct MigrationReport: Codable, Sendable {
     public var pause: Pause? = nil
     /// The VM's disks: where each is on both hosts, and what its copy carried.
     public var disks: [Disk]? = nil
+    /// Where the destination's stream writers waited (a late chunk holding later ones
+    /// back; the destination QEMU slow to take its stream).
+    public var destinationWaits: DestinationWaits? = nil
 
     public struct Disk: Codable, Sendable, Equatable {
         /// The guest's name (vda, vdb, ...).
@@ -172,6 +175,10 @@ extension MigrationReport {
             downtime.append("guest paused \(Format.millis(pause.guestPauseMilliseconds)) (STOP to RESUME)")
         }
         if !downtime.isEmpty { lines.append("  downtime       " + downtime.joined(separator: ", ")) }
+        if let w = destinationWaits, w.lateChunkLongestMilliseconds >= 50 || w.qemuLongestMilliseconds >= 50 {
+            lines.append(String(format: "  dest waits     for a late chunk %.0f ms at most (%.0f ms in all), for its QEMU %.0f ms at most (%.0f ms in all)",
+                                w.lateChunkLongestMilliseconds, w.lateChunkTotalMilliseconds, w.qemuLongestMilliseconds, w.qemuTotalMilliseconds))
+        }
         if let pause {
             lines.append("  pause          " + pause.segments.map { "\($0.name) \(String(format: "%.1f", $0.milliseconds))" }.joined(separator: ", ") + " ms")
         }

@@ -149,7 +149,7 @@ extension DestinationSession {
             ferryCPUSeconds: ProcessStats.ownCPUSeconds() - ferryCPUStart,
             qemuCPUSeconds: ProcessStats.cpuSeconds(pid: qemuPID) ?? 0,
             receivedByteCount: dataPath.receivedByteCount,
-            ferryPeakRSSBytes: ProcessStats.peakRSSBytes(pid: getpid()) ?? 0, times: times)
+            ferryPeakRSSBytes: ProcessStats.peakRSSBytes(pid: getpid()) ?? 0, times: times, waits: dataPath.waits)
         reply.times?.committedSent = Date().timeIntervalSince1970
         try? link?.send(.committed, reply)
         // Out before the session ends and closes the link (a moving one is not waited for).
@@ -190,6 +190,7 @@ extension DestinationSession {
             throw .refused(.badOffer, "memory of \(spec.memoryMiB) MiB is out of range")
         }
         guard spec.cpus >= 1 && spec.cpus <= 1024 else { throw .refused(.badOffer, "\(spec.cpus) vCPUs is out of range") }
+        if let problem = spec.bootProblem { throw .refused(.badOffer, "the VM \(problem)") }
         guard offer.streams.multifdChannels >= 0 && offer.streams.multifdChannels <= 64 else {
             throw .refused(.badOffer, "\(offer.streams.multifdChannels) multifd channels is out of range (0-64)")
         }

@@ -178,6 +178,7 @@ public final class SourceMigration: @unchecked Sendable {
                                qemuCPUSeconds: committed?.qemuCPUSeconds, ferryPeakRSSBytes: committed?.ferryPeakRSSBytes))
         r.streamBytes = streamBytes
         r.disks = diskReports(spec: spec, succeeded: outcome == .succeeded)
+        r.destinationWaits = committed?.waits
         r.pause = outcome == .succeeded ? track.journal.pause : nil
         r.wireBytes = stats.reduce(0) { $0 + $1.wireBytes }
         r.retransmittedBytes = transport?.scheduler.retransmittedBytes ?? 0
