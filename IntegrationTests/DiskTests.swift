@@ -18,14 +18,26 @@ struct DiskTests {
     /// An image in the lab's directory (removed with the lab), `pattern`: 16 MiB of the
     /// byte 0x5a written at 64 MiB first, outside the guest's workload, to find again.
     static func makeImage(_ lab: TestLab, _ name: String, format: DiskFormat, pattern: Bool) throws -> String {
-        let dir = lab.lab.directory + "/images"
-        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
-        let path = dir + "/" + name
+        let path = try imagesDirectory(lab) + "/" + name
         try Command.check(["qemu-img", "create", "-q", "-f", format.rawValue, path, "128M"])
         if pattern {
             try Command.check(["qemu-io", "-f", format.rawValue, "-c", "write -P 0x5a 64M 16M", path])
         }
         return path
+    }
+
+    /// The lab's directory for images (removed with the lab).
+    static func imagesDirectory(_ lab: TestLab) throws -> String {
+        let dir = lab.lab.directory + "/images"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        return dir
+    }
+
+    /// The pattern ``makeImage(_:_:format:pattern:)`` wrote reads back from the qcow2 `copy`.
+    static func expectPattern(_ copy: String, sourceLocation: SourceLocation = #_sourceLocation) throws {
+        let check = try Command.run(["qemu-io", "-r", "-U", "-f", "qcow2", "-c", "read -P 0x5a 64M 16M", copy])
+        #expect(check.succeeded && !check.stdout.contains("Pattern verification failed"), "\(check.stdout)\(check.stderr)",
+                sourceLocation: sourceLocation)
     }
 
     /// The disk workload's account at `host` advances with no error: its writes and reads
@@ -43,8 +55,7 @@ struct DiskTests {
     /// A disk the firmware boots: a FAT filesystem with syslinux, the demo guest's kernel
     /// and initrd, and its kernel command line in syslinux.cfg.
     static func makeBootDisk(_ lab: TestLab, _ name: String, append: String) throws -> String {
-        let dir = lab.lab.directory + "/images"
-        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        let dir = try imagesDirectory(lab)
         let path = dir + "/" + name, config = dir + "/syslinux.cfg"
         try "DEFAULT ferry\nLABEL ferry\n  KERNEL vmlinuz\n  INITRD initrd.img\n  APPEND \(append)\n".write(toFile: config, atomically: true, encoding: .utf8)
         try Command.check(["truncate", "-s", "64M", path])
@@ -105,8 +116,7 @@ struct DiskTests {
         // What the guest never wrote came too (the pattern), zeros were not written out:
         // the copy is sparse, and the source's image stays as the guest left it at the
         // switchover (checked again seconds later, while the guest writes on at b).
-        let check = try Command.run(["qemu-io", "-r", "-U", "-f", "qcow2", "-c", "read -P 0x5a 64M 16M", copy])
-        #expect(check.succeeded && !check.stdout.contains("Pattern verification failed"), "\(check.stdout)\(check.stderr)")
+        try Self.expectPattern(copy)
         let allocated = try #require(DiskImage.allocatedBytes(path: copy))
         #expect(allocated < 64 << 20, "the copy of a 128 MiB disk with about 48 MiB written takes \(allocated) bytes")
         #expect(try Data(contentsOf: URL(fileURLWithPath: image)) == left, "the source image changed after the migration")
@@ -134,8 +144,7 @@ struct DiskTests {
         try lab.expectRunningAndHealthy("vm7", on: "b")
         try Self.expectDiskHealthy(lab, "vm7", on: "b")
         let copy = try #require(r.disks?.first?.destinationPath)
-        let check = try Command.run(["qemu-io", "-r", "-U", "-f", "qcow2", "-c", "read -P 0x5a 64M 16M", copy])
-        #expect(check.succeeded && !check.stdout.contains("Pattern verification failed"), "\(check.stdout)\(check.stderr)")
+        try Self.expectPattern(copy)
     }
 
     @Test("a shared disk is not copied: the destination proves it is the same file and opens it there")
@@ -236,11 +245,10 @@ struct DiskTests {
         let lab = try TestLab(nics: 1)
         // The image takes little room (compressed clusters) but holds 48 MiB of data: the
         // room check passes, and the 24 MiB tmpfs of b's --disk-dir fills up mid-copy.
-        let raw = lab.lab.directory + "/images/vm12-data.raw"
-        try FileManager.default.createDirectory(atPath: lab.lab.directory + "/images", withIntermediateDirectories: true)
+        let raw = try Self.imagesDirectory(lab) + "/vm12-data.raw"
         try Command.check(["qemu-img", "create", "-q", "-f", "raw", raw, "128M"])
         try Command.check(["qemu-io", "-f", "raw", "-c", "write -P 0x5a 64M 48M", raw])
-        let image = lab.lab.directory + "/images/vm12-disk.qcow2"
+        let image = try Self.imagesDirectory(lab) + "/vm12-disk.qcow2"
         try Command.check(["qemu-img", "convert", "-c", "-O", "qcow2", raw, image])
         let small = lab.lab.directory + "/small-disks"
         try FileManager.default.createDirectory(atPath: small, withIntermediateDirectories: true)

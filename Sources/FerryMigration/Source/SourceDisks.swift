@@ -198,8 +198,7 @@ extension SourceMigration {
         case .frame(let frame):
             switch frame.type {
             case .error:
-                let message = (try? ControlCoding.decode(ErrorMessage.self, from: frame)) ?? ErrorMessage(code: .invalid, message: "unreadable error")
-                throw .destinationFailed(message)
+                throw destinationFailure(frame)
             case .status:
                 break
             case .limit:
@@ -210,7 +209,7 @@ extension SourceMigration {
         case .controlLost(let why): throw .controlLost(why)
         case .dataPath(.failed(let failure)): throw .dataPath(failure)
         case .dataPath(.channelFailed(let ch, let nic, let reason, let requeued)):
-            track.note("channel \(ch) on \(nic) failed (\(reason)); \(requeued) chunk(s) sent again on the others")
+            noteChannelFailed(ch, nic, reason, requeued)
         case .dataPath: break
         case .note(let text): track.note(text)
         case .interrupted: try interrupt.check()

@@ -116,6 +116,15 @@ extension SourceMigration {
         }
     }
 
+    /// The destination's `error` frame, as the failure it ends the migration with.
+    func destinationFailure(_ frame: Frame) -> MigrateError {
+        .destinationFailed((try? ControlCoding.decode(ErrorMessage.self, from: frame)) ?? ErrorMessage(code: .invalid, message: "unreadable error"))
+    }
+
+    func noteChannelFailed(_ channel: Int, _ nic: String, _ reason: String, _ requeued: Int) {
+        track.note("channel \(channel) on \(nic) failed (\(reason)); \(requeued) chunk(s) sent again on the others")
+    }
+
     /// The destination's `limit`: the smaller of it and `--bandwidth` from now on.
     func applyLimit(_ frame: Frame, scheduler: SendScheduler) {
         guard let limit = try? ControlCoding.decode(LimitMessage.self, from: frame) else { return }
@@ -131,9 +140,7 @@ extension SourceMigration {
             track.journal.switchover.loadedReceived = Date().timeIntervalSince1970
             track.note("destination loaded the VM")
         case .error:
-            let message = (try? ControlCoding.decode(ErrorMessage.self, from: frame))
-                ?? ErrorMessage(code: .invalid, message: "unreadable error")
-            throw .destinationFailed(message)
+            throw destinationFailure(frame)
         case .status:
             break
         case .limit:
@@ -162,7 +169,7 @@ extension SourceMigration {
         case .channelUp:
             break
         case .channelFailed(let ch, let nic, let reason, let requeued):
-            track.note("channel \(ch) on \(nic) failed (\(reason)); \(requeued) chunk(s) sent again on the others")
+            noteChannelFailed(ch, nic, reason, requeued)
         case .streamEnded(let end):
             state.streamEnds[end.stream] = end
             do {

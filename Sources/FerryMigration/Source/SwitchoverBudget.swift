@@ -53,7 +53,7 @@ struct SwitchoverBudget: Equatable {
 
     init(targetMilliseconds: Int, rateBytesPerSecond: Double, fullWindow: Int, qemuBufferedBytes: Int, share: Double = 1) {
         let rate = max(rateBytesPerSecond, 1)
-        window = min(fullWindow, max(Self.minimumLateWindow, Int(rate * Self.lateWindowSeconds)))
+        window = Self.lateWindow(rateBytesPerSecond: rate, fullWindow: fullWindow)
         drainMilliseconds = Double(window + qemuBufferedBytes) / rate * 1000
         budgetMilliseconds = Double(targetMilliseconds) - drainMilliseconds - Self.commitAllowance * 1000
         qemuLimitMilliseconds = max(1, Int(max(budgetMilliseconds * share, Double(targetMilliseconds) * Self.minimumShare).rounded(.down)))
@@ -82,7 +82,12 @@ struct SwitchoverBudget: Equatable {
         // ``longestTailSeconds`` of the link, or at ``tailSeconds`` of it, whichever is more.
         let tail = max(rateBytesPerSecond * tailSeconds, min(Double(totalBytes) / 4, rateBytesPerSecond * longestTailSeconds))
         guard remainingBytes > 0, Double(remainingBytes) < tail else { return nil }
-        return min(fullWindow, max(minimumLateWindow, Int(rateBytesPerSecond * lateWindowSeconds)))
+        return lateWindow(rateBytesPerSecond: rateBytesPerSecond, fullWindow: fullWindow)
+    }
+
+    /// ``lateWindowSeconds`` of the link, at least ``minimumLateWindow``, at most the full window.
+    static func lateWindow(rateBytesPerSecond: Double, fullWindow: Int) -> Int {
+        min(fullWindow, max(minimumLateWindow, Int(rateBytesPerSecond * lateWindowSeconds)))
     }
 
     /// The window a transfer starts with: 64 ms of the NIC pairs' speeds together, between
