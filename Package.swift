@@ -75,6 +75,6 @@ let package = Package(
         .testTarget(name: "FerryMigrationTests", dependencies: ["FerryMigration", "FerryInterfaces", "FerryWire", "FerryIO", "FerryVM", "FerryQMP", .product(name: "Logging", package: "swift-log")]),
         .testTarget(name: "FerryCLITests", dependencies: ["ferry", "FerryWire"]),
         // Root-only suites: lab (namespaces) and end-to-end (two QEMUs, the real binary).
-        .testTarget(name: "FerryIntegrationTests", dependencies: ["FerryWire", "FerryIO", "FerryVM", "FerryLab", "FerryMigration", "FerryBench", "FerryTransport"], path: "IntegrationTests"),
+        .testTarget(name: "FerryIntegrationTests", dependencies: ["FerryWire", "FerryIO", "FerryVM", "FerryLab", "FerryMigration", "FerryBench", "FerryTransport", "FerryQMP"], path: "IntegrationTests"),
     ]
 )

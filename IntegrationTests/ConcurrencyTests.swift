@@ -167,7 +167,8 @@ struct ConcurrencyTests {
         try lab.expectRunningAndHealthy("vm1", on: "b")
     }
 
-    @Test("soak: migrations back and forth of a dirtying guest, no memory errors, no growth in the daemons' memory or descriptors")
+    @Test("soak: migrations back and forth of a dirtying guest, no memory errors, no growth in the daemons' memory or descriptors",
+          .enabled(if: Env.runSoaks, "a soak (FERRY_SOAKS=1)"))
     func soak() throws {
         let count = ProcessInfo.processInfo.environment["FERRY_SOAK_COUNT"].flatMap { Int($0) } ?? 10
         let lab = try TestLab(nics: 2)

@@ -1,6 +1,7 @@
 import FerryIO
 import FerryLab
 import FerryMigration
+import FerryQMP
 import FerryVM
 import FerryWire
 import Foundation
@@ -145,6 +146,69 @@ struct DiskTests {
         try Self.expectDiskHealthy(lab, "vm7", on: "b")
         let copy = try #require(r.disks?.first?.destinationPath)
         try Self.expectPattern(copy)
+    }
+
+    @Test("every NIC down while the disk copies, past --link-timeout: the migration fails, the mirror's NBD node leaves the source QEMU with it, the guest writes on at a, and the next migration copies the disk")
+    func allNICsDownWhileCopying() throws {
+        let lab = try TestLab(nics: 2, rate: "100mbit")
+        try lab.serve()
+        let image = try Self.makeImage(lab, "vm16-disk.qcow2", format: .qcow2, pattern: true)
+        _ = try lab.startDemoVM("vm16", memory: 256, fill: 32, dirty: 2, disks: [image], append: Self.diskWorkload)
+        let run = RunningMigration(lab, "vm16", extra: ["--link-timeout", "2s"])
+        #expect(run.wait(forPhase: .copyingDisks), "the migration never copied disks")
+        let deadline = ContinuousClock.now + .seconds(20)
+        while (run.progress.last?.streamBytes ?? 0) < 3 << 20 && ContinuousClock.now < deadline { Thread.sleep(forTimeInterval: 0.02) }
+        // The destination is out of reach with the mirror's requests in flight: they get
+        // no answer, and the mirror can end only once Ferry drops its NBD connection.
+        try lab.lab.setNIC("a", nic: 0, up: false)
+        try lab.lab.setNIC("a", nic: 1, up: false)
+        let (result, report) = try run.finish()
+        try lab.lab.setNIC("a", nic: 0, up: true)
+        try lab.lab.setNIC("a", nic: 1, up: true)
+        #expect(!result.succeeded)
+        #expect(report?.outcome == .failedVMOnSource, "\(report?.events.map { String(format: "%.3f ", $0.at) + $0.what } ?? [result.stdout])")
+        #expect(report?.events.contains { $0.what.contains("cannot remove the disk copy's NBD node") } == false,
+                "\(report?.events.map(\.what) ?? [])")
+        try lab.expectRunningAndHealthy("vm16", on: "a")
+        try Self.expectDiskHealthy(lab, "vm16", on: "a")
+        // The destination discards its copy once it sees the session gone; then the next
+        // attempt goes through, the disk copied whole.
+        let gone = ChaosTests.waitUntil(timeout: .seconds(30)) { (try? lab.b.store.record("vm16")) == nil }
+        #expect(gone, "the destination kept the failed attempt's VM")
+        let (again, againReport) = try lab.migrate("vm16")
+        #expect(again.succeeded, "\(again.stdout)")
+        #expect(againReport?.events.contains { $0.what.contains("an earlier attempt left") } == false, "the failed attempt left its NBD node")
+        try lab.expectRunningAndHealthy("vm16", on: "b")
+        try Self.expectDiskHealthy(lab, "vm16", on: "b")
+        try Self.expectPattern(try #require(againReport?.disks?.first?.destinationPath))
+    }
+
+    @Test("ferry migrate killed while the disk copies: the daemons settle it on a, and the next migration clears what the dead one left in the source QEMU (its mirror, its NBD node) and copies the disk")
+    func killedWhileCopying() throws {
+        let lab = try TestLab(nics: 1, rate: "100mbit")
+        try lab.serve(on: "a")
+        try lab.serve(on: "b")
+        let image = try Self.makeImage(lab, "vm17-disk.qcow2", format: .qcow2, pattern: true)
+        _ = try lab.startDemoVM("vm17", memory: 256, fill: 32, dirty: 2, disks: [image], append: Self.diskWorkload)
+        let run = RunningMigration(lab, "vm17")
+        #expect(run.wait(forPhase: .copyingDisks), "the migration never copied disks")
+        let deadline = ContinuousClock.now + .seconds(20)
+        while (run.progress.last?.streamBytes ?? 0) < 2 << 20 && ContinuousClock.now < deadline { Thread.sleep(forTimeInterval: 0.02) }
+        for pid in ChaosTests.pids(of: [Env.ferry, "migrate", "vm17"]) { kill(pid, SIGKILL) }
+        _ = try? run.finish(timeout: .seconds(30))
+        let settled = ChaosTests.waitUntil(timeout: .seconds(45)) {
+            (try? lab.a.store.record("vm17"))?.state.phase == .running && (try? lab.b.store.record("vm17")) == nil
+        }
+        #expect(settled, "not settled: a \((try? lab.a.store.record("vm17"))?.state.phase.rawValue ?? "-")")
+        try lab.expectRunningAndHealthy("vm17", on: "a")
+        try Self.expectDiskHealthy(lab, "vm17", on: "a")
+        let (again, report) = try lab.migrate("vm17")
+        #expect(again.succeeded, "\(again.stdout)")
+        #expect(report?.events.contains { $0.what.contains("an earlier attempt left") } == true,
+                "nothing of the killed attempt was found: \(report?.events.map(\.what) ?? [])")
+        try lab.expectRunningAndHealthy("vm17", on: "b")
+        try Self.expectDiskHealthy(lab, "vm17", on: "b")
+        try Self.expectPattern(try #require(report?.disks?.first?.destinationPath))
     }
 
     @Test("a shared disk is not copied: the destination proves it is the same file and opens it there")
@@ -323,9 +387,110 @@ struct DiskTests {
         try lab.a.ferry(["migrate", "--cancel", "vm5"])
         let (result, report) = try running.finish()
         #expect(!result.succeeded)
-        #expect(report?.outcome == .cancelled)
+        #expect(report?.outcome == .cancelled, "\(report?.events.map { String(format: "%.3f ", $0.at) + $0.what } ?? [result.stdout])")
         try lab.expectRunningAndHealthy("vm5", on: "a")
         try Self.expectDiskHealthy(lab, "vm5", on: "a")
         #expect(!FileManager.default.fileExists(atPath: lab.lab.stateDirectory("b") + "/disks/vm5/disk0.qcow2"))
+    }
+
+    @Test("a source image that cannot be read (every read fails with EIO): the copy fails with QEMU's reason, the VM runs on at the source, the destination keeps nothing")
+    func unreadableSource() throws {
+        let lab = try TestLab(nics: 1)
+        try lab.serve()
+        let image = try Self.makeImage(lab, "vm15-disk.raw", format: .raw, pattern: true)
+        _ = try lab.startDemoVM("vm15", memory: 256, fill: 32, dirty: 2, disks: [image])
+        // QEMU's own fault injection (blkdebug) slid under the disk's format node: from now on
+        // every read of the image fails as a dying disk's would, in the real block layer.
+        let qmp = try QMPClient(path: try lab.a.store.record("vm15").paths.qmpSocket)
+        try qmp.execute("blockdev-add", arguments: [
+            "driver": "blkdebug", "node-name": "failing", "image": .string(DiskImage.fileNodeName(0, shared: false)),
+            "inject-error": [["event": "read_aio", "errno": 5]],
+        ])
+        try qmp.execute("blockdev-reopen", arguments: ["options": [[
+            "driver": "raw", "node-name": .string(DiskImage.nodeName(0)), "file": "failing", "discard": "unmap",
+        ]]])
+        qmp.close()
+        let (result, report) = try lab.migrate("vm15")
+        #expect(!result.succeeded)
+        #expect(report?.outcome == .failedVMOnSource, "\(result.stdout)")
+        #expect(report?.error?.contains("Input/output error") == true, "\(report?.error ?? result.stdout)")
+        try lab.expectRunningAndHealthy("vm15", on: "a")
+        #expect((try? lab.b.store.record("vm15")) == nil, "the destination still has the VM")
+        #expect(!FileManager.default.fileExists(atPath: lab.lab.stateDirectory("b") + "/disks/vm15/disk0.raw"))
+        let check = try Command.run(["qemu-io", "-r", "-U", "-f", "raw", "-c", "read -P 0x5a 64M 16M", image])
+        #expect(check.succeeded && !check.stdout.contains("Pattern verification failed"), "the source image changed: \(check.stdout)")
+    }
+
+    /// The guest's write limit on its first disk as QEMU holds it (bytes per second, 0: none).
+    static func writeLimit(_ lab: TestLab, _ name: String, on host: String) throws -> Double {
+        let qmp = try QMPClient(path: try lab.host(host).store.record(name).paths.qmpSocket)
+        defer { qmp.close() }
+        let blocks = try qmp.execute("query-block").array ?? []
+        let vda = try #require(blocks.first { ($0["qdev"]?.string ?? "").contains("/\(DiskImage.deviceName(0))/") })
+        return vda["inserted"]?["bps_wr"]?.double ?? 0
+    }
+
+    @Test("a guest that writes its disk faster than the link carries the copy: Ferry limits its writes until the copy converges, lifts the limit when the migration is cancelled, and the next migration completes with every write at b")
+    func fastWriter() throws {
+        let lab = try TestLab(nics: 1, rate: "1gbit")
+        try lab.serve()
+        let image = try Self.makeImage(lab, "vm18-disk.qcow2", format: .qcow2, pattern: true)
+        // 8 MiB/s of 4 KiB writes asked for, over 8 MiB: the guest gets about 1 MiB/s of
+        // them under TCG, more than the link carries once it slows to 6 Mbit/s (below).
+        _ = try lab.startDemoVM("vm18", memory: 128, fill: 8, dirty: 1, disks: [image],
+                                append: " ferry.disk=vda ferry.diskmib=8 ferry.diskrate=8")
+        try Self.expectDiskHealthy(lab, "vm18", on: "a")
+        let console = GuestConsole(path: try lab.a.store.record("vm18").paths.serialLog)
+        let before = console.lastDiskStatus?.written ?? 0
+        Thread.sleep(forTimeInterval: 4)
+        let guestRate = Double((console.lastDiskStatus?.written ?? 0) &- before) * 4096 / 4 / Double(1 << 20)
+
+        /// Runs a migration that slows the link to 6 Mbit/s once it has begun (the boot files
+        /// have crossed) and gives it back its 1 Gbit/s once the guest has been limited.
+        func slowedMigration(extra: [String] = [], then: (RunningMigration) throws -> Void) throws -> Bool {
+            let run = RunningMigration(lab, "vm18", extra: ["--timeout", "240s"] + extra)
+            let begun = ChaosTests.waitUntil(timeout: .seconds(60)) {
+                run.progress.contains { $0.phase == MigrationPhase.copyingDisks.rawValue || $0.phase == MigrationPhase.transferring.rawValue }
+            }
+            #expect(begun, "the migration never began copying")
+            try lab.lab.setRate(nic: 0, rate: "6mbit")
+            let limited = ChaosTests.waitUntil(timeout: .seconds(60)) { run.progress.contains { $0.diskWriteLimits?["vda"] != nil } }
+            try lab.lab.setRate(nic: 0, rate: "1gbit")
+            try then(run)
+            return limited
+        }
+
+        // First attempt, cancelled once the guest has been limited: the limit goes with it.
+        var cancelled: (CommandResult, MigrationReport?)?
+        let limited = try slowedMigration { run in
+            try lab.a.ferry(["migrate", "--cancel", "vm18"])
+            cancelled = try run.finish()
+        }
+        let cancelledReport = cancelled?.1
+        #expect(limited, "no limit while the copy did not converge (the guest wrote \(guestRate) MiB/s): \(cancelledReport?.events.map(\.what) ?? [])")
+        #expect(cancelledReport?.outcome == .cancelled, "\(cancelled?.0.stdout ?? "")")
+        #expect(try Self.writeLimit(lab, "vm18", on: "a") == 0, "the limit outlived the cancelled migration")
+        try lab.expectRunningAndHealthy("vm18", on: "a")
+        try Self.expectDiskHealthy(lab, "vm18", on: "a")
+        let gone = ChaosTests.waitUntil(timeout: .seconds(30)) { (try? lab.b.store.record("vm18")) == nil }
+        #expect(gone, "the destination kept the cancelled attempt's VM")
+
+        // Then the whole way: limited again, converged, every block at b, no limit there.
+        var finished: (CommandResult, MigrationReport?)?
+        let limitedAgain = try slowedMigration { run in finished = try run.finish(timeout: .seconds(240)) }
+        #expect(limitedAgain, "no limit the second time (the guest wrote \(guestRate) MiB/s)")
+        let result = try #require(finished?.0)
+        #expect(result.succeeded, "\(result.stdout)\(result.stderr)")
+        let r = try #require(finished?.1)
+        if let path = ProcessInfo.processInfo.environment["FERRY_DISK_REPORT"] { appendLine(r.text, to: path) }
+        let disk = try #require(r.disks?.first)
+        let limit = try #require(disk.writeLimitBytesPerSecond, "no limit in the report: \(r.events.map(\.what))")
+        #expect(limit < 1 << 20, "limit \(limit) B/s on a 6 Mbit/s link")
+        #expect(r.events.contains { $0.what.contains("copy is not converging") })
+        #expect(r.text.contains("the guest's writes limited to"))
+        try lab.expectRunningAndHealthy("vm18", on: "b")
+        try Self.expectDiskHealthy(lab, "vm18", on: "b")
+        #expect(try Self.writeLimit(lab, "vm18", on: "b") == 0, "the destination's guest is limited")
+        try Self.expectPattern(try #require(disk.destinationPath))
     }
 }

@@ -6,7 +6,7 @@ import Testing
 /// A detector that fails healthy channels costs capacity and, on a bad day, a migration
 /// (issue 18: "no TCP acknowledgement for 1400 ms" on an idle lab, a channel that had
 /// only rested while the others carried QEMU's pass).
-@Suite("Healthy links", .serialized, .enabled(if: Env.canRunEndToEnd, "needs root, QEMU and the demo guest"))
+@Suite("Healthy links", .serialized, .enabled(if: Env.canRunEndToEnd && Env.runSoaks, "a soak (FERRY_SOAKS=1); needs root, QEMU and the demo guest"))
 struct HealthyLinkTests {
     @Test("migrations back and forth over healthy links, idle and with every core kept busy, fail no channel")
     func noFalseFailover() throws {

@@ -9,7 +9,7 @@ import Testing
 /// check must stay intact, and no channel may fail but those on the pulled NIC.
 /// `FERRY_SOAK_COUNT` migrations (default 4, in CI; the figures in docs/RELIABILITY.md are
 /// from 100); `FERRY_SOAK_OUT=FILE` appends the summary line.
-@Suite("NIC pulls, ping-pong", .serialized, .enabled(if: Env.canRunEndToEnd, "needs root, QEMU and the demo guest"))
+@Suite("NIC pulls, ping-pong", .serialized, .enabled(if: Env.canRunEndToEnd && Env.runSoaks, "a soak (FERRY_SOAKS=1); needs root, QEMU and the demo guest"))
 struct NICPullSoakTests {
     struct Tally: CustomStringConvertible {
         var migrations = 0, failed = 0, pulled = 0, pulledControl = 0, controlMoves = 0

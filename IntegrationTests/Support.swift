@@ -20,6 +20,11 @@ enum Env {
 
     /// Root, QEMU and the demo guest are there (the test command provides all three).
     static var canRunLab: Bool { isRoot && Command.exists("ip") }
+    /// The soaks (repeated migrations that guard against rare failures: NIC pulls in
+    /// ping-pong, false failovers on healthy links, the daemons' growth over migrations)
+    /// run with FERRY_SOAKS=1; CI leaves them out to stay within its time.
+    static var runSoaks: Bool { ProcessInfo.processInfo.environment["FERRY_SOAKS"] == "1" }
+
     static var canRunEndToEnd: Bool {
         canRunLab && Command.exists("qemu-system-x86_64") && guest.isBuilt && FileManager.default.isExecutableFile(atPath: ferry)
     }
@@ -43,10 +48,26 @@ final class TestLab: @unchecked Sendable {
 
     deinit {
         for pid in servePIDs { ProcessStats.terminate(pid: pid) }
+        keepQEMULogs()
         try? lab.down()
     }
 
     func host(_ name: String) -> LabHost { name == "a" ? a : b }
+
+    /// With FERRY_TEST_LOGS=DIR, each QEMU's own log (a crash's assertion is only there)
+    /// outlives the lab, as DIR/LAB/HOST-VM-qemu.log.
+    private func keepQEMULogs() {
+        guard let dir = ProcessInfo.processInfo.environment["FERRY_TEST_LOGS"], !dir.isEmpty else { return }
+        let fm = FileManager.default
+        let out = dir + "/" + lab.name
+        try? fm.createDirectory(atPath: out, withIntermediateDirectories: true)
+        for host in ["a", "b"] {
+            let vms = lab.stateDirectory(host) + "/vms"
+            for vm in (try? fm.contentsOfDirectory(atPath: vms)) ?? [] {
+                try? fm.copyItem(atPath: "\(vms)/\(vm)/qemu.log", toPath: "\(out)/\(host)-\(vm)-qemu.log")
+            }
+        }
+    }
 
     @discardableResult
     func serve(on host: String = "b", extra: [String] = [], prelude: String? = nil) throws -> Int32 {
@@ -145,6 +166,7 @@ final class RunningMigration: Sendable {
         var streamBytes: UInt64
         var interfaceBitsPerSecond: [String: Double]
         var liveChannels: Int
+        var diskWriteLimits: [String: UInt64]?
     }
 
     var progress: [Progress] {

@@ -203,3 +203,16 @@ int ferry_enter_network_namespace(const char *path) {
     errno = saved;
     return rc;
 }
+
+/* ---- Direct I/O ---------------------------------------------------------------- */
+
+int ferry_supports_direct_io(const char *path) {
+    int fd = open(path, O_RDONLY | O_DIRECT | O_CLOEXEC);
+    if (fd >= 0) {
+        close(fd);
+        return 1;
+    }
+    /* EINVAL is the filesystem saying no; anything else (a missing file) is for the
+       caller's own open to report. */
+    return errno == EINVAL ? 0 : -errno;
+}

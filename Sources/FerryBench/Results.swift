@@ -42,6 +42,10 @@ public struct BenchRun: Codable, Sendable {
     /// Ferry only: where the destination's writers waited (the report's).
     public var destinationWaits: DestinationWaits? = nil
     public var diskCopySeconds: Double? = nil
+    /// The guest's own disk writes while it migrated (its workload's count), MiB/s.
+    public var guestDiskWriteMiBPerSecond: Double? = nil
+    /// The slowest of those writes, ms (an active mirror makes each wait for the copy).
+    public var guestSlowestDiskWriteMilliseconds: Double? = nil
     /// Ferry only: bytes per interface over time, and the report's events.
     public var timeline: [MigrationReport.Sample]
     public var events: [MigrationReport.Event]
@@ -186,7 +190,8 @@ extension BenchResult {
         let measured = modes.filter { stat($0, { $0.diskCopySeconds }) != nil }
         guard !measured.isEmpty else { return [] }
         var out = ["", "Disk copy (\(scenario.diskMiB) MiB of data, until the mirror caught up):", "",
-                   "| mode | copy time s (p50) | data rate Gbit/s (p50) | whole migration s (p50) | runs |", "|---|---|---|---|---|"]
+                   "| mode | copy time s (p50) | data rate Gbit/s (p50) | of line rate | whole migration s (p50) | guest's disk writes MiB/s (p50, asked \(scenario.diskWriteRate)) | slowest write ms (p50) | runs |",
+                   "|---|---|---|---|---|---|---|---|"]
         for mode in measured {
             let t = stat(mode) { $0.diskCopySeconds }!
             // The data on the disk over the time (the same for every mode: a mirror's own
@@ -194,8 +199,16 @@ extension BenchResult {
             let data = Double(scenario.diskMiB << 20)
             let rate = stat(mode) { r in r.diskCopySeconds.map { data * 8 / max($0, 0.001) / 1e9 } }
             let total = stat(mode) { $0.totalSeconds }
-            out.append("| \(mode.label) | \(String(format: "%.2f", t.median)) | \(rate.map { String(format: "%.2f", $0.median) } ?? "-") | "
-                       + "\(total.map { String(format: "%.1f", $0.median) } ?? "-") | \(runs(mode).filter { $0.diskCopySeconds != nil }.count) |")
+            let line = scenario.lineRateBitsPerSecond.flatMap { l in rate.map { String(format: "%.2f", $0.median * 1e9 / l) } } ?? "-"
+            let writes = stat(mode) { $0.guestDiskWriteMiBPerSecond }
+            // Issue 14's bound on the whole migration: (disk data + RAM) at the line rate, + 3 s.
+            let bound = scenario.lineRateBitsPerSecond.flatMap { l in
+                stat(mode) { Double($0.ramBytes) }.map { (data + $0.median) * 8 / l + 3 }
+            }
+            out.append("| \(mode.label) | \(String(format: "%.2f", t.median)) | \(rate.map { String(format: "%.2f", $0.median) } ?? "-") | \(line) | "
+                       + "\(total.map { String(format: "%.1f", $0.median) } ?? "-")\(bound.map { String(format: " (bound %.1f)", $0) } ?? "") | \(writes.map { String(format: "%.1f", $0.median) } ?? "-") | "
+                       + "\(stat(mode) { $0.guestSlowestDiskWriteMilliseconds }.map { String(format: "%.0f", $0.median) } ?? "-") | "
+                       + "\(runs(mode).filter { $0.diskCopySeconds != nil }.count) |")
         }
         return out
     }

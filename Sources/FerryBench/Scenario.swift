@@ -17,9 +17,16 @@ public struct BenchScenario: Codable, Sendable, Equatable {
     /// before the migration (0: no disk). Its virtual size is four times that; the guest
     /// keeps writing 2 MiB/s to it and checks what it wrote.
     public var diskMiB: Int
+    /// The disk's virtual size, MiB (nil: four times `diskMiB`).
+    public var diskSizeMiB: Int?
+    /// MiB/s of 4 KiB checked writes the guest keeps making to its disk (nil: 2).
+    public var diskWriteMiBPerSecond: Int?
 
-    public init(name: String, nics: Int, rate: String?, fillMiB: Int, fill: String, dirtyMiBPerSecond: Int, diskMiB: Int = 0) {
+    public init(name: String, nics: Int, rate: String?, fillMiB: Int, fill: String, dirtyMiBPerSecond: Int, diskMiB: Int = 0,
+                diskSizeMiB: Int? = nil, diskWriteMiBPerSecond: Int? = nil) {
         self.diskMiB = diskMiB
+        self.diskSizeMiB = diskSizeMiB
+        self.diskWriteMiBPerSecond = diskWriteMiBPerSecond
         self.name = name
         self.nics = nics
         self.rate = rate
@@ -39,8 +46,11 @@ public struct BenchScenario: Codable, Sendable, Equatable {
     public var summary: String {
         "\(nics) x \(rate ?? "unlimited"), \(fillMiB) MiB \(fill == "random" ? "incompressible" : "compressible") guest, "
             + (dirtyMiBPerSecond == 0 ? "idle after fill" : "dirtying \(dirtyMiBPerSecond) MiB/s")
-            + (diskMiB == 0 ? "" : ", a disk with \(diskMiB) MiB of data, copied (written at 2 MiB/s)")
+            + (diskMiB == 0 ? "" : ", a \(virtualDiskMiB / 1024) GiB disk with \(diskMiB) MiB of data, copied (written at \(diskWriteRate) MiB/s)")
     }
+
+    public var virtualDiskMiB: Int { diskSizeMiB ?? diskMiB * 4 }
+    public var diskWriteRate: Int { diskWriteMiBPerSecond ?? 2 }
 
     /// The scenarios `ferry bench` knows by name.
     public static let catalog: [BenchScenario] = [
@@ -50,6 +60,11 @@ public struct BenchScenario: Codable, Sendable, Equatable {
         BenchScenario(name: "1x1gbit-text", nics: 1, rate: "1gbit", fillMiB: 1024, fill: "text", dirtyMiBPerSecond: 0),
         BenchScenario(name: "2x1gbit-4g", nics: 2, rate: "1gbit", fillMiB: 4096, fill: "random", dirtyMiBPerSecond: 0),
         BenchScenario(name: "2x1gbit-disk", nics: 2, rate: "1gbit", fillMiB: 512, fill: "random", dirtyMiBPerSecond: 0, diskMiB: 1024),
+        // Issue 14's figures: 2 GiB of data in a 4 GiB disk; a guest writing 20 MiB/s to it.
+        BenchScenario(name: "2x1gbit-disk2g", nics: 2, rate: "1gbit", fillMiB: 512, fill: "random", dirtyMiBPerSecond: 0,
+                      diskMiB: 2048, diskSizeMiB: 4096),
+        BenchScenario(name: "2x1gbit-diskwrite", nics: 2, rate: "1gbit", fillMiB: 512, fill: "random", dirtyMiBPerSecond: 0,
+                      diskMiB: 1024, diskWriteMiBPerSecond: 20),
         // For the test suite: proves the harness, in a minute or two.
         BenchScenario(name: "tiny", nics: 2, rate: nil, fillMiB: 64, fill: "random", dirtyMiBPerSecond: 0),
     ]

@@ -217,6 +217,14 @@ public enum Command {
 }
 
 public enum HostInfo {
+    /// Whether the filesystem holding `path` takes O_DIRECT (tmpfs before Linux 6.6 does
+    /// not, nor do some FUSE filesystems). A file that cannot be opened counts as yes: the
+    /// open that matters (QEMU's) then says why.
+    public static func supportsDirectIO(path: String) -> Bool {
+        ferry_supports_direct_io(path) != 0
+    }
+
+
     /// This host's name: `FERRY_HOST_NAME` (the lab names its hosts a and b), or the kernel's.
     public static var hostname: String {
         if let name = ProcessInfo.processInfo.environment["FERRY_HOST_NAME"], !name.isEmpty { return name }

@@ -111,10 +111,7 @@ public struct Lab: Sendable {
                     try Command.check(["ip", "-n", ns, "link", "set", tmp, "name", interface(nic: nic)])
                     try Command.check(["ip", "-n", ns, "addr", "add", "\(address(host, nic: nic))/24", "dev", interface(nic: nic)])
                     try Command.check(["ip", "-n", ns, "link", "set", interface(nic: nic), "up"])
-                    if let rate = plan.rate(nic: nic) {
-                        try Command.check(["tc", "-n", ns, "qdisc", "add", "dev", interface(nic: nic), "root", "tbf",
-                                           "rate", rate, "burst", Self.burst(for: rate), "latency", "20ms"])
-                    }
+                    if let rate = plan.rate(nic: nic) { try shape(ns, nic: nic, rate: rate) }
                 }
             }
             // One cluster key for both hosts, as an operator copies it to every host.
@@ -190,6 +187,22 @@ public struct Lab: Sendable {
             env.append("FERRY_NIC_SPEEDS=" + speeds.joined(separator: ","))
         }
         return ["ip", "netns", "exec", namespace(host), "env"] + env + command
+    }
+
+    /// Limits NIC `nic` to `rate` (tc's form, e.g. "8mbit") on both hosts from now on, as a
+    /// link that slows down mid-migration would.
+    public func setRate(nic: Int, rate: String) throws {
+        guard let config else { throw LabError.notUp(name) }
+        guard (0..<config.nics).contains(nic) else {
+            throw LabError.badInput("NIC \(nic) does not exist; the lab has NICs 0-\(config.nics - 1)")
+        }
+        for host in Self.hosts { try shape(namespace(host), nic: nic, rate: rate) }
+    }
+
+    /// NIC `nic` in namespace `ns` sends at most `rate` (tc tbf, its bucket from ``burst(for:)``).
+    private func shape(_ ns: String, nic: Int, rate: String) throws {
+        try Command.check(["tc", "-n", ns, "qdisc", "replace", "dev", interface(nic: nic), "root", "tbf",
+                           "rate", rate, "burst", Self.burst(for: rate), "latency", "20ms"])
     }
 
     /// Takes NIC `nic` of `host` down or up.

@@ -390,6 +390,12 @@ public final class SourceDataPath: @unchecked Sendable {
     /// Chunk buffers allocated now (in flight or kept for reuse): bounded by the window.
     public var allocatedBufferCount: Int { pool.allocatedCount }
 
+    /// Shuts stream `id`'s local socket both ways (a disk copy's NBD client, after a
+    /// failure): whatever waits on it, QEMU's requests in flight among them, ends at once.
+    public func shutdownStream(_ id: UInt32) {
+        lock.withLock { streams[id] }?.shutdown()
+    }
+
     /// Bytes read so far from stream (or half) `id`.
     public func byteCount(ofStream id: UInt32) -> UInt64 { lock.withLock { streamBytes[id] ?? 0 } }
 

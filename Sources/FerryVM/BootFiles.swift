@@ -89,6 +89,9 @@ public final class BootFileReceiver {
         hasher.update(data: bytes)
         received += Int64(bytes.count)
         if isComplete {
+            // On disk now, not at the next record's fsync: a journal commit in the guest's
+            // pause would otherwise write these megabytes first (ext4's ordered data).
+            try handle.synchronize()
             try handle.close()
             let digest = Hex.encode(Array(hasher.finalize()))
             guard digest == file.sha256 else {
@@ -97,6 +100,7 @@ public final class BootFileReceiver {
             guard rename(tmpPath, store.paths.image(file.sha256)) == 0 else {
                 throw VMError.io("cannot store boot file \(file.name)")
             }
+            VMStore.syncDirectory(of: store.paths.image(file.sha256))
         }
     }
 }

@@ -16,7 +16,10 @@ public enum DiskImage {
     /// the mirror's source, the NBD export) on `diskN-file`, or `diskN-shared` for a
     /// shared disk's file (so that `ferry vm repair` can tell from QEMU's command line).
     public static func nodeName(_ index: Int) -> String { "disk\(index)" }
-    static func fileNodeName(_ index: Int, shared: Bool) -> String { "disk\(index)-" + (shared ? "shared" : "file") }
+    static func ioThreadName(_ index: Int) -> String { "disk\(index)-io" }
+    /// The guest device's id (what `block_set_io_throttle` names).
+    public static func deviceName(_ index: Int) -> String { "vd\(index)" }
+    public static func fileNodeName(_ index: Int, shared: Bool) -> String { "disk\(index)-" + (shared ? "shared" : "file") }
 
     /// The QEMU options for the VM's disks, in order (the guest sees vda, vdb, ...), each
     /// at `paths[i]` (the spec's own path unless the destination keeps its copy elsewhere).
@@ -25,9 +28,16 @@ public enum DiskImage {
         var argv: [String] = []
         for (i, disk) in disks.enumerated() {
             let path = paths?[i] ?? disk.path
-            argv += ["-blockdev", "driver=file,filename=\(QEMU.optionValue(path)),node-name=\(fileNodeName(i, shared: disk.shared)),discard=unmap",
+            // Direct I/O (libvirt's cache=none) where the filesystem has it: no host page
+            // cache between the guest and the image, so a shared image holds no stale pages
+            // on either host at the switchover, and a copy costs no page-cache copy.
+            let direct = HostInfo.supportsDirectIO(path: path) ? ",cache.direct=on" : ""
+            argv += ["-blockdev", "driver=file,filename=\(QEMU.optionValue(path)),node-name=\(fileNodeName(i, shared: disk.shared)),discard=unmap\(direct)",
                      "-blockdev", "driver=\(disk.format.rawValue),file=\(fileNodeName(i, shared: disk.shared)),node-name=\(nodeName(i)),discard=unmap",
-                     "-device", "virtio-blk-pci,drive=\(nodeName(i)),id=vd\(i)" + (i == 0 && bootFromDisk ? ",bootindex=1" : "")]
+                     // Its own I/O thread: the disk's requests, and a mirror's copy of it, are
+                     // served outside QEMU's main loop and its lock, which the vCPUs need.
+                     "-object", "iothread,id=\(ioThreadName(i))",
+                     "-device", "virtio-blk-pci,drive=\(nodeName(i)),id=\(deviceName(i)),iothread=\(ioThreadName(i))" + (i == 0 && bootFromDisk ? ",bootindex=1" : "")]
         }
         return argv
     }

@@ -51,7 +51,7 @@ public struct GuestConsole: Sendable {
 
     public var isReady: Bool { text.contains("FERRY-READY") }
 
-    /// The disk workload's last account (`FERRY-DISK written=W checked=C errors=E`, once a
+    /// The disk workload's last account (`FERRY-DISK written=W checked=C errors=E max_write_ms=M`, once a
     /// second when the guest has `ferry.disk`): blocks written, blocks read back and checked
     /// against the generation they must carry, and how many were wrong.
     public var lastDiskStatus: (written: UInt64, checked: UInt64, errors: UInt64)? {
@@ -102,6 +102,10 @@ public final class HeartbeatWatcher: @unchecked Sendable {
     private var _errors = false
     private var _sequenceRegressed = false
     private var _skipped: UInt64 = 0
+    /// The disk workload's `written` count, first and last seen (watcher's seconds, blocks).
+    private var firstDisk: (at: Double, written: UInt64)?
+    private var lastDisk: (at: Double, written: UInt64)?
+    private var _slowestDiskWrite = 0.0
     private var stopped = false
     private let clock = ContinuousClock()
     private let origin = ContinuousClock.now
@@ -123,6 +127,18 @@ public final class HeartbeatWatcher: @unchecked Sendable {
     }
 
     public var largestGapSeconds: Double { lock.withLock { _largestGap } }
+
+    /// The guest's slowest disk write while watched (ms, as its workload timed it).
+    public var slowestDiskWriteMilliseconds: Double { lock.withLock { _slowestDiskWrite } }
+
+    /// The guest's disk writes while watched, MiB/s (its `FERRY-DISK` lines, 4 KiB blocks);
+    /// nil without two of them a second apart.
+    public var diskWriteMiBPerSecond: Double? {
+        lock.withLock {
+            guard let first = firstDisk, let last = lastDisk, last.at - first.at >= 1, last.written >= first.written else { return nil }
+            return Double(last.written - first.written) * 4096 / Double(1 << 20) / (last.at - first.at)
+        }
+    }
     public var heartbeatCount: Int { lock.withLock { _count } }
     public var sawErrors: Bool { lock.withLock { _errors } }
     public var sequenceWentBack: Bool { lock.withLock { _sequenceRegressed } }
@@ -157,6 +173,17 @@ public final class HeartbeatWatcher: @unchecked Sendable {
             var lines = text.split(separator: "\n", omittingEmptySubsequences: false)
             partial = String(lines.removeLast())
             for line in lines {
+                if line.hasPrefix("FERRY-DISK written=") {
+                    let fields = Dictionary(line.split(separator: " ").dropFirst().compactMap { part -> (Substring, UInt64)? in
+                        let kv = part.split(separator: "=", maxSplits: 1)
+                        return kv.count == 2 ? UInt64(kv[1]).map { (kv[0], $0) } : nil
+                    }, uniquingKeysWith: { a, _ in a })
+                    if let value = fields["written"] {
+                        if firstDisk == nil { firstDisk = (now, value) }
+                        lastDisk = (now, value)
+                    }
+                    if let slowest = fields["max_write_ms"] { _slowestDiskWrite = max(_slowestDiskWrite, Double(slowest)) }
+                }
                 guard let hb = Heartbeat(line: line) else { continue }
                 if let last = lastSequence, hb.sequence <= last { _sequenceRegressed = hb.sequence < last; continue }
                 if let at = lastSeenAt { _largestGap = max(_largestGap, now - at) }

@@ -162,6 +162,8 @@ final class ProgressDisplay: @unchecked Sendable {
         var note: String?
         var queuePosition: Int?
         var queueLength: Int?
+        /// Limits on the guest's writes to its disks (vda: bytes per second), if any.
+        var diskWriteLimits: [String: UInt64]?
     }
 
     func show(_ p: MigrationProgress) {
@@ -173,7 +175,8 @@ final class ProgressDisplay: @unchecked Sendable {
                             fraction: total > 0 ? Double(p.qemu!.transferredBytes) / Double(total) : 0,
                             streamBytes: p.streamBytes, remainingBytes: p.qemu?.remainingBytes, bitsPerSecond: p.bitsPerSecond,
                             interfaceBitsPerSecond: p.interfaceBitsPerSecond, liveChannels: p.channels.filter(\.alive).count,
-                            note: p.note, queuePosition: p.queuePosition, queueLength: p.queueLength)
+                            note: p.note, queuePosition: p.queuePosition, queueLength: p.queueLength,
+                            diskWriteLimits: p.diskWriteLimits.isEmpty ? nil : p.diskWriteLimits)
             let encoder = JSONEncoder()
             encoder.outputFormatting = [.sortedKeys]
             if let data = try? encoder.encode(line) { json.write(data + Data("\n".utf8)) }
@@ -200,6 +203,10 @@ final class ProgressDisplay: @unchecked Sendable {
             parts.append(note)
         } else {
             parts.append(p.phase.rawValue + "...")
+        }
+        if !p.diskWriteLimits.isEmpty {
+            parts.append("guest writes limited: " + p.diskWriteLimits.sorted { $0.key < $1.key }
+                .map { "\($0.key) \(Format.bytes($0.value))/s" }.joined(separator: ", "))
         }
         parts.append(String(format: "%.1fs", p.elapsedSeconds))
         let line = parts.joined(separator: "  ")

@@ -140,7 +140,7 @@ struct StateDamageTests {
         spec.disks = [DiskSpec(path: "/srv/a,b/vm1.qcow2", format: .qcow2, virtualSizeBytes: 1 << 30, shared: false),
                       DiskSpec(path: "/nfs/vm1-data.raw", format: .raw, virtualSizeBytes: 1 << 20, shared: true)]
         let argv = QEMU.arguments(spec: spec, paths: store.vmPaths("vm1"), store: store.bootFiles, incoming: false)
-        #expect(argv.contains("virtio-blk-pci,drive=disk1,id=vd1"))
+        #expect(argv.contains("virtio-blk-pci,drive=disk1,id=vd1,iothread=disk1-io") && argv.contains("iothread,id=disk1-io"))
         let line = try #require(QEMUCommandLine(argv))
         // The sizes are the images' (read by `ferry vm repair`), not on the command line.
         #expect(line.disks == spec.disks.map { DiskSpec(path: $0.path, format: $0.format, virtualSizeBytes: 0, shared: $0.shared) })

@@ -63,4 +63,8 @@ long ferry_raise_nofile_limit(void);
 /// /var/run/netns/NAME); threads it starts later are there too. 0, or -1 with errno.
 int ferry_enter_network_namespace(const char *path);
 
+/// Whether the filesystem holding `path` takes O_DIRECT: 1 yes, 0 no (EINVAL), or -errno
+/// if the file cannot be opened at all.
+int ferry_supports_direct_io(const char *path);
+
 #endif

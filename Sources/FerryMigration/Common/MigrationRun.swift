@@ -26,6 +26,9 @@ struct MigrationJournal {
     var queueSummary: String?
     /// From the disk copies' start to every copy caught up.
     var diskCopySeconds: Double?
+    /// The limits in force on the guest's writes to its disks, by guest name (vda: bytes
+    /// per second; each lower than the last), for progress, the report and the rollback.
+    var diskWriteLimits: [String: UInt64] = [:]
 
     /// From `migrate` to QEMU's completion (to now, for a success whose QEMU finished
     /// without Ferry seeing it).
@@ -139,7 +142,8 @@ final class MigrationRun {
               queuePosition: Int? = nil, queueLength: Int? = nil) {
         progress(MigrationProgress(phase: phase, elapsedSeconds: clock.elapsed, qemu: journal.lastInfo, streamBytes: streamBytes,
                                    bitsPerSecond: bitsPerSecond, channels: channels, interfaceBitsPerSecond: interfaceBitsPerSecond,
-                                   note: note, queuePosition: queuePosition, queueLength: queueLength))
+                                   note: note, queuePosition: queuePosition, queueLength: queueLength,
+                                   diskWriteLimits: journal.diskWriteLimits))
     }
 
     /// The failure's line in the events, and the phase it happened in.

@@ -119,6 +119,9 @@ public struct MigrationReport: Codable, Sendable {
         public var copiedBytes: UInt64?
         /// From the copy's start to every disk caught up.
         public var copySeconds: Double?
+        /// The tightest limit Ferry put on the guest's writes to the disk for its copy to
+        /// converge (bytes per second), nil if it needed none.
+        public var writeLimitBytesPerSecond: UInt64? = nil
         /// After a success: the source's image, which Ferry leaves as it was (the VM no
         /// longer uses it; the operator removes it). nil for a shared disk.
         public var staleSourceImage: String?
@@ -207,6 +210,9 @@ extension MigrationReport {
                 if let bytes = disk.copiedBytes {
                     line += ", \(Format.bytes(bytes)) copied"
                     if let t = disk.copySeconds { line += " (all disks caught up in \(Format.seconds(t)))" }
+                }
+                if let limit = disk.writeLimitBytesPerSecond {
+                    line += "; the guest's writes limited to \(Format.bytes(limit))/s for the copy to converge"
                 }
             }
             lines.append(line)

@@ -67,6 +67,9 @@ public struct MigrationProgress: Sendable {
     /// the place in line (1 is next) and the line's length.
     public var queuePosition: Int? = nil
     public var queueLength: Int? = nil
+    /// The limits Ferry has put on the guest's writes to its disks for their copies to
+    /// converge, by guest name (vda: bytes per second); empty when none.
+    public var diskWriteLimits: [String: UInt64] = [:]
 }
 
 /// How many QEMU streams a migration asks for.

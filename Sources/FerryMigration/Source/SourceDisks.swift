@@ -18,6 +18,16 @@ struct DiskCopy: Sendable {
     let target: String
     /// What it copies: the allocated part of the image, at most its virtual size.
     let virtualSizeBytes: UInt64
+
+    /// The mirror's dirty-bitmap granularity: 4 KiB, a guest block, so that a guest's small
+    /// write dirties (and its copy sends again) only that much, not the 64 KiB QEMU picks for
+    /// an NBD target (16 times as much for 4 KiB writes); doubled for disks above 64 GiB so
+    /// that QEMU's bitmap stays at most 16 Mi bits (2 MiB) a disk.
+    var granularity: UInt64 {
+        var g: UInt64 = 4096
+        while virtualSizeBytes / g > 1 << 24 && g < 1 << 20 { g *= 2 }
+        return g
+    }
 }
 
 /// QEMU's block jobs as its events tell them: QEMU's reader thread records, the migration's
@@ -52,11 +62,8 @@ final class BlockJobWatch: @unchecked Sendable {
     /// progress).
     func waitReady(_ ids: [String], deadline: ContinuousClock.Instant, check: () throws(MigrateError) -> Void) throws(MigrateError) {
         while true {
-            let (allReady, failed) = monitor.withLock { () -> (Bool, (String, String?)?) in
-                (ids.allSatisfy { ready.contains($0) }, ids.lazy.compactMap { id in self.ended[id].map { (id, $0) } }.first)
-            }
-            if let (id, error) = failed { throw .disks("disk copy \(id) ended before it caught up: \(error ?? "no reason given")") }
-            if allReady { return }
+            if let (id, error) = firstEnded(ids) { throw .disks("disk copy \(id) ended before it caught up: \(error ?? "no reason given")") }
+            if monitor.withLock({ ids.allSatisfy { ready.contains($0) } }) { return }
             guard ContinuousClock.now < deadline else { throw .disks("the disk copies did not catch up in time") }
             try check()
             _ = monitor.withLock { changed.wait(timeout: .milliseconds(100)) }
@@ -65,19 +72,36 @@ final class BlockJobWatch: @unchecked Sendable {
 
     /// Waits until every job of `ids` has ended; throws for one that failed.
     func waitEnded(_ ids: [String], timeout: Duration) throws(MigrateError) {
+        guard waitAllEnded(ids, timeout: timeout) else {
+            throw .disks("the disk copies did not finish within \(Int(timeout.seconds)) s of the guest's pause")
+        }
+        let failed = monitor.withLock { ids.lazy.compactMap { id in (self.ended[id] ?? nil).map { (id, $0) } }.first }
+        if let (id, error) = failed { throw .disks("disk copy \(id) failed at the switchover: \(error)") }
+    }
+
+    /// Waits until every job of `ids` has ended, however; false if one still runs at `timeout`.
+    func waitAllEnded(_ ids: [String], timeout: Duration) -> Bool {
         let deadline = ContinuousClock.now + timeout
         monitor.lock()
         defer { monitor.unlock() }
         while !ids.allSatisfy({ ended[$0] != nil }) {
-            guard ContinuousClock.now < deadline else {
-                throw .disks("the disk copies did not finish within \(Int(timeout.seconds)) s of the guest's pause")
-            }
+            guard ContinuousClock.now < deadline else { return false }
             _ = changed.wait(timeout: .milliseconds(50))
         }
-        for id in ids { if let error = ended[id] ?? nil { throw .disks("disk copy \(id) failed at the switchover: \(error)") } }
+        return true
     }
 
     func hasEnded(_ id: String) -> Bool { monitor.withLock { ended[id] != nil } }
+
+    /// Forgets what became of `ids` (jobs of an earlier attempt whose names come again).
+    func forget(_ ids: [String]) {
+        monitor.withLock { for id in ids { ended[id] = nil; ready.remove(id) } }
+    }
+
+    /// The first of `ids` that has ended, with QEMU's error (nil: none has).
+    func firstEnded(_ ids: [String]) -> (id: String, error: String?)? {
+        monitor.withLock { ids.lazy.compactMap { id in self.ended[id].map { (id, $0) } }.first }
+    }
 }
 
 extension SourceMigration {
@@ -110,29 +134,34 @@ extension SourceMigration {
     }
 
     /// Step: every disk that is not shared is copied live into the destination's new image,
-    /// over a two-way stream each: the source QEMU mirrors it (`blockdev-mirror`, active:
-    /// each guest write completes only once the copy has it too) into an NBD client that
-    /// connects to Ferry's socket, and the destination connects the stream to its NBD
-    /// server. Returns once every copy has caught up; the mirrors then keep up with the
-    /// guest until the switchover (``finishDiskCopies``).
+    /// over a two-way stream each: the source QEMU mirrors it (`blockdev-mirror`) into an
+    /// NBD client that connects to Ferry's socket, and the destination connects the stream
+    /// to its NBD server. Returns once every copy has caught up; the mirrors then copy what
+    /// the guest writes until the switchover (``finishDiskCopies``), and
+    /// ``steerDiskCopies`` keeps them converging.
     func copyDisks(_ copies: [DiskCopy], spec: VMSpec, transport: SourceTransport, qmp: QMPClient, link: ControlLink) throws(MigrateError) {
         guard !copies.isEmpty else { return }
         try move(to: .copyingDisks)
+        clearLeftoverCopies(qmp, spec: spec)
         diskCopies = copies
         for copy in copies {
             try connectCopy(copy, transport: transport, qmp: qmp, link: link)
             do {
                 try qmp.execute("blockdev-mirror", arguments: [
                     "job-id": .string(copy.job), "device": .string(DiskImage.nodeName(copy.index)), "target": .string(copy.target),
-                    // Active: the guest's writes reach the copy before they complete, so the
-                    // copy converges whatever the guest's write rate. Zeros go as NBD
-                    // write-zeroes requests (no data), which the destination's image, opened
-                    // with discard=unmap, keeps sparse.
-                    "sync": "full", "copy-mode": "write-blocking",
+                    // Background, not write-blocking (active): QEMU 7.2's active mirror
+                    // corrupts its heap and aborts, taking the guest with it, when its target
+                    // fails (the link lost, the destination gone, the copy cancelled) while a
+                    // guest write is in flight to it. A background mirror's copy lags the
+                    // guest's writes, and Ferry makes it converge (``steerDiskCopies``).
+                    // Zeros go as NBD write-zeroes requests (no data), which the
+                    // destination's image, opened with discard=unmap, keeps sparse.
+                    "sync": "full", "copy-mode": "background", "granularity": .number(Double(copy.granularity)),
                 ])
             } catch {
                 throw .disks("cannot start copying disk \(DiskSpec.guestName(copy.index)): \(error)")
             }
+            diskConvergence[copy.index] = DiskConvergence()
         }
         track.note("copying \(copies.count) disk(s): " + copies.map {
             "\(DiskSpec.guestName($0.index)) (\(spec.disks[$0.index].path), \(Format.bytes($0.virtualSizeBytes)))"
@@ -143,13 +172,88 @@ extension SourceMigration {
             try interrupt.check()
             takeLinkNotes()
             while let event = events.next(timeout: .zero) { try handleDuringDiskCopy(event, transport: transport) }
-            showDiskProgress(copies, transport: transport, qmp: qmp)
+            guard track.elapsed - lastDiskProgress >= Self.progressPollInterval else { return }
+            lastDiskProgress = track.elapsed
+            let jobs = Self.diskJobs(qmp)
+            showDiskProgress(copies, jobs: jobs, transport: transport)
+            steerDiskCopies(jobs, dataPath: transport.dataPath, qmp: qmp)
         }
         let bytes = copies.reduce(UInt64(0)) { $0 + transport.dataPath.byteCount(ofStream: $1.stream) }
         let seconds = max(0.001, track.elapsed - started)
         track.journal.diskCopySeconds = seconds
-        track.note(String(format: "disks caught up: %@ sent in %.1f s (%@); their copies now follow every write",
+        track.note(String(format: "disks caught up: %@ sent in %.1f s (%@); their copies now follow the guest's writes",
                           Format.bytes(bytes), seconds, Format.rate(Double(bytes) * 8 / seconds)))
+    }
+
+    /// A mirror job's progress as QEMU reports it: `offset` of `length` gone over.
+    struct MirrorProgress {
+        var offset: UInt64
+        var length: UInt64
+        /// What it has yet to copy: dirty bytes plus those in flight.
+        var remaining: UInt64 { length &- min(offset, length) }
+    }
+
+    /// QEMU's mirror jobs' progress, by job id; empty if QEMU did not answer.
+    static func diskJobs(_ qmp: QMPClient) -> [String: MirrorProgress] {
+        var jobs: [String: MirrorProgress] = [:]
+        for job in (try? qmp.execute("query-block-jobs"))?.array ?? [] {
+            guard let id = job["device"]?.string else { continue }
+            jobs[id] = MirrorProgress(offset: UInt64(max(0, job["offset"]?.double ?? 0)), length: UInt64(max(0, job["len"]?.double ?? 0)))
+        }
+        return jobs
+    }
+
+    /// Keeps each copy converging: fed what its mirror has left and what its stream carried,
+    /// its ``DiskConvergence`` may limit the guest's writes to that disk, which Ferry sets
+    /// in QEMU (`block_set_io_throttle`) and the report shows. A limit QEMU refuses is
+    /// noted; the copy goes on without it.
+    func steerDiskCopies(_ jobs: [String: MirrorProgress], dataPath: SourceDataPath, qmp: QMPClient) {
+        for copy in diskCopies {
+            // A job that has not yet copied anything is still marking what to copy (its
+            // `len` grows from 0 to the whole disk): no measure of convergence yet.
+            guard let job = jobs[copy.job], job.offset > 0, var convergence = diskConvergence[copy.index] else { continue }
+            let decision = convergence.observe(now: track.elapsed, remaining: job.remaining,
+                                               sent: dataPath.byteCount(ofStream: copy.stream))
+            diskConvergence[copy.index] = convergence
+            guard case .limit(let limit, let remaining, let rate) = decision else { continue }
+            let disk = DiskSpec.guestName(copy.index)
+            do {
+                try Self.setWriteLimit(copy.index, bytesPerSecond: limit, granularity: copy.granularity, qmp: qmp)
+                track.journal.diskWriteLimits[disk] = limit
+                track.note("\(disk)'s copy is not converging (\(Format.bytes(remaining)) left, copied at \(Format.bytes(UInt64(rate)))/s): "
+                           + "the guest's writes to \(disk) are limited to \(Format.bytes(limit))/s until the migration ends")
+            } catch {
+                // Not asked again: the copy goes on, and converges or times out.
+                diskConvergence[copy.index] = nil
+                track.note("warning: cannot limit the guest's writes to \(disk) for its copy to converge: \(error)")
+            }
+        }
+    }
+
+    /// Sets the guest's write limit on disk `index` (0: none), through QEMU's I/O throttle
+    /// (QEMU 7.2 wants all six limits given): `bytesPerSecond`, and as many writes a second
+    /// as fill it at the mirror's `granularity`, since each write dirties at least that
+    /// much, however small it is.
+    static func setWriteLimit(_ index: Int, bytesPerSecond: UInt64, granularity: UInt64, qmp: QMPClient) throws {
+        let writes = bytesPerSecond == 0 ? 0 : max(1, bytesPerSecond / granularity)
+        try qmp.execute("block_set_io_throttle", arguments: [
+            // The virtio device's backend, which holds the disk (QEMU 7.2 does not find it
+            // from the PCI device's id alone).
+            "id": .string("/machine/peripheral/\(DiskImage.deviceName(index))/virtio-backend"),
+            "bps": 0, "bps_rd": 0, "bps_wr": .number(Double(bytesPerSecond)), "iops": 0, "iops_rd": 0, "iops_wr": .number(Double(writes)),
+        ])
+    }
+
+    /// After the migration (a rollback): the guest writes at its own pace again.
+    func liftDiskWriteLimits() {
+        guard !track.journal.diskWriteLimits.isEmpty, let qmp = qemu?.qmp else { return }
+        for index in diskCopies.map(\.index) where track.journal.diskWriteLimits[DiskSpec.guestName(index)] != nil {
+            do {
+                try Self.setWriteLimit(index, bytesPerSecond: 0, granularity: 1, qmp: qmp)
+            } catch {
+                track.note("warning: cannot lift the limit on the guest's writes to \(DiskSpec.guestName(index)) (`ferry migrate` lifts it the next time): \(error)")
+            }
+        }
     }
 
     /// The NBD connection of one copy: Ferry listens where QEMU's NBD client connects, and
@@ -171,8 +275,10 @@ extension SourceMigration {
                     opened.withLock { $0 = "QEMU's NBD client did not connect" }
                     return
                 }
-                try dataPath.openTwoWay(stream: copy.stream, socket: socket)
-                try link.send(.streamOpen, StreamOpenMessage(stream: copy.stream, kind: .nbd, target: String(copy.index)))
+                // Ahead of memory, both ways: what a copy still owes at the pause is copied
+                // in the pause, and an NBD reply late behind memory holds its mirror back.
+                try dataPath.openTwoWay(stream: copy.stream, socket: socket, priority: 1)
+                try link.send(.streamOpen, StreamOpenMessage(stream: copy.stream, kind: .nbd, target: String(copy.index), priority: 1))
                 opened.withLock { $0 = "" }
             } catch {
                 opened.withLock { $0 = "\(error)" }
@@ -184,10 +290,13 @@ extension SourceMigration {
                 "server": ["type": "unix", "path": .string(copy.socketPath)],
             ], timeout: .seconds(30))
         } catch {
+            // What Ferry's end saw first (before the listener is shut, which its accept
+            // would only report as such), then QEMU's refusal.
+            let why = opened.current.flatMap { $0.isEmpty ? nil : $0 }
             listener.shutdown()
             _ = acceptor
-            let why = opened.current.flatMap { $0.isEmpty ? nil : $0 }
-            throw .disks("cannot connect disk \(DiskSpec.guestName(copy.index))'s copy to the destination: \(why ?? "\(error)")")
+            throw .disks("cannot connect disk \(DiskSpec.guestName(copy.index))'s copy to the destination: \(error)"
+                         + (why.map { " (\($0))" } ?? ""))
         }
     }
 
@@ -217,16 +326,13 @@ extension SourceMigration {
         }
     }
 
-    private func showDiskProgress(_ copies: [DiskCopy], transport: SourceTransport, qmp: QMPClient) {
-        guard track.elapsed - lastDiskProgress >= Self.progressPollInterval else { return }
-        lastDiskProgress = track.elapsed
+    private func showDiskProgress(_ copies: [DiskCopy], jobs: [String: MirrorProgress], transport: SourceTransport) {
         // QEMU's account: how much of each disk the mirror has gone over.
         var done: UInt64 = 0, total: UInt64 = 0
-        if let jobs = try? qmp.execute("query-block-jobs").array {
-            for job in jobs where copies.contains(where: { $0.job == job["device"]?.string }) {
-                done += UInt64(job["offset"]?.double ?? 0)
-                total += UInt64(job["len"]?.double ?? 0)
-            }
+        for copy in copies {
+            guard let job = jobs[copy.job] else { continue }
+            done += job.offset
+            total += job.length
         }
         let bytes = transport.dataPath.streamByteCount
         let stats = transport.dataPath.channelStats
@@ -237,6 +343,13 @@ extension SourceMigration {
                                              Format.bytes(done), Format.bytes(total)) : "disks: starting the copies")
     }
 
+    /// While memory moves: a copy's mirror that has ended before the switchover failed
+    /// (QEMU could not read the source image, or its NBD client lost the destination).
+    func checkDiskCopies() throws(MigrateError) {
+        guard let (id, error) = blockJobs.firstEnded(diskCopies.map(\.job)) else { return }
+        throw .disks("disk copy \(id) failed while memory moved: \(error ?? "no reason given")")
+    }
+
     /// At the switchover (QEMU paused before it sends the device state, `pre-switchover`):
     /// every copy holds every write the guest made, so each mirror is completed without a
     /// pivot (`block-job-cancel` of a ready mirror), its NBD client closed, and only then
@@ -244,12 +357,16 @@ extension SourceMigration {
     func finishDiskCopies(_ qmp: QMPClient) throws(MigrateError) {
         let copies = diskCopies
         let started = Date().timeIntervalSince1970
+        // What the copies still owe (the guest's last writes, and those in flight).
+        let jobs = Self.diskJobs(qmp)
+        let owed = copies.reduce(UInt64(0)) { $0 + (jobs[$1.job]?.remaining ?? 0) }
         do {
             for copy in copies { try qmp.execute("block-job-cancel", arguments: ["device": .string(copy.job)]) }
         } catch {
             throw .disks("cannot finish the disk copies: \(error)")
         }
         try blockJobs.waitEnded(copies.map(\.job), timeout: .seconds(30))
+        let ended = Date().timeIntervalSince1970
         do {
             for copy in copies { try qmp.execute("blockdev-del", arguments: ["node-name": .string(copy.target)]) }
             try qmp.execute("migrate-continue", arguments: ["state": "pre-switchover"])
@@ -257,19 +374,73 @@ extension SourceMigration {
             throw .disks("cannot go on past the disk copies: \(error)")
         }
         diskCopiesFinished = true
-        track.journal.switchover.disksFinished = Date().timeIntervalSince1970
-        track.note(String(format: "disk copies complete (%.1f ms in the pause)", (Date().timeIntervalSince1970 - started) * 1000))
+        let now = Date().timeIntervalSince1970
+        track.journal.switchover.disksFinished = now
+        track.note(String(format: "disk copies complete (%.1f ms in the pause: %@ owed at the stop, copied and flushed in %.1f ms, NBD closed in %.1f ms)",
+                          (now - started) * 1000, Format.bytes(owed), (ended - started) * 1000, (now - ended) * 1000))
     }
 
     /// After a failure: the mirrors stop (the source image was never touched by them) and
     /// their NBD clients go. Best effort: QEMU keeps running the guest either way.
+    ///
+    /// A forced cancel does not end NBD requests already sent: with the destination gone
+    /// (every NIC down) they would wait for replies that never come, the job would not end,
+    /// and its NBD node could not be removed (the next migration's `blockdev-add` would then
+    /// find it). So a mirror that has not ended within a second loses its NBD connection:
+    /// Ferry shuts its end of the socket, the requests fail, and the job ends.
     func abandonDiskCopies() {
         guard let qmp = qemu?.qmp, !diskCopies.isEmpty, !diskCopiesFinished else { return }
+        let jobs = diskCopies.map(\.job)
         for copy in diskCopies where !blockJobs.hasEnded(copy.job) {
             _ = try? qmp.execute("block-job-cancel", arguments: ["device": .string(copy.job), "force": true])
         }
-        _ = try? blockJobs.waitEnded(diskCopies.map(\.job), timeout: .seconds(10))
-        for copy in diskCopies { _ = try? qmp.execute("blockdev-del", arguments: ["node-name": .string(copy.target)]) }
+        if !blockJobs.waitAllEnded(jobs, timeout: .seconds(1)) {
+            for copy in diskCopies where !blockJobs.hasEnded(copy.job) { transport?.dataPath.shutdownStream(copy.stream) }
+            _ = blockJobs.waitAllEnded(jobs, timeout: .seconds(10))
+        }
+        for copy in diskCopies { removeCopyNode(copy.target, qmp: qmp) }
+    }
+
+    /// What an earlier attempt left in the source QEMU when it could not clean up (its
+    /// `ferry migrate` killed): a mirror job of Ferry's (`ferry-copy-N`) is cancelled, a
+    /// copy's NBD node (`diskN-copy`) removed, so that this attempt can make its own, and a
+    /// limit on the guest's writes lifted (Ferry's VMs have none of their own).
+    func clearLeftoverCopies(_ qmp: QMPClient, spec: VMSpec) {
+        let jobs = ((try? qmp.execute("query-block-jobs"))?.array ?? []).compactMap { $0["device"]?.string }
+            .filter { $0.hasPrefix("ferry-copy-") }
+        if !jobs.isEmpty {
+            track.note("cancelling disk copies an earlier attempt left running in the source QEMU: \(jobs.joined(separator: ", "))")
+            for job in jobs { _ = try? qmp.execute("block-job-cancel", arguments: ["device": .string(job), "force": true]) }
+            _ = blockJobs.waitAllEnded(jobs, timeout: .seconds(10))
+            blockJobs.forget(jobs)
+        }
+        let nodes = ((try? qmp.execute("query-named-block-nodes"))?.array ?? []).compactMap { $0["node-name"]?.string }
+            .filter { $0.hasPrefix("disk") && $0.hasSuffix("-copy") }
+        for node in nodes {
+            track.note("removing the NBD node \(node) an earlier attempt left in the source QEMU")
+            removeCopyNode(node, qmp: qmp)
+        }
+        let limited = ((try? qmp.execute("query-block"))?.array ?? []).filter { block in
+            ["bps", "bps_rd", "bps_wr", "iops", "iops_rd", "iops_wr"].contains { (block["inserted"]?[$0]?.double ?? 0) > 0 }
+        }.compactMap { $0["qdev"]?.string }
+        for index in spec.disks.indices {
+            let device = DiskImage.deviceName(index)
+            guard limited.contains(where: { $0 == device || $0.contains("/\(device)/") }) else { continue }
+            track.note("lifting the limit on the guest's writes to \(DiskSpec.guestName(index)) an earlier attempt left in the source QEMU")
+            try? Self.setWriteLimit(index, bytesPerSecond: 0, granularity: 1, qmp: qmp)
+        }
+    }
+
+    /// Removes a copy's NBD node; one that is not there is fine.
+    func removeCopyNode(_ node: String, qmp: QMPClient) {
+        do {
+            try qmp.execute("blockdev-del", arguments: ["node-name": .string(node)])
+        } catch {
+            let text = "\(error)"
+            if !text.contains("Failed to find node") && !text.contains("Cannot find node") {
+                track.note("warning: cannot remove the disk copy's NBD node \(node) from the source QEMU: \(text)")
+            }
+        }
     }
 }
 
@@ -284,6 +455,7 @@ extension SourceMigration {
                 sourcePath: disk.path, destinationPath: i < destinationDiskPaths.count ? destinationDiskPaths[i] : nil,
                 copiedBytes: copy.map { transport?.dataPath.byteCount(ofStream: $0.stream) ?? 0 },
                 copySeconds: copy == nil ? nil : track.journal.diskCopySeconds,
+                writeLimitBytesPerSecond: track.journal.diskWriteLimits[DiskSpec.guestName(i)],
                 staleSourceImage: succeeded && !disk.shared ? disk.path : nil)
         }
     }

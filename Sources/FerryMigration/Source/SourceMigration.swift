@@ -77,6 +77,9 @@ public final class SourceMigration: @unchecked Sendable {
     var diskCopiesFinished = false
     var diskSampler = RateSampler()
     var lastDiskProgress = -1.0
+    /// Each copied disk's convergence, by its index in the spec (the limits it set are in
+    /// the journal, `diskWriteLimits`).
+    var diskConvergence: [Int: DiskConvergence] = [:]
 
     public init(store: VMStore, name: String, options: MigrationOptions, logger: Logger,
                 progress: @escaping @Sendable (MigrationProgress) -> Void) {

@@ -99,6 +99,10 @@ extension SourceMigration {
     /// outcome is decided from.
     func rollBack(reason: String) -> (repair: String?, result: MigrationOutcome.Rollback) {
         stagedCommit.take()?.discard()
+        // The mirrors first, while the link is up if it is: a forced cancel then ends at
+        // once, before the destination, told to abort, drops their NBD connections.
+        abandonDiskCopies()
+        liftDiskWriteLimits()
         if let link {
             try? link.send(.abort, AbortMessage(reason: reason))
             // Out before the connection closes, if it is up (a moving one is not waited for).
@@ -106,8 +110,6 @@ extension SourceMigration {
         } else {
             try? control?.send(.abort, AbortMessage(reason: reason))
         }
-        // The mirrors first: their NBD clients write through the transport.
-        abandonDiskCopies()
         closeTransport()
         var repair: String?
         var safe = true

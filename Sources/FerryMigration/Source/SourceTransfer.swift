@@ -197,6 +197,14 @@ extension SourceMigration {
         }
         track.journal.lastInfo = info
         try checkQEMU(info.status, reason: info.errorDescription)
+        if !diskCopies.isEmpty && !diskCopiesFinished {
+            // A mirror that fails after it caught up (the source image cannot be read, its
+            // NBD connection broke) ends the migration now, not at the switchover.
+            try checkDiskCopies()
+            steerDiskCopies(Self.diskJobs(qmp), dataPath: dataPath, qmp: qmp)
+            // QEMU's MIGRATION event for the pause before the device state, missed or late.
+            if info.status == .preSwitchover { try finishDiskCopies(qmp) }
+        }
         if info.status == .completed && !state.qemuDone {
             state.qemuDone = true
             track.journal.completedAt = state.completedEventAt ?? track.elapsed
