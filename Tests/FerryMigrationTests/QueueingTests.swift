@@ -25,6 +25,32 @@ struct QueueingTests {
         #expect(snapshots.current.count == 6, "every change is published for ferry status")
     }
 
+    @Test("two sessions that join at once: the last picture published is the last one made")
+    func admissionPublishesInOrder() {
+        // The first session's publication is held up (a slow disk under the run directory)
+        // while the second joins the line. The file must end with both: one running, one queued.
+        let snapshots = Locked<[IncomingMigrations]>([])
+        let firstCall = DispatchSemaphore(value: 0), release = DispatchSemaphore(value: 0)
+        let calls = Locked(0)
+        let queue = AdmissionQueue(limit: 1) { s in
+            let n = calls.withLock { $0 += 1; return $0 }
+            if n == 1 { firstCall.signal(); release.wait() }
+            snapshots.withLock { $0.append(s) }
+        }
+        let group = DispatchGroup()
+        DispatchQueue.global().async(group: group) { queue.enqueue(session: "s1", vm: "v1", source: "a") }
+        firstCall.wait()
+        DispatchQueue.global().async(group: group) { queue.enqueue(session: "s2", vm: "v2", source: "a") }
+        // Let s2 join (its publication waits its turn), then let s1's publication finish.
+        let joined = ContinuousClock.now + .seconds(5)
+        while queue.snapshot.queued.isEmpty && ContinuousClock.now < joined { Thread.sleep(forTimeInterval: 0.005) }
+        release.signal()
+        group.wait()
+        let last = snapshots.current.last
+        #expect(last?.running.map(\.vm) == ["v1"] && last?.queued.map(\.vm) == ["v2"],
+                "the file would end with an older picture: \(String(describing: last))")
+    }
+
     @Test("a waiter is woken when its turn comes")
     func admissionWakes() {
         let queue = AdmissionQueue(limit: 1) { _ in }

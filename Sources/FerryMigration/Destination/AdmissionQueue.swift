@@ -10,8 +10,12 @@ import Foundation
 /// `<run>/incoming.json` for `ferry status`.
 ///
 /// Shared by the daemon's session threads: each joins, waits for its turn and leaves.
-/// `changed` is called outside the lock, on the thread that made the change.
-// `running` and `waiting` are under `monitor`; the rest is immutable.
+/// `changed` is called outside the lock, on the thread that made the change, one call at a
+/// time and always with the picture as it is when the call starts: two sessions that join
+/// at once never leave the older picture in the file (which `ferry status` then showed
+/// until the next change, a queue that was never seen).
+// `running` and `waiting` are under `monitor`; `publishing` orders the calls of `changed`;
+// the rest is immutable.
 final class AdmissionQueue: @unchecked Sendable {
     let limit: Int
     private let monitor = Monitor()
@@ -20,6 +24,7 @@ final class AdmissionQueue: @unchecked Sendable {
     private var running: [IncomingMigrations.Entry] = []
     private var waiting: [IncomingMigrations.Entry] = []
     private let changed: @Sendable (IncomingMigrations) -> Void
+    private let publishing = NSLock()
 
     init(limit: Int, changed: @escaping @Sendable (IncomingMigrations) -> Void) {
         self.limit = max(1, limit)
@@ -29,12 +34,11 @@ final class AdmissionQueue: @unchecked Sendable {
 
     /// Joins the line (or runs at once when a place is free).
     func enqueue(session: String, vm: String, source: String) {
-        let snapshot = monitor.withLock {
+        monitor.withLock {
             waiting.append(.init(session: session, vm: vm, source: source, since: Date()))
             promote()
-            return current()
         }
-        changed(snapshot)
+        publish()
     }
 
     /// Waits up to `timeout` for the session's turn. Its place in line, or nil once it runs.
@@ -51,15 +55,21 @@ final class AdmissionQueue: @unchecked Sendable {
 
     /// The session ended (ran, failed or gave up in line): its place goes to the next.
     func remove(session: String) {
-        let snapshot = monitor.withLock { () -> IncomingMigrations? in
+        let removed = monitor.withLock { () -> Bool in
             let before = running.count + waiting.count
             running.removeAll { $0.session == session }
             waiting.removeAll { $0.session == session }
-            guard running.count + waiting.count != before else { return nil }
+            guard running.count + waiting.count != before else { return false }
             promote()
-            return current()
+            return true
         }
-        if let snapshot { changed(snapshot) }
+        if removed { publish() }
+    }
+
+    /// Hands the picture to `changed`. The snapshot is taken once this call's turn has come,
+    /// so the last call always carries the last change, whichever thread made it.
+    private func publish() {
+        publishing.withLock { changed(snapshot) }
     }
 
     var snapshot: IncomingMigrations { monitor.withLock { current() } }
