@@ -40,7 +40,7 @@ let package = Package(
         ]),
         // QEMU processes, VM specs, state directories, boot-file store.
         .target(name: "FerryVM", dependencies: [
-            "FerryWire", "FerryIO", "FerryQMP",
+            "CFerryLinux", "FerryWire", "FerryIO", "FerryQMP",
             .product(name: "Crypto", package: "swift-crypto"),
             .product(name: "Logging", package: "swift-log"),
         ]),
@@ -70,7 +70,7 @@ let package = Package(
         .testTarget(name: "FerryQMPTests", dependencies: ["FerryQMP", "FerryWire"]),
         .testTarget(name: "FerryCompressTests", dependencies: ["FerryCompress"]),
         .testTarget(name: "FerryTransportTests", dependencies: ["FerryTransport", "FerryWire", "FerryIO", "CFerryLinux", "FerryCompress", .product(name: "Crypto", package: "swift-crypto")]),
-        .testTarget(name: "FerryVMTests", dependencies: ["FerryVM", "FerryWire"]),
+        .testTarget(name: "FerryVMTests", dependencies: ["FerryVM", "FerryWire", "FerryIO"]),
         .testTarget(name: "FerryInterfacesTests", dependencies: ["FerryInterfaces"]),
         .testTarget(name: "FerryMigrationTests", dependencies: ["FerryMigration", "FerryInterfaces", "FerryWire", "FerryIO", "FerryVM", "FerryQMP", .product(name: "Logging", package: "swift-log")]),
         .testTarget(name: "FerryCLITests", dependencies: ["ferry", "FerryWire"]),

@@ -34,7 +34,11 @@ struct BenchTests {
             // The guest's 64 MiB of random fill cannot be compressed away: the NICs' counters
             // must show at least that (compress auto may shrink the rest of what QEMU sent).
             #expect(run.wireBytes >= 64 << 20, "\(run.mode.rawValue): the NICs' counters saw the traffic (\(run.wireBytes) bytes)")
+            // The lab's client probed the guest's NIC through every mode's migration.
+            let network = try #require(run.network, "\(run.mode.rawValue): no probe result")
+            #expect(network.answered > 0 && network.tcpConnected && network.tcpBroken == nil, "\(run.mode.rawValue): \(network.summary)")
         }
+        #expect(markdown.contains("The guest's network, from the client"), "no outage table")
         // Ferry and MPTCP used both NICs. (ECMP hashes QEMU's three flows onto the two
         // nexthops; a quarter of the time all three land on one: not asserted.)
         for run in runs where [.qemuMPTCP, .ferryMultichannel].contains(run.mode) {

@@ -82,7 +82,8 @@ struct EndToEndTests {
         try lab.expectRunningAndHealthy("vm1", on: "b")
     }
 
-    @Test("every --compress setting carries a compressible, dirtying guest back and forth; it verifies at the end")
+    @Test("every --compress setting carries a compressible, dirtying guest back and forth; it verifies at the end",
+          .enabled(if: Env.runSoaks, "with the soaks (FERRY_SOAKS=1): the codecs have their unit tests, and the bench harness runs auto"))
     func compressionSettings() throws {
         // 200 mbit: slow enough that the link is the bottleneck, so auto compresses.
         let lab = try TestLab(nics: 1, rate: "200mbit")

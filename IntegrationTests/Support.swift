@@ -78,7 +78,7 @@ final class TestLab: @unchecked Sendable {
 
     /// Starts the demo guest on `host` and waits until its memory is filled and checked.
     func startDemoVM(_ name: String, on host: String = "a", memory: Int = 256, fill: Int = 64, dirty: Int = 4,
-                     content: String = "random", disks: [String] = [], append: String = "") throws -> VMRecord {
+                     content: String = "random", disks: [String] = [], nics: [String] = [], append: String = "") throws -> VMRecord {
         let h = self.host(host)
         // Under TCG the guest kernel has, once in a CI run, stopped dead in early boot
         // (serial log cut off mid-line at "NetLabel: Ini", before any migration). That is
@@ -90,7 +90,7 @@ final class TestLab: @unchecked Sendable {
             let result = try h.ferry(["vm", "run", name, "--memory", "\(memory)M", "--cpus", "2",
                                       "--kernel", Env.guest.kernel, "--initrd", Env.guest.initrd,
                                       "--append", GuestImage.append(fillMiB: fill, dirtyMiBPerSecond: dirty, fill: content) + append]
-                                     + disks.flatMap { ["--disk", $0] })
+                                     + disks.flatMap { ["--disk", $0] } + nics.flatMap { ["--nic", $0] })
             try #require(result.succeeded, "vm run failed: \(result.stderr)")
             let record = try h.store.record(name)
             let console = GuestConsole(path: record.paths.serialLog)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Build Ferry's demo guest: a Debian cloud kernel and a busybox initramfs
 # that runs the memory workload (guest/workload.c), with the kernel's virtio
-# block and network drivers (modules, loaded by /init) for disks and NICs.
+# block and network drivers (modules, loaded by /init) for disks and NICs,
+# and an echo server (guest/netecho.c) for the network's continuity probes.
 #
 #   bash guest/build.sh OUT_DIR
 #
@@ -25,10 +26,11 @@ die() { echo "guest: error: $*" >&2; exit 1; }
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 SRC_WORKLOAD=$HERE/workload.c
+SRC_NETECHO=$HERE/netecho.c
 SRC_INIT=$HERE/init
 SRC_BUILD=$HERE/build.sh
 KERNEL_META=${FERRY_GUEST_KERNEL_META:-linux-image-cloud-amd64}
-for f in "$SRC_WORKLOAD" "$SRC_INIT" "$SRC_BUILD"; do
+for f in "$SRC_WORKLOAD" "$SRC_NETECHO" "$SRC_INIT" "$SRC_BUILD"; do
     [ -f "$f" ] || die "missing source file $f"
 done
 
@@ -106,6 +108,7 @@ fi
 INPUT_SHA=$(
     {
         echo "workload.c $(sha "$SRC_WORKLOAD")"
+        echo "netecho.c $(sha "$SRC_NETECHO")"
         echo "init $(sha "$SRC_INIT")"
         echo "build.sh $(sha "$SRC_BUILD")"
         echo "busybox-static $BUSYBOX_VERSION $(sha "$BUSYBOX")"
@@ -207,6 +210,8 @@ gcc -static -O2 -Wall -Wextra -s -o "$TMP/ferry-workload" "$SRC_WORKLOAD" ||
     die "compiling $SRC_WORKLOAD failed (gcc -static needs libc6-dev)"
 "$TMP/ferry-workload" --cmdline "ferry.mem=1" --corrupt-test >/dev/null ||
     die "the freshly built workload fails its own --corrupt-test"
+gcc -static -O2 -Wall -Wextra -s -o "$TMP/ferry-netecho" "$SRC_NETECHO" ||
+    die "compiling $SRC_NETECHO failed"
 
 # ---------------------------------------------------------------- initramfs
 say "packing initramfs (busybox $BUSYBOX_VERSION)"
@@ -220,6 +225,7 @@ for applet in $("$BUSYBOX" --list); do
 done
 install -m 755 "$SRC_INIT" "$ROOT/init"
 install -m 755 "$TMP/ferry-workload" "$ROOT/bin/ferry-workload"
+install -m 755 "$TMP/ferry-netecho" "$ROOT/bin/ferry-netecho"
 mkdir -p "$ROOT/lib/modules"
 for m in $MODULES; do
     install -m 644 "$(find "$MODDIR" -name "$m.ko" | head -n1)" "$ROOT/lib/modules/$m.ko"
@@ -253,6 +259,7 @@ cp "${vmlinuz[0]}" "$TMP/vmlinuz"
     echo "initrd_sha256=$(sha "$TMP/initrd.img")"
     echo "workload_bin_sha256=$(sha "$TMP/ferry-workload")"
     echo "workload_c_sha256=$(sha "$SRC_WORKLOAD")"
+    echo "netecho_c_sha256=$(sha "$SRC_NETECHO")"
     echo "init_sha256=$(sha "$SRC_INIT")"
     echo "build_sh_sha256=$(sha "$SRC_BUILD")"
     echo "busybox_version=$BUSYBOX_VERSION"

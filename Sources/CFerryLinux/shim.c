@@ -13,6 +13,13 @@
 #include <sys/socket.h>
 #include <sys/uio.h>
 #include <time.h>
+#include <net/if.h>
+#include <linux/if_tun.h>
+#include <linux/sockios.h>
+#include <sys/ioctl.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/sysmacros.h>
 
 /* ---- CRC32C ------------------------------------------------------------------ */
 
@@ -215,4 +222,83 @@ int ferry_supports_direct_io(const char *path) {
     /* EINVAL is the filesystem saying no; anything else (a missing file) is for the
        caller's own open to report. */
     return errno == EINVAL ? 0 : -errno;
+}
+
+/* ---- Guest NICs: taps and bridges ---------------------------------------------- */
+
+int ferry_tap_open(const char *name) {
+    if (strlen(name) >= IFNAMSIZ) return -ENAMETOOLONG;
+    int fd = open("/dev/net/tun", O_RDWR | O_CLOEXEC);
+    if (fd < 0 && errno == ENOENT) {
+        /* A fresh container may lack the node although the kernel has tun. */
+        mkdir("/dev/net", 0755);
+        if (mknod("/dev/net/tun", S_IFCHR | 0666, makedev(10, 200)) != 0 && errno != EEXIST) return -errno;
+        fd = open("/dev/net/tun", O_RDWR | O_CLOEXEC);
+    }
+    if (fd < 0) return -errno;
+    struct ifreq ifr;
+    memset(&ifr, 0, sizeof(ifr));
+    ifr.ifr_flags = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR;
+    strncpy(ifr.ifr_name, name, IFNAMSIZ - 1);
+    if (ioctl(fd, TUNSETIFF, &ifr) != 0) {
+        int e = errno;
+        close(fd);
+        return -e;
+    }
+    return fd;
+}
+
+int ferry_tap_name(int fd, char *name) {
+    struct ifreq ifr;
+    memset(&ifr, 0, sizeof(ifr));
+    if (ioctl(fd, TUNGETIFF, &ifr) != 0) return -errno;
+    memcpy(name, ifr.ifr_name, IFNAMSIZ);
+    name[IFNAMSIZ - 1] = 0;
+    return 0;
+}
+
+static int ioctl_socket(void) {
+    return socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+}
+
+int ferry_link_set_up(const char *ifname, int up) {
+    if (strlen(ifname) >= IFNAMSIZ) return -ENAMETOOLONG;
+    int s = ioctl_socket();
+    if (s < 0) return -errno;
+    struct ifreq ifr;
+    memset(&ifr, 0, sizeof(ifr));
+    strncpy(ifr.ifr_name, ifname, IFNAMSIZ - 1);
+    int rc = ioctl(s, SIOCGIFFLAGS, &ifr);
+    if (rc == 0) {
+        if (up) ifr.ifr_flags |= IFF_UP; else ifr.ifr_flags &= ~IFF_UP;
+        rc = ioctl(s, SIOCSIFFLAGS, &ifr);
+    }
+    int e = errno;
+    close(s);
+    return rc == 0 ? 0 : -e;
+}
+
+int ferry_bridge_attach(const char *bridge, const char *ifname, int attach) {
+    if (strlen(bridge) >= IFNAMSIZ) return -ENAMETOOLONG;
+    unsigned index = if_nametoindex(ifname);
+    if (index == 0) return -ENODEV;
+    int s = ioctl_socket();
+    if (s < 0) return -errno;
+    struct ifreq ifr;
+    memset(&ifr, 0, sizeof(ifr));
+    strncpy(ifr.ifr_name, bridge, IFNAMSIZ - 1);
+    ifr.ifr_ifindex = (int)index;
+    int rc = ioctl(s, attach ? SIOCBRADDIF : SIOCBRDELIF, &ifr);
+    int e = errno;
+    close(s);
+    return rc == 0 ? 0 : -e;
+}
+
+int ferry_pidfd_getfd(int pid, int fd) {
+    int pidfd = (int)syscall(SYS_pidfd_open, pid, 0);
+    if (pidfd < 0) return -errno;
+    int copy = (int)syscall(SYS_pidfd_getfd, pidfd, fd, 0);
+    int e = errno;
+    close(pidfd);
+    return copy < 0 ? -e : copy;
 }

@@ -1,3 +1,4 @@
+import FerryIO
 import FerryMigration
 import FerryWire
 import Foundation
@@ -25,6 +26,9 @@ public struct BenchRun: Codable, Sendable {
     public var guestPauseMilliseconds: Double?
     /// Ferry only: where that pause went (the report's account).
     public var pause: MigrationReport.Pause?
+    /// What the lab's client saw of the guest's network during the migration (`ferry
+    /// probe`: UDP every 10 ms, one TCP connection); nil if the probe gave no result.
+    public var network: NetworkProbe.Result? = nil
     /// The longest time between two guest heartbeats, by the host's clock.
     public var guestGapMilliseconds: Double
     public var guestOK: Bool
@@ -138,6 +142,7 @@ extension BenchResult {
             out.append("Ferry's median throughput against the others in this run: " + ratios.map { "\($0.0) \(String(format: "%.2f", $0.1))x" }.joined(separator: ", ") + ".")
         }
         out.append(contentsOf: pauseTable)
+        out.append(contentsOf: networkTable)
         out.append(contentsOf: diskTable)
         let failures = runs.filter { !$0.succeeded }
         if !failures.isEmpty {
@@ -181,6 +186,28 @@ extension BenchResult {
         out.append("")
         out.append("Ferry runs whose guest pause exceeded the \(Int(target)) ms --downtime target: "
                    + (over.isEmpty ? "none" : over.map { "\($0.mode.rawValue) #\($0.iteration + 1) (\(Int($0.guestPauseMilliseconds!)) ms)" }.joined(separator: ", ")) + ".")
+        return out
+    }
+
+    /// The guest's network as the lab's client saw it, per mode: the outage (p50 and
+    /// worst), against the guest's pause in the same run, probes lost, TCP connections
+    /// that broke.
+    var networkTable: [String] {
+        let measured = modes.filter { stat($0, { $0.network?.outageMilliseconds }) != nil }
+        guard !measured.isEmpty else { return [] }
+        var out = ["", "The guest's network, from the client (UDP probe every 10 ms, one TCP connection):", "",
+                   "| mode | outage ms (p50) | outage ms (max) | outage minus guest pause ms (p50) | probes lost (p50) | TCP connections broken | runs |",
+                   "|---|---|---|---|---|---|---|"]
+        for mode in measured {
+            let outage = stat(mode) { $0.network?.outageMilliseconds }!
+            let over = stat(mode) { r in r.network.flatMap { n in r.guestPauseMilliseconds.map { n.outageMilliseconds - $0 } } }
+            let lost = stat(mode) { $0.network.map { Double($0.lost) } }
+            let probed = runs(mode).filter { $0.network != nil }
+            let broken = probed.filter { !$0.network!.tcpConnected || $0.network!.tcpBroken != nil }.count
+            out.append("| \(mode.label) | \(String(format: "%.0f", outage.median)) | \(String(format: "%.0f", outage.high)) | "
+                       + "\(over.map { String(format: "%.0f", $0.median) } ?? "-") | \(lost.map { String(format: "%.0f", $0.median) } ?? "-") | "
+                       + "\(broken) of \(probed.count) | \(probed.count) |")
+        }
         return out
     }
 

@@ -182,7 +182,15 @@ public final class BenchRunner {
             defer { watcher.stop() }
             let destinationLog: String
             var destinationPID: Int32?
-            defer { if let destinationPID { ProcessStats.terminate(pid: destinationPID) } }
+            defer {
+                if let destinationPID {
+                    ProcessStats.terminate(pid: destinationPID)
+                    // QEMU alone's destination tap is persistent (QEMU opened it by name).
+                    for nic in source.spec.nics { _ = try? Command.run(["ip", "-n", lab.namespace("b"), "link", "del", nic.tapName]) }
+                }
+            }
+            // What the VM's users see: the lab's client probes the guest throughout.
+            let probe = try? ClientProbe(lab: lab, binary: binary, address: guestAddress(source.spec.name))
             if mode.isFerry {
                 destinationLog = to.store.vmPaths(vm).serialLog
                 watcher.add(path: destinationLog)
@@ -190,6 +198,8 @@ public final class BenchRunner {
             } else {
                 (destinationLog, destinationPID) = try migrateWithQEMU(mode, source, watcher, &run)
             }
+            // The network is back once the guest answers again (a probe that never is says so).
+            if let probe { Thread.sleep(forTimeInterval: 1); run.network = try? probe.stop() }
             sampler.stop()
             run.streamingBitsPerSecond = sampler.streamingBitsPerSecond
             let after = try nicTxBytes(from)
@@ -222,11 +232,14 @@ public final class BenchRunner {
     private func startGuest(_ vm: String, mptcp: Bool) throws -> VMRecord {
         // Room for the guest kernel beside the filled memory: 256 MiB, plus its page tables
         // and the workload's bookkeeping, which grow with the fill (a 4 GiB fill OOMs in 4.25 GiB).
+        // A NIC on the lab's VM network and the guest's echo service, for the client's probe.
         var args = ["vm", "run", vm, "--memory", "\(scenario.fillMiB + 256 + scenario.fillMiB / 8)M", "--cpus", "2",
                                   "--kernel", guest.kernel, "--initrd", guest.initrd,
                                   "--append", GuestImage.append(fillMiB: scenario.fillMiB, dirtyMiBPerSecond: scenario.dirtyMiBPerSecond,
                                                                 fill: scenario.fill, verifyMiBPerSecond: 32)
-                                      + (scenario.diskMiB > 0 ? diskAppend : "")]
+                                      + (scenario.diskMiB > 0 ? diskAppend : "")
+                                      + " ferry.ip=\(guestAddress(vm))/\(Lab.vmNetworkPrefix)",
+                    "--nic", "bridge=\(Lab.vmBridge)"]
         if scenario.diskMiB > 0 { args += ["--disk", try makeDisk(vm)] }
         let result = try Command.run(try lab.execArguments("a", (mptcp ? ["mptcpize", "run"] : []) + [binary] + args))
         guard result.succeeded else { throw BenchError("vm run: \(result.stderr)") }
@@ -238,6 +251,10 @@ public final class BenchRunner {
         Thread.sleep(forTimeInterval: 1)
         return record
     }
+
+    /// The bench guest's address on the VM network (the ping-pong one's own: it lives on
+    /// while the others come and go).
+    func guestAddress(_ vm: String) -> String { lab.guestAddress(vm == Self.pingPongVM ? 1 : 0) }
 
     private func nicTxBytes(_ host: LabHost) throws -> [String: UInt64] {
         var out: [String: UInt64] = [:]
@@ -316,7 +333,19 @@ public final class BenchRunner {
             try DiskImage.create(path: copy, format: spec.disks[0].format, virtualSizeBytes: spec.disks[0].virtualSizeBytes)
             spec.disks[0].path = copy
         }
+        // Its NIC as a management layer gives it one: a tap made beforehand on b's bridge
+        // (persistent here, opened by name), on the network from the start; QEMU announces
+        // the guest when it has loaded it.
+        let nics = spec.nics
+        spec.nics = []
         var argv = QEMU.arguments(spec: spec, paths: paths, store: a.store.bootFiles, incoming: true)
+        for (i, nic) in nics.enumerated() {
+            let ns = lab.namespace("b")
+            try Command.check(["ip", "-n", ns, "tuntap", "add", "dev", nic.tapName, "mode", "tap", "vnet_hdr"])
+            try Command.check(["ip", "-n", ns, "link", "set", nic.tapName, "master", nic.bridge, "up"])
+            argv += ["-netdev", "tap,id=net\(i),ifname=\(nic.tapName),script=no,downscript=no,vhost=off",
+                     "-device", "\(nic.model),netdev=net\(i),id=\(GuestNICs.deviceID(i)),mac=\(nic.mac),romfile="]
+        }
         let mptcp = mode == .qemuMPTCP
         if mptcp { argv = ["mptcpize", "run"] + argv }
         let launched = try Command.run(["ip", "netns", "exec", lab.namespace("b")] + argv)
@@ -521,3 +550,4 @@ public struct BenchLock {
         close(fd)
     }
 }
+

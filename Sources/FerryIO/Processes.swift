@@ -129,9 +129,13 @@ public enum Command {
     /// Uses posix_spawn and poll rather than Foundation's Process: a child that daemonizes
     /// (QEMU's -daemonize) must not leave us waiting on a pipe its grandchild inherited, and
     /// the child is reaped here, whatever else reaps children in this process.
+    ///
+    /// `passing`: descriptors of this process the child gets too, at the numbers
+    /// ``childDescriptors(passing:)`` gives (what its argv names, e.g. QEMU's `fd=`). They
+    /// may be close-on-exec here; the child's copies are not.
     @discardableResult
     public static func run(_ argv: [String], environment: [String: String]? = nil,
-                           input: String? = nil) throws(CommandError) -> CommandResult {
+                           input: String? = nil, passing: [Int32] = []) throws(CommandError) -> CommandResult {
         var outPipe: [Int32] = [0, 0], errPipe: [Int32] = [0, 0], inPipe: [Int32] = [0, 0]
         guard pipe(&outPipe) == 0, pipe(&errPipe) == 0, pipe(&inPipe) == 0 else {
             throw CommandError(command: argv, result: nil, reason: "pipe: \(errnoDescription(errno))")
@@ -143,6 +147,10 @@ public enum Command {
         posix_spawn_file_actions_adddup2(&actions, outPipe[1], 1)
         posix_spawn_file_actions_adddup2(&actions, errPipe[1], 2)
         for fd in inPipe + outPipe + errPipe { posix_spawn_file_actions_addclose(&actions, fd) }
+        // Above every descriptor passed, so that no copy lands on one not yet copied.
+        for (fd, number) in zip(passing, childDescriptors(passing: passing)) {
+            posix_spawn_file_actions_adddup2(&actions, fd, number)
+        }
 
         let env = (environment ?? ProcessInfo.processInfo.environment).map { "\($0.key)=\($0.value)" }
         var cArgs = argv.map { strdup($0) } + [nil]
@@ -199,6 +207,14 @@ public enum Command {
         let code: Int32 = (status & 0x7f) == 0 ? (status >> 8) & 0xff : 128 + (status & 0x7f)
         return CommandResult(status: code, stdout: String(decoding: out, as: UTF8.self),
                              stderr: String(decoding: err, as: UTF8.self))
+    }
+
+    /// The numbers a child of ``run(_:environment:input:passing:)`` finds `fds` at: one
+    /// after another, above the highest of them (and above standard error).
+    public static func childDescriptors(passing fds: [Int32]) -> [Int32] {
+        guard let top = fds.max() else { return [] }
+        let base = max(top + 1, 3)
+        return fds.indices.map { base + Int32($0) }
     }
 
     /// Runs `argv` and throws unless it exits 0.

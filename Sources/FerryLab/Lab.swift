@@ -7,8 +7,19 @@ import Foundation
 /// The test lab: two hosts, `a` and `b`, each a network namespace with its own Ferry
 /// state, joined by N veth pairs ("NICs"), each pair on its own /24, optionally rate
 /// limited with tc tbf on both ends (a NIC's speed, in both directions).
+///
+/// Apart from those NICs, the VMs' own network: each host has a bridge (``vmBridge``) with
+/// an uplink to a switch (a bridge in namespace NAME-sw), and a client namespace
+/// (NAME-client) hangs off that switch, as a VM's users would. All of it on 10.78.0.0/24
+/// (``vmNetworkAddress(_:)``, ``guestAddress(_:)``).
 public struct Lab: Sendable {
     public static let hosts = ["a", "b"]
+    /// The namespaces besides the hosts: the VM network's switch and its client.
+    public static let switchNamespace = "sw", client = "client"
+    /// The bridge of each host that VMs' NICs join (`--nic bridge=ferrybr0`).
+    public static let vmBridge = "ferrybr0"
+    /// The VM network's prefix length.
+    public static let vmNetworkPrefix = 24
 
     public struct Config: Codable, Sendable, Equatable {
         public var name: String
@@ -50,6 +61,14 @@ public struct Lab: Sendable {
     /// The address of `host` on NIC `nic` (0-based): 10.77.<nic+1>.1 on a, .2 on b.
     public func address(_ host: String, nic: Int) -> String { "10.77.\(nic + 1).\(host == "a" ? 1 : 2)" }
     public func interface(nic: Int) -> String { "eth\(nic)" }
+
+    /// An address on the VM network: host a's bridge 10.78.0.1, b's .2, the client .100.
+    public func vmNetworkAddress(_ host: String) -> String {
+        "10.78.0." + (host == "a" ? "1" : host == "b" ? "2" : "100")
+    }
+
+    /// The address the lab's guest number `n` (0-89) takes on the VM network: 10.78.0.(10+n).
+    public func guestAddress(_ n: Int) -> String { "10.78.0.\(10 + max(0, min(n, 89)))" }
 
     public var config: Config? {
         guard let data = FileManager.default.contents(atPath: configPath) else { return nil }
@@ -114,6 +133,7 @@ public struct Lab: Sendable {
                     if let rate = plan.rate(nic: nic) { try shape(ns, nic: nic, rate: rate) }
                 }
             }
+            try buildVMNetwork()
             // One cluster key for both hosts, as an operator copies it to every host.
             let key = KeyRing(keys: [ClusterKey.generate()]).fileText
             guard FileManager.default.createFile(atPath: keyPath, contents: Data(key.utf8), attributes: [.posixPermissions: 0o600]) else {
@@ -127,6 +147,43 @@ public struct Lab: Sendable {
         } catch {
             try? down()
             throw LabError.setup("lab setup failed: \(error)")
+        }
+    }
+
+    /// The VM network: a switch namespace with bridge sw0; on each host the bridge VMs'
+    /// taps join, with the host's address and an uplink to the switch; the client, on the
+    /// switch too. The bridges' MACs are fixed, so that a tap joining one never changes it
+    /// (a bridge takes its lowest port's MAC otherwise, and the host's neighbours' ARP
+    /// caches would go stale).
+    private func buildVMNetwork() throws {
+        let sw = namespace(Self.switchNamespace), client = namespace(Self.client)
+        for ns in [sw, client] {
+            try Command.check(["ip", "netns", "add", ns])
+            try Command.check(["ip", "-n", ns, "link", "set", "lo", "up"])
+        }
+        try Command.check(["ip", "-n", sw, "link", "add", "sw0", "type", "bridge"])
+        try Command.check(["ip", "-n", sw, "link", "set", "sw0", "up"])
+        for (i, host) in Self.hosts.enumerated() {
+            let ns = namespace(host)
+            try Command.check(["ip", "-n", ns, "link", "add", Self.vmBridge, "address", "02:fe:00:00:00:0\(i + 1)", "type", "bridge"])
+            try Command.check(["ip", "-n", ns, "addr", "add", "\(vmNetworkAddress(host))/\(Self.vmNetworkPrefix)", "dev", Self.vmBridge])
+            try Command.check(["ip", "-n", ns, "link", "set", Self.vmBridge, "up"])
+            try plug(from: (ns, "\(name)u\(host)", "uplink", Self.vmBridge), to: (sw, "\(name)s\(host)", "host-\(host)", "sw0"))
+        }
+        try plug(from: (client, "\(name)cl", "eth0", nil), to: (sw, "\(name)sc", "client", "sw0"))
+        try Command.check(["ip", "-n", client, "addr", "add", "\(vmNetworkAddress(Self.client))/\(Self.vmNetworkPrefix)", "dev", "eth0"])
+    }
+
+    /// A veth pair between two namespaces: each end made under a temporary name in this
+    /// one, moved, renamed, put on its bridge (if any) and brought up.
+    private func plug(from a: (ns: String, temporary: String, name: String, bridge: String?),
+                      to b: (ns: String, temporary: String, name: String, bridge: String?)) throws {
+        try Command.check(["ip", "link", "add", a.temporary, "type", "veth", "peer", "name", b.temporary])
+        for end in [a, b] {
+            try Command.check(["ip", "link", "set", end.temporary, "netns", end.ns])
+            try Command.check(["ip", "-n", end.ns, "link", "set", end.temporary, "name", end.name])
+            if let bridge = end.bridge { try Command.check(["ip", "-n", end.ns, "link", "set", end.name, "master", bridge]) }
+            try Command.check(["ip", "-n", end.ns, "link", "set", end.name, "up"])
         }
     }
 
@@ -161,13 +218,24 @@ public struct Lab: Sendable {
             // its QEMUs are gone now.
             try? FileManager.default.removeItem(atPath: store.paths.memoryDirectory)
         }
+        for other in [Self.switchNamespace, Self.client] {
+            let ns = namespace(other)
+            if let pids = try? Command.run(["ip", "netns", "pids", ns]).stdout {
+                for pid in pids.split(separator: "\n").compactMap({ Int32($0.trimmingCharacters(in: .whitespaces)) }) {
+                    ProcessStats.terminate(pid: pid, grace: .seconds(2))
+                }
+            }
+            _ = try? Command.run(["ip", "netns", "del", ns])
+        }
+        let vmNetworkLinks = Set(Self.hosts.flatMap { ["\(name)u\($0)", "\(name)s\($0)"] } + ["\(name)cl", "\(name)sc"])
         // veth peers die with their namespaces; a half-made lab may have left some in the root.
         if let links = try? Command.run(["ip", "-o", "link", "show"]).stdout {
             for line in links.split(separator: "\n") {
                 let parts = line.split(separator: ":")
                 guard parts.count > 1 else { continue }
                 let ifname = parts[1].trimmingCharacters(in: .whitespaces).split(separator: "@").first.map(String.init) ?? ""
-                if ifname.hasPrefix(name + "a") || ifname.hasPrefix(name + "b"), ifname.dropFirst(name.count + 1).allSatisfy(\.isNumber) {
+                if vmNetworkLinks.contains(ifname)
+                    || (ifname.hasPrefix(name + "a") || ifname.hasPrefix(name + "b")) && ifname.dropFirst(name.count + 1).allSatisfy(\.isNumber) {
                     _ = try? Command.run(["ip", "link", "del", ifname])
                 }
             }
@@ -176,11 +244,19 @@ public struct Lab: Sendable {
     }
 
     /// The argv that runs `command` inside `host`, with that host's Ferry state.
+    /// `client`: the VM network's client, which has no Ferry state.
     public func execArguments(_ host: String, _ command: [String]) throws -> [String] {
-        guard Self.hosts.contains(host) else { throw LabError.badInput("lab host must be a or b, not '\(host)'") }
+        if host == Self.client {
+            guard isUp else { throw LabError.notUp(name) }
+            return ["ip", "netns", "exec", namespace(host), "env", "FERRY_LAB=\(name)"] + command
+        }
+        guard Self.hosts.contains(host) else { throw LabError.badInput("lab host must be a, b or client, not '\(host)'") }
         guard isUp else { throw LabError.notUp(name) }
+        // The VM network's bridge carries the host's address there, but no migration:
+        // the lab's migration NICs are eth0, eth1, ... (as an operator keeps a migration
+        // network apart with --nics).
         var env = ["FERRY_STATE_DIR=\(stateDirectory(host))", "FERRY_HOST_NAME=\(host)", "FERRY_LAB=\(name)",
-                   "FERRY_KEY_FILE=\(keyPath)"]
+                   "FERRY_KEY_FILE=\(keyPath)", "FERRY_NICS=-\(Self.vmBridge)"]
         // veth reports no link speed: tell Ferry the rate each lab NIC is limited to.
         if let config, config.rate != nil {
             let speeds = (0..<config.nics).compactMap { nic in config.rate(nic: nic).map { "\(interface(nic: nic))=\($0)" } }
@@ -199,10 +275,20 @@ public struct Lab: Sendable {
         for host in Self.hosts { try shape(namespace(host), nic: nic, rate: rate) }
     }
 
-    /// NIC `nic` in namespace `ns` sends at most `rate` (tc tbf, its bucket from ``burst(for:)``).
+    /// NIC `nic` in namespace `ns` sends at most `rate` (tc tbf, its bucket from ``burst(for:)``,
+    /// its queue from ``queueLimit(for:)``).
     private func shape(_ ns: String, nic: Int, rate: String) throws {
         try Command.check(["tc", "-n", ns, "qdisc", "replace", "dev", interface(nic: nic), "root", "tbf",
-                           "rate", rate, "burst", Self.burst(for: rate), "latency", "20ms"])
+                           "rate", rate, "burst", Self.burst(for: rate), "limit", Self.queueLimit(for: rate)])
+    }
+
+    /// tbf's queue: 20 ms of the rate, at least 256 KiB. A switch port buffers bytes, not
+    /// time: at 6 Mbit/s 20 ms is ten packets, and a link that slowed to that rate dropped
+    /// so much that TCP backed off for more than a second, which Ferry rightly takes for a
+    /// dead path (seen once in `DiskTests.fastWriter`, 1 gbit slowed to 6 mbit mid-copy).
+    static func queueLimit(for rate: String) -> String {
+        let bitsPerSecond = Double(SpeedList.parseRate(rate) ?? 1_000_000_000)
+        return "\(max(256 * 1024, Int(bitsPerSecond / 8 * 0.020)))b"
     }
 
     /// Takes NIC `nic` of `host` down or up.

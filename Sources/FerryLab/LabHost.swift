@@ -70,3 +70,36 @@ public struct LabHost: Sendable {
         throw Lab.LabError.setup("ferry serve did not start on \(host): \(text.suffix(500))")
     }
 }
+
+/// `ferry probe ADDRESS` in the lab's client namespace (the VM's users), from ``init`` to
+/// ``stop()``: what they saw of the guest's network meanwhile.
+public final class ClientProbe {
+    let process = Process()
+    /// Where the probe writes its result, and its own output.
+    public let json: String
+    public let output: String
+
+    public init(lab: Lab, binary: String, address: String) throws {
+        json = lab.directory + "/probe-\(UUID().uuidString).json"
+        output = json + ".txt"
+        process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+        process.arguments = try lab.execArguments(Lab.client, [binary, "probe", address, "--quiet", "--json", json])
+        _ = FileManager.default.createFile(atPath: output, contents: nil)
+        let log = FileHandle(forWritingAtPath: output)
+        process.standardOutput = log
+        process.standardError = log
+        process.standardInput = FileHandle.nullDevice
+        try process.run()
+    }
+
+    /// SIGTERM; the result it wrote, or an error with what it printed.
+    public func stop() throws -> NetworkProbe.Result {
+        kill(process.processIdentifier, SIGTERM)
+        process.waitUntilExit()
+        guard let data = FileManager.default.contents(atPath: json) else {
+            let text = (try? String(contentsOfFile: output, encoding: .utf8)) ?? ""
+            throw Lab.LabError.setup("ferry probe wrote no result (exit \(process.terminationStatus)): \(text.suffix(500))")
+        }
+        return try JSONDecoder().decode(NetworkProbe.Result.self, from: data)
+    }
+}

@@ -88,8 +88,9 @@ public enum QEMU {
     /// is what makes a same-host update independent of the VM's size. Network migrations
     /// leave the capability off and send RAM as before. `instance` picks the binary and the
     /// QMP socket and pid file (default: the VM's own).
+    /// `tapFDs`: the descriptor QEMU finds each NIC's tap at (``GuestNICs``).
     public static func arguments(spec: VMSpec, paths: VMPaths, store: BootFileStore, incoming: Bool,
-                                 instance: QEMUInstance? = nil) -> [String] {
+                                 instance: QEMUInstance? = nil, tapFDs: [Int32] = []) -> [String] {
         let instance = instance ?? QEMUInstance(paths)
         let ram = ramKiB(spec)
         var argv = [
@@ -116,6 +117,7 @@ public enum QEMU {
             "-daemonize",
         ]
         argv += DiskImage.qemuArguments(spec.disks, bootFromDisk: spec.kernel == nil)
+        argv += GuestNICs.qemuArguments(spec.nics, fds: tapFDs)
         if incoming { argv += ["-S", "-incoming", "defer"] }
         return argv
     }
@@ -125,20 +127,27 @@ public enum QEMU {
 
     /// Starts QEMU in the background and returns its pid and a QMP connection.
     /// QEMU's `-daemonize` makes the VM independent of the process that started it.
+    /// `taps`: the NICs' taps, one per NIC of the spec (QEMU inherits them; the caller
+    /// closes its own copies afterwards).
     public static func launch(spec: VMSpec, paths: VMPaths, store: BootFileStore, incoming: Bool,
-                              instance: QEMUInstance? = nil) throws -> (Int32, QMPClient) {
+                              instance: QEMUInstance? = nil, taps: TapSet? = nil) throws -> (Int32, QMPClient) {
         let instance = instance ?? QEMUInstance(paths)
         for file in spec.bootFiles where !store.has(file) {
             throw VMError.badInput("boot file \(file.name) (\(file.sha256.prefix(12))) is not in the store")
         }
+        let tapFDs = taps?.fds ?? []
+        guard tapFDs.count == spec.nics.count else {
+            throw VMError.badInput("VM '\(spec.name)' has \(spec.nics.count) NICs and \(tapFDs.count) taps to give its QEMU")
+        }
         try? FileManager.default.removeItem(atPath: instance.pidFile)
         try? FileManager.default.removeItem(atPath: instance.qmpSocket)
-        let argv = arguments(spec: spec, paths: paths, store: store, incoming: incoming, instance: instance)
+        let argv = arguments(spec: spec, paths: paths, store: store, incoming: incoming, instance: instance,
+                             tapFDs: Command.childDescriptors(passing: tapFDs))
         // With -daemonize the parent exits once the VM is set up; errors before that go to
         // its stderr, which we keep in qemu.log.
         let result: CommandResult
         do {
-            result = try Command.run(argv)
+            result = try Command.run(argv, passing: tapFDs)
         } catch {
             throw VMError.qemu("cannot start QEMU (\(instance.binary)): \(error)")
         }

@@ -116,6 +116,12 @@ public enum StateFileCoding {
         for disk in spec.disks {
             guard disk.path.hasPrefix("/"), !disk.path.contains("\0"), disk.virtualSizeBytes > 0 else { return "has a malformed disk" }
         }
+        for nic in spec.nics {
+            guard NICSpec.normalizedMAC(nic.mac) == nic.mac else { return "has a NIC with a malformed MAC" }
+            guard NICSpec.validBridgeName(nic.bridge), !nic.bridge.contains(",") else { return "has a NIC with a malformed bridge name" }
+            guard isOptionWord(nic.model) else { return "has a NIC with a malformed model" }
+        }
+        if Set(spec.nics.map(\.mac)).count != spec.nics.count { return "gives one MAC to two NICs" }
         if let problem = spec.bootProblem { return problem }
         return nil
     }

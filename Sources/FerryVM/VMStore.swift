@@ -77,6 +77,8 @@ public struct VMStore: Sendable {
     }
 
     /// Creates the VM's directory and starts QEMU. The directory is removed if QEMU fails.
+    /// The VM's NICs get new taps: on their bridges and up for a VM that runs here now,
+    /// down and on no bridge for an incoming one (``GuestNICs``, until its commit).
     public func start(spec: VMSpec, incoming: Bool, migratedFrom: String? = nil) throws -> (VMRecord, QMPClient) {
         if let problem = VMSpec.validateName(spec.name) { throw VMError.badInput(problem) }
         try paths.ensure()
@@ -98,7 +100,10 @@ public struct VMStore: Sendable {
             // directory dies of SIGBUS (MemoryRoom.swift).
             try reserveMemory(for: spec, file: vm.memoryFile)
             try write(spec, to: vm.spec)
-            let (pid, qmp) = try QEMU.launch(spec: spec, paths: vm, store: bootFiles, incoming: incoming)
+            let taps = try TapSet.create(spec.nics)
+            defer { taps.close() }
+            if !incoming { try GuestNICs.connect(spec.nics) }
+            let (pid, qmp) = try QEMU.launch(spec: spec, paths: vm, store: bootFiles, incoming: incoming, taps: taps)
             let state = VMState(phase: incoming ? .incoming : .running, pid: pid, migratedFrom: migratedFrom)
             try write(state, to: vm.state)
             return (VMRecord(spec: spec, state: state, alive: true, paths: vm), qmp)

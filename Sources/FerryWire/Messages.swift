@@ -5,7 +5,7 @@ import Foundation
 /// picks the highest version both speak. Policy: a release accepts the current and the
 /// previous protocol version (see docs/PROTOCOL.md, "Versioning").
 public enum ProtocolVersion {
-    public static let current: UInt16 = 3
+    public static let current: UInt16 = 4
     public static let oldestSupported: UInt16 = 1
     /// The first version whose control connection can move to another connection
     /// (`rejoin`, `rejoined`, `received`; docs/PROTOCOL.md, "The control connection moves").
@@ -14,6 +14,9 @@ public enum ProtocolVersion {
     /// closed on its own, with a kind and a priority (docs/PROTOCOL.md, "Two-way streams").
     /// A migration that needs one (a disk copy) refuses a peer that chose an older version.
     public static let twoWayStreams: UInt16 = 3
+    /// The first version whose VM spec carries guest NICs (``VMSpec/nics``). A migration of
+    /// a VM with a NIC refuses a peer that chose an older version, which would drop them.
+    public static let guestNICs: UInt16 = 4
 
     /// The highest version this process offers: ``current``, or lower for tests of mixed
     /// clusters (`FERRY_PROTOCOL_MAX`, never above ``current``).
@@ -92,12 +95,16 @@ public struct VMSpec: Codable, Equatable, Sendable {
     /// not know this field would drop the disks: a source sends a spec with disks only to
     /// a destination that chose protocol 3 or later (``ProtocolVersion/twoWayStreams``).
     public var disks: [DiskSpec]
+    /// The VM's NICs, in the order the guest sees them (eth0, eth1, ...). Sent only to a
+    /// destination that chose protocol 4 or later (``ProtocolVersion/guestNICs``).
+    public var nics: [NICSpec]
 
     public init(name: String, memoryMiB: Int, cpus: Int, kernel: BootFile?, initrd: BootFile?,
                 append: String, accelerator: Accelerator, machine: String, cpuModel: String, ramPadKiB: Int = 0,
-                disks: [DiskSpec] = []) {
+                disks: [DiskSpec] = [], nics: [NICSpec] = []) {
         self.ramPadKiB = ramPadKiB
         self.disks = disks
+        self.nics = nics
         self.name = name
         self.memoryMiB = memoryMiB
         self.cpus = cpus
@@ -133,6 +140,7 @@ public struct VMSpec: Codable, Equatable, Sendable {
         cpuModel = try c.decode(String.self, forKey: .cpuModel)
         ramPadKiB = try c.decodeIfPresent(Int.self, forKey: .ramPadKiB) ?? 0
         disks = try c.decodeIfPresent([DiskSpec].self, forKey: .disks) ?? []
+        nics = try c.decodeIfPresent([NICSpec].self, forKey: .nics) ?? []
     }
 
     /// VM names are used as directory names and QEMU ids: keep them to a safe alphabet.
@@ -182,6 +190,43 @@ public struct DiskSpec: Codable, Equatable, Sendable {
             n = n / 26 - 1
         } while n >= 0
         return "vd" + name
+    }
+}
+
+/// One NIC of a VM: a QEMU network device whose backend is a tap on the host bridge
+/// `bridge`, which every host the VM runs on has (the VM's network).
+public struct NICSpec: Codable, Equatable, Sendable {
+    /// The host bridge the NIC's tap joins (the same name on every host).
+    public var bridge: String
+    /// The guest's MAC address, lowercase, colon-separated ("52:54:00:12:34:56").
+    public var mac: String
+    /// QEMU's device model (e.g. `virtio-net-pci`), as QEMU names it.
+    public var model: String
+
+    public init(bridge: String, mac: String, model: String) {
+        self.bridge = bridge
+        self.mac = mac
+        self.model = model
+    }
+
+    /// The tap's name on the host: "fy" and the MAC's twelve hex digits (14 characters,
+    /// within Linux's 15). A MAC is unique among a host's VMs, so is its tap's name.
+    public var tapName: String { "fy" + mac.replacingOccurrences(of: ":", with: "") }
+
+    /// The MAC in Ferry's form (lowercase, colons), or nil if `text` is not six hex octets
+    /// separated by ':' or '-', or names a group (multicast) or the zero address.
+    public static func normalizedMAC(_ text: String) -> String? {
+        let parts = text.split(separator: text.contains("-") ? "-" : ":", omittingEmptySubsequences: false)
+        guard parts.count == 6, parts.allSatisfy({ $0.count == 2 }) else { return nil }
+        let octets = parts.compactMap { UInt8($0, radix: 16) }
+        guard octets.count == 6, octets[0] & 1 == 0, octets.contains(where: { $0 != 0 }) else { return nil }
+        return octets.map { String(format: "%02x", $0) }.joined(separator: ":")
+    }
+
+    /// A bridge name Linux takes (1-15 characters, no '/', ':' or white space, not '.' or '..').
+    public static func validBridgeName(_ name: String) -> Bool {
+        !name.isEmpty && name.utf8.count <= 15 && name != "." && name != ".."
+            && !name.contains(where: { $0 == "/" || $0 == ":" || $0.isWhitespace })
     }
 }
 
@@ -534,8 +579,13 @@ public struct DestinationSwitchoverTimes: Codable, Equatable, Sendable {
     public var prepared: Double?
     /// `commit` arrived.
     public var commitReceived: Double?
-    /// The `committed` record was durable; `cont` was issued.
+    /// The `committed` record was durable; the taps joined their bridges (with NICs) and
+    /// `cont` was issued.
     public var committedRecorded: Double?
+    /// With NICs: the taps were on their bridges and up, and `cont` was issued.
+    public var tapsConnected: Double?
+    /// With NICs: QEMU's `announce-self` returned (after the guest resumed).
+    public var announced: Double?
     /// The destination QEMU's RESUME event (or `cont`'s return, where the event was missed).
     public var resumed: Double?
     /// `committed` went out.

@@ -9,10 +9,13 @@ struct Demo: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "The whole product on one machine: lab, guest, a running VM, a live migration, proof, report.",
         discussion: """
-            Builds the demo guest, brings up a lab (hosts a and b in network namespaces), starts a
-            VM on a whose workload fills and keeps dirtying its memory while checking it, starts
-            `ferry serve` on b, migrates the VM from a to b, then proves it kept running: its
-            heartbeats go on at b, its own memory check stays OK, the source QEMU is gone.
+            Builds the demo guest, brings up a lab (hosts a and b in network namespaces, and a VM
+            network with a client), starts a VM on a whose workload fills and keeps dirtying its
+            memory while checking it, with a NIC on the VM network and an echo service, starts
+            `ferry serve` on b, migrates the VM from a to b while the client probes it (UDP every
+            10 ms, one TCP connection), then proves it kept running: its heartbeats go on at b,
+            its own memory check stays OK, the source QEMU is gone, the client's TCP connection
+            held, and the probes lost during the move are counted.
             """)
 
     @Option(help: "NICs between the two lab hosts (default: 2).")
@@ -73,11 +76,14 @@ struct Demo: ParsableCommand {
             }
         }
 
-        step("3/6 VM '\(vm)' on a: \(memory.mebibytes) MiB, \(cpus) vCPU, workload fills \(fill) MiB and dirties \(dirty) MiB/s")
+        let address = lab.guestAddress(0)
+        step("3/6 VM '\(vm)' on a: \(memory.mebibytes) MiB, \(cpus) vCPU, workload fills \(fill) MiB and dirties \(dirty) MiB/s; NIC on \(Lab.vmBridge) at \(address)")
         let run = try a.ferry(["vm", "run", vm, "--memory", "\(memory.mebibytes)M", "--cpus", "\(cpus)",
                                "--kernel", image.kernel, "--initrd", image.initrd,
                                "--append", GuestImage.append(fillMiB: fill, dirtyMiBPerSecond: dirty,
-                                                             verifyMiBPerSecond: verify > 0 ? verify : nil)])
+                                                             verifyMiBPerSecond: verify > 0 ? verify : nil)
+                                   + " ferry.ip=\(address)/\(Lab.vmNetworkPrefix)",
+                               "--nic", "bridge=\(Lab.vmBridge)"])
         guard run.succeeded else { throw UserError("vm run failed: \(run.stderr)\(run.stdout)") }
         print(run.stdout.trimmingCharacters(in: .whitespacesAndNewlines))
         let sourceRecord = try a.store.record(vm)
@@ -99,12 +105,15 @@ struct Demo: ParsableCommand {
         let servePID = try b.startServe()
         print("  listening on \(lab.address("b", nic: 0)):7470 (pid \(servePID))")
 
-        step("5/6 migrate a -> b")
+        step("5/6 migrate a -> b, the client probing the guest")
+        let probe = try ClientProbe(lab: lab, binary: binary, address: address)
+        print("  client (\(lab.vmNetworkAddress(Lab.client))): ferry probe \(address), UDP every 10 ms and one TCP connection")
         let watcher = HeartbeatWatcher(paths: [sourceRecord.paths.serialLog])
         watcher.add(path: b.store.vmPaths(vm).serialLog)
         let reportPath = lab.directory + "/demo-report.json"
         let status = try a.ferryInteractive(["migrate", vm, "--to", lab.address("b", nic: 0),
-                                             "--multifd", "\(multifd)", "--report-file", reportPath])
+                                             "--multifd", "\(multifd)", "--report-file", reportPath, "--probe", address])
+        let seen = try? probe.stop()
         guard status == 0 else { throw UserError("the migration failed (exit \(status)); the VM stays on a") }
 
         step("6/6 verify")
@@ -122,6 +131,13 @@ struct Demo: ParsableCommand {
         if !after.ok || watcher.sawErrors { failures.append("the guest's memory check failed: \(destConsole.errorLines.prefix(3))") }
         if ProcessStats.isAlive(pid: sourceRecord.state.pid) { failures.append("the source QEMU (pid \(sourceRecord.state.pid)) still runs") }
         if (try? a.store.record(vm)) != nil { failures.append("host a still lists the VM") }
+        if let seen {
+            if !seen.tcpConnected || seen.tcpBroken != nil { failures.append("the client's TCP connection to the guest did not hold: \(seen.summary)") }
+            if seen.answered == 0 { failures.append("the guest never answered the client's probes") }
+            print("  client's view of the guest's network: \(seen.summary)")
+        } else {
+            failures.append("the client's probe wrote no result")
+        }
         print("  heartbeats: \(before.sequence) on a before -> \(after.sequence) on b now; \(watcher.heartbeatCount) seen during the migration (none missing: \(watcher.skippedSequences == 0)), largest gap \(Int(watcher.largestGapSeconds * 1000)) ms")
         print("  guest memory check: \(after.ok ? "OK" : "FAILED") (\(after.passes) full passes, \(after.errors) errors)")
         print("  source QEMU pid \(sourceRecord.state.pid): \(ProcessStats.isAlive(pid: sourceRecord.state.pid) ? "STILL RUNNING" : "gone")")

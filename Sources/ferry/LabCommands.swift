@@ -6,7 +6,7 @@ import Foundation
 struct LabCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "lab",
-        abstract: "Two test hosts, a and b, in network namespaces joined by N veth NICs.",
+        abstract: "Two test hosts, a and b, in network namespaces joined by N veth NICs, and a VM network with a client.",
         subcommands: [Up.self, Down.self, Exec.self, Addr.self, NIC.self, Show.self])
 
     struct LabName: ParsableArguments {
@@ -36,7 +36,13 @@ struct LabCommand: ParsableCommand {
             for nic in 0..<nics {
                 print("  \(lab.interface(nic: nic)): a \(lab.address("a", nic: nic))  <->  b \(lab.address("b", nic: nic))")
             }
+            printVMNetwork(lab)
         }
+    }
+
+    static func printVMNetwork(_ lab: Lab) {
+        print("  VM network: bridge \(Lab.vmBridge) on a (\(lab.vmNetworkAddress("a"))) and b (\(lab.vmNetworkAddress("b"))), "
+              + "client \(lab.vmNetworkAddress(Lab.client)) (ferry lab exec client -- ...), guests from \(lab.guestAddress(0))/\(Lab.vmNetworkPrefix)")
     }
 
     struct Down: ParsableCommand {
@@ -51,14 +57,14 @@ struct LabCommand: ParsableCommand {
     struct Exec: ParsableCommand {
         static let configuration = CommandConfiguration(
             abstract: "Run a command on a lab host, with that host's Ferry state (ferry lab exec a -- ferry vm list).")
-        @Argument(help: "a or b.")
+        @Argument(help: "a, b or client (the VM network's client).")
         var host: String
         @Argument(parsing: .postTerminator, help: "The command.")
         var command: [String]
         @OptionGroup var labName: LabName
 
         func validate() throws {
-            guard Lab.hosts.contains(host) else { throw ValidationError("host must be a or b") }
+            guard Lab.hosts.contains(host) || host == Lab.client else { throw ValidationError("host must be a, b or client") }
             guard !command.isEmpty else { throw ValidationError("give a command after --") }
         }
 
@@ -71,14 +77,33 @@ struct LabCommand: ParsableCommand {
     }
 
     struct Addr: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Print a lab host's address on each NIC.")
-        @Argument(help: "a or b.")
-        var host: String
+        static let configuration = CommandConfiguration(
+            abstract: "Print lab addresses: a host's on each NIC (ferry lab addr a), on the VM network (--vm-network), a guest's (--guest N).")
+        @Argument(help: "a, b or client.")
+        var host: String?
+        @Flag(help: "The host's (or the client's) address on the VM network.")
+        var vmNetwork = false
+        @Option(help: "The address lab guest number N (0-89) takes on the VM network, with its prefix (the demo guest's ferry.ip=).")
+        var guest: Int?
         @OptionGroup var labName: LabName
+
+        func validate() throws {
+            if let host, !(Lab.hosts.contains(host) || host == Lab.client) { throw ValidationError("host must be a, b or client") }
+            if host == Lab.client && !vmNetwork { throw ValidationError("the client is only on the VM network: add --vm-network") }
+            if let guest, !(0...89).contains(guest) { throw ValidationError("--guest must be between 0 and 89") }
+            if host == nil && guest == nil { throw ValidationError("name a host (a, b, client) or give --guest N") }
+        }
+
         func run() throws {
-            guard Lab.hosts.contains(host) else { throw ValidationError("host must be a or b") }
-            guard let config = labName.lab.config else { throw UserError("lab \(labName.name) is not up") }
-            for nic in 0..<config.nics { print(labName.lab.address(host, nic: nic)) }
+            let lab = labName.lab
+            guard let config = lab.config else { throw UserError("lab \(labName.name) is not up") }
+            if let guest {
+                print("\(lab.guestAddress(guest))/\(Lab.vmNetworkPrefix)")
+            } else if let host, vmNetwork {
+                print(lab.vmNetworkAddress(host))
+            } else if let host {
+                for nic in 0..<config.nics { print(lab.address(host, nic: nic)) }
+            }
         }
     }
 
@@ -116,6 +141,7 @@ struct LabCommand: ParsableCommand {
             for nic in 0..<config.nics {
                 print("  \(lab.interface(nic: nic)): a \(lab.address("a", nic: nic))  <->  b \(lab.address("b", nic: nic))")
             }
+            LabCommand.printVMNetwork(lab)
         }
     }
 }

@@ -62,6 +62,9 @@ struct Migrate: ParsableCommand {
     @Option(help: "Give up (the VM stays here) if the migration has not reached its commit point after this long, time spent queued included (default: 10m).")
     var timeout = DurationArgument(.seconds(600))
 
+    @Option(help: "Probe the guest's echo service at ADDRESS[:PORT] (UDP every 10 ms and a TCP connection, port 7 by default) from this host while it moves; the report says how many probes were lost and how long the guest could not be reached.")
+    var probe: String?
+
     @OptionGroup var output: ReportOptions
 
     @Option(name: .customLong("progress-file"), help: "Append progress as JSON lines to this file, a few times a second (for automation).")
@@ -82,6 +85,19 @@ struct Migrate: ParsableCommand {
         } catch {
             throw ValidationError("--compress: \(error)")
         }
+        if let probe, probeOptions(probe) == nil { throw ValidationError("--probe: '\(probe)' is not IPV4-ADDRESS[:PORT]") }
+    }
+
+    /// `--probe ADDRESS[:PORT]`.
+    func probeOptions(_ text: String) -> NetworkProbe.Options? {
+        let parts = text.split(separator: ":", omittingEmptySubsequences: false).map(String.init)
+        guard parts.count <= 2, IPv4Check.isAddress(parts[0]) else { return nil }
+        var options = NetworkProbe.Options(host: parts[0])
+        if parts.count == 2 {
+            guard let port = UInt16(parts[1]), port > 0 else { return nil }
+            options.port = port
+        }
+        return options
     }
 
     func run() throws {
@@ -107,13 +123,14 @@ struct Migrate: ParsableCommand {
         if case .count(let n) = multifd { options.multifdChannels = n }
         options.channelsPerEndpoint = channelsPerNIC
         options.bandwidthBytesPerSecond = bandwidth?.bytesPerSecond
-        options.nics = nicOptions.nics ?? .all
+        options.nics = nicOptions.selection
         options.nicSpeeds = NICSpeeds.resolve(nicOptions.nicSpeed)
         options.linkTimeout = linkTimeout.duration
         options.downtimeLimit = downtime.duration
         options.timeout = timeout.duration
         options.zeroCopy = zeroCopy == .auto
         options.cpus = cpuOptions.set
+        options.probe = probe.flatMap(probeOptions)
         let display = ProgressDisplay(enabled: !output.quiet, jsonPath: progressFile)
         let migration = SourceMigration(store: host.store, name: name, options: options, logger: logger) { progress in
             display.show(progress)

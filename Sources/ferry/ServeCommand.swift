@@ -49,7 +49,7 @@ struct Serve: ParsableCommand {
         try paths.ensure()
         let server: MigrationServer
         do {
-            let nics = nicOptions.nics ?? .all
+            let nics = nicOptions.selection
             let speeds = NICSpeeds.resolve(nicOptions.nicSpeed)
             let addresses = listen.isEmpty ? MigrationServer.defaultAddresses(nics: nics, speeds: speeds) : listen.map(\.host)
             guard !addresses.isEmpty else {

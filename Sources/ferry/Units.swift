@@ -129,8 +129,16 @@ struct NICSpeeds: ExpressibleByArgument {
 
 /// The NIC options `migrate` and `serve` share.
 struct NICOptions: ParsableArguments {
-    @Option(help: "NICs of this host that may carry migrations: eth0,eth1 (only these) or --nics=-eth2 (all but these) (default: all).")
+    @Option(help: "NICs of this host that may carry migrations: eth0,eth1 (only these) or --nics=-eth2 (all but these) (default: $FERRY_NICS, else all).")
     var nics: NICSelection?
+
+    /// The operator's choice, else `FERRY_NICS` (the lab leaves its VM network out with
+    /// it), else every NIC.
+    var selection: NICSelection {
+        if let nics { return nics }
+        if let text = ProcessInfo.processInfo.environment["FERRY_NICS"], let chosen = NICSelection(argument: text) { return chosen }
+        return .all
+    }
 
     @Option(name: .customLong("nic-speed"), help: "Link speeds the kernel does not report, e.g. eth0=10gbit,eth1=10gbit (default: $FERRY_NIC_SPEEDS, else the kernel's).")
     var nicSpeed: NICSpeeds?

@@ -47,12 +47,22 @@ struct VM: ParsableCommand {
                 + "Ferry proves it is the same file before anything moves."))
         var disks: [DiskArgument] = []
 
+        @Option(name: .customLong("nic"), help: ArgumentHelp(
+            "A NIC: bridge=BRIDGE[,mac=MAC][,model=MODEL] (repeatable; the guest sees eth0, eth1, ... in this order).",
+            discussion: "Its tap (fy and the MAC's hex digits) joins the host bridge BRIDGE, which must exist here and on every host "
+                + "the VM migrates to. mac: six hex octets (default: 52:54:00 and three bytes from the VM's name and the NIC's place, "
+                + "the same every time). model: a QEMU network device (default: virtio-net-pci)."))
+        var nics: [NICArgument] = []
+
         @OptionGroup var host: HostOptions
 
         func validate() throws {
             if let problem = VMSpec.validateName(name) { throw ValidationError(problem) }
             guard (1...256).contains(cpus) else { throw ValidationError("--cpus must be between 1 and 256") }
             guard memory.mebibytes >= 16 else { throw ValidationError("--memory must be at least 16M") }
+            for nic in nics {
+                if let problem = nic.problem { throw ValidationError("--nic \(nic.text): \(problem)") }
+            }
             switch boot {
             case .kernel:
                 guard let kernel else { throw ValidationError("--kernel is needed (or --boot disk, to boot from the first --disk)") }
@@ -80,13 +90,22 @@ struct VM: ParsableCommand {
                 let (format, size) = try DiskImage.inspect(path: disk.path, format: disk.format)
                 diskSpecs.append(DiskSpec(path: disk.path, format: format, virtualSizeBytes: size, shared: disk.shared))
             }
+            var nicSpecs: [NICSpec] = []
+            var taken = Set(GuestNICs.macsInUse(store: store, except: name).keys)
+            for (i, nic) in nics.enumerated() {
+                let model = try GuestNICs.resolveModel(nic.model ?? GuestNICs.defaultModel)
+                let mac = nic.mac ?? GuestNICs.generatedMAC(vm: name, index: i, taken: taken)
+                taken.insert(mac)
+                nicSpecs.append(NICSpec(bridge: nic.bridge, mac: mac, model: model))
+            }
+            if let problem = GuestNICs.problem(nicSpecs, vm: name, store: store) { throw UserError(problem) }
             let kernelFile = try kernel.map { try store.bootFiles.importFile(at: $0) }
             let initrdFile = try initrd.map { try store.bootFiles.importFile(at: $0) }
             let spec = VMSpec(name: name, memoryMiB: memory.mebibytes, cpus: cpus, kernel: kernelFile, initrd: initrdFile,
                               append: kernel == nil ? "" : append ?? "console=ttyS0", accelerator: accelerator, machine: try QEMU.defaultMachineType(),
                               cpuModel: QEMU.defaultCPUModel(for: accelerator),
                               ramPadKiB: QEMU.tcgDirtyTrackingPadKiB(accelerator: accelerator, qemuVersion: QEMU.version()),
-                              disks: diskSpecs)
+                              disks: diskSpecs, nics: nicSpecs)
             let (record, qmp): (VMRecord, QMPClient)
             do {
                 (record, qmp) = try store.start(spec: spec, incoming: false)
@@ -101,6 +120,9 @@ struct VM: ParsableCommand {
             print("VM \(name) is \(state.status) (pid \(record.state.pid), \(accelerator.rawValue), \(memory.mebibytes) MiB, \(cpus) vCPU)")
             for (i, disk) in diskSpecs.enumerated() {
                 print("disk \(DiskSpec.guestName(i)): \(disk.path) (\(disk.format.rawValue), \(Format.bytes(disk.virtualSizeBytes))\(disk.shared ? ", shared" : ""))")
+            }
+            for (i, nic) in nicSpecs.enumerated() {
+                print("nic eth\(i): \(nic.mac) on bridge \(nic.bridge) (tap \(nic.tapName), \(nic.model))")
             }
             print("console: ferry vm log \(name) -f")
         }
@@ -124,6 +146,8 @@ struct VM: ParsableCommand {
                 struct Row: Encodable {
                     var name: String, phase: String?, alive: Bool, pid: Int32?, memoryMiB: Int?, cpus: Int?, accelerator: String?
                     var migratedFrom: String?
+                    /// Its NICs (bridge, MAC, model), nil if it has none.
+                    var nics: [NICSpec]? = nil
                     /// Set for a damaged VM: what is wrong, and what to do.
                     var damaged: [String]?, repair: String?
                 }
@@ -132,7 +156,7 @@ struct VM: ParsableCommand {
                     case .healthy(let r):
                         return Row(name: r.spec.name, phase: r.state.phase.rawValue, alive: r.alive, pid: r.state.pid,
                                    memoryMiB: r.spec.memoryMiB, cpus: r.spec.cpus, accelerator: r.spec.accelerator.rawValue,
-                                   migratedFrom: r.state.migratedFrom)
+                                   migratedFrom: r.state.migratedFrom, nics: r.spec.nics.isEmpty ? nil : r.spec.nics)
                     case .damaged(let d):
                         return Row(name: d.name, phase: d.state?.phase.rawValue, alive: !d.qemus.isEmpty, pid: d.qemus.first?.pid ?? d.state?.pid,
                                    memoryMiB: d.spec?.memoryMiB, cpus: d.spec?.cpus, accelerator: d.spec?.accelerator.rawValue,
@@ -155,6 +179,9 @@ struct VM: ParsableCommand {
                     let state = r.alive ? r.state.phase.rawValue : "dead (\(r.state.phase.rawValue))"
                     print(r.spec.name.padding(20) + state.padding(16) + "\(r.state.pid)".padding(9) + "\(r.spec.memoryMiB)M".padding(10)
                           + "\(r.spec.cpus)".padding(6) + r.spec.accelerator.rawValue.padding(7) + (r.state.migratedFrom ?? "-"))
+                    for (i, nic) in r.spec.nics.enumerated() {
+                        print("    nic eth\(i): \(nic.mac) on \(nic.bridge) (tap \(nic.tapName)\(GuestNICs.interfaceExists(nic.tapName) ? "" : ", missing"), \(nic.model))")
+                    }
                 case .damaged(let d):
                     let pids = d.qemus.isEmpty ? "-" : d.qemus.map { "\($0.pid)" }.joined(separator: ",")
                     print(d.name.padding(20) + "damaged".padding(16) + pids.padding(9) + (d.spec.map { "\($0.memoryMiB)M" } ?? "?").padding(10)
@@ -288,6 +315,41 @@ struct DiskArgument: ExpressibleByArgument {
                 return nil
             }
         }
+    }
+}
+
+/// `--nic bridge=BR[,mac=MAC][,model=MODEL]`, checked in ``problem`` (so that the error
+/// says what is wrong, not only that the value is invalid).
+struct NICArgument: ExpressibleByArgument {
+    var text: String
+    var bridge = ""
+    var mac: String?
+    var model: String?
+    var problem: String?
+
+    init?(argument: String) {
+        text = argument
+        for part in argument.split(separator: ",", omittingEmptySubsequences: false) {
+            let pair = part.split(separator: "=", maxSplits: 1).map(String.init)
+            guard pair.count == 2, !pair[1].isEmpty else {
+                problem = problem ?? "'\(part)' is not KEY=VALUE (bridge=, mac= or model=)"
+                continue
+            }
+            switch pair[0] {
+            case "bridge":
+                bridge = pair[1]
+                if !NICSpec.validBridgeName(bridge) || bridge.contains(",") { problem = problem ?? "'\(bridge)' is not a bridge name" }
+            case "mac":
+                mac = NICSpec.normalizedMAC(pair[1])
+                if mac == nil { problem = problem ?? "MAC '\(pair[1])' is malformed (six hex octets, aa:bb:cc:dd:ee:ff, not a multicast or the zero address)" }
+            case "model":
+                model = pair[1]
+                if pair[1].contains(where: { $0 == "," || $0 == "=" || $0.isWhitespace }) { problem = problem ?? "'\(pair[1])' is not a model name" }
+            default:
+                problem = problem ?? "unknown key '\(pair[0])' (bridge=, mac= or model=)"
+            }
+        }
+        if bridge.isEmpty { problem = problem ?? "bridge= is needed" }
     }
 }
 

@@ -67,4 +67,27 @@ int ferry_enter_network_namespace(const char *path);
 /// if the file cannot be opened at all.
 int ferry_supports_direct_io(const char *path);
 
+/* ---- Guest NICs: taps and bridges --------------------------------------------- */
+
+/// Creates the tap `name` (IFF_TAP | IFF_NO_PI | IFF_VNET_HDR, one queue) and returns its
+/// descriptor (close-on-exec), or -errno: -EBUSY if a tap of that name is open elsewhere.
+/// The tap is not persistent: it goes when its last descriptor closes (its QEMU exits).
+/// Creates /dev/net/tun (character device 10:200) where a fresh container lacks it.
+int ferry_tap_open(const char *name);
+
+/// The name of the tap behind descriptor `fd` (TUNGETIFF) into `name` (16 bytes); 0 or -errno.
+int ferry_tap_name(int fd, char *name);
+
+/// Sets interface `ifname` up or down (SIOCSIFFLAGS). 0 or -errno.
+int ferry_link_set_up(const char *ifname, int up);
+
+/// Adds interface `ifname` to bridge `bridge` (SIOCBRADDIF), or removes it (SIOCBRDELIF)
+/// when `attach` is 0. 0 or -errno (-ENODEV: no such bridge or interface).
+int ferry_bridge_attach(const char *bridge, const char *ifname, int attach);
+
+/// A copy, in this process, of descriptor `fd` of process `pid` (pidfd_getfd(2), Linux
+/// 5.6+; needs ptrace rights over it): the same open file, close-on-exec here. The
+/// descriptor, or -errno.
+int ferry_pidfd_getfd(int pid, int fd);
+
 #endif

@@ -1,3 +1,4 @@
+import FerryIO
 import FerryWire
 import Foundation
 
@@ -105,6 +106,24 @@ public struct MigrationReport: Codable, Sendable {
     /// Where the destination's stream writers waited (a late chunk holding later ones
     /// back; the destination QEMU slow to take its stream).
     public var destinationWaits: DestinationWaits? = nil
+    /// The guest's NICs and when the destination put them on its network (nil: no NICs).
+    public var guestNICs: GuestNICReport? = nil
+    /// What `--probe` saw of the guest's network during the migration (nil: no probe).
+    public var network: NetworkProbe.Result? = nil
+
+    public struct GuestNICReport: Codable, Sendable, Equatable {
+        /// "eth0 52:54:00:12:34:56 on ferrybr0", one per NIC.
+        public var nics: [String]
+        /// From the taps joining their bridges to the guest's RESUME on the destination.
+        public var connectedBeforeResumeMilliseconds: Double?
+        /// From the guest's RESUME to `announce-self` done.
+        public var announcedAfterResumeMilliseconds: Double?
+        public init(nics: [String], connectedBeforeResumeMilliseconds: Double? = nil, announcedAfterResumeMilliseconds: Double? = nil) {
+            self.nics = nics
+            self.connectedBeforeResumeMilliseconds = connectedBeforeResumeMilliseconds
+            self.announcedAfterResumeMilliseconds = announcedAfterResumeMilliseconds
+        }
+    }
 
     public struct Disk: Codable, Sendable, Equatable {
         /// The guest's name (vda, vdb, ...).
@@ -185,6 +204,14 @@ extension MigrationReport {
         if let pause {
             lines.append("  pause          " + pause.segments.map { "\($0.name) \(String(format: "%.1f", $0.milliseconds))" }.joined(separator: ", ") + " ms")
         }
+        if let g = guestNICs {
+            var line = g.nics.joined(separator: "; ")
+            if let before = g.connectedBeforeResumeMilliseconds, let after = g.announcedAfterResumeMilliseconds {
+                line += String(format: " (on the destination's bridge %.1f ms before the guest resumed, announced %.1f ms after)", before, after)
+            }
+            lines.append("  guest NICs     " + line)
+        }
+        if let network { lines.append("  network        " + network.summary) }
         if let mode { lines.append("  mode           " + mode) }
         let copied = (disks ?? []).contains { $0.copiedBytes != nil }
         var moved = "\(Format.bytes(streamBytes)) of QEMU streams\(copied ? " and disk copies" : ""), \(Format.bytes(wireBytes)) on the wire"

@@ -53,7 +53,8 @@ enum SwitchoverAccount {
             ("commit record", s.commitStarted),
             ("commit to the destination", s.commitRecorded),
             ("committed record", local(d.commitReceived)),
-            ("cont", local(d.committedRecorded)),
+            ("taps join the bridge", d.tapsConnected == nil ? nil : local(d.committedRecorded)),
+            ("cont", local(d.tapsConnected ?? d.committedRecorded)),
             ("", local(d.resumed)),
         ]
         guard let start = s.stop, let end = local(d.resumed) else { return nil }

@@ -128,6 +128,14 @@ extension DestinationSession {
         try record(.committed, for: name)
         try move(to: .committed)
         times.committedRecorded = Date().timeIntervalSince1970
+        // The VM's taps join its network now, not before: until the commit was recorded,
+        // a rollback could still give the VM back to the source.
+        let nics = spec?.nics ?? []
+        var nicProblem: String?
+        if !nics.isEmpty {
+            do { try GuestNICs.connect(nics) } catch { nicProblem = "\(error)" }
+            times.tapsConnected = Date().timeIntervalSince1970
+        }
         do {
             try qmp.execute("cont")
             // QEMU sends RESUME before cont's answer, and its reader has handed it over by now.
@@ -136,6 +144,13 @@ extension DestinationSession {
             // The record says committed and the source's copy is stopped for good: the
             // reconciler keeps trying to run this one.
             throw .qemu("the destination QEMU would not run the VM: \(error)")
+        }
+        if !nics.isEmpty {
+            // The switches learn the guest's new port (QEMU's own announcement at load went
+            // to a tap on no bridge).
+            do { try GuestNICs.announce(qmp) } catch { nicProblem = (nicProblem.map { $0 + "; " } ?? "") + "announce-self: \(error)" }
+            times.announced = Date().timeIntervalSince1970
+            if let nicProblem { logger.warning("the VM runs, but its network may not reach it", metadata: ["vm": "\(name)", "error": "\(nicProblem)"]) }
         }
         do {
             try store.setPhase(name, .running, session: session)
@@ -201,6 +216,13 @@ extension DestinationSession {
             guard file.sha256.count == 64, Hex.decode(file.sha256) != nil, file.byteCount >= 0, file.byteCount < 4 << 30 else {
                 throw .refused(.badOffer, "boot file \(file.name) has a malformed hash or size")
             }
+        }
+        if !spec.nics.isEmpty {
+            guard version >= ProtocolVersion.guestNICs else {
+                throw .refused(.badOffer, "a VM with NICs needs protocol v\(ProtocolVersion.guestNICs); this session speaks v\(version)")
+            }
+            // Its network must be here (the same bridge), its MACs free, its models known.
+            if let problem = GuestNICs.problem(spec.nics, vm: spec.name, store: store) { throw .refused(.badOffer, problem) }
         }
         // Room for its RAM here, or its QEMU would die once the guest filled the directory.
         do { try store.checkMemoryRoom(for: spec) } catch {

@@ -115,7 +115,12 @@ struct StoreHost: ReconcileHost {
                 guard status.hasEnded else { throw VMError.qemu("its migration is still \(status) after migrate_cancel") }
             }
         case .resume:
+            // A destination's committed copy: its taps join the network first (a source
+            // taking its VM back finds them there already).
+            let nics = (try? store.record(vm))?.spec.nics ?? []
+            try GuestNICs.connect(nics)
             try Self.resume(qmpSocket: paths.qmpSocket)
+            if !nics.isEmpty { try Self.withQMP(paths.qmpSocket) { try GuestNICs.announce($0) } }
         case .clearHandover:
             try store.removeHandover(vm)
         case .setRunning(let session):

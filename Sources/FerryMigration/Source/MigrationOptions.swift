@@ -42,6 +42,9 @@ public struct MigrationOptions: Sendable {
     /// copying them into Ferry's memory wherever Ferry need not see the bytes (an unsealed
     /// session with `--compress none`). false (`off`): always read and send them.
     public var zeroCopy = true
+    /// `--probe`: the guest's echo service to probe from this host while the VM moves
+    /// (``NetworkProbe``); the report says what it saw.
+    public var probe: NetworkProbe.Options?
     /// `--cpus`: the cores the data path's threads run on (nil: the default choice).
     public var cpus: CPUSet?
 

@@ -80,6 +80,8 @@ public final class SourceMigration: @unchecked Sendable {
     /// Each copied disk's convergence, by its index in the spec (the limits it set are in
     /// the journal, `diskWriteLimits`).
     var diskConvergence: [Int: DiskConvergence] = [:]
+    /// `--probe`: the guest's network as seen from here, from the claim to the report.
+    var networkProbe: NetworkProbe?
 
     public init(store: VMStore, name: String, options: MigrationOptions, logger: Logger,
                 progress: @escaping @Sendable (MigrationProgress) -> Void) {
@@ -109,6 +111,9 @@ public final class SourceMigration: @unchecked Sendable {
         let (record, lock) = claimed
         claimedPID = record.state.pid
         RunningMigrationFile.write(record.paths)
+        if let probe = options.probe {
+            do { networkProbe = try NetworkProbe(probe) } catch { track.note("--probe: cannot probe \(probe.host): \(error)") }
+        }
         interrupt.startTimer(options.timeout)
         defer {
             interrupt.end()
@@ -199,6 +204,24 @@ public final class SourceMigration: @unchecked Sendable {
                 .init(codec: $0.codec?.description ?? "none", fromSeconds: $0.fromSeconds, toSeconds: $0.toSeconds)
             })
         }
+        if let nics = spec?.nics, !nics.isEmpty {
+            let times = committed?.times
+            r.guestNICs = .init(nics: nics.enumerated().map { "eth\($0.offset) \($0.element.mac) on \($0.element.bridge)" },
+                                connectedBeforeResumeMilliseconds: zip(times?.tapsConnected, times?.resumed).map { ($1 - $0) * 1000 },
+                                announcedAfterResumeMilliseconds: zip(times?.resumed, times?.announced).map { ($1 - $0) * 1000 })
+        }
+        if let probe = networkProbe {
+            // The guest's network must have come back (or the probe says it did not).
+            if outcome == .succeeded { _ = probe.waitForAnswer(timeout: .seconds(3)) }
+            r.network = probe.stop()
+            networkProbe = nil
+        }
         return r
     }
+}
+
+/// Both values, or nil.
+private func zip<A, B>(_ a: A?, _ b: B?) -> (A, B)? {
+    guard let a, let b else { return nil }
+    return (a, b)
 }

@@ -117,6 +117,9 @@ extension SourceMigration {
         do {
             let ownPort = (try? String(contentsOfFile: store.paths.servePortFile, encoding: .utf8))
                 .flatMap { UInt16($0.trimmingCharacters(in: .whitespacesAndNewlines)) }
+            if !spec.nics.isEmpty && welcome.version < ProtocolVersion.guestNICs {
+                throw MigrateError.nics("the destination's ferry speaks protocol v\(welcome.version); a VM with NICs needs v\(ProtocolVersion.guestNICs) on both hosts (upgrade ferry there)")
+            }
             let tokens = try prepareDisks(spec, version: welcome.version)
             try control.send(.offer, OfferMessage(spec: spec, streams: plan, sourceHost: HostInfo.hostname, sourcePort: ownPort,
                                                   linkTimeoutSeconds: options.linkTimeout.seconds, sharedDiskTokens: tokens,

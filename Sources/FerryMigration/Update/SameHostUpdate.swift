@@ -149,7 +149,12 @@ public final class SameHostUpdate {
         newInstance = instance
         let launched: (Int32, QMPClient)
         do {
-            launched = try QEMU.launch(spec: record.spec, paths: paths, store: store.bootFiles, incoming: true, instance: instance)
+            // The NICs' taps are the old QEMU's own open files, shared (never reopened: a
+            // single-queue tap is open in one place only). The new QEMU reads from them once
+            // it runs; the old one, stopped, no longer does.
+            let taps = try TapSet.borrow(record.spec.nics, from: record.state.pid)
+            defer { taps.close() }
+            launched = try QEMU.launch(spec: record.spec, paths: paths, store: store.bootFiles, incoming: true, instance: instance, taps: taps)
         } catch {
             throw .newQEMUDidNotStart("\(error)")
         }
