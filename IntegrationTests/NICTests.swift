@@ -78,6 +78,38 @@ struct NICTests {
         try lab.expectRunningAndHealthy("vm1", on: "a")
     }
 
+    @Test("soak: one client TCP connection across FERRY_SOAK_COUNT ping-pong migrations (default 20) holds, every byte echoed",
+          .enabled(if: Env.runSoaks, "a soak (FERRY_SOAKS=1)"))
+    func pingPongSoak() throws {
+        let count = ProcessInfo.processInfo.environment["FERRY_SOAK_COUNT"].flatMap { Int($0) } ?? 20
+        let lab = try TestLab(nics: 2, rate: "1gbit")
+        try lab.serve(on: "a")
+        try lab.serve(on: "b")
+        let (_, address) = try Self.startGuest(lab, "vm4", n: 4)
+        let probe = try ClientProbe(lab: lab.lab, binary: Env.ferry, address: address)
+        var pauses: [Double] = [], outages: [Double] = [], lost: [Int] = []
+        var host = "a"
+        for i in 0..<count {
+            let other = host == "a" ? "b" : "a"
+            let (result, report) = try lab.migrate("vm4", from: host, to: other, extra: ["--probe", address])
+            #expect(result.succeeded, "migration \(i + 1), \(host) -> \(other): \(result.stdout)")
+            if let pause = report?.pause?.guestPauseMilliseconds, let seen = report?.network {
+                pauses.append(pause)
+                outages.append(seen.outageMilliseconds)
+                lost.append(seen.lost)
+                #expect(seen.tcpBroken == nil, "migration \(i + 1): the source's TCP connection broke: \(seen.summary)")
+            }
+            host = other
+        }
+        Thread.sleep(forTimeInterval: 1)
+        let seen = try probe.stop()
+        func median(_ v: [Double]) -> Double { v.isEmpty ? 0 : v.sorted()[v.count / 2] }
+        print(String(format: "NIC soak, %d migrations: client %@; per migration (from the source host): pause p50 %.0f ms, outage p50 %.0f ms (max %.0f), lost p50 %d",
+                     count, seen.summary, median(pauses), median(outages), outages.max() ?? 0, lost.isEmpty ? 0 : lost.sorted()[lost.count / 2]))
+        #expect(seen.tcpConnected && seen.tcpBroken == nil && seen.tcpBytesEchoed == seen.tcpBytesSent, "\(seen.summary)")
+        try lab.expectRunningAndHealthy("vm4", on: host)
+    }
+
     @Test("a migration cancelled after the destination loaded the VM: b's tap stayed off the bridge, nothing was announced from b, the guest's network stays on a")
     func rollback() throws {
         let lab = try TestLab(nics: 2)

@@ -536,9 +536,13 @@ public struct CommittedMessage: Codable, Equatable, Sendable {
     public var times: DestinationSwitchoverTimes?
     /// Where the destination's writers waited (absent from older peers).
     public var waits: DestinationWaits?
+    /// The VM runs, but its NICs could not be put on the network there, or not announced:
+    /// why (absent when all went well, and from older peers).
+    public var networkProblem: String?
     public init(ferryCPUSeconds: Double, qemuCPUSeconds: Double, receivedByteCount: UInt64, ferryPeakRSSBytes: UInt64,
-                times: DestinationSwitchoverTimes? = nil, waits: DestinationWaits? = nil) {
+                times: DestinationSwitchoverTimes? = nil, waits: DestinationWaits? = nil, networkProblem: String? = nil) {
         self.waits = waits
+        self.networkProblem = networkProblem
         self.ferryCPUSeconds = ferryCPUSeconds
         self.qemuCPUSeconds = qemuCPUSeconds
         self.receivedByteCount = receivedByteCount

@@ -118,7 +118,11 @@ public struct MigrationReport: Codable, Sendable {
         public var connectedBeforeResumeMilliseconds: Double?
         /// From the guest's RESUME to `announce-self` done.
         public var announcedAfterResumeMilliseconds: Double?
-        public init(nics: [String], connectedBeforeResumeMilliseconds: Double? = nil, announcedAfterResumeMilliseconds: Double? = nil) {
+        /// The destination could not put the NICs on its network, or not announce them: why.
+        public var problem: String?
+        public init(nics: [String], connectedBeforeResumeMilliseconds: Double? = nil, announcedAfterResumeMilliseconds: Double? = nil,
+                    problem: String? = nil) {
+            self.problem = problem
             self.nics = nics
             self.connectedBeforeResumeMilliseconds = connectedBeforeResumeMilliseconds
             self.announcedAfterResumeMilliseconds = announcedAfterResumeMilliseconds
@@ -209,6 +213,7 @@ extension MigrationReport {
             if let before = g.connectedBeforeResumeMilliseconds, let after = g.announcedAfterResumeMilliseconds {
                 line += String(format: " (on the destination's bridge %.1f ms before the guest resumed, announced %.1f ms after)", before, after)
             }
+            if let problem = g.problem { line += "; BUT on the destination: \(problem)" }
             lines.append("  guest NICs     " + line)
         }
         if let network { lines.append("  network        " + network.summary) }

@@ -164,7 +164,8 @@ extension DestinationSession {
             ferryCPUSeconds: ProcessStats.ownCPUSeconds() - ferryCPUStart,
             qemuCPUSeconds: ProcessStats.cpuSeconds(pid: qemuPID) ?? 0,
             receivedByteCount: dataPath.receivedByteCount,
-            ferryPeakRSSBytes: ProcessStats.peakRSSBytes(pid: getpid()) ?? 0, times: times, waits: dataPath.waits)
+            ferryPeakRSSBytes: ProcessStats.peakRSSBytes(pid: getpid()) ?? 0, times: times, waits: dataPath.waits,
+            networkProblem: nicProblem)
         reply.times?.committedSent = Date().timeIntervalSince1970
         try? link?.send(.committed, reply)
         // Out before the session ends and closes the link (a moving one is not waited for).

@@ -208,7 +208,8 @@ public final class SourceMigration: @unchecked Sendable {
             let times = committed?.times
             r.guestNICs = .init(nics: nics.enumerated().map { "eth\($0.offset) \($0.element.mac) on \($0.element.bridge)" },
                                 connectedBeforeResumeMilliseconds: zip(times?.tapsConnected, times?.resumed).map { ($1 - $0) * 1000 },
-                                announcedAfterResumeMilliseconds: zip(times?.resumed, times?.announced).map { ($1 - $0) * 1000 })
+                                announcedAfterResumeMilliseconds: zip(times?.resumed, times?.announced).map { ($1 - $0) * 1000 },
+                                problem: committed?.networkProblem)
         }
         if let probe = networkProbe {
             // The guest's network must have come back (or the probe says it did not).
