@@ -339,13 +339,12 @@ public final class BenchRunner {
         let nics = spec.nics
         spec.nics = []
         var argv = QEMU.arguments(spec: spec, paths: paths, store: a.store.bootFiles, incoming: true)
-        for (i, nic) in nics.enumerated() {
+        for nic in nics {
             let ns = lab.namespace("b")
             try Command.check(["ip", "-n", ns, "tuntap", "add", "dev", nic.tapName, "mode", "tap", "vnet_hdr"])
             try Command.check(["ip", "-n", ns, "link", "set", nic.tapName, "master", nic.bridge, "up"])
-            argv += ["-netdev", "tap,id=net\(i),ifname=\(nic.tapName),script=no,downscript=no,vhost=off",
-                     "-device", "\(nic.model),netdev=net\(i),id=\(GuestNICs.deviceID(i)),mac=\(nic.mac),romfile="]
         }
+        argv += GuestNICs.qemuArguments(nics, taps: nics.map { "ifname=\($0.tapName),script=no,downscript=no" })
         let mptcp = mode == .qemuMPTCP
         if mptcp { argv = ["mptcpize", "run"] + argv }
         let launched = try Command.run(["ip", "netns", "exec", lab.namespace("b")] + argv)

@@ -75,7 +75,6 @@ public final class NetworkProbe: @unchecked Sendable {
     private var sentAt: [Double] = []        // by sequence number, monotonic seconds
     private var answeredAt: [Double?] = []   // round trip end, monotonic seconds
     private var tcp = Result()
-    private var threads: [Thread] = []
     private let finished = DispatchGroup()
     private let wallStart = Date().timeIntervalSince1970
     private let monoStart = NetworkProbe.now()
@@ -210,28 +209,48 @@ public final class NetworkProbe: @unchecked Sendable {
             }
             var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
             let wait = max(0, Int32(((next - Self.now()) * 1000).rounded(.up)))
-            guard poll(&p, 1, min(wait, 50)) > 0 else { continue }
-            while true {
-                let n = reply.withUnsafeMutableBytes { recv(fd, $0.baseAddress, $0.count, Int32(MSG_DONTWAIT)) }
-                guard n >= 16 else { break }
-                let at = Self.now()
-                let seq = reply.withUnsafeBytes { UInt64(littleEndian: $0.loadUnaligned(as: UInt64.self)) }
-                lock.withLock {
-                    if seq < UInt64(sentAt.count), answeredAt[Int(seq)] == nil { answeredAt[Int(seq)] = at }
-                }
-            }
+            if poll(&p, 1, min(wait, 50)) > 0 { takeEchoes(fd, into: &reply) }
         }
         // The last echoes.
         let until = Self.now() + min(0.3, options.lostAfter.seconds)
         while Self.now() < until {
             var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
-            guard poll(&p, 1, 20) > 0 else { continue }
+            if poll(&p, 1, 20) > 0 { takeEchoes(fd, into: &reply) }
+        }
+    }
+
+    /// Notes the answer time of every echo waiting on `fd` (the first answer of a probe counts).
+    private func takeEchoes(_ fd: Int32, into reply: inout [UInt8]) {
+        while true {
             let n = reply.withUnsafeMutableBytes { recv(fd, $0.baseAddress, $0.count, Int32(MSG_DONTWAIT)) }
-            guard n >= 16 else { continue }
+            guard n >= 16 else { return }
             let at = Self.now()
             let seq = reply.withUnsafeBytes { UInt64(littleEndian: $0.loadUnaligned(as: UInt64.self)) }
-            lock.withLock { if seq < UInt64(sentAt.count), answeredAt[Int(seq)] == nil { answeredAt[Int(seq)] = at } }
+            lock.withLock {
+                if seq < UInt64(sentAt.count), answeredAt[Int(seq)] == nil { answeredAt[Int(seq)] = at }
+            }
         }
+    }
+
+    /// Why the TCP connection did not hold.
+    private struct Broken: Error { let why: String }
+
+    /// Waits up to `wait` ms for echoed bytes and checks each against the pattern at its
+    /// offset; the bytes taken (0: none yet).
+    private func receiveEchoes(_ fd: Int32, into input: inout [UInt8], echoed: inout UInt64, wait: Int32) throws(Broken) -> Int {
+        var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+        _ = poll(&p, 1, wait)
+        let n = input.withUnsafeMutableBytes { recv(fd, $0.baseAddress, $0.count, Int32(MSG_DONTWAIT)) }
+        if n == 0 { throw Broken(why: "the guest closed the connection after \(echoed) bytes") }
+        if n < 0 {
+            if errno != EAGAIN && errno != EINTR { throw Broken(why: "recv: \(errnoDescription(errno))") }
+            return 0
+        }
+        for k in 0..<n where input[k] != Self.patternByte(echoed + UInt64(k)) {
+            throw Broken(why: "byte \(echoed + UInt64(k)) came back wrong")
+        }
+        echoed += UInt64(n)
+        return n
     }
 
     /// The pattern's byte at stream offset `i`.
@@ -271,20 +290,10 @@ public final class NetworkProbe: @unchecked Sendable {
                 nextSend += options.interval.seconds
                 if nextSend < now { nextSend = now + options.interval.seconds }
             }
-            var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
-            _ = poll(&p, 1, 10)
-            let n = input.withUnsafeMutableBytes { recv(fd, $0.baseAddress, $0.count, Int32(MSG_DONTWAIT)) }
+            let n: Int
+            do { n = try receiveEchoes(fd, into: &input, echoed: &echoed, wait: 10) } catch { return fail(error.why) }
             let at = Self.now()
-            if n == 0 { return fail("the guest closed the connection after \(echoed) bytes") }
-            if n < 0 {
-                if errno != EAGAIN && errno != EINTR { return fail("recv: \(errnoDescription(errno))") }
-            } else {
-                for k in 0..<n where input[k] != Self.patternByte(echoed + UInt64(k)) {
-                    return fail("byte \(echoed + UInt64(k)) came back wrong")
-                }
-                echoed += UInt64(n)
-                lastProgress = at
-            }
+            if n > 0 { lastProgress = at }
             let stall = sent > echoed ? at - lastProgress : 0
             lock.withLock {
                 tcp.tcpBytesSent = sent
@@ -295,16 +304,7 @@ public final class NetworkProbe: @unchecked Sendable {
         // What is still owed comes back, or the connection did not hold.
         let until = Self.now() + 2
         while echoed < sent && Self.now() < until {
-            var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
-            _ = poll(&p, 1, 20)
-            let n = input.withUnsafeMutableBytes { recv(fd, $0.baseAddress, $0.count, Int32(MSG_DONTWAIT)) }
-            if n == 0 { return fail("the guest closed the connection after \(echoed) bytes") }
-            if n > 0 {
-                for k in 0..<n where input[k] != Self.patternByte(echoed + UInt64(k)) {
-                    return fail("byte \(echoed + UInt64(k)) came back wrong")
-                }
-                echoed += UInt64(n)
-            }
+            do { _ = try receiveEchoes(fd, into: &input, echoed: &echoed, wait: 20) } catch { return fail(error.why) }
         }
         lock.withLock {
             tcp.tcpBytesEchoed = echoed

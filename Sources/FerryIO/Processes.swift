@@ -240,7 +240,6 @@ public enum HostInfo {
         ferry_supports_direct_io(path) != 0
     }
 
-
     /// This host's name: `FERRY_HOST_NAME` (the lab names its hosts a and b), or the kernel's.
     public static var hostname: String {
         if let name = ProcessInfo.processInfo.environment["FERRY_HOST_NAME"], !name.isEmpty { return name }

@@ -207,26 +207,12 @@ public struct Lab: Sendable {
                 }
                 for pid in pids { ProcessStats.terminate(pid: pid, grace: .seconds(2)) }
             }
-            let ns = namespace(host)
-            if let pids = try? Command.run(["ip", "netns", "pids", ns]).stdout {
-                for pid in pids.split(separator: "\n").compactMap({ Int32($0.trimmingCharacters(in: .whitespaces)) }) {
-                    ProcessStats.terminate(pid: pid, grace: .seconds(2))
-                }
-            }
-            _ = try? Command.run(["ip", "netns", "del", ns])
+            removeNamespace(namespace(host))
             // The host's guest RAM files live on /dev/shm, outside the lab's directory;
             // its QEMUs are gone now.
             try? FileManager.default.removeItem(atPath: store.paths.memoryDirectory)
         }
-        for other in [Self.switchNamespace, Self.client] {
-            let ns = namespace(other)
-            if let pids = try? Command.run(["ip", "netns", "pids", ns]).stdout {
-                for pid in pids.split(separator: "\n").compactMap({ Int32($0.trimmingCharacters(in: .whitespaces)) }) {
-                    ProcessStats.terminate(pid: pid, grace: .seconds(2))
-                }
-            }
-            _ = try? Command.run(["ip", "netns", "del", ns])
-        }
+        for other in [Self.switchNamespace, Self.client] { removeNamespace(namespace(other)) }
         let vmNetworkLinks = Set(Self.hosts.flatMap { ["\(name)u\($0)", "\(name)s\($0)"] } + ["\(name)cl", "\(name)sc"])
         // veth peers die with their namespaces; a half-made lab may have left some in the root.
         if let links = try? Command.run(["ip", "-o", "link", "show"]).stdout {
@@ -241,6 +227,16 @@ public struct Lab: Sendable {
             }
         }
         try? FileManager.default.removeItem(atPath: directory)
+    }
+
+    /// Stops every process left in namespace `ns` and deletes it.
+    private func removeNamespace(_ ns: String) {
+        if let pids = try? Command.run(["ip", "netns", "pids", ns]).stdout {
+            for pid in pids.split(separator: "\n").compactMap({ Int32($0.trimmingCharacters(in: .whitespaces)) }) {
+                ProcessStats.terminate(pid: pid, grace: .seconds(2))
+            }
+        }
+        _ = try? Command.run(["ip", "netns", "del", ns])
     }
 
     /// The argv that runs `command` inside `host`, with that host's Ferry state.

@@ -25,19 +25,26 @@ public enum GuestNICs {
 
     /// QEMU's id of NIC `index`'s backend and device.
     static func netdevID(_ index: Int) -> String { "net\(index)" }
-    public static func deviceID(_ index: Int) -> String { "nic\(index)" }
+    static func deviceID(_ index: Int) -> String { "nic\(index)" }
 
     /// The options for the VM's NICs, the taps at descriptors `fds` in QEMU.
+    static func qemuArguments(_ nics: [NICSpec], fds: [Int32]) -> [String] {
+        qemuArguments(nics, taps: fds.map { "fd=\($0)" })
+    }
+
+    /// The options for the VM's NICs, each tap as `taps[i]` says (`fd=N`, or QEMU alone's
+    /// `ifname=TAP,script=no,downscript=no` in the bench): the devices are the same either
+    /// way, as the two ends of a migration need.
     ///
     /// vhost=off: the kernel's vhost-net would move the data path out of QEMU, which these
     /// machines lack and a migration then has to hand over too; QEMU's own virtio-net
     /// serves the tap. romfile= (none): no iPXE option ROM, which Ferry's VMs never boot
     /// from, and whose size differs between QEMU packages: a ROM of another size on the
     /// destination fails the migration.
-    static func qemuArguments(_ nics: [NICSpec], fds: [Int32]) -> [String] {
+    public static func qemuArguments(_ nics: [NICSpec], taps: [String]) -> [String] {
         var argv: [String] = []
-        for (i, nic) in nics.enumerated() where i < fds.count {
-            argv += ["-netdev", "tap,id=\(netdevID(i)),fd=\(fds[i]),vhost=off",
+        for (i, nic) in nics.enumerated() where i < taps.count {
+            argv += ["-netdev", "tap,id=\(netdevID(i)),\(taps[i]),vhost=off",
                      "-device", "\(nic.model),netdev=\(netdevID(i)),id=\(deviceID(i)),mac=\(nic.mac),romfile="]
         }
         return argv
@@ -175,30 +182,26 @@ public enum GuestNICs {
     }
 }
 
-/// The taps of one QEMU about to start: Ferry's descriptors, given to QEMU, then closed here.
+/// The taps of one QEMU about to start: Ferry's descriptors, given to QEMU, then closed here
+/// (by ``close()``, or when the set goes, as it does with what it holds when making it fails).
 public final class TapSet {
-    public let nics: [NICSpec]
     /// One per NIC, in order.
-    public private(set) var fds: [Int32]
+    public private(set) var fds: [Int32] = []
 
-    private init(nics: [NICSpec], fds: [Int32]) {
-        self.nics = nics
-        self.fds = fds
-    }
+    private init() {}
 
-    /// Creates a tap for each NIC (down, on no bridge). Closes what it made on failure.
+    /// Creates a tap for each NIC (down, on no bridge).
     public static func create(_ nics: [NICSpec]) throws -> TapSet {
-        var fds: [Int32] = []
+        let set = TapSet()
         for nic in nics {
             let fd = ferry_tap_open(nic.tapName)
             guard fd >= 0 else {
-                fds.forEach { _ = Foundation.close($0) }
                 let why = fd == -EBUSY ? "another process holds it" : String(cString: strerror(-fd))
                 throw VMError.io("cannot create tap \(nic.tapName) for MAC \(nic.mac): \(why)")
             }
-            fds.append(fd)
+            set.fds.append(fd)
         }
-        return TapSet(nics: nics, fds: fds)
+        return set
     }
 
     /// The taps QEMU `pid` holds for `nics` (a same-host update's successor shares them:
@@ -212,20 +215,18 @@ public final class TapSet {
                   let line = info.split(separator: "\n").first(where: { $0.hasPrefix("iff:") }) else { continue }
             byName[line.dropFirst(4).trimmingCharacters(in: .whitespaces)] = fd
         }
-        var fds: [Int32] = []
+        let set = TapSet()
         for nic in nics {
             guard let theirs = byName[nic.tapName] else {
-                fds.forEach { _ = Foundation.close($0) }
                 throw VMError.qemu("QEMU pid \(pid) holds no tap \(nic.tapName) (MAC \(nic.mac))")
             }
             let fd = ferry_pidfd_getfd(pid, theirs)
             guard fd >= 0 else {
-                fds.forEach { _ = Foundation.close($0) }
                 throw VMError.io("cannot take tap \(nic.tapName) from QEMU pid \(pid): \(String(cString: strerror(-fd)))")
             }
-            fds.append(fd)
+            set.fds.append(fd)
         }
-        return TapSet(nics: nics, fds: fds)
+        return set
     }
 
     /// Closes Ferry's copies (QEMU keeps its own).
