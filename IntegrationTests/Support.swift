@@ -39,9 +39,9 @@ final class TestLab: @unchecked Sendable {
     let b: LabHost
     private var servePIDs: [Int32] = []
 
-    init(nics: Int = 2, rate: String? = nil) throws {
+    init(nics: Int = 2, rate: String? = nil, hosts: Int = 2) throws {
         lab = Lab(name: "ft\(Int.random(in: 1000...9999))")
-        try lab.up(nics: nics, rate: rate)
+        try lab.up(nics: nics, rate: rate, hosts: hosts)
         a = LabHost(lab: lab, host: "a", binary: Env.ferry)
         b = LabHost(lab: lab, host: "b", binary: Env.ferry)
     }
@@ -52,7 +52,9 @@ final class TestLab: @unchecked Sendable {
         try? lab.down()
     }
 
-    func host(_ name: String) -> LabHost { name == "a" ? a : b }
+    func host(_ name: String) -> LabHost {
+        name == "a" ? a : name == "b" ? b : LabHost(lab: lab, host: name, binary: Env.ferry)
+    }
 
     /// With FERRY_TEST_LOGS=DIR, each QEMU's own log (a crash's assertion is only there)
     /// outlives the lab, as DIR/LAB/HOST-VM-qemu.log.
@@ -61,7 +63,7 @@ final class TestLab: @unchecked Sendable {
         let fm = FileManager.default
         let out = dir + "/" + lab.name
         try? fm.createDirectory(atPath: out, withIntermediateDirectories: true)
-        for host in ["a", "b"] {
+        for host in lab.hosts {
             let vms = lab.stateDirectory(host) + "/vms"
             for vm in (try? fm.contentsOfDirectory(atPath: vms)) ?? [] {
                 try? fm.copyItem(atPath: "\(vms)/\(vm)/qemu.log", toPath: "\(out)/\(host)-\(vm)-qemu.log")

@@ -138,6 +138,8 @@ enum FrameFuzzing {
         case .limit: _ = json(LimitMessage.self, frame)
         case .resolve: _ = json(ResolveMessage.self, frame)
         case .resolved: _ = json(ResolvedMessage.self, frame)
+        case .hostQuery: _ = json(HostQueryMessage.self, frame)
+        case .hostInfo: _ = json(HostInfoMessage.self, frame)
         case .rejoin:
             if let rejoin = json(RejoinMessage.self, frame) {
                 rejoinProof(rejoin.proof, session: rejoin.session, generation: rejoin.generation, received: rejoin.received, role: .rejoin)

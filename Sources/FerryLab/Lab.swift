@@ -4,16 +4,22 @@ import FerryVM
 import FerryWire
 import Foundation
 
-/// The test lab: two hosts, `a` and `b`, each a network namespace with its own Ferry
-/// state, joined by N veth pairs ("NICs"), each pair on its own /24, optionally rate
-/// limited with tc tbf on both ends (a NIC's speed, in both directions).
+/// The test lab: hosts `a`, `b` (and `c`, ... with `--hosts`), each a network namespace
+/// with its own Ferry state, joined by N NICs, each NIC on its own /24, optionally rate
+/// limited with tc tbf (a NIC's speed, in both directions). Two hosts are joined by veth
+/// pairs, a cable per NIC; three or more through a switch per NIC (a bridge in the switch
+/// namespace), each host's NIC a port, the port rate limited towards the host too, so a
+/// host that two others send to receives at its NIC's rate, as behind a real switch.
 ///
 /// Apart from those NICs, the VMs' own network: each host has a bridge (``vmBridge``) with
 /// an uplink to a switch (a bridge in namespace NAME-sw), and a client namespace
 /// (NAME-client) hangs off that switch, as a VM's users would. All of it on 10.78.0.0/24
 /// (``vmNetworkAddress(_:)``, ``guestAddress(_:)``).
 public struct Lab: Sendable {
-    public static let hosts = ["a", "b"]
+    /// The names lab hosts take, in order (`--hosts N` uses the first N).
+    public static let hostNames = ["a", "b", "c", "d", "e", "f", "g", "h"]
+    /// The hosts of a lab that is up (a and b when it is not).
+    public var hosts: [String] { Array(Self.hostNames.prefix(config?.hostCount ?? 2)) }
     /// The namespaces besides the hosts: the VM network's switch and its client.
     public static let switchNamespace = "sw", client = "client"
     /// The bridge of each host that VMs' NICs join (`--nic bridge=ferrybr0`).
@@ -34,6 +40,9 @@ public struct Lab: Sendable {
             return list.count == 1 ? list[0] : (nic < list.count ? list[nic] : nil)
         }
         public var createdAt: Date
+        /// Hosts in the lab (nil in labs made before `--hosts`: 2).
+        public var hosts: Int?
+        public var hostCount: Int { hosts ?? 2 }
     }
 
     public enum LabError: Error, CustomStringConvertible {
@@ -58,13 +67,16 @@ public struct Lab: Sendable {
 
     public func namespace(_ host: String) -> String { "\(name)-\(host)" }
     public func stateDirectory(_ host: String) -> String { directory + "/" + host }
-    /// The address of `host` on NIC `nic` (0-based): 10.77.<nic+1>.1 on a, .2 on b.
-    public func address(_ host: String, nic: Int) -> String { "10.77.\(nic + 1).\(host == "a" ? 1 : 2)" }
+    /// The address of `host` on NIC `nic` (0-based): 10.77.<nic+1>.1 on a, .2 on b, .3 on c...
+    public func address(_ host: String, nic: Int) -> String { "10.77.\(nic + 1).\(Self.number(host))" }
+
+    /// 1 for a, 2 for b, ...
+    static func number(_ host: String) -> Int { (hostNames.firstIndex(of: host) ?? 0) + 1 }
     public func interface(nic: Int) -> String { "eth\(nic)" }
 
-    /// An address on the VM network: host a's bridge 10.78.0.1, b's .2, the client .100.
+    /// An address on the VM network: host a's bridge 10.78.0.1, b's .2 (c's .3...), the client .100.
     public func vmNetworkAddress(_ host: String) -> String {
-        "10.78.0." + (host == "a" ? "1" : host == "b" ? "2" : "100")
+        "10.78.0." + (host == Self.client ? "100" : "\(Self.number(host))")
     }
 
     /// The address the lab's guest number `n` (0-89) takes on the VM network: 10.78.0.(10+n).
@@ -103,9 +115,13 @@ public struct Lab: Sendable {
     }
 
     /// Creates the namespaces, the NICs and their rates. Fails if the lab is already up.
-    public func up(nics: Int, rate: String?) throws {
+    public func up(nics: Int, rate: String?, hosts hostCount: Int = 2) throws {
         try Self.validateName(name)
         guard (1...8).contains(nics) else { throw LabError.badInput("--nics must be between 1 and 8, not \(nics)") }
+        guard (2...Self.hostNames.count).contains(hostCount) else {
+            throw LabError.badInput("--hosts must be between 2 and \(Self.hostNames.count), not \(hostCount)")
+        }
+        let hosts = Array(Self.hostNames.prefix(hostCount))
         if let rate { try Self.validateRates(rate, nics: nics) }
         guard getuid() == 0 else { throw LabError.setup("the lab needs root (network namespaces)") }
         guard Command.exists("ip") && Command.exists("tc") else {
@@ -115,13 +131,30 @@ public struct Lab: Sendable {
         // A half-made lab from a crash: clear it first.
         try? down()
         do {
-            for host in Self.hosts {
+            for host in hosts {
                 try Command.check(["ip", "netns", "add", namespace(host)])
                 try Command.check(["ip", "-n", namespace(host), "link", "set", "lo", "up"])
                 try FileManager.default.createDirectory(atPath: stateDirectory(host), withIntermediateDirectories: true)
             }
-            let plan = Config(name: name, nics: nics, rate: rate, createdAt: Date())
-            for nic in 0..<nics {
+            let plan = Config(name: name, nics: nics, rate: rate, createdAt: Date(), hosts: hostCount)
+            let sw = namespace(Self.switchNamespace)
+            try Command.check(["ip", "netns", "add", sw])
+            try Command.check(["ip", "-n", sw, "link", "set", "lo", "up"])
+            for nic in 0..<nics where hostCount > 2 {
+                // A switch per NIC: every host's NIC is a port of bridge m<nic>.
+                try Command.check(["ip", "-n", sw, "link", "add", "m\(nic)", "type", "bridge"])
+                try Command.check(["ip", "-n", sw, "link", "set", "m\(nic)", "up"])
+                for host in hosts {
+                    try plug(from: (namespace(host), "\(name)\(host)\(nic)", interface(nic: nic), nil),
+                             to: (sw, "\(name)p\(host)\(nic)", switchPort(host, nic: nic), "m\(nic)"))
+                    try Command.check(["ip", "-n", namespace(host), "addr", "add", "\(address(host, nic: nic))/24", "dev", interface(nic: nic)])
+                    if let rate = plan.rate(nic: nic) {
+                        try shape(namespace(host), device: interface(nic: nic), rate: rate)
+                        try shape(sw, device: switchPort(host, nic: nic), rate: rate)
+                    }
+                }
+            }
+            for nic in 0..<nics where hostCount == 2 {
                 let ta = "\(name)a\(nic)", tb = "\(name)b\(nic)"
                 try Command.check(["ip", "link", "add", ta, "type", "veth", "peer", "name", tb])
                 for (host, tmp) in [("a", ta), ("b", tb)] {
@@ -130,10 +163,10 @@ public struct Lab: Sendable {
                     try Command.check(["ip", "-n", ns, "link", "set", tmp, "name", interface(nic: nic)])
                     try Command.check(["ip", "-n", ns, "addr", "add", "\(address(host, nic: nic))/24", "dev", interface(nic: nic)])
                     try Command.check(["ip", "-n", ns, "link", "set", interface(nic: nic), "up"])
-                    if let rate = plan.rate(nic: nic) { try shape(ns, nic: nic, rate: rate) }
+                    if let rate = plan.rate(nic: nic) { try shape(ns, device: interface(nic: nic), rate: rate) }
                 }
             }
-            try buildVMNetwork()
+            try buildVMNetwork(hosts: hosts)
             // One cluster key for both hosts, as an operator copies it to every host.
             let key = KeyRing(keys: [ClusterKey.generate()]).fileText
             guard FileManager.default.createFile(atPath: keyPath, contents: Data(key.utf8), attributes: [.posixPermissions: 0o600]) else {
@@ -155,15 +188,13 @@ public struct Lab: Sendable {
     /// switch too. The bridges' MACs are fixed, so that a tap joining one never changes it
     /// (a bridge takes its lowest port's MAC otherwise, and the host's neighbours' ARP
     /// caches would go stale).
-    private func buildVMNetwork() throws {
+    private func buildVMNetwork(hosts: [String]) throws {
         let sw = namespace(Self.switchNamespace), client = namespace(Self.client)
-        for ns in [sw, client] {
-            try Command.check(["ip", "netns", "add", ns])
-            try Command.check(["ip", "-n", ns, "link", "set", "lo", "up"])
-        }
+        try Command.check(["ip", "netns", "add", client])
+        try Command.check(["ip", "-n", client, "link", "set", "lo", "up"])
         try Command.check(["ip", "-n", sw, "link", "add", "sw0", "type", "bridge"])
         try Command.check(["ip", "-n", sw, "link", "set", "sw0", "up"])
-        for (i, host) in Self.hosts.enumerated() {
+        for (i, host) in hosts.enumerated() {
             let ns = namespace(host)
             try Command.check(["ip", "-n", ns, "link", "add", Self.vmBridge, "address", "02:fe:00:00:00:0\(i + 1)", "type", "bridge"])
             try Command.check(["ip", "-n", ns, "addr", "add", "\(vmNetworkAddress(host))/\(Self.vmNetworkPrefix)", "dev", Self.vmBridge])
@@ -196,7 +227,7 @@ public struct Lab: Sendable {
 
     /// Stops every process in the lab (VMs, daemons), deletes the namespaces and the state.
     public func down() throws {
-        for host in Self.hosts {
+        for host in Self.hostNames where host == "a" || host == "b" || Self.namespaceExists(namespace(host)) {
             let store = VMStore(paths: StatePaths(root: stateDirectory(host)))
             // Found by their command lines: a VM whose files are damaged has a QEMU too.
             for entry in store.entries() {
@@ -213,7 +244,8 @@ public struct Lab: Sendable {
             try? FileManager.default.removeItem(atPath: store.paths.memoryDirectory)
         }
         for other in [Self.switchNamespace, Self.client] { removeNamespace(namespace(other)) }
-        let vmNetworkLinks = Set(Self.hosts.flatMap { ["\(name)u\($0)", "\(name)s\($0)"] } + ["\(name)cl", "\(name)sc"])
+        let vmNetworkLinks = Set(Self.hostNames.flatMap { host in ["\(name)u\(host)", "\(name)s\(host)"]
+            + (0..<8).flatMap { nic in ["\(name)\(host)\(nic)", "\(name)p\(host)\(nic)"] } } + ["\(name)cl", "\(name)sc"])
         // veth peers die with their namespaces; a half-made lab may have left some in the root.
         if let links = try? Command.run(["ip", "-o", "link", "show"]).stdout {
             for line in links.split(separator: "\n") {
@@ -227,6 +259,13 @@ public struct Lab: Sendable {
             }
         }
         try? FileManager.default.removeItem(atPath: directory)
+    }
+
+    /// Host `host`'s port on the switch of NIC `nic` (labs of three hosts or more).
+    func switchPort(_ host: String, nic: Int) -> String { "p\(host)\(nic)" }
+
+    static func namespaceExists(_ ns: String) -> Bool {
+        FileManager.default.fileExists(atPath: "/run/netns/" + ns)
     }
 
     /// Stops every process left in namespace `ns` and deletes it.
@@ -246,8 +285,8 @@ public struct Lab: Sendable {
             guard isUp else { throw LabError.notUp(name) }
             return ["ip", "netns", "exec", namespace(host), "env", "FERRY_LAB=\(name)"] + command
         }
-        guard Self.hosts.contains(host) else { throw LabError.badInput("lab host must be a, b or client, not '\(host)'") }
         guard isUp else { throw LabError.notUp(name) }
+        guard hosts.contains(host) else { throw LabError.badInput("lab host must be \(hosts.joined(separator: ", ")) or client, not '\(host)'") }
         // The VM network's bridge carries the host's address there, but no migration:
         // the lab's migration NICs are eth0, eth1, ... (as an operator keeps a migration
         // network apart with --nics).
@@ -268,13 +307,16 @@ public struct Lab: Sendable {
         guard (0..<config.nics).contains(nic) else {
             throw LabError.badInput("NIC \(nic) does not exist; the lab has NICs 0-\(config.nics - 1)")
         }
-        for host in Self.hosts { try shape(namespace(host), nic: nic, rate: rate) }
+        for host in hosts {
+            try shape(namespace(host), device: interface(nic: nic), rate: rate)
+            if config.hostCount > 2 { try shape(namespace(Self.switchNamespace), device: switchPort(host, nic: nic), rate: rate) }
+        }
     }
 
     /// NIC `nic` in namespace `ns` sends at most `rate` (tc tbf, its bucket from ``burst(for:)``,
     /// its queue from ``queueLimit(for:)``).
-    private func shape(_ ns: String, nic: Int, rate: String) throws {
-        try Command.check(["tc", "-n", ns, "qdisc", "replace", "dev", interface(nic: nic), "root", "tbf",
+    private func shape(_ ns: String, device: String, rate: String) throws {
+        try Command.check(["tc", "-n", ns, "qdisc", "replace", "dev", device, "root", "tbf",
                            "rate", rate, "burst", Self.burst(for: rate), "limit", Self.queueLimit(for: rate)])
     }
 
@@ -290,7 +332,7 @@ public struct Lab: Sendable {
     /// Takes NIC `nic` of `host` down or up.
     public func setNIC(_ host: String, nic: Int, up: Bool) throws {
         guard let config else { throw LabError.notUp(name) }
-        guard Self.hosts.contains(host) else { throw LabError.badInput("lab host must be a or b, not '\(host)'") }
+        guard hosts.contains(host) else { throw LabError.badInput("lab host must be \(hosts.joined(separator: ", ")), not '\(host)'") }
         guard (0..<config.nics).contains(nic) else {
             throw LabError.badInput("NIC \(nic) does not exist; the lab has NICs 0-\(config.nics - 1)")
         }

@@ -235,7 +235,7 @@ extension VMStore {
     }
 
     /// MemAvailable from /proc/meminfo: the limit of a tmpfs mounted without a size.
-    static func hostAvailableMemoryByteCount() -> UInt64 {
+    public static func hostAvailableMemoryByteCount() -> UInt64 {
         guard let text = try? String(contentsOfFile: "/proc/meminfo", encoding: .utf8) else { return 0 }
         for line in text.split(separator: "\n") where line.hasPrefix("MemAvailable:") {
             let kib = line.split(separator: " ").dropFirst().first.flatMap { UInt64($0) } ?? 0

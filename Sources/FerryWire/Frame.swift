@@ -129,6 +129,11 @@ public enum FrameType: UInt8, Sendable, CaseIterable {
     /// Protocol v2, either side on the control connection: how many control frames it has
     /// received; also the control connection's heartbeat (``ReceivedMessage``).
     case received = 25
+    /// Protocol v5. Source, first frame after the handshake: not a migration, a question
+    /// about the host (``HostQueryMessage``), as `ferry drain` asks before it places VMs.
+    case hostQuery = 26
+    /// Protocol v5. Destination: the answer to `hostQuery` (``HostInfoMessage``).
+    case hostInfo = 27
 }
 
 /// Frame flags. Bits not defined here must be zero; a receiver refuses unknown bits.

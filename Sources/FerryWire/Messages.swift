@@ -5,7 +5,7 @@ import Foundation
 /// picks the highest version both speak. Policy: a release accepts the current and the
 /// previous protocol version (see docs/PROTOCOL.md, "Versioning").
 public enum ProtocolVersion {
-    public static let current: UInt16 = 4
+    public static let current: UInt16 = 5
     public static let oldestSupported: UInt16 = 1
     /// The first version whose control connection can move to another connection
     /// (`rejoin`, `rejoined`, `received`; docs/PROTOCOL.md, "The control connection moves").
@@ -17,6 +17,10 @@ public enum ProtocolVersion {
     /// The first version whose VM spec carries guest NICs (``VMSpec/nics``). A migration of
     /// a VM with a NIC refuses a peer that chose an older version, which would drop them.
     public static let guestNICs: UInt16 = 4
+    /// The first version that answers `hostQuery` with `hostInfo` (what a host has room
+    /// for, its load, its NICs, whether it is draining): `ferry drain` needs it to place
+    /// VMs and refuses a destination that chose an older version.
+    public static let hostQueries: UInt16 = 5
 
     /// The highest version this process offers: ``current``, or lower for tests of mixed
     /// clusters (`FERRY_PROTOCOL_MAX`, never above ``current``).
@@ -367,6 +371,56 @@ public struct ResolvedMessage: Codable, Equatable, Sendable {
     public init(state: State, detail: String) {
         self.state = state
         self.detail = detail
+    }
+}
+
+/// Protocol v5: asks a daemon about its host (``HostInfoMessage``). Sent instead of an
+/// offer, after the handshake, on a connection of its own.
+public struct HostQueryMessage: Codable, Equatable, Sendable {
+    /// Why the peer asks ("drain"), for the daemon's log.
+    public var purpose: String
+    public init(purpose: String) { self.purpose = purpose }
+}
+
+/// Protocol v5: what a host has room for, as `ferry drain` places VMs by it.
+public struct HostInfoMessage: Codable, Equatable, Sendable {
+    public var host: String
+    /// Guest memory this host can still take, bytes: the least of the memory the kernel
+    /// says is available (MemAvailable), the free space where guest RAM lives (the memory
+    /// directory), and what `--max-guest-memory` leaves; each less a reserve for the host.
+    public var freeGuestMemoryBytes: UInt64
+    /// Guest memory of the VMs here now (running, paused or arriving), bytes.
+    public var guestMemoryBytes: UInt64
+    /// `ferry serve --max-guest-memory`, if set.
+    public var maxGuestMemoryBytes: UInt64?
+    /// The names of the VMs here: a VM of the same name cannot move in.
+    public var vms: [String]
+    /// Load average over a minute, and the CPUs it is shared by.
+    public var loadAverage: Double
+    public var cpus: Int
+    /// Incoming migrations transferring now, waiting, and the limit (`--max-migrations`).
+    public var runningMigrations: Int
+    public var queuedMigrations: Int
+    public var maxMigrations: Int
+    /// The host is draining (`ferry drain`): it refuses incoming migrations.
+    public var draining: Bool
+    /// Its migration NICs (those it listens on).
+    public var interfaces: [InterfaceMessage]
+    public init(host: String, freeGuestMemoryBytes: UInt64, guestMemoryBytes: UInt64, maxGuestMemoryBytes: UInt64?, vms: [String],
+                loadAverage: Double, cpus: Int, runningMigrations: Int, queuedMigrations: Int, maxMigrations: Int,
+                draining: Bool, interfaces: [InterfaceMessage]) {
+        self.host = host
+        self.freeGuestMemoryBytes = freeGuestMemoryBytes
+        self.guestMemoryBytes = guestMemoryBytes
+        self.maxGuestMemoryBytes = maxGuestMemoryBytes
+        self.vms = vms
+        self.loadAverage = loadAverage
+        self.cpus = cpus
+        self.runningMigrations = runningMigrations
+        self.queuedMigrations = queuedMigrations
+        self.maxMigrations = maxMigrations
+        self.draining = draining
+        self.interfaces = interfaces
     }
 }
 

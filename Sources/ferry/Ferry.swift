@@ -18,7 +18,7 @@ struct Ferry: ParsableCommand {
             Try it on one box:  ferry demo
             """,
         version: FerryVersion.version,
-        subcommands: [Serve.self, VM.self, Migrate.self, Status.self, Keygen.self, Guest.self, LabCommand.self, Demo.self, Bench.self, Probe.self])
+        subcommands: [Serve.self, VM.self, Migrate.self, Drain.self, Status.self, Keygen.self, Guest.self, LabCommand.self, Demo.self, Bench.self, Probe.self])
 }
 
 /// Options every command that touches host state shares.

@@ -6,7 +6,7 @@ import Foundation
 struct LabCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "lab",
-        abstract: "Two test hosts, a and b, in network namespaces joined by N veth NICs, and a VM network with a client.",
+        abstract: "Test hosts a, b (c, ... with --hosts) in network namespaces joined by N NICs, and a VM network with a client.",
         subcommands: [Up.self, Down.self, Exec.self, Addr.self, NIC.self, Show.self])
 
     struct LabName: ParsableArguments {
@@ -17,31 +17,36 @@ struct LabCommand: ParsableCommand {
 
     struct Up: ParsableCommand {
         static let configuration = CommandConfiguration(abstract: "Create the lab.")
-        @Option(help: "NICs between a and b (default: 2).")
+        @Option(help: "NICs of each host (default: 2).")
         var nics = 2
+        @Option(help: "Hosts: 2 (a and b, a cable per NIC) up to 8 (a to h, joined through a switch per NIC) (default: 2).")
+        var hosts = 2
         @Option(help: "Rate of each NIC as tc writes it (1gbit, 500mbit), or one per NIC (1gbit,500mbit) (default: unlimited).")
         var rate: String?
         @OptionGroup var labName: LabName
 
         func validate() throws {
             guard (1...8).contains(nics) else { throw ValidationError("--nics must be between 1 and 8") }
+            guard (2...Lab.hostNames.count).contains(hosts) else { throw ValidationError("--hosts must be between 2 and \(Lab.hostNames.count)") }
             if let rate { do { try Lab.validateRates(rate, nics: nics) } catch { throw ValidationError("\(error)") } }
             do { try Lab.validateName(labName.name) } catch { throw ValidationError("\(error)") }
         }
 
         func run() throws {
             let lab = labName.lab
-            try lab.up(nics: nics, rate: rate)
-            print("lab \(lab.name) up: hosts a and b, \(nics) NIC(s)\(rate.map { " at \($0)" } ?? " (unlimited)")")
+            try lab.up(nics: nics, rate: rate, hosts: hosts)
+            let names = lab.hosts
+            print("lab \(lab.name) up: hosts \(names.joined(separator: ", ")), \(nics) NIC(s)\(rate.map { " at \($0)" } ?? " (unlimited)")"
+                  + (hosts > 2 ? ", each NIC through a switch" : ""))
             for nic in 0..<nics {
-                print("  \(lab.interface(nic: nic)): a \(lab.address("a", nic: nic))  <->  b \(lab.address("b", nic: nic))")
+                print("  \(lab.interface(nic: nic)): " + names.map { "\($0) \(lab.address($0, nic: nic))" }.joined(separator: hosts > 2 ? "  " : "  <->  "))
             }
             printVMNetwork(lab)
         }
     }
 
     static func printVMNetwork(_ lab: Lab) {
-        print("  VM network: bridge \(Lab.vmBridge) on a (\(lab.vmNetworkAddress("a"))) and b (\(lab.vmNetworkAddress("b"))), "
+        print("  VM network: bridge \(Lab.vmBridge) on " + lab.hosts.map { "\($0) (\(lab.vmNetworkAddress($0)))" }.joined(separator: ", ") + ", "
               + "client \(lab.vmNetworkAddress(Lab.client)) (ferry lab exec client -- ...), guests from \(lab.guestAddress(0))/\(Lab.vmNetworkPrefix)")
     }
 
@@ -64,7 +69,7 @@ struct LabCommand: ParsableCommand {
         @OptionGroup var labName: LabName
 
         func validate() throws {
-            guard Lab.hosts.contains(host) || host == Lab.client else { throw ValidationError("host must be a, b or client") }
+            guard Lab.hostNames.contains(host) || host == Lab.client else { throw ValidationError("host must be a lab host (a, b, ...) or client") }
             guard !command.isEmpty else { throw ValidationError("give a command after --") }
         }
 
@@ -88,7 +93,7 @@ struct LabCommand: ParsableCommand {
         @OptionGroup var labName: LabName
 
         func validate() throws {
-            if let host, !(Lab.hosts.contains(host) || host == Lab.client) { throw ValidationError("host must be a, b or client") }
+            if let host, !(Lab.hostNames.contains(host) || host == Lab.client) { throw ValidationError("host must be a lab host (a, b, ...) or client") }
             if host == Lab.client && !vmNetwork { throw ValidationError("the client is only on the VM network: add --vm-network") }
             if let guest, !(0...89).contains(guest) { throw ValidationError("--guest must be between 0 and 89") }
             if host == nil && guest == nil { throw ValidationError("name a host (a, b, client) or give --guest N") }
@@ -119,7 +124,7 @@ struct LabCommand: ParsableCommand {
 
         func validate() throws {
             guard action == "down" || action == "up" else { throw ValidationError("action must be down or up") }
-            guard Lab.hosts.contains(host) else { throw ValidationError("host must be a or b") }
+            guard Lab.hostNames.contains(host) else { throw ValidationError("host must be a lab host (a, b, ...)") }
         }
 
         func run() throws {
@@ -137,9 +142,9 @@ struct LabCommand: ParsableCommand {
                 print("lab \(lab.name) is down")
                 return
             }
-            print("lab \(lab.name): \(config.nics) NIC(s)\(config.rate.map { " at \($0)" } ?? " (unlimited)"), state in \(lab.directory)")
+            print("lab \(lab.name): hosts \(lab.hosts.joined(separator: ", ")), \(config.nics) NIC(s)\(config.rate.map { " at \($0)" } ?? " (unlimited)"), state in \(lab.directory)")
             for nic in 0..<config.nics {
-                print("  \(lab.interface(nic: nic)): a \(lab.address("a", nic: nic))  <->  b \(lab.address("b", nic: nic))")
+                print("  \(lab.interface(nic: nic)): " + lab.hosts.map { "\($0) \(lab.address($0, nic: nic))" }.joined(separator: "  "))
             }
             LabCommand.printVMNetwork(lab)
         }

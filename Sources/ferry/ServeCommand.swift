@@ -24,6 +24,9 @@ struct Serve: ParsableCommand {
     @Option(name: .customLong("max-migrations"), help: "Incoming migrations that transfer at once; more are accepted and wait in line, first come first served (default: 2).")
     var maxMigrations = 2
 
+    @Option(name: .customLong("max-guest-memory"), help: "The most guest memory this host takes in all, e.g. 64G: an incoming VM past it is refused, and `ferry drain` places none here past it (default: only the host's memory limits it).")
+    var maxGuestMemory: MemorySize?
+
     @Option(name: .customLong("disk-dir"), help: "Where the disks copied here go, as DIR/VM/diskN.FORMAT (default: the state root's disks/).")
     var diskDirectory: String?
 
@@ -62,6 +65,7 @@ struct Serve: ParsableCommand {
             options.keys = keys
             options.cpus = cpuOptions.set
             options.maxMigrations = maxMigrations
+            options.maxGuestMemoryBytes = maxGuestMemory.map { UInt64($0.mebibytes) << 20 }
             options.diskDirectory = diskDirectory.map { URL(fileURLWithPath: $0).standardizedFileURL.path }
             server = try MigrationServer(store: host.store, options: options, logger: logger)
         } catch {

@@ -169,7 +169,7 @@ public enum RunningMigrationFile {
     /// another program, gives nil).
     public static func runningPID(_ paths: VMPaths) -> Int32? {
         guard let pid = pid(paths), pid > 0, ProcessStats.isAlive(pid: pid),
-              let command = ProcessStats.commandLine(pid: pid), command.contains("migrate") else { return nil }
+              let command = ProcessStats.commandLine(pid: pid), command.contains("migrate") || command.contains("drain") else { return nil }
         return pid
     }
 }

@@ -232,6 +232,10 @@ final class DestinationSession: @unchecked Sendable {
             try answerResolve(first)
             return
         }
+        if first.type == .hostQuery {
+            try answerHostQuery(first)
+            return
+        }
         guard first.type == .offer else {
             throw .peer(.wire(.unexpectedFrame(first.type, expected: "offer or resolve")))
         }
@@ -253,6 +257,18 @@ final class DestinationSession: @unchecked Sendable {
         try peer { try control.send(.resolved, answer) }
     }
 
+    /// Not a migration: a peer asking what this host has room for (`ferry drain`).
+    func answerHostQuery(_ frame: Frame) throws(IncomingError) {
+        guard version >= ProtocolVersion.hostQueries else {
+            throw .peer(.wire(.unexpectedFrame(frame.type, expected: "offer or resolve (protocol v\(version))")))
+        }
+        let query = try peer { try ControlCoding.decode(HostQueryMessage.self, from: frame) }
+        let info = server.hostInfo()
+        logger.info("answered a host query", metadata: ["from": "\(sourceHost)", "purpose": "\(query.purpose)",
+                                                        "free": "\(info.freeGuestMemoryBytes >> 20) MiB", "draining": "\(info.draining)"])
+        try peer { try control.send(.hostInfo, info) }
+    }
+
     /// Step: checks the offer, registers the VM's name, and accepts; returns the boot
     /// files this host lacks.
     func accept(_ offer: OfferMessage) throws(IncomingError) -> [BootFile] {
@@ -261,7 +277,7 @@ final class DestinationSession: @unchecked Sendable {
         try validate(offer)
         // The spec as this host runs it: its disks where they are kept here.
         spec = try placeDisks(offer)
-        try peer { try server.register(self, name: offer.spec.name) }
+        try peer { try server.register(self, name: offer.spec.name, memoryMiB: offer.spec.memoryMiB) }
         let missing = offer.spec.bootFiles.filter { !store.bootFiles.has($0) }
         try peer {
             try control.send(.accept, AcceptMessage(session: session, bindKey: security.keys == nil ? Hex.encode(bindKey) : "",

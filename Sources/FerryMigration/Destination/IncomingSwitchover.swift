@@ -225,6 +225,16 @@ extension DestinationSession {
             // Its network must be here (the same bridge), its MACs free, its models known.
             if let problem = GuestNICs.problem(spec.nics, vm: spec.name, store: store) { throw .refused(.badOffer, problem) }
         }
+        if let drain = DrainMarker.current(runDirectory: store.paths.runDirectory) {
+            throw .refused(.busy, "\(HostInfo.hostname) is being drained (ferry drain pid \(drain.pid)) and takes no VMs until it ends")
+        }
+        if let limit = server.options.maxGuestMemoryBytes {
+            let used = server.guestMemoryBytes(excluding: spec.name)
+            let wanted = UInt64(spec.memoryMiB) << 20
+            if used + wanted > limit {
+                throw .refused(.badOffer, "\(HostInfo.hostname) has \(used >> 20) MiB of guest memory of its --max-guest-memory \(limit >> 20) MiB: no room for \(spec.name)'s \(spec.memoryMiB) MiB")
+            }
+        }
         // Room for its RAM here, or its QEMU would die once the guest filled the directory.
         do { try store.checkMemoryRoom(for: spec) } catch {
             throw .refused(.badOffer, "\(HostInfo.hostname): \(error)")

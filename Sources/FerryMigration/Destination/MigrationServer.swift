@@ -57,6 +57,10 @@ public final class MigrationServer: @unchecked Sendable {
         /// `--disk-dir`: where the disks copied here go, as `DIR/VM/diskN.FORMAT` (nil: the
         /// state root's `disks/`).
         public var diskDirectory: String?
+        /// `--max-guest-memory`: the most guest memory this host takes in all, bytes (its
+        /// VMs and those arriving); an offer past it is refused (nil: only the host's
+        /// memory limits it).
+        public var maxGuestMemoryBytes: UInt64?
         public init(addresses: [String], port: UInt16) {
             precondition(!addresses.isEmpty)
             self.addresses = addresses
@@ -72,6 +76,8 @@ public final class MigrationServer: @unchecked Sendable {
     let lock = Monitor()
     private var sessions: [String: DestinationSession] = [:]
     private var incomingNames: [String: String] = [:]
+    /// Guest memory of each VM arriving, MiB, by name (under `lock`).
+    private var incomingMiB: [String: Int] = [:]
     /// Connections in their handshake (identified by the door's number): the line that
     /// sheds, their sockets, and those shed (whose thread then logs nothing of its own).
     var handshakes: DoorLine
@@ -328,20 +334,27 @@ public final class MigrationServer: @unchecked Sendable {
         return false
     }
 
-    func register(_ session: DestinationSession, name: String) throws {
+    func register(_ session: DestinationSession, name: String, memoryMiB: Int) throws {
         try lock.withLock {
             if let other = incomingNames[name], other != session.session {
                 throw ErrorMessage(code: .vmExists, message: "VM '\(name)' is already being migrated to this host")
             }
             incomingNames[name] = session.session
+            incomingMiB[name] = memoryMiB
         }
     }
+
+    /// Guest memory of the VMs arriving now, MiB by name.
+    var arrivingMiB: [String: Int] { lock.withLock { incomingMiB } }
 
     func unregister(_ session: DestinationSession) {
         lock.withLock {
             sessions[session.session] = nil
             transferring[session.session] = nil
-            if let name = session.vmName, incomingNames[name] == session.session { incomingNames[name] = nil }
+            if let name = session.vmName, incomingNames[name] == session.session {
+                incomingNames[name] = nil
+                incomingMiB[name] = nil
+            }
         }
         admission.remove(session: session.session)
         rebalance()
