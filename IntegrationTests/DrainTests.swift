@@ -1,0 +1,90 @@
+import FerryIO
+import FerryLab
+import FerryMigration
+import FerryVM
+import FerryWire
+import Foundation
+import Testing
+
+/// `ferry drain` on a lab of three hosts through a switch per NIC: a's VMs go to b and c.
+@Suite("Drain", .serialized, .enabled(if: Env.canRunEndToEnd, "needs root, QEMU and the demo guest"))
+struct DrainTests {
+    static func decodeReport(_ json: String) -> DrainReport? {
+        let decoder = JSONDecoder()
+        decoder.dateDecodingStrategy = .iso8601
+        return try? decoder.decode(DrainReport.self, from: Data(json.utf8))
+    }
+
+    @Test("four VMs drain from a to b and c: bad input changes nothing, the plan spreads them, a refuses a VM while draining, every VM runs healthy on one host")
+    func drainsFourVMs() throws {
+        let lab = try TestLab(nics: 2, rate: "1gbit", hosts: 3)
+        let (a, b, c) = (lab.a, lab.b, lab.host("c"))
+        let bAddress = lab.lab.address("b", nic: 0), cAddress = lab.lab.address("c", nic: 0)
+        try lab.serve(on: "a")
+        // Room for two of a's VMs each, so the plan must use both.
+        try lab.serve(on: "b", extra: ["--max-guest-memory", "600M"])
+        let names = ["d1", "d2", "d3", "d4"]
+        for name in names { _ = try lab.startDemoVM(name, on: "a", memory: 160, fill: 32, dirty: 2) }
+        _ = try lab.startDemoVM("intruder", on: "b", memory: 128, fill: 16, dirty: 1)
+        func stillOnA(_ why: String) throws {
+            for name in names {
+                #expect(try a.store.record(name).alive, "\(name) left a after \(why)")
+                #expect((try? b.store.record(name)) == nil && (try? c.store.record(name)) == nil, "\(name) arrived somewhere after \(why)")
+            }
+        }
+
+        // c runs no daemon yet: the drain cannot ask it, and stops before anything moves.
+        let unreachable = try a.ferry(["drain", "--to", "\(bAddress),\(cAddress)", "--quiet"])
+        #expect(!unreachable.succeeded && unreachable.stderr.contains("cannot reach ferry serve at \(cAddress)"), "\(unreachable.stdout)\(unreachable.stderr)")
+        try stillOnA("a drain to a host without ferry serve")
+
+        // b alone has room for two (600 MiB less the intruder's 128): the drain refuses.
+        let noRoom = try a.ferry(["drain", "--to", bAddress, "--quiet"])
+        #expect(noRoom.status == 1 && noRoom.stderr.contains("fit nowhere"), "\(noRoom.stdout)\(noRoom.stderr)")
+        #expect(noRoom.stdout.contains("NOWHERE"), "\(noRoom.stdout)")
+        try stillOnA("a drain with nowhere that fits")
+
+        try lab.serve(on: "c", extra: ["--max-guest-memory", "600M"])
+        let dryRun = try a.ferry(["drain", "--to", "\(bAddress),\(cAddress)", "--dry-run", "--json"])
+        #expect(dryRun.succeeded, "\(dryRun.stderr)")
+        #expect(dryRun.stdout.contains("dry run: nothing moved"))
+        try stillOnA("a dry run")
+
+        // The drain, in the background: while it runs, a refuses the intruder.
+        let reportPath = lab.lab.directory + "/drain.json"
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+        process.arguments = try lab.lab.execArguments("a", [Env.ferry, "drain", "--to", "\(bAddress),\(cAddress)", "--per-destination", "1",
+                                                            "--report-file", reportPath, "--quiet"])
+        let output = Pipe()
+        process.standardOutput = output
+        process.standardError = output
+        try process.run()
+        let marker = DrainMarker.path(runDirectory: lab.lab.stateDirectory("a") + "/run")
+        var sawMarker = false
+        for _ in 0..<100 where !sawMarker {
+            sawMarker = FileManager.default.fileExists(atPath: marker)
+            if !sawMarker { Thread.sleep(forTimeInterval: 0.05) }
+        }
+        #expect(sawMarker, "the drain never marked a as draining")
+        let (refused, _) = try lab.migrate("intruder", from: "b", to: "a")
+        #expect(refused.status == 1 && refused.stdout.contains("being drained"), "\(refused.stdout)\(refused.stderr)")
+        #expect(try b.store.record("intruder").alive, "the refused VM must keep running on b")
+        process.waitUntilExit()
+        let printed = String(decoding: output.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        #expect(process.terminationStatus == 0, "\(printed)")
+        #expect(!FileManager.default.fileExists(atPath: marker), "the drain's marker outlived it")
+        print("drain:\n\(printed.suffix(1500))")
+
+        let report = try #require(FileManager.default.contents(atPath: reportPath).flatMap { Self.decodeReport(String(decoding: $0, as: UTF8.self)) })
+        #expect(report.entries.count == 4 && report.moved == 4)
+        let placed = Dictionary(uniqueKeysWithValues: report.entries.map { ($0.vm, $0.destination) })
+        #expect(Set(placed.values) == ["b", "c"], "both destinations take VMs: \(placed)")
+        for name in names {
+            let to = try #require(placed[name])
+            lab.expectAbsent(name, on: "a")
+            #expect((try? (to == "b" ? c : b).store.record(name)) == nil, "\(name) is on both b and c")
+            try lab.expectRunningAndHealthy(name, on: to)
+        }
+    }
+}
