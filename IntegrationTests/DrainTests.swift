@@ -15,7 +15,7 @@ struct DrainTests {
         return try? decoder.decode(DrainReport.self, from: Data(json.utf8))
     }
 
-    @Test("four VMs drain from a to b and c: bad input changes nothing, the plan spreads them, a refuses a VM while draining, every VM runs healthy on one host")
+    @Test("four VMs drain from a to b and c: bad input changes nothing, the plan spreads them, a refuses a VM while draining, every VM runs healthy on one host; Ctrl-C lets the running migration finish and starts no other")
     func drainsFourVMs() throws {
         let lab = try TestLab(nics: 2, rate: "1gbit", hosts: 3)
         let (a, b, c) = (lab.a, lab.b, lab.host("c"))
@@ -67,6 +67,13 @@ struct DrainTests {
             if !sawMarker { Thread.sleep(forTimeInterval: 0.05) }
         }
         #expect(sawMarker, "the drain never marked a as draining")
+        // `ferry status --json` says so, for scripts.
+        let status = try a.ferry(["status", "--json"])
+        let object = try #require(try JSONSerialization.jsonObject(with: Data(status.stdout.utf8)) as? [String: Any], "\(status.stdout)")
+        let draining = object["draining"] as? [String: Any]
+        #expect((draining?["destinations"] as? [String]) == [bAddress, cAddress], "\(status.stdout)")
+        #expect((object["daemon"] as? [String: Any])?["running"] as? Bool == true)
+        #expect(((object["vms"] as? [[String: Any]]) ?? []).compactMap { $0["name"] as? String }.sorted() == names)
         let (refused, _) = try lab.migrate("intruder", from: "b", to: "a")
         #expect(refused.status == 1 && refused.stdout.contains("being drained"), "\(refused.stdout)\(refused.stderr)")
         #expect(try b.store.record("intruder").alive, "the refused VM must keep running on b")
@@ -86,5 +93,33 @@ struct DrainTests {
             #expect((try? (to == "b" ? c : b).store.record(name)) == nil, "\(name) is on both b and c")
             try lab.expectRunningAndHealthy(name, on: to)
         }
+
+        // c's two VMs back to a, one at a time, and Ctrl-C once the first is under way: the
+        // first finishes, the second never starts and runs on at c.
+        let onC = report.entries.filter { $0.destination == "c" }.map(\.vm).sorted()
+        let stopped = Process()
+        stopped.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+        let stopReport = lab.lab.directory + "/drain-stopped.json"
+        stopped.arguments = try lab.lab.execArguments("c", [Env.ferry, "drain", "--to", lab.lab.address("a", nic: 0), "--parallel", "1",
+                                                            "--bandwidth", "200mbit", "--report-file", stopReport, "--quiet"])
+        let stoppedOutput = Pipe()
+        stopped.standardOutput = stoppedOutput
+        stopped.standardError = stoppedOutput
+        try stopped.run()
+        let cMarker = DrainMarker.path(runDirectory: lab.lab.stateDirectory("c") + "/run")
+        for _ in 0..<100 where !FileManager.default.fileExists(atPath: cMarker) { Thread.sleep(forTimeInterval: 0.05) }
+        Thread.sleep(forTimeInterval: 1)
+        stopped.interrupt()
+        stopped.waitUntilExit()
+        let stoppedText = String(decoding: stoppedOutput.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        #expect(stopped.terminationStatus == 1, "a drain stopped early exits 1: \(stoppedText)")
+        let partial = try #require(FileManager.default.contents(atPath: stopReport).flatMap { Self.decodeReport(String(decoding: $0, as: UTF8.self)) })
+        #expect(partial.stopped)
+        let states = Dictionary(uniqueKeysWithValues: partial.entries.map { ($0.vm, $0.state) })
+        #expect(states.values.sorted { $0.rawValue < $1.rawValue } == [.notStarted, .succeeded], "\(states)\n\(stoppedText)")
+        for (vm, state) in states {
+            #expect(try (state == .succeeded ? a : c).store.record(vm).alive, "\(vm) (\(state)) is not where it should run")
+        }
+        #expect(Set(states.keys) == Set(onC))
     }
 }

@@ -84,68 +84,142 @@ struct Serve: ParsableCommand {
 }
 
 struct Status: ParsableCommand {
-    static let configuration = CommandConfiguration(abstract: "Show this host's Ferry daemon and VMs.")
+    static let configuration = CommandConfiguration(abstract: "Show this host's Ferry daemon, NICs, migrations and VMs.")
+
+    @Flag(help: "Print the status as JSON (for scripts).")
+    var json = false
 
     @OptionGroup var host: HostOptions
 
-    func run() throws {
+    /// What `ferry status` shows, as `--json` prints it.
+    struct Snapshot: Encodable {
+        struct Daemon: Encodable {
+            var running: Bool
+            var pid: Int32?
+        }
+        struct NIC: Encodable {
+            var name: String
+            var up: Bool
+            var speedBitsPerSecond: UInt64?
+            var mtu: Int
+            var addresses: [String]
+        }
+        struct Migration: Encodable {
+            var vm: String
+            /// incoming: the source host; outgoing: the `ferry migrate` or `ferry drain` pid.
+            var peer: String
+            var state: String
+            var since: Date?
+            var position: Int?
+        }
+        struct Migrations: Encodable {
+            /// nil when the daemon's picture cannot be trusted (no daemon, or its file is damaged).
+            var incoming: [Migration]?
+            var incomingLimit: Int?
+            var incomingProblem: String?
+            var outgoing: [Migration]
+            var outgoingLimit: Int
+        }
+        struct VM: Encodable {
+            var name: String
+            /// running, incoming, migrating-out, updating; dead; damaged.
+            var state: String
+            var memoryMiB: Int?
+            var problem: String?
+        }
+        var host: String
+        var stateDirectory: String
+        var accelerator: String
+        var daemon: Daemon
+        var draining: DrainMarker?
+        var nics: [NIC]
+        var migrations: Migrations
+        var vms: [VM]
+    }
+
+    func snapshot() -> Snapshot {
         let paths = host.paths
         let pidPath = paths.runDirectory + "/serve.pid"
         var daemon: Int32?
         if let text = try? String(contentsOfFile: pidPath, encoding: .utf8), let pid = Int32(text.trimmingCharacters(in: .whitespacesAndNewlines)),
            ProcessStats.isAlive(pid: pid), ProcessStats.commandLine(pid: pid)?.contains("serve") == true {
-            print("ferry serve: running (pid \(pid))")
             daemon = pid
-        } else {
-            print("ferry serve: not running")
         }
-        print("host: \(HostInfo.hostname), state: \(paths.root), accelerator: \(HostInfo.hasHardwareVirtualization ? "kvm" : "tcg")")
-        print("NICs:")
-        for nic in InterfaceDiscovery.list(speeds: NICSpeeds.resolve(nil)) where !nic.isLoopback {
-            let speed = nic.speedBitsPerSecond.map { String(format: "%.2f Gbit/s", Double($0) / 1e9) } ?? "speed unknown"
-            let addrs = nic.addresses.filter { !$0.isLinkLocal }.map { "\($0.address)/\($0.prefixLength)" }.joined(separator: " ")
-            print("  \(nic.name.padding(10))\(nic.carrier ? "up  " : "down")  \(speed.padding(16))mtu \(nic.mtu)  \(addrs)")
+        let nics = InterfaceDiscovery.list(speeds: NICSpeeds.resolve(nil)).filter { !$0.isLoopback }.map { nic in
+            Snapshot.NIC(name: nic.name, up: nic.carrier, speedBitsPerSecond: nic.speedBitsPerSecond, mtu: nic.mtu,
+                         addresses: nic.addresses.filter { !$0.isLinkLocal }.map { "\($0.address)/\($0.prefixLength)" })
         }
-        printMigrations(paths: paths, daemon: daemon)
-        let entries = host.store.entries()
-        let described = entries.map { entry -> String in
-            switch entry {
-            case .healthy(let r): "\(r.spec.name) \(r.alive ? r.state.phase.rawValue : "dead")"
-            case .damaged(let d): "\(d.name) damaged"
-            }
-        }
-        print("VMs: \(entries.count)" + (entries.isEmpty ? "" : " (" + described.joined(separator: ", ") + ")"))
-        if described.contains(where: { $0.hasSuffix(" damaged") }) { print("  damaged VMs: `ferry vm list` says what is damaged and how to repair it") }
-    }
-}
-
-extension Status {
-    /// Incoming migrations (the daemon's `incoming.json`) and outgoing ones (the slot files
-    /// and the line of `ferry migrate` processes waiting for one).
-    func printMigrations(paths: StatePaths, daemon: Int32?) {
-        let now = Date()
-        func age(_ since: Date) -> String { String(format: "%.0f s", now.timeIntervalSince(since)) }
+        var migrations = Snapshot.Migrations(outgoing: [], outgoingLimit: OutgoingSlot.limitFromEnvironment)
         let read = IncomingMigrations.load(runDirectory: paths.runDirectory)
         if let daemon, let damage = read.damage {
             // Never a guess at what the daemon runs: the file says nothing it can be trusted for.
-            print("incoming migrations: unknown: \(damage.path) \(damage.problem); ferry serve (pid \(daemon)) rewrites it when its migrations change")
+            migrations.incomingProblem = "\(damage.path) \(damage.problem); ferry serve (pid \(daemon)) rewrites it when its migrations change"
         }
         if let daemon, let incoming = read.value, incoming.pid == daemon {
-            print("incoming migrations: \(incoming.running.count) running, \(incoming.queued.count) queued (--max-migrations \(incoming.limit))")
-            for e in incoming.running {
-                print("  running  \(e.vm.padding(16)) from \(e.source), for \(age(e.admittedAt ?? e.since))")
-            }
-            for (i, e) in incoming.queued.enumerated() {
-                print("  queued   \(e.vm.padding(16)) from \(e.source), position \(i + 1) of \(incoming.queued.count), waiting \(age(e.since))")
-            }
+            migrations.incomingLimit = incoming.limit
+            migrations.incoming = incoming.running.map { Snapshot.Migration(vm: $0.vm, peer: $0.source, state: "running", since: $0.admittedAt ?? $0.since) }
+                + incoming.queued.enumerated().map { Snapshot.Migration(vm: $0.element.vm, peer: $0.element.source, state: "queued", since: $0.element.since, position: $0.offset + 1) }
         }
         let outgoing = OutgoingSlot.snapshot(runDirectory: paths.runDirectory)
-        if !outgoing.holders.isEmpty || !outgoing.waiting.isEmpty {
-            print("outgoing migrations: \(outgoing.holders.count) running, \(outgoing.waiting.count) queued (at most \(OutgoingSlot.limitFromEnvironment), FERRY_MAX_OUTGOING_MIGRATIONS)")
-            for h in outgoing.holders { print("  running  \(h.vm.padding(16)) ferry migrate pid \(h.pid)") }
-            for (i, w) in outgoing.waiting.enumerated() {
-                print("  queued   \(w.vm.padding(16)) ferry migrate pid \(w.pid), position \(i + 1) of \(outgoing.waiting.count), waiting \(age(w.since))")
+        migrations.outgoing = outgoing.holders.map { Snapshot.Migration(vm: $0.vm, peer: "pid \($0.pid)", state: "running") }
+            + outgoing.waiting.enumerated().map { Snapshot.Migration(vm: $0.element.vm, peer: "pid \($0.element.pid)", state: "queued", since: $0.element.since, position: $0.offset + 1) }
+        let vms = host.store.entries().map { entry -> Snapshot.VM in
+            switch entry {
+            case .healthy(let r): Snapshot.VM(name: r.spec.name, state: r.alive ? r.state.phase.rawValue : "dead", memoryMiB: r.spec.memoryMiB)
+            case .damaged(let d): Snapshot.VM(name: d.name, state: "damaged", problem: d.problems.joined(separator: "; "))
             }
         }
+        return Snapshot(host: HostInfo.hostname, stateDirectory: paths.root, accelerator: HostInfo.hasHardwareVirtualization ? "kvm" : "tcg",
+                        daemon: .init(running: daemon != nil, pid: daemon), draining: DrainMarker.current(runDirectory: paths.runDirectory),
+                        nics: nics, migrations: migrations, vms: vms)
     }
+
+    func run() throws {
+        let s = snapshot()
+        if json {
+            let encoder = JSONEncoder()
+            encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
+            encoder.dateEncodingStrategy = .iso8601
+            print(String(decoding: try encoder.encode(s), as: UTF8.self))
+            return
+        }
+        print("ferry serve: " + (s.daemon.pid.map { "running (pid \($0))" } ?? "not running"))
+        print("host: \(s.host), state: \(s.stateDirectory), accelerator: \(s.accelerator)")
+        if let d = s.draining {
+            print("DRAINING to \(d.destinations.joined(separator: ", ")) (ferry drain pid \(d.pid), since \(Self.age(d.since)) ago): incoming migrations are refused")
+        }
+        print("NICs:")
+        for nic in s.nics {
+            let speed = nic.speedBitsPerSecond.map { String(format: "%.2f Gbit/s", Double($0) / 1e9) } ?? "speed unknown"
+            print("  \(nic.name.padding(10))\(nic.up ? "up  " : "down")  \(speed.padding(16))mtu \(nic.mtu)  \(nic.addresses.joined(separator: " "))")
+        }
+        let m = s.migrations
+        if let problem = m.incomingProblem { print("incoming migrations: unknown: \(problem)") }
+        if let incoming = m.incoming, let limit = m.incomingLimit {
+            print("incoming migrations: \(incoming.filter { $0.state == "running" }.count) running, \(incoming.filter { $0.state == "queued" }.count) queued (--max-migrations \(limit))")
+            let queued = incoming.filter { $0.state == "queued" }.count
+            for e in incoming {
+                if e.state == "running" {
+                    print("  running  \(e.vm.padding(16)) from \(e.peer), for \(e.since.map(Self.age) ?? "?")")
+                } else {
+                    print("  queued   \(e.vm.padding(16)) from \(e.peer), position \(e.position ?? 0) of \(queued), waiting \(e.since.map(Self.age) ?? "?")")
+                }
+            }
+        }
+        if !m.outgoing.isEmpty {
+            let queued = m.outgoing.filter { $0.state == "queued" }.count
+            print("outgoing migrations: \(m.outgoing.count - queued) running, \(queued) queued (at most \(m.outgoingLimit), FERRY_MAX_OUTGOING_MIGRATIONS)")
+            for e in m.outgoing {
+                if e.state == "running" {
+                    print("  running  \(e.vm.padding(16)) ferry migrate \(e.peer)")
+                } else {
+                    print("  queued   \(e.vm.padding(16)) ferry migrate \(e.peer), position \(e.position ?? 0) of \(queued), waiting \(e.since.map(Self.age) ?? "?")")
+                }
+            }
+        }
+        print("VMs: \(s.vms.count)" + (s.vms.isEmpty ? "" : " (" + s.vms.map { "\($0.name) \($0.state)" }.joined(separator: ", ") + ")"))
+        if s.vms.contains(where: { $0.state == "damaged" }) { print("  damaged VMs: `ferry vm list` says what is damaged and how to repair it") }
+    }
+
+    static func age(_ since: Date) -> String { String(format: "%.0f s", Date().timeIntervalSince(since)) }
 }
