@@ -34,33 +34,11 @@ struct Migrate: ParsableCommand {
     @Flag(help: "Cancel the migration of NAME that a `ferry migrate` on this host is running, and wait until it has rolled back.")
     var cancel = false
 
-    @Option(help: "QEMU multifd channels: 0 sends everything in QEMU's main stream (Ferry still stripes it over every NIC); auto uses one stream up to 10 Gbit/s of NICs and one channel per 10 Gbit/s above, NICs of unknown speed counting as nothing (default: auto).")
-    var multifd: MultifdChoice = .auto
-
-    @Option(name: .customLong("channels-per-nic"), help: "Data connections per NIC pair (default: 4).")
-    var channelsPerNIC = 4
-
-    @Option(help: "Compression of the chunks: auto (measures, and compresses only while the link is the bottleneck and it pays), none, lz4, zstd or zstd:LEVEL (default: auto).")
-    var compress = "auto"
-
-    @Option(name: .customLong("zero-copy"), help: "auto: splice chunks from QEMU to the NICs without copying them through Ferry wherever Ferry need not see the bytes (--insecure with --compress none); off: always copy (default: auto).")
-    var zeroCopy: ZeroCopyChoice = .auto
+    @OptionGroup var tuning: TuningOptions
 
     @OptionGroup var cpuOptions: CPUOptions
 
-    @Option(help: "Cap on the migration's rate over all NICs together, e.g. 500mbit or 100MB (default: none).")
-    var bandwidth: Rate?
-
     @OptionGroup var nicOptions: NICOptions
-
-    @Option(name: .customLong("link-timeout"), help: "With every NIC down, wait this long for one to come back before giving up (default: 10s).")
-    var linkTimeout = DurationArgument(.seconds(10))
-
-    @Option(help: "Longest guest pause QEMU may plan for at switchover (default: 300ms).")
-    var downtime = DurationArgument(.milliseconds(300))
-
-    @Option(help: "Give up (the VM stays here) if the migration has not reached its commit point after this long, time spent queued included (default: 10m).")
-    var timeout = DurationArgument(.seconds(600))
 
     @Option(help: "Probe the guest's echo service at ADDRESS[:PORT] (UDP every 10 ms and a TCP connection, port 7 by default) from this host while it moves; the report says how many probes were lost and how long the guest could not be reached.")
     var probe: String?
@@ -76,15 +54,8 @@ struct Migrate: ParsableCommand {
 
     func validate() throws {
         if let problem = VMSpec.validateName(name) { throw ValidationError(problem) }
-        if case .count(let n) = multifd, !(0...64).contains(n) { throw ValidationError("--multifd must be auto or between 0 and 64") }
         if cancel && to != nil { throw ValidationError("--cancel stops a running migration: give the VM's name, not --to") }
         if !cancel && to == nil { throw ValidationError("Missing expected argument '--to <to>'") }
-        guard (1...64).contains(channelsPerNIC) else { throw ValidationError("--channels-per-nic must be between 1 and 64") }
-        do {
-            _ = try CompressionMode(parsing: compress)
-        } catch {
-            throw ValidationError("--compress: \(error)")
-        }
         if let probe, probeOptions(probe) == nil { throw ValidationError("--probe: '\(probe)' is not IPV4-ADDRESS[:PORT]") }
     }
 
@@ -109,7 +80,7 @@ struct Migrate: ParsableCommand {
         if to.isThisHost {
             // Same host: a new QEMU takes the VM over with its RAM in place; no daemon,
             // no key, no data channels (`ferry vm update`).
-            try UpdateArguments.perform(name: name, qemu: nil, host: host, timeout: timeout.duration, downtime: downtime.duration,
+            try UpdateArguments.perform(name: name, qemu: nil, host: host, timeout: tuning.timeout.duration, downtime: tuning.downtime.duration,
                                         output: output, progressFile: progressFile)
             return
         }
@@ -117,19 +88,7 @@ struct Migrate: ParsableCommand {
         _ = ferry_raise_nofile_limit()
         let keys = try security.keys(for: "migrate")
         let logger = host.logger("ferry.migrate")
-        var options = MigrationOptions(host: to.host, port: to.port)
-        options.keys = keys
-        options.compression = try CompressionMode(parsing: compress)
-        if case .count(let n) = multifd { options.multifdChannels = n }
-        options.channelsPerEndpoint = channelsPerNIC
-        options.bandwidthBytesPerSecond = bandwidth?.bytesPerSecond
-        options.nics = nicOptions.selection
-        options.nicSpeeds = NICSpeeds.resolve(nicOptions.nicSpeed)
-        options.linkTimeout = linkTimeout.duration
-        options.downtimeLimit = downtime.duration
-        options.timeout = timeout.duration
-        options.zeroCopy = zeroCopy == .auto
-        options.cpus = cpuOptions.set
+        var options = try tuning.options(host: to.host, port: to.port, keys: keys, nics: nicOptions, cpus: cpuOptions)
         options.probe = probe.flatMap(probeOptions)
         let display = ProgressDisplay(enabled: !output.quiet, jsonPath: progressFile)
         let migration = SourceMigration(store: host.store, name: name, options: options, logger: logger) { progress in
