@@ -79,6 +79,9 @@ public struct VMPaths: Sendable {
     }
     public var spec: String { directory + "/spec.json" }
     public var state: String { directory + "/state.json" }
+    /// `ferry migrate --cancel` asks a `ferry drain` to cancel this VM's migration (and no
+    /// other of the drain's) by this file and SIGUSR1.
+    public var cancelRequest: String { directory + "/cancel.request" }
     public var qmpSocket: String { directory + "/qmp.sock" }
     public var serialLog: String { directory + "/serial.log" }
     public var qemuLog: String { directory + "/qemu.log" }

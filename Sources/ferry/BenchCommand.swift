@@ -13,7 +13,8 @@ struct Bench: ParsableCommand {
             written to OUT/bench.md), OUT/bench.json, and OUT/SCENARIO.svg (throughput per NIC
             over time for the Ferry modes). Scenarios: \(BenchScenario.catalog.map(\.name).joined(separator: ", ")).
             \(UpdateBench.scenarioName) (not in the default set, no lab, --modes ignored): \(UpdateBench.summary), timed with
-            their downtime and CPU; OUT/\(UpdateBench.scenarioName).md and .json.
+            their downtime and CPU; OUT/\(UpdateBench.scenarioName).md and .json. \(DrainBench.scenarioName) (not in the
+            default set, its own lab of three hosts, --modes ignored): \(DrainBench.summary); OUT/\(DrainBench.scenarioName).md and .json.
             """)
 
     @Option(name: .customLong("scenario"), help: "A scenario to run (repeatable) (default: \(BenchScenario.defaults.joined(separator: ", "))).")
@@ -32,7 +33,7 @@ struct Bench: ParsableCommand {
     var json = false
 
     func validate() throws {
-        for name in scenarios where !BenchScenario.catalog.contains(where: { $0.name == name }) && name != UpdateBench.scenarioName {
+        for name in scenarios where !BenchScenario.catalog.contains(where: { $0.name == name }) && name != UpdateBench.scenarioName && name != DrainBench.scenarioName {
             throw ValidationError("unknown scenario '\(name)'; known: \(BenchScenario.catalog.map(\.name).joined(separator: ", "))")
         }
         guard (1...20).contains(repeats) else { throw ValidationError("--repeats must be between 1 and 20") }
@@ -74,7 +75,22 @@ struct Bench: ParsableCommand {
             let (text, updateFailed) = try runUpdateBench(image)
             printed.append(text)
             failed = updateFailed
-            if scenarios.allSatisfy({ $0 == UpdateBench.scenarioName }) { return (text, failed) }
+        }
+        if scenarios.contains(DrainBench.scenarioName) {
+            FileHandle.standardError.write(Data("== \(DrainBench.scenarioName): \(DrainBench.summary)\n".utf8))
+            let bench = DrainBench(repeats: repeats, binary: SelfPath.executable, guest: image) { line in
+                FileHandle.standardError.write(Data("\(line)\n".utf8))
+            }
+            let result = try bench.run()
+            try result.markdown.write(toFile: out + "/\(DrainBench.scenarioName).md", atomically: true, encoding: .utf8)
+            let jsonText = try Self.json(result)
+            try jsonText.write(toFile: out + "/\(DrainBench.scenarioName).json", atomically: true, encoding: .utf8)
+            printed.append(json ? jsonText : result.markdown)
+            if result.runs.contains(where: { !$0.succeeded }) { failed = true }
+        }
+        if !scenarios.isEmpty && scenarios.allSatisfy({ $0 == UpdateBench.scenarioName || $0 == DrainBench.scenarioName }) {
+            if json && printed.count > 1 { return ("[\n" + printed.joined(separator: ",\n") + "\n]", failed) }
+            return (printed.joined(separator: "\n\n"), failed)
         }
         for scenario in chosen {
             FileHandle.standardError.write(Data("== \(scenario.name): \(scenario.summary)\n".utf8))

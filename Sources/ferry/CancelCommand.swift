@@ -54,12 +54,27 @@ enum CancelMigration {
         guard let pid = RunningMigrationFile.runningPID(paths) else {
             throw UserError("no migration of '\(name)' is running on this host (nothing to cancel)")
         }
-        guard kill(pid, SIGTERM) == 0 else {
-            throw UserError("cannot signal ferry migrate (pid \(pid)): \(errnoDescription(errno))")
-        }
-        FileHandle.standardError.write(Data("asked ferry migrate (pid \(pid)) to cancel the migration of \(name); waiting for it to end\n".utf8))
-        guard ProcessStats.waitForExit(pid: pid, timeout: wait) else {
-            throw UserError("ferry migrate (pid \(pid)) is still running after \(Int(wait.seconds)) s; see its report, or run this again")
+        if ProcessStats.commandLine(pid: pid)?.contains("drain") == true {
+            // A drain moves several VMs: it is asked to cancel this one only, and goes on
+            // with the others.
+            guard FileManager.default.createFile(atPath: paths.cancelRequest, contents: Data("\(getpid())\n".utf8)), kill(pid, SIGUSR1) == 0 else {
+                throw UserError("cannot ask ferry drain (pid \(pid)) to cancel \(name): \(errnoDescription(errno))")
+            }
+            FileHandle.standardError.write(Data("asked ferry drain (pid \(pid)) to cancel the migration of \(name); waiting for it to end\n".utf8))
+            let deadline = ContinuousClock.now + wait
+            while RunningMigrationFile.runningPID(paths) == pid && ContinuousClock.now < deadline { usleep(100_000) }
+            try? FileManager.default.removeItem(atPath: paths.cancelRequest)
+            guard RunningMigrationFile.runningPID(paths) != pid else {
+                throw UserError("the migration of \(name) in ferry drain (pid \(pid)) is still running after \(Int(wait.seconds)) s; run this again")
+            }
+        } else {
+            guard kill(pid, SIGTERM) == 0 else {
+                throw UserError("cannot signal ferry migrate (pid \(pid)): \(errnoDescription(errno))")
+            }
+            FileHandle.standardError.write(Data("asked ferry migrate (pid \(pid)) to cancel the migration of \(name); waiting for it to end\n".utf8))
+            guard ProcessStats.waitForExit(pid: pid, timeout: wait) else {
+                throw UserError("ferry migrate (pid \(pid)) is still running after \(Int(wait.seconds)) s; see its report, or run this again")
+            }
         }
         if let record = try? store.record(name), record.alive, record.state.phase == .running {
             print("cancelled: \(name) keeps running on this host")

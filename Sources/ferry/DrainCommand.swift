@@ -224,6 +224,17 @@ final class DrainSignals {
             source.resume()
             sources.append(source)
         }
+        // `ferry migrate --cancel VM`: that VM's migration only.
+        signal(SIGUSR1, SIG_IGN)
+        let one = DispatchSource.makeSignalSource(signal: SIGUSR1, queue: .global())
+        one.setEventHandler {
+            let cancelled = run.cancelRequested()
+            if !cancelled.isEmpty {
+                FileHandle.standardError.write(Data(("\nferry drain: cancelling " + cancelled.joined(separator: ", ") + " (ferry migrate --cancel): it rolls back and keeps running here\n").utf8))
+            }
+        }
+        one.resume()
+        sources.append(one)
     }
 
     func release() {
@@ -231,6 +242,7 @@ final class DrainSignals {
         sources = []
         signal(SIGINT, SIG_DFL)
         signal(SIGTERM, SIG_DFL)
+        signal(SIGUSR1, SIG_DFL)
     }
 }
 

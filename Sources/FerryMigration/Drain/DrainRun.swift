@@ -178,6 +178,19 @@ public final class DrainRun: @unchecked Sendable {
         return running.compactMap { name, m in m.stop(.cancelled) == .accepted ? name : nil }.sorted()
     }
 
+    /// Cancels the migrations whose VMs have a cancel request (`ferry migrate --cancel`),
+    /// and only those; their names.
+    public func cancelRequested() -> [String] {
+        let running = monitor.withLock { migrations }
+        var cancelled: [String] = []
+        for (name, migration) in running {
+            let request = store.vmPaths(name).cancelRequest
+            guard FileManager.default.fileExists(atPath: request) else { continue }
+            if migration.stop(.cancelled) == .accepted { cancelled.append(name) }
+        }
+        return cancelled.sorted()
+    }
+
     private var snapshot: DrainProgress {
         DrainProgress(elapsedSeconds: (ContinuousClock.now - started).seconds, vms: states, stopping: stopping)
     }
