@@ -57,6 +57,9 @@ public final class MigrationServer: @unchecked Sendable {
         /// `--disk-dir`: where the disks copied here go, as `DIR/VM/diskN.FORMAT` (nil: the
         /// state root's `disks/`).
         public var diskDirectory: String?
+        /// Told when an incoming migration starts and ends (the daemon's metrics), on the
+        /// session's thread: keep it short and never blocking.
+        public var onIncoming: (@Sendable (IncomingMigrationNotice) -> Void)?
         public init(addresses: [String], port: UInt16) {
             precondition(!addresses.isEmpty)
             self.addresses = addresses
@@ -327,6 +330,9 @@ public final class MigrationServer: @unchecked Sendable {
         }
         return false
     }
+
+    /// Incoming migrations running and waiting now (`--max-migrations`), as `incoming.json` says.
+    public var incoming: IncomingMigrations { admission.snapshot }
 
     func register(_ session: DestinationSession, name: String) throws {
         try lock.withLock {
