@@ -11,6 +11,8 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
         .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
         .package(url: "https://github.com/apple/swift-crypto", from: "3.12.3"),
+        .package(url: "https://github.com/apple/swift-metrics", from: "2.13.0"),
+        .package(url: "https://github.com/swift-server/swift-prometheus", from: "2.4.1"),
     ],
     targets: [
         // The few Linux calls Swift cannot make directly (CRC32C with SSE4.2, affinity, splice).
@@ -52,13 +54,20 @@ let package = Package(
             .product(name: "Crypto", package: "swift-crypto"),
             .product(name: "Logging", package: "swift-log"),
         ]),
+        // Prometheus metrics: the daemon's registry and /metrics responder, and the reporter
+        // through which every process on the host sends migration events to the daemon.
+        .target(name: "FerryMetrics", dependencies: [
+            "FerryIO",
+            .product(name: "Metrics", package: "swift-metrics"),
+            .product(name: "Prometheus", package: "swift-prometheus"),
+        ]),
         // The test lab: network namespaces, veth NICs, tc rates.
         .target(name: "FerryLab", dependencies: ["FerryVM", "FerryIO", "FerryInterfaces", "FerryWire"]),
         // `ferry bench`: Ferry and its peers (QEMU alone, ECMP, MPTCP) side by side in the lab.
         .target(name: "FerryBench", dependencies: ["FerryLab", "FerryVM", "FerryQMP", "FerryIO", "FerryMigration", "FerryWire", "FerryInterfaces"]),
         .executableTarget(name: "ferry", dependencies: [
             "FerryBench",
-            "FerryWire", "FerryIO", "FerryQMP", "FerryTransport", "FerryVM", "FerryMigration", "FerryLab", "FerryInterfaces", "FerryCompress", "CFerryLinux",
+            "FerryWire", "FerryIO", "FerryQMP", "FerryTransport", "FerryVM", "FerryMigration", "FerryLab", "FerryInterfaces", "FerryCompress", "FerryMetrics", "CFerryLinux",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),
         ]),
@@ -73,8 +82,9 @@ let package = Package(
         .testTarget(name: "FerryVMTests", dependencies: ["FerryVM", "FerryWire", "FerryIO"]),
         .testTarget(name: "FerryInterfacesTests", dependencies: ["FerryInterfaces"]),
         .testTarget(name: "FerryMigrationTests", dependencies: ["FerryMigration", "FerryInterfaces", "FerryWire", "FerryIO", "FerryVM", "FerryQMP", .product(name: "Logging", package: "swift-log")]),
+        .testTarget(name: "FerryMetricsTests", dependencies: ["FerryMetrics", "FerryIO"]),
         .testTarget(name: "FerryCLITests", dependencies: ["ferry", "FerryWire"]),
         // Root-only suites: lab (namespaces) and end-to-end (two QEMUs, the real binary).
-        .testTarget(name: "FerryIntegrationTests", dependencies: ["FerryWire", "FerryIO", "FerryVM", "FerryLab", "FerryMigration", "FerryBench", "FerryTransport", "FerryQMP"], path: "IntegrationTests"),
+        .testTarget(name: "FerryIntegrationTests", dependencies: ["FerryWire", "FerryIO", "FerryVM", "FerryLab", "FerryMigration", "FerryBench", "FerryTransport", "FerryQMP", "FerryMetrics"], path: "IntegrationTests"),
     ]
 )

@@ -1,5 +1,6 @@
 import FerryIO
 import FerryLab
+import FerryMetrics
 import FerryMigration
 import FerryVM
 import FerryWire
@@ -15,12 +16,20 @@ struct DrainTests {
         return try? decoder.decode(DrainReport.self, from: Data(json.utf8))
     }
 
+    /// a's `/metrics`, fetched inside its namespace (the daemon listens on a's loopback).
+    static func scrape(_ lab: TestLab) -> [String: Double]? {
+        let script = "exec 3<>/dev/tcp/127.0.0.1/9470 && printf 'GET /metrics HTTP/1.0\\r\\n\\r\\n' >&3 && cat <&3"
+        guard let out = try? lab.shell("a", script), out.succeeded, out.stdout.hasPrefix("HTTP/1.1 200") else { return nil }
+        return PrometheusText.parse(out.stdout)
+    }
+
     @Test("four VMs drain from a to b and c: bad input changes nothing, the plan spreads them, a refuses a VM while draining, every VM runs healthy on one host; Ctrl-C lets the running migration finish and starts no other")
     func drainsFourVMs() throws {
         let lab = try TestLab(nics: 2, rate: "1gbit", hosts: 3)
         let (a, b, c) = (lab.a, lab.b, lab.host("c"))
         let bAddress = lab.lab.address("b", nic: 0), cAddress = lab.lab.address("c", nic: 0)
-        try lab.serve(on: "a")
+        // a's daemon serves metrics; the drain (its own process) reports to it.
+        try lab.serve(on: "a", extra: ["--metrics", "9470"])
         // Room for two of a's VMs each, so the plan must use both.
         try lab.serve(on: "b", extra: ["--max-guest-memory", "600M"])
         let names = ["d1", "d2", "d3", "d4"]
@@ -60,6 +69,16 @@ struct DrainTests {
         process.standardOutput = output
         process.standardError = output
         try process.run()
+        // Scraped twice a second while the drain runs.
+        let scrapes = Locked<[[String: Double]]>([])
+        let scraping = Locked(true)
+        let scraper = Thread {
+            while scraping.withLock({ $0 }) {
+                if let sample = Self.scrape(lab) { scrapes.withLock { $0.append(sample) } }
+                Thread.sleep(forTimeInterval: 0.5)
+            }
+        }
+        scraper.start()
         let marker = DrainMarker.path(runDirectory: lab.lab.stateDirectory("a") + "/run")
         var sawMarker = false
         for _ in 0..<100 where !sawMarker {
@@ -85,6 +104,33 @@ struct DrainTests {
 
         let report = try #require(FileManager.default.contents(atPath: reportPath).flatMap { Self.decodeReport(String(decoding: $0, as: UTF8.self)) })
         #expect(report.entries.count == 4 && report.moved == 4)
+
+        // The metrics, against the reports: four started and succeeded, the bytes each NIC
+        // sent, a throughput and a downtime per migration; and, while it ran, the drain's
+        // migrations showed as outgoing.
+        Thread.sleep(forTimeInterval: 0.5)
+        scraping.withLock { $0 = false }
+        let final = try #require(Self.scrape(lab), "a's /metrics does not answer")
+        let seen = scrapes.withLock { $0 }
+        #expect(seen.count >= 4, "scraped \(seen.count) times during the drain")
+        #expect(seen.contains { ($0[PrometheusText.key("ferry_migrations_running", ["direction": "outgoing"])] ?? 0) >= 1 },
+                "no scrape saw the drain's migrations running")
+        #expect(final[PrometheusText.key("ferry_migrations_started_total", ["role": "source"])] == 4)
+        #expect(final[PrometheusText.key("ferry_migrations_ended_total", ["role": "source", "outcome": "succeeded"])] == 4)
+        #expect(final["ferry_migration_throughput_bits_per_second_count"] == 4)
+        #expect(final["ferry_migration_downtime_seconds_count"] == 4)
+        var sent: [String: UInt64] = [:]
+        for r in report.entries.compactMap(\.report) { for (nic, bytes) in r.payloadBytesByInterface { sent[nic, default: 0] += bytes } }
+        #expect(!sent.isEmpty)
+        for (nic, bytes) in sent {
+            #expect(final[PrometheusText.key("ferry_nic_bytes_total", ["nic": nic, "direction": "sent"])] == Double(bytes),
+                    "\(nic): the reports say \(bytes) bytes sent")
+        }
+        // Counters never went back between scrapes.
+        for key in [PrometheusText.key("ferry_migrations_started_total", ["role": "source"])] + sent.keys.map({ PrometheusText.key("ferry_nic_bytes_total", ["nic": $0, "direction": "sent"]) }) {
+            let values = seen.compactMap { $0[key] } + [final[key] ?? 0]
+            #expect(zip(values, values.dropFirst()).allSatisfy { $0 <= $1 }, "\(key) went back: \(values)")
+        }
         let placed = Dictionary(uniqueKeysWithValues: report.entries.map { ($0.vm, $0.destination) })
         #expect(Set(placed.values) == ["b", "c"], "both destinations take VMs: \(placed)")
         for name in names {

@@ -78,6 +78,9 @@ public final class DestinationDataPath: @unchecked Sendable {
     /// the first chunk arrives.
     public var onComplete: (@Sendable () -> Void)?
     private var receivedPayloadBytes: UInt64 = 0
+    /// Payload bytes received per local address (the NIC a channel came in on), for metrics.
+    private var receivedByAddress: [String: UInt64] = [:]
+    private var channelAddresses: [Int: String] = [:]
     /// Where the writers waited (``DestinationWaits``).
     private var writerWaits = DestinationWaits()
     private var duplicateChunks = 0
@@ -176,7 +179,11 @@ public final class DestinationDataPath: @unchecked Sendable {
 
     /// Starts receiving on a bound data channel (and sending the reverse halves on it).
     public func addChannel(_ id: Int, connection: FrameConnection) {
-        monitor.withLock { channels[id] = connection }
+        let local = connection.socket.localAddress ?? "?"
+        monitor.withLock {
+            channels[id] = connection
+            channelAddresses[id] = local
+        }
         // Its "interface" in logs: the peer it reaches (a destination does not name its NICs per channel).
         reverse?.addChannel(id, connection: connection, interface: connection.socket.peer)
         spawn("ferry-rx-\(id)", core: id) { [self] in receiveLoop(id, connection) }
@@ -237,7 +244,7 @@ public final class DestinationDataPath: @unchecked Sendable {
                 return
             }
             do {
-                try deliver(header, bytes)
+                try deliver(header, bytes, channel: id)
             } catch let error as TransportError {
                 fail(error)
                 return
@@ -249,10 +256,11 @@ public final class DestinationDataPath: @unchecked Sendable {
     }
 
     /// Takes a chunk that came on a data channel.
-    func deliver(_ header: DataChunkHeader, _ buffer: ChunkBytes) throws {
+    func deliver(_ header: DataChunkHeader, _ buffer: ChunkBytes, channel: Int? = nil) throws {
         let size = buffer.count
         monitor.lock()
         defer { monitor.unlock() }
+        if let channel, let address = channelAddresses[channel] { receivedByAddress[address, default: 0] += UInt64(size) }
         let stream: StreamState
         if let known = streams[header.stream] {
             stream = known
@@ -514,6 +522,8 @@ public final class DestinationDataPath: @unchecked Sendable {
     /// Bytes of stream data written to QEMU so far.
     public var deliveredByteCount: UInt64 { monitor.withLock { streams.values.reduce(0) { $0 + $1.writtenBytes } } }
     public var receivedByteCount: UInt64 { monitor.withLock { receivedPayloadBytes } }
+    /// Payload bytes received per local address of the data channels (duplicates included).
+    public var receivedBytesByLocalAddress: [String: UInt64] { monitor.withLock { receivedByAddress } }
     /// Where the writers waited so far (``DestinationWaits``).
     public var waits: DestinationWaits { monitor.withLock { writerWaits } }
 

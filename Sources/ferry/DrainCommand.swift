@@ -2,6 +2,7 @@ import CFerryLinux
 import ArgumentParser
 import FerryCompress
 import FerryIO
+import FerryMetrics
 import FerryMigration
 import FerryVM
 import FerryWire
@@ -187,8 +188,11 @@ struct Drain: ParsableCommand {
             o.port = placement.port
             return o
         }
-        options.started = { _ in }
-        options.ended = { _ in }
+        // The daemon's metrics count the drain's migrations as it counts `ferry migrate`'s.
+        let metrics = MetricsReporter(paths: paths)
+        options.started = { metrics.started(vm: $0, role: .source) }
+        options.ended = { metrics.ended(report: $0, role: .source) }
+        options.migrationProgress = { metrics.progress(vm: $0, channels: $1.channels) }
         let display = DrainDisplay(enabled: !output.quiet)
         let run = DrainRun(store: store, plan: plan, options: options, logger: logger) { display.show($0) }
         let signals = DrainSignals(run: run)

@@ -3,6 +3,7 @@ import ArgumentParser
 import FerryCompress
 import FerryIO
 import FerryInterfaces
+import FerryMetrics
 import FerryMigration
 import FerryQMP
 import FerryVM
@@ -91,11 +92,15 @@ struct Migrate: ParsableCommand {
         var options = try tuning.options(host: to.host, port: to.port, keys: keys, nics: nicOptions, cpus: cpuOptions)
         options.probe = probe.flatMap(probeOptions)
         let display = ProgressDisplay(enabled: !output.quiet, jsonPath: progressFile)
-        let migration = SourceMigration(store: host.store, name: name, options: options, logger: logger) { progress in
+        let metrics = MetricsReporter(paths: host.paths)
+        let migration = SourceMigration(store: host.store, name: name, options: options, logger: logger) { [name] progress in
             display.show(progress)
+            metrics.progress(vm: name, channels: progress.channels)
         }
         let signals = StopSignals(name: name, migration: migration)
+        metrics.started(vm: name, role: .source)
         let report = migration.run()
+        metrics.ended(report: report, role: .source)
         signals.release()
         display.finish()
         try output.deliver(report)

@@ -2,6 +2,7 @@ import CFerryLinux
 import ArgumentParser
 import FerryIO
 import FerryInterfaces
+import FerryMetrics
 import FerryMigration
 import FerryVM
 import Foundation
@@ -30,6 +31,9 @@ struct Serve: ParsableCommand {
     @Option(name: .customLong("disk-dir"), help: "Where the disks copied here go, as DIR/VM/diskN.FORMAT (default: the state root's disks/).")
     var diskDirectory: String?
 
+    @Option(help: "Serve Prometheus metrics at http://[HOST:]PORT/metrics, on loopback (127.0.0.1) unless HOST is given; this host's ferry migrate processes report to the daemon (default: off, or \(MetricsAddress.environmentVariable) if set).")
+    var metrics: String?
+
     @OptionGroup var cpuOptions: CPUOptions
 
     @OptionGroup var security: SecurityOptions
@@ -41,6 +45,11 @@ struct Serve: ParsableCommand {
         if Set(listen.map(\.port)).count > 1 {
             throw ValidationError("every --listen must use the same port (data channels are told one port)")
         }
+        do {
+            _ = try MetricsAddress.resolve(flag: metrics)
+        } catch {
+            throw ValidationError(error.description)
+        }
     }
 
     func run() throws {
@@ -50,6 +59,12 @@ struct Serve: ParsableCommand {
         let logger = host.logger("ferry.serve", default: .info)
         let paths = host.paths
         try paths.ensure()
+        let served: ServeMetrics?
+        do {
+            served = try MetricsAddress.resolve(flag: metrics).map { try ServeMetrics(address: $0, store: host.store) }
+        } catch {
+            throw UserError("cannot serve metrics: \(error)")
+        }
         let server: MigrationServer
         do {
             let nics = nicOptions.selection
@@ -67,10 +82,12 @@ struct Serve: ParsableCommand {
             options.maxMigrations = maxMigrations
             options.maxGuestMemoryBytes = maxGuestMemory.map { UInt64($0.mebibytes) << 20 }
             options.diskDirectory = diskDirectory.map { URL(fileURLWithPath: $0).standardizedFileURL.path }
+            options.onIncoming = served?.onIncoming
             server = try MigrationServer(store: host.store, options: options, logger: logger)
         } catch {
             throw UserError("cannot listen: \(error)")
         }
+        served?.incoming.withLock { $0 = server }
         for line in server.reconcile() { print("ferry serve: \(line)") }
         let pidPath = pidFile ?? paths.runDirectory + "/serve.pid"
         try "\(getpid())\n".write(toFile: pidPath, atomically: true, encoding: .utf8)
@@ -78,6 +95,9 @@ struct Serve: ParsableCommand {
         signal(SIGPIPE, SIG_IGN)
         print("ferry serve: listening on \(server.options.addresses.map { ($0.contains(":") ? "[\($0)]" : $0) + ":\(server.port)" }.joined(separator: ", ")) (state in \(paths.root); "
               + (keys.map { "cluster key \($0.primary.id)" + ($0.keys.count > 1 ? " + \($0.keys.count - 1) accepted" : "") } ?? "INSECURE") + ")")
+        if let served {
+            print("ferry serve: metrics on http://\(MetricsAddress(host: served.server.address.host, port: served.server.port))/metrics")
+        }
         fflush(nil)
         server.run()
     }

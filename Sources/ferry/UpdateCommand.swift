@@ -1,5 +1,6 @@
 import ArgumentParser
 import FerryIO
+import FerryMetrics
 import FerryMigration
 import FerryVM
 import FerryWire
@@ -73,7 +74,10 @@ struct UpdateArguments: ParsableArguments {
         let update = SameHostUpdate(store: host.store, name: name, options: options, logger: host.logger("ferry.update")) { progress in
             display.show(progress)
         }
+        let metrics = MetricsReporter(paths: host.paths)
+        metrics.started(vm: name, role: .update)
         let report = update.run()
+        metrics.ended(report: report, role: .update)
         display.finish()
         try output.deliver(report)
     }

@@ -177,6 +177,37 @@ public struct MigrationReport: Codable, Sendable {
 }
 
 extension MigrationReport {
+    /// The event a data channel's failure leaves (its chunks go again on the others).
+    static func channelFailedEvent(channel: Int, interface: String, reason: String, requeuedChunks: Int) -> String {
+        "channel \(channel) on \(interface) failed (\(reason)); \(requeuedChunks) chunk(s) sent again on the others"
+    }
+
+    /// Data channels that failed during the migration, their chunks sent on the others.
+    public var channelsFailedOver: Int {
+        events.filter { $0.what.hasPrefix("channel ") && $0.what.hasSuffix(" sent again on the others") }.count
+    }
+
+    /// Data channel payload per NIC (what the report's per-NIC lines show).
+    public var payloadBytesByInterface: [String: UInt64] {
+        channels.reduce(into: [:]) { $0[$1.interface, default: 0] += $1.payloadBytes }
+    }
+
+    /// The report's compression ratio: channel payload over wire bytes (nil before the
+    /// data path started or when nothing went on the wire).
+    public var compressionRatio: Double? {
+        let payload = channels.reduce(0) { $0 + $1.payloadBytes }
+        guard compression != nil, wireBytes > 0, payload > 0 else { return nil }
+        return Double(payload) / Double(wireBytes)
+    }
+
+    /// The guest's pause at the switchover, the best figure there is: STOP to RESUME,
+    /// else Ferry's upper bound, else QEMU's own.
+    public var downtimeMilliseconds: Double? {
+        pause?.guestPauseMilliseconds ?? switchoverMilliseconds ?? qemuDowntimeMilliseconds
+    }
+}
+
+extension MigrationReport {
     /// The report as an operator reads it.
     public var text: String {
         var lines: [String] = []

@@ -1,4 +1,5 @@
 import FerryIO
+import FerryInterfaces
 import FerryQMP
 import FerryTransport
 import FerryVM
@@ -33,6 +34,16 @@ enum IncomingPhase: String, Sendable {
         .loading: [.prepared, .aborted],
         .prepared: [.committed, .aborted],
     ])
+}
+
+/// What ``MigrationServer/Options/onIncoming`` hears of an incoming migration.
+public enum IncomingMigrationNotice: Sendable, Equatable {
+    /// The offer was accepted.
+    case started(vm: String)
+    /// The session ended. `outcome` uses the report's words: succeeded (committed here),
+    /// uncertain (left prepared, waiting for the source's decision), failed-vm-on-source
+    /// (the copy here was discarded). `receivedBytesByInterface`: data channel payload per NIC.
+    case ended(vm: String, outcome: String, seconds: Double, receivedBytesByInterface: [String: UInt64])
 }
 
 /// The destination side of one migration, run by `ferry serve` on the control connection's
@@ -119,8 +130,12 @@ final class DestinationSession: @unchecked Sendable {
     var isBeforePrepared: Bool { lock.withLock { beforePrepared } }
     private var beforePrepared = true
 
+    /// When the offer was accepted (nil: it never was, as with a peer's `resolve`).
+    private var acceptedAt: ContinuousClock.Instant?
+
     /// Runs the session to its end; every failure is reported to the source and undone here.
     func run() {
+        defer { noticeEnd() }
         do {
             try handle()
         } catch {
@@ -153,6 +168,27 @@ final class DestinationSession: @unchecked Sendable {
         server.unregister(self)
         link?.close()
         control.shutdown()
+    }
+
+    /// Tells `onIncoming` how the migration ended (after the session's own cleanup).
+    private func noticeEnd() {
+        guard let acceptedAt, let notify = server.options.onIncoming, let name = vmName else { return }
+        let outcome: String
+        switch phase.current {
+        case .committed: outcome = "succeeded"
+        case .prepared where ProcessStats.isAlive(pid: qemuPID): outcome = "uncertain"
+        default: outcome = "failed-vm-on-source"
+        }
+        var perInterface: [String: UInt64] = [:]
+        if let received = dataPath?.receivedBytesByLocalAddress, !received.isEmpty {
+            let nics = InterfaceDiscovery.list(speeds: server.options.nicSpeeds)
+            for (address, bytes) in received {
+                let nic = nics.first { $0.addresses.contains { $0.address == address } }?.name ?? "unknown"
+                perInterface[nic, default: 0] += bytes
+            }
+        }
+        notify(.ended(vm: name, outcome: outcome, seconds: (ContinuousClock.now - acceptedAt).seconds,
+                      receivedBytesByInterface: perInterface))
     }
 
     /// Claims a channel number for a binding connection; false if it was bound before.
@@ -286,6 +322,8 @@ final class DestinationSession: @unchecked Sendable {
                                                     diskPaths: disks.paths.isEmpty ? nil : disks.paths))
         }
         _ = openLink(offer)
+        acceptedAt = .now
+        server.options.onIncoming?(.started(vm: offer.spec.name))
         logger.info("incoming migration accepted", metadata: ["vm": "\(offer.spec.name)", "from": "\(sourceHost)", "missingFiles": "\(missing.count)"])
         return missing
     }

@@ -61,6 +61,9 @@ public final class MigrationServer: @unchecked Sendable {
         /// VMs and those arriving); an offer past it is refused (nil: only the host's
         /// memory limits it).
         public var maxGuestMemoryBytes: UInt64?
+        /// Told when an incoming migration starts and ends (the daemon's metrics), on the
+        /// session's thread: keep it short and never blocking.
+        public var onIncoming: (@Sendable (IncomingMigrationNotice) -> Void)?
         public init(addresses: [String], port: UInt16) {
             precondition(!addresses.isEmpty)
             self.addresses = addresses
@@ -333,6 +336,9 @@ public final class MigrationServer: @unchecked Sendable {
         }
         return false
     }
+
+    /// Incoming migrations running and waiting now (`--max-migrations`), as `incoming.json` says.
+    public var incoming: IncomingMigrations { admission.snapshot }
 
     func register(_ session: DestinationSession, name: String, memoryMiB: Int) throws {
         try lock.withLock {

@@ -130,6 +130,8 @@ public final class DrainRun: @unchecked Sendable {
         /// Called as each migration starts and with each report (metrics).
         public var started: @Sendable (String) -> Void = { _ in }
         public var ended: @Sendable (MigrationReport) -> Void = { _ in }
+        /// Each migration's progress, by VM (metrics).
+        public var migrationProgress: @Sendable (String, MigrationProgress) -> Void = { _, _ in }
         public init(parallel: Int, perDestination: Int, migration: @escaping @Sendable (DrainPlan.Placement) -> MigrationOptions) {
             self.parallel = parallel
             self.perDestination = perDestination
@@ -228,7 +230,9 @@ public final class DrainRun: @unchecked Sendable {
             guard running.filter({ $0.destination == placement.host }).count < options.perDestination else { continue }
             states[i].state = .running
             let migration = SourceMigration(store: store, name: placement.vm, options: options.migration(placement), logger: logger) {
-                [weak self] p in self?.update(index: i, p)
+                [weak self, options] p in
+                self?.update(index: i, p)
+                options.migrationProgress(placement.vm, p)
             }
             migrations[placement.vm] = migration
             options.started(placement.vm)

@@ -122,7 +122,7 @@ extension SourceMigration {
     }
 
     func noteChannelFailed(_ channel: Int, _ nic: String, _ reason: String, _ requeued: Int) {
-        track.note("channel \(channel) on \(nic) failed (\(reason)); \(requeued) chunk(s) sent again on the others")
+        track.note(MigrationReport.channelFailedEvent(channel: channel, interface: nic, reason: reason, requeuedChunks: requeued))
     }
 
     /// The destination's `limit`: the smaller of it and `--bandwidth` from now on.
