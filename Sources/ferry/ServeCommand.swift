@@ -10,7 +10,7 @@ struct Serve: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Accept incoming migrations on this host (runs in the foreground; use your service manager).")
 
-    @Option(help: "An address (and port) to listen on; repeat for several, all on one port. Only NICs with such an address carry data channels. 0.0.0.0 listens everywhere (default: every address of the migration NICs --nics selects, port \(Endpoint.defaultPort)).")
+    @Option(help: "An address (and port) to listen on; repeat for several, all on one port. Only NICs with such an address carry data channels. 0.0.0.0 listens everywhere (default: $FERRY_LISTEN, comma-separated, else every address of the migration NICs --nics selects, port \(Endpoint.defaultPort)).")
     var listen: [Endpoint] = []
 
     @Option(name: .customLong("pid-file"), help: "Write the daemon's pid here (default: <state-dir>/run/serve.pid).")
@@ -18,13 +18,13 @@ struct Serve: ParsableCommand {
 
     @OptionGroup var nicOptions: NICOptions
 
-    @Option(name: .customLong("max-bandwidth"), help: "Most all incoming migrations together may use, shared equally, e.g. 2gbit (default: no limit).")
+    @Option(name: .customLong("max-bandwidth"), help: "Most all incoming migrations together may use, shared equally, e.g. 2gbit (default: $FERRY_MAX_BANDWIDTH, else no limit).")
     var maxBandwidth: Rate?
 
-    @Option(name: .customLong("max-migrations"), help: "Incoming migrations that transfer at once; more are accepted and wait in line, first come first served (default: 2).")
-    var maxMigrations = 2
+    @Option(name: .customLong("max-migrations"), help: "Incoming migrations that transfer at once; more are accepted and wait in line, first come first served (default: $FERRY_MAX_MIGRATIONS, else 2).")
+    var maxMigrations: Int?
 
-    @Option(name: .customLong("disk-dir"), help: "Where the disks copied here go, as DIR/VM/diskN.FORMAT (default: the state root's disks/).")
+    @Option(name: .customLong("disk-dir"), help: "Where the disks copied here go, as DIR/VM/diskN.FORMAT (default: $FERRY_DISK_DIR, else the state root's disks/).")
     var diskDirectory: String?
 
     @OptionGroup var cpuOptions: CPUOptions
@@ -34,10 +34,31 @@ struct Serve: ParsableCommand {
     @OptionGroup var host: HostOptions
 
     func validate() throws {
-        guard (1...64).contains(maxMigrations) else { throw ValidationError("--max-migrations must be between 1 and 64") }
+        if let maxMigrations, !(1...64).contains(maxMigrations) { throw ValidationError("--max-migrations must be between 1 and 64") }
         if Set(listen.map(\.port)).count > 1 {
             throw ValidationError("every --listen must use the same port (data channels are told one port)")
         }
+        _ = try settings()
+    }
+
+    /// The flags, else their variables (which the configuration file may have set), else
+    /// the defaults. A bad variable is an error that names it.
+    struct Settings {
+        var listen: [Endpoint]
+        var maxMigrations: Int
+        var maxBandwidth: Rate?
+        var diskDirectory: String?
+    }
+
+    func settings() throws -> Settings {
+        var listen = self.listen
+        if listen.isEmpty, let text = EnvironmentSettings.value("FERRY_LISTEN") {
+            do { listen = try EnvironmentSettings.listen(text) } catch { throw ValidationError("FERRY_LISTEN=\(text): \(error)") }
+        }
+        let environmentMax = try EnvironmentSettings.checked("FERRY_MAX_MIGRATIONS") { Int($0).flatMap { (1...64).contains($0) ? $0 : nil } }
+        return Settings(listen: listen, maxMigrations: maxMigrations ?? environmentMax ?? 2,
+                        maxBandwidth: try maxBandwidth ?? EnvironmentSettings.checked("FERRY_MAX_BANDWIDTH", Rate.init(argument:)),
+                        diskDirectory: diskDirectory ?? EnvironmentSettings.value("FERRY_DISK_DIR"))
     }
 
     func run() throws {
@@ -45,6 +66,8 @@ struct Serve: ParsableCommand {
         _ = ferry_raise_nofile_limit()
         let keys = try security.keys(for: "serve")
         let logger = host.logger("ferry.serve", default: .info)
+        let settings = try settings()
+        let listen = settings.listen
         let paths = host.paths
         try paths.ensure()
         let server: MigrationServer
@@ -58,11 +81,11 @@ struct Serve: ParsableCommand {
             var options = MigrationServer.Options(addresses: addresses, port: listen.first?.port ?? Endpoint.defaultPort)
             options.nics = nics
             options.nicSpeeds = speeds
-            options.maxBandwidthBytesPerSecond = maxBandwidth?.bytesPerSecond
+            options.maxBandwidthBytesPerSecond = settings.maxBandwidth?.bytesPerSecond
             options.keys = keys
             options.cpus = cpuOptions.set
-            options.maxMigrations = maxMigrations
-            options.diskDirectory = diskDirectory.map { URL(fileURLWithPath: $0).standardizedFileURL.path }
+            options.maxMigrations = settings.maxMigrations
+            options.diskDirectory = settings.diskDirectory.map { URL(fileURLWithPath: $0).standardizedFileURL.path }
             server = try MigrationServer(store: host.store, options: options, logger: logger)
         } catch {
             throw UserError("cannot listen: \(error)")
