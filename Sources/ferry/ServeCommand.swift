@@ -62,6 +62,16 @@ struct Serve: ParsableCommand {
     }
 
     func run() throws {
+        // SIGTERM (systemctl stop or restart, KillMode=process) and SIGINT end the daemon by
+        // their default action, at once; its QEMUs run on, and the next daemon's reconciler
+        // settles what it left. A parent that started it from a thread that blocks signals
+        // (Dispatch's workers do: a test, a supervisor in Swift) hands that mask on across
+        // exec, and a blocked SIGTERM would leave the daemon holding its port: unblock them.
+        var stopSignals = sigset_t()
+        sigemptyset(&stopSignals)
+        sigaddset(&stopSignals, SIGTERM)
+        sigaddset(&stopSignals, SIGINT)
+        pthread_sigmask(SIG_UNBLOCK, &stopSignals, nil)
         // Spliced chunks hold a pipe (two descriptors) each, a window's worth per migration.
         _ = ferry_raise_nofile_limit()
         let keys = try security.keys(for: "serve")
