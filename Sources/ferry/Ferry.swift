@@ -13,7 +13,7 @@ struct Ferry: ParsableCommand {
         abstract: "Live-migrates QEMU/KVM virtual machines over every NIC between two hosts.",
         discussion: """
             Once per cluster:   ferry keygen   (then copy /etc/ferry/cluster.key to every host)
-            On every host:      ferry serve
+            On every host:      ferry serve   (settings: /etc/ferry/ferry.conf, see `ferry config show`)
             Start a VM:         ferry vm run NAME --memory 2G --cpus 2 --kernel K --initrd I
             Move it:            ferry migrate NAME --to HOST
             Try it on one box:  ferry demo
