@@ -57,10 +57,10 @@ struct JournalLogHandler: LogHandler {
         return lines.enumerated().map { i, line in prefix + (i == 0 ? "\(label): " : "  ") + line }.joined(separator: "\n") + "\n"
     }
 
-    func log(level: Logger.Level, message: Logger.Message, metadata explicit: Logger.Metadata?, source: String,
-             file: String, function: String, line: UInt) {
-        let merged = explicit.map { metadata.merging($0) { $1 } } ?? metadata
-        let text = Self.format(level: level, label: label, message: message.description, metadata: merged)
+    func log(event: LogEvent) {
+        var merged = event.metadata.map { metadata.merging($0) { $1 } } ?? metadata
+        if let error = event.error { merged["error"] = "\(error)" }
+        let text = Self.format(level: event.level, label: label, message: event.message.description, metadata: merged)
         FileHandle.standardError.write(Data(text.utf8))
     }
 }
