@@ -269,6 +269,30 @@ public struct ConfigReading: Sendable, Equatable {
         return settings.filter { environment[$0.key.variable] == nil }
     }
 
+    /// The variable in which a Ferry process tells the Ferry processes it starts (`lab exec`,
+    /// `demo`, `bench`...) which variables its file set, as VAR=value lines: those are not
+    /// the operator's environment, and a child with a file of its own (`--config`) must read
+    /// its own, not inherit its parent's as if they were set by hand.
+    public static let appliedVariable = "FERRY_CONFIG_APPLIED"
+
+    /// The record of `settings` for ``appliedVariable``.
+    public static func appliedRecord(_ settings: [ConfigSetting]) -> String {
+        settings.map { "\($0.key.variable)=\($0.value)" }.joined(separator: "\n")
+    }
+
+    /// The variables of `environment` that a parent's file set and that still hold the
+    /// value it gave them (one set again since, by hand or by the parent, is the operator's).
+    public static func inheritedFromFile(_ environment: [String: String]) -> [String] {
+        guard let record = environment[appliedVariable] else { return [] }
+        return record.split(separator: "\n").compactMap { line in
+            let parts = line.split(separator: "=", maxSplits: 1, omittingEmptySubsequences: false)
+            guard parts.count == 2 else { return nil }
+            let variable = String(parts[0])
+            guard ConfigKey.all.contains(where: { $0.variable == variable }), environment[variable] == String(parts[1]) else { return nil }
+            return variable
+        }
+    }
+
     /// Where a value in force comes from.
     public enum Source: Sendable, Equatable {
         case environment(variable: String)

@@ -29,12 +29,19 @@ enum HostConfig {
     /// unless the environment sets them already. A file with a problem sets nothing; the
     /// commands that read host settings refuse to run (``HostOptions/validate()``).
     static func bootstrap(arguments: [String]) {
-        let environment = ProcessInfo.processInfo.environment
+        var environment = ProcessInfo.processInfo.environment
+        // What a parent Ferry process's file set is not the operator's environment.
+        for variable in ConfigReading.inheritedFromFile(environment) + [ConfigReading.appliedVariable] {
+            unsetenv(variable)
+            environment[variable] = nil
+        }
         let (path, explicit) = ConfigReading.locate(arguments: arguments, environment: environment)
         let reading = ConfigReading.load(path: path, explicit: explicit, validators: validators)
-        for setting in reading.settingsToApply(environment: environment) {
-            setenv(setting.key.variable, setting.value, 0)
+        let applied = reading.settingsToApply(environment: environment)
+        for setting in applied {
+            setenv(setting.key.variable, setting.value, 1)
         }
+        if !applied.isEmpty { setenv(ConfigReading.appliedVariable, ConfigReading.appliedRecord(applied), 1) }
         state.withLock { $0 = Loaded(reading: reading, environment: environment) }
     }
 

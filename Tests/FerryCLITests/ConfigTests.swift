@@ -102,6 +102,23 @@ struct ConfigFileTests {
         }
     }
 
+    @Test("a Ferry process started by another reads its own file, not its parent's settings as environment")
+    func childReadsItsOwnFile() throws {
+        try withFile("max-outgoing-migrations = 5\n") { _, file in
+            func source(_ environment: [String: String]) throws -> String? {
+                let run = try BinaryRun(["config", "show", "--config", file], environment: environment)
+                return run.stdout.split(separator: "\n").first { $0.hasPrefix("max-bandwidth ") }.map(String.init)
+            }
+            // The parent's file set max-bandwidth; this file does not: the default.
+            let parent = ["FERRY_MAX_BANDWIDTH": "2gbit", "FERRY_CONFIG_APPLIED": "FERRY_MAX_BANDWIDTH=2gbit"]
+            let fromParent = try source(parent)
+            #expect(fromParent?.hasSuffix(" default") == true, "\(fromParent ?? "")")
+            // Set again to another value (by hand, or by the parent for the child): the environment's.
+            let changed = try source(["FERRY_MAX_BANDWIDTH": "3gbit", "FERRY_CONFIG_APPLIED": "FERRY_MAX_BANDWIDTH=2gbit"])
+            #expect(changed?.hasSuffix("environment FERRY_MAX_BANDWIDTH") == true, "\(changed ?? "")")
+        }
+    }
+
     @Test("serve reads its variables (set by the file or the environment), and names a bad one")
     func serveVariables() throws {
         try withFile("") { directory, _ in

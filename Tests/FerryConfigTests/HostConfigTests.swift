@@ -100,6 +100,17 @@ struct HostConfigTests {
         #expect(sources.count == ConfigKey.all.count)
     }
 
+    @Test("a parent Ferry process's file is not its children's environment, unless the value changed since")
+    func inherited() {
+        let reading = ConfigReading.parse("max-migrations = 4\nnics = [\"eth1\"]\n", path: "/f")
+        let record = ConfigReading.appliedRecord(reading.settings)
+        #expect(record == "FERRY_MAX_MIGRATIONS=4\nFERRY_NICS=eth1")
+        let child = ["FERRY_CONFIG_APPLIED": record, "FERRY_MAX_MIGRATIONS": "4", "FERRY_NICS": "-ferrybr0", "FERRY_STATE_DIR": "/x"]
+        #expect(ConfigReading.inheritedFromFile(child) == ["FERRY_MAX_MIGRATIONS"])
+        #expect(ConfigReading.inheritedFromFile(["FERRY_CONFIG_APPLIED": "PATH=/bin\ngarbage", "PATH": "/bin"]).isEmpty)
+        #expect(ConfigReading.inheritedFromFile(["FERRY_MAX_MIGRATIONS": "4"]).isEmpty)
+    }
+
     @Test("which file: --config, else FERRY_CONFIG, else the default (which may be missing)")
     func locate() {
         #expect(ConfigReading.locate(arguments: ["serve", "--config", "/a"], environment: ["FERRY_CONFIG": "/b"]) == ("/a", true))
