@@ -254,7 +254,7 @@ struct TOMLParser {
         var items: [TOMLValue] = []
         while true {
             try skipBlank()
-            guard let c = current else { throw fail("the array opened at \(start) is not closed") }
+            guard let c = current else { throw fail("the array is not closed (no ']')", at: start) }
             if c == "]" {
                 advance()
                 return TOMLValue(.array(items), at: start)
@@ -266,7 +266,7 @@ struct TOMLParser {
                 continue
             }
             guard current == "]" else {
-                throw current == nil ? fail("the array opened at \(start) is not closed") : fail("expected ',' or ']' in the array")
+                throw current == nil ? fail("the array is not closed (no ']')", at: start) : fail("expected ',' or ']' in the array")
             }
         }
     }
