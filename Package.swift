@@ -19,6 +19,9 @@ let package = Package(
         .target(name: "CFerryLinux"),
         // Blocking POSIX sockets, child processes, /proc readings: the I/O edge.
         .target(name: "FerryIO", dependencies: ["CFerryLinux"]),
+        // The host configuration file (/etc/ferry/ferry.conf): a small TOML reader, the keys
+        // and the variables they stand for, precedence. Foundation only.
+        .target(name: "FerryConfig"),
         // Protocol messages and the frame codec: pure values, no sockets.
         .target(name: "FerryWire", dependencies: [
             "CFerryLinux", "CFerryAEAD",
@@ -66,7 +69,7 @@ let package = Package(
         // `ferry bench`: Ferry and its peers (QEMU alone, ECMP, MPTCP) side by side in the lab.
         .target(name: "FerryBench", dependencies: ["FerryLab", "FerryVM", "FerryQMP", "FerryIO", "FerryMigration", "FerryWire", "FerryInterfaces"]),
         .executableTarget(name: "ferry", dependencies: [
-            "FerryBench",
+            "FerryBench", "FerryConfig",
             "FerryWire", "FerryIO", "FerryQMP", "FerryTransport", "FerryVM", "FerryMigration", "FerryLab", "FerryInterfaces", "FerryCompress", "FerryMetrics", "CFerryLinux",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),
@@ -83,7 +86,8 @@ let package = Package(
         .testTarget(name: "FerryInterfacesTests", dependencies: ["FerryInterfaces"]),
         .testTarget(name: "FerryMigrationTests", dependencies: ["FerryMigration", "FerryInterfaces", "FerryWire", "FerryIO", "FerryVM", "FerryQMP", .product(name: "Logging", package: "swift-log")]),
         .testTarget(name: "FerryMetricsTests", dependencies: ["FerryMetrics", "FerryIO"]),
-        .testTarget(name: "FerryCLITests", dependencies: ["ferry", "FerryWire"]),
+        .testTarget(name: "FerryCLITests", dependencies: ["ferry", "FerryWire", "FerryConfig", .product(name: "Logging", package: "swift-log")]),
+        .testTarget(name: "FerryConfigTests", dependencies: ["FerryConfig"]),
         // Root-only suites: lab (namespaces) and end-to-end (two QEMUs, the real binary).
         .testTarget(name: "FerryIntegrationTests", dependencies: ["FerryWire", "FerryIO", "FerryVM", "FerryLab", "FerryMigration", "FerryBench", "FerryTransport", "FerryQMP", "FerryMetrics"], path: "IntegrationTests"),
     ]

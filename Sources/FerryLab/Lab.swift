@@ -62,6 +62,8 @@ public struct Lab: Sendable {
 
     public var directory: String { "/run/ferry-lab/\(name)" }
     var configPath: String { directory + "/lab.json" }
+    /// The hosts' configuration file (`FERRY_CONFIG` in `exec`).
+    public var configFile: String { directory + "/ferry.conf" }
     /// The lab's cluster key, shared by both hosts (`FERRY_KEY_FILE` in `exec`).
     public var keyPath: String { directory + "/cluster.key" }
 
@@ -171,6 +173,11 @@ public struct Lab: Sendable {
             let key = KeyRing(keys: [ClusterKey.generate()]).fileText
             guard FileManager.default.createFile(atPath: keyPath, contents: Data(key.utf8), attributes: [.posixPermissions: 0o600]) else {
                 throw LabError.setup("cannot write the lab's cluster key \(keyPath)")
+            }
+            // The lab's hosts read this (empty) configuration file, not the machine's
+            // /etc/ferry/ferry.conf, which they would otherwise all share.
+            guard FileManager.default.createFile(atPath: configFile, contents: Data("# ferry lab \(name): no host settings; ferry lab exec sets what the hosts need\n".utf8)) else {
+                throw LabError.setup("cannot write the lab's configuration file \(configFile)")
             }
             let config = plan
             let encoder = JSONEncoder()
@@ -291,7 +298,7 @@ public struct Lab: Sendable {
         // the lab's migration NICs are eth0, eth1, ... (as an operator keeps a migration
         // network apart with --nics).
         var env = ["FERRY_STATE_DIR=\(stateDirectory(host))", "FERRY_HOST_NAME=\(host)", "FERRY_LAB=\(name)",
-                   "FERRY_KEY_FILE=\(keyPath)", "FERRY_NICS=-\(Self.vmBridge)"]
+                   "FERRY_KEY_FILE=\(keyPath)", "FERRY_NICS=-\(Self.vmBridge)", "FERRY_CONFIG=\(configFile)"]
         // veth reports no link speed: tell Ferry the rate each lab NIC is limited to.
         if let config, config.rate != nil {
             let speeds = (0..<config.nics).compactMap { nic in config.rate(nic: nic).map { "\(interface(nic: nic))=\($0)" } }

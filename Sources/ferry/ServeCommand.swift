@@ -11,7 +11,7 @@ struct Serve: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Accept incoming migrations on this host (runs in the foreground; use your service manager).")
 
-    @Option(help: "An address (and port) to listen on; repeat for several, all on one port. Only NICs with such an address carry data channels. 0.0.0.0 listens everywhere (default: every address of the migration NICs --nics selects, port \(Endpoint.defaultPort)).")
+    @Option(help: "An address (and port) to listen on; repeat for several, all on one port. Only NICs with such an address carry data channels. 0.0.0.0 listens everywhere (default: $FERRY_LISTEN, comma-separated, else every address of the migration NICs --nics selects, port \(Endpoint.defaultPort)).")
     var listen: [Endpoint] = []
 
     @Option(name: .customLong("pid-file"), help: "Write the daemon's pid here (default: <state-dir>/run/serve.pid).")
@@ -19,16 +19,16 @@ struct Serve: ParsableCommand {
 
     @OptionGroup var nicOptions: NICOptions
 
-    @Option(name: .customLong("max-bandwidth"), help: "Most all incoming migrations together may use, shared equally, e.g. 2gbit (default: no limit).")
+    @Option(name: .customLong("max-bandwidth"), help: "Most all incoming migrations together may use, shared equally, e.g. 2gbit (default: $FERRY_MAX_BANDWIDTH, else no limit).")
     var maxBandwidth: Rate?
 
-    @Option(name: .customLong("max-migrations"), help: "Incoming migrations that transfer at once; more are accepted and wait in line, first come first served (default: 2).")
-    var maxMigrations = 2
+    @Option(name: .customLong("max-migrations"), help: "Incoming migrations that transfer at once; more are accepted and wait in line, first come first served (default: $FERRY_MAX_MIGRATIONS, else 2).")
+    var maxMigrations: Int?
 
-    @Option(name: .customLong("max-guest-memory"), help: "The most guest memory this host takes in all, e.g. 64G: an incoming VM past it is refused, and `ferry drain` places none here past it (default: only the host's memory limits it).")
+    @Option(name: .customLong("max-guest-memory"), help: "The most guest memory this host takes in all, e.g. 64G: an incoming VM past it is refused, and `ferry drain` places none here past it (default: $FERRY_MAX_GUEST_MEMORY, else only the host's memory limits it).")
     var maxGuestMemory: MemorySize?
 
-    @Option(name: .customLong("disk-dir"), help: "Where the disks copied here go, as DIR/VM/diskN.FORMAT (default: the state root's disks/).")
+    @Option(name: .customLong("disk-dir"), help: "Where the disks copied here go, as DIR/VM/diskN.FORMAT (default: $FERRY_DISK_DIR, else the state root's disks/).")
     var diskDirectory: String?
 
     @Option(help: "Serve Prometheus metrics at http://[HOST:]PORT/metrics, on loopback (127.0.0.1) unless HOST is given; this host's ferry migrate processes report to the daemon (default: off, or \(MetricsAddress.environmentVariable) if set).")
@@ -41,7 +41,7 @@ struct Serve: ParsableCommand {
     @OptionGroup var host: HostOptions
 
     func validate() throws {
-        guard (1...64).contains(maxMigrations) else { throw ValidationError("--max-migrations must be between 1 and 64") }
+        if let maxMigrations, !(1...64).contains(maxMigrations) { throw ValidationError("--max-migrations must be between 1 and 64") }
         if Set(listen.map(\.port)).count > 1 {
             throw ValidationError("every --listen must use the same port (data channels are told one port)")
         }
@@ -50,13 +50,48 @@ struct Serve: ParsableCommand {
         } catch {
             throw ValidationError(error.description)
         }
+        _ = try settings()
+    }
+
+    /// The flags, else their variables (which the configuration file may have set), else
+    /// the defaults. A bad variable is an error that names it.
+    struct Settings {
+        var listen: [Endpoint]
+        var maxMigrations: Int
+        var maxBandwidth: Rate?
+        var diskDirectory: String?
+        var maxGuestMemory: MemorySize?
+    }
+
+    func settings() throws -> Settings {
+        var listen = self.listen
+        if listen.isEmpty, let text = EnvironmentSettings.value("FERRY_LISTEN") {
+            do { listen = try EnvironmentSettings.listen(text) } catch { throw ValidationError("FERRY_LISTEN=\(text): \(error)") }
+        }
+        let environmentMax = try EnvironmentSettings.checked("FERRY_MAX_MIGRATIONS") { Int($0).flatMap { (1...64).contains($0) ? $0 : nil } }
+        return Settings(listen: listen, maxMigrations: maxMigrations ?? environmentMax ?? 2,
+                        maxBandwidth: try maxBandwidth ?? EnvironmentSettings.checked("FERRY_MAX_BANDWIDTH", Rate.init(argument:)),
+                        diskDirectory: diskDirectory ?? EnvironmentSettings.value("FERRY_DISK_DIR"),
+                        maxGuestMemory: try maxGuestMemory ?? EnvironmentSettings.checked("FERRY_MAX_GUEST_MEMORY", MemorySize.init(argument:)))
     }
 
     func run() throws {
+        // SIGTERM (systemctl stop or restart, KillMode=process) and SIGINT end the daemon by
+        // their default action, at once; its QEMUs run on, and the next daemon's reconciler
+        // settles what it left. A parent that started it from a thread that blocks signals
+        // (Dispatch's workers do: a test, a supervisor in Swift) hands that mask on across
+        // exec, and a blocked SIGTERM would leave the daemon holding its port: unblock them.
+        var stopSignals = sigset_t()
+        sigemptyset(&stopSignals)
+        sigaddset(&stopSignals, SIGTERM)
+        sigaddset(&stopSignals, SIGINT)
+        pthread_sigmask(SIG_UNBLOCK, &stopSignals, nil)
         // Spliced chunks hold a pipe (two descriptors) each, a window's worth per migration.
         _ = ferry_raise_nofile_limit()
         let keys = try security.keys(for: "serve")
         let logger = host.logger("ferry.serve", default: .info)
+        let settings = try settings()
+        let listen = settings.listen
         let paths = host.paths
         try paths.ensure()
         let served: ServeMetrics?
@@ -76,12 +111,12 @@ struct Serve: ParsableCommand {
             var options = MigrationServer.Options(addresses: addresses, port: listen.first?.port ?? Endpoint.defaultPort)
             options.nics = nics
             options.nicSpeeds = speeds
-            options.maxBandwidthBytesPerSecond = maxBandwidth?.bytesPerSecond
+            options.maxBandwidthBytesPerSecond = settings.maxBandwidth?.bytesPerSecond
             options.keys = keys
             options.cpus = cpuOptions.set
-            options.maxMigrations = maxMigrations
-            options.maxGuestMemoryBytes = maxGuestMemory.map { UInt64($0.mebibytes) << 20 }
-            options.diskDirectory = diskDirectory.map { URL(fileURLWithPath: $0).standardizedFileURL.path }
+            options.maxMigrations = settings.maxMigrations
+            options.maxGuestMemoryBytes = settings.maxGuestMemory.map { UInt64($0.mebibytes) << 20 }
+            options.diskDirectory = settings.diskDirectory.map { URL(fileURLWithPath: $0).standardizedFileURL.path }
             options.onIncoming = served?.onIncoming
             server = try MigrationServer(store: host.store, options: options, logger: logger)
         } catch {
