@@ -14,6 +14,7 @@ struct HostConfigTests {
         max-migrations = 4
         max-outgoing-migrations = 3
         max-bandwidth = "5gbit"
+        max-guest-memory = "64G"
         disk-dir = "/srv/disks"
         metrics = 9470
         log-level = "notice"
@@ -31,10 +32,10 @@ struct HostConfigTests {
         #expect(values == [
             "FERRY_STATE_DIR": "/srv/ferry", "FERRY_MEMORY_DIR": "/dev/hugepages", "FERRY_KEY_FILE": "/etc/ferry/cluster.key",
             "FERRY_NICS": "eth1,eth2", "FERRY_LISTEN": "10.0.0.1:7000,10.0.1.1:7000", "FERRY_MAX_MIGRATIONS": "4",
-            "FERRY_MAX_OUTGOING_MIGRATIONS": "3", "FERRY_MAX_BANDWIDTH": "5gbit", "FERRY_DISK_DIR": "/srv/disks",
+            "FERRY_MAX_OUTGOING_MIGRATIONS": "3", "FERRY_MAX_BANDWIDTH": "5gbit", "FERRY_MAX_GUEST_MEMORY": "64G", "FERRY_DISK_DIR": "/srv/disks",
             "FERRY_METRICS": "9470", "FERRY_LOG_LEVEL": "notice", "FERRY_NIC_SPEEDS": "eth1=10gbit,eth2=25gbit",
         ])
-        #expect(reading.settings.first { $0.key.name == "nic-speeds" }?.line == 14)
+        #expect(reading.settings.first { $0.key.name == "nic-speeds" }?.line == 15)
         #expect(reading.settings.first { $0.key.name == "nics" }?.line == 5)
         #expect(Set(reading.settings.map(\.key.name)) == Set(ConfigKey.all.map(\.name)), "the sample names every key")
     }
