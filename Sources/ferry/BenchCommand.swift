@@ -77,16 +77,11 @@ struct Bench: ParsableCommand {
             failed = updateFailed
         }
         if scenarios.contains(DrainBench.scenarioName) {
-            FileHandle.standardError.write(Data("== \(DrainBench.scenarioName): \(DrainBench.summary)\n".utf8))
-            let bench = DrainBench(repeats: repeats, binary: SelfPath.executable, guest: image) { line in
-                FileHandle.standardError.write(Data("\(line)\n".utf8))
-            }
-            let result = try bench.run()
-            try result.markdown.write(toFile: out + "/\(DrainBench.scenarioName).md", atomically: true, encoding: .utf8)
-            let jsonText = try Self.json(result)
-            try jsonText.write(toFile: out + "/\(DrainBench.scenarioName).json", atomically: true, encoding: .utf8)
-            printed.append(json ? jsonText : result.markdown)
-            if result.runs.contains(where: { !$0.succeeded }) { failed = true }
+            let (text, drainFailed) = try runOwnScenario(DrainBench.scenarioName, DrainBench.summary,
+                                                         run: { try DrainBench(repeats: repeats, binary: SelfPath.executable, guest: image, log: $0).run() },
+                                                         markdown: \.markdown, failed: { $0.runs.contains { !$0.succeeded } })
+            printed.append(text)
+            failed = failed || drainFailed
         }
         if !scenarios.isEmpty && scenarios.allSatisfy({ $0 == UpdateBench.scenarioName || $0 == DrainBench.scenarioName }) {
             if json && printed.count > 1 { return ("[\n" + printed.joined(separator: ",\n") + "\n]", failed) }
@@ -125,14 +120,20 @@ struct Bench: ParsableCommand {
     /// The same-host update scenario (`UpdateBench`): its own table and JSON. Returns what
     /// to print (the table, or the JSON with --json) and whether a run failed.
     func runUpdateBench(_ image: GuestImage) throws -> (text: String, failed: Bool) {
-        FileHandle.standardError.write(Data("== \(UpdateBench.scenarioName): \(UpdateBench.summary)\n".utf8))
-        let bench = UpdateBench(repeats: repeats, binary: SelfPath.executable, guest: image) { line in
-            FileHandle.standardError.write(Data("\(line)\n".utf8))
-        }
-        let result = try bench.run()
-        try result.markdown.write(toFile: out + "/\(UpdateBench.scenarioName).md", atomically: true, encoding: .utf8)
+        try runOwnScenario(UpdateBench.scenarioName, UpdateBench.summary,
+                           run: { try UpdateBench(repeats: repeats, binary: SelfPath.executable, guest: image, log: $0).run() },
+                           markdown: \.markdown, failed: { $0.runs.contains { !$0.succeeded || !$0.guestOK } })
+    }
+
+    /// A scenario outside the lab table (update, drain): runs it with its lines on stderr,
+    /// writes OUT/NAME.md and OUT/NAME.json; returns what to print and whether a run failed.
+    func runOwnScenario<R: Encodable>(_ name: String, _ summary: String, run: (@escaping @Sendable (String) -> Void) throws -> R,
+                                      markdown: (R) -> String, failed: (R) -> Bool) throws -> (text: String, failed: Bool) {
+        FileHandle.standardError.write(Data("== \(name): \(summary)\n".utf8))
+        let result = try run { line in FileHandle.standardError.write(Data("\(line)\n".utf8)) }
+        try markdown(result).write(toFile: out + "/\(name).md", atomically: true, encoding: .utf8)
         let jsonText = try Self.json(result)
-        try jsonText.write(toFile: out + "/\(UpdateBench.scenarioName).json", atomically: true, encoding: .utf8)
-        return (json ? jsonText : result.markdown, result.runs.contains(where: { !$0.succeeded || !$0.guestOK }))
+        try jsonText.write(toFile: out + "/\(name).json", atomically: true, encoding: .utf8)
+        return (json ? jsonText : markdown(result), failed(result))
     }
 }
