@@ -120,6 +120,8 @@ public struct MigrationInfo: Sendable, Equatable {
     public var totalTimeMilliseconds: Double?
     public var setupTimeMilliseconds: Double?
     public var errorDescription: String?
+    /// The vCPU throttle auto-converge has applied, percent (0: none).
+    public var cpuThrottlePercentage: Int = 0
 
     public init(status: MigrationStatus) { self.status = status }
 
@@ -141,6 +143,7 @@ public struct MigrationInfo: Sendable, Equatable {
         totalTimeMilliseconds = value["total-time"]?.double
         setupTimeMilliseconds = value["setup-time"]?.double
         errorDescription = value["error-desc"]?.string
+        cpuThrottlePercentage = value["cpu-throttle-percentage"]?.uint64.map { Int($0) } ?? 0
     }
 
     /// Bytes per second the guest dirties.

@@ -34,9 +34,16 @@ struct TuningOptions: ParsableArguments {
     @Option(help: "Give up (the VM stays here) if the migration has not reached its commit point after this long, time spent queued included (default: 10m).")
     var timeout = DurationArgument(.seconds(600))
 
+    @Option(help: "A guest that dirties its memory faster than the link carries it: auto or throttle slow its vCPUs as little as will let the migration finish (QEMU's auto-converge, steered by the rates Ferry measures); none leaves it to --timeout (default: auto).")
+    var converge: ConvergeMode = .auto
+
+    @Option(name: .customLong("max-throttle"), help: "The most --converge may slow the guest's vCPUs, percent, 1-99 (default: 99).")
+    var maxThrottle = 99
+
     func validate() throws {
         if case .count(let n) = multifd, !(0...64).contains(n) { throw ValidationError("--multifd must be auto or between 0 and 64") }
         guard (1...64).contains(channelsPerNIC) else { throw ValidationError("--channels-per-nic must be between 1 and 64") }
+        guard ConvergencePolicy.qemuRange.contains(maxThrottle) else { throw ValidationError("--max-throttle must be between 1 and 99") }
         do {
             _ = try CompressionMode(parsing: compress)
         } catch {
@@ -59,9 +66,13 @@ struct TuningOptions: ParsableArguments {
         options.timeout = timeout.duration
         options.zeroCopy = zeroCopy == .auto
         options.cpus = cpus.set
+        options.converge = converge
+        options.maxThrottlePercent = maxThrottle
         return options
     }
 }
+
+extension ConvergeMode: ExpressibleByArgument {}
 
 struct Drain: ParsableCommand {
     static let configuration = CommandConfiguration(

@@ -145,6 +145,8 @@ final class ProgressDisplay: @unchecked Sendable {
         var queueLength: Int?
         /// Limits on the guest's writes to its disks (vda: bytes per second), if any.
         var diskWriteLimits: [String: UInt64]?
+        /// The vCPU throttle QEMU applies (`--converge`), percent, when it applies one.
+        var throttlePercent: Int?
     }
 
     func show(_ p: MigrationProgress) {
@@ -157,7 +159,8 @@ final class ProgressDisplay: @unchecked Sendable {
                             streamBytes: p.streamBytes, remainingBytes: p.qemu?.remainingBytes, bitsPerSecond: p.bitsPerSecond,
                             interfaceBitsPerSecond: p.interfaceBitsPerSecond, liveChannels: p.channels.filter(\.alive).count,
                             note: p.note, queuePosition: p.queuePosition, queueLength: p.queueLength,
-                            diskWriteLimits: p.diskWriteLimits.isEmpty ? nil : p.diskWriteLimits)
+                            diskWriteLimits: p.diskWriteLimits.isEmpty ? nil : p.diskWriteLimits,
+                            throttlePercent: (p.qemu?.cpuThrottlePercentage ?? 0) > 0 ? p.qemu?.cpuThrottlePercentage : nil)
             let encoder = JSONEncoder()
             encoder.outputFormatting = [.sortedKeys]
             if let data = try? encoder.encode(line) { json.write(data + Data("\n".utf8)) }
@@ -180,6 +183,7 @@ final class ProgressDisplay: @unchecked Sendable {
             parts.append("remaining \(Format.bytes(q.remainingBytes))")
             if q.dirtyBytesPerSecond > 0 { parts.append("dirty \(Format.bytes(q.dirtyBytesPerSecond))/s") }
             if let d = q.expectedDowntimeMilliseconds, d > 0 { parts.append("exp. downtime \(Format.millis(d))") }
+            if q.cpuThrottlePercentage > 0 { parts.append("vCPUs throttled \(q.cpuThrottlePercentage)%") }
         } else if let note = p.note {
             parts.append(note)
         } else {

@@ -29,6 +29,8 @@ struct MigrationJournal {
     /// The limits in force on the guest's writes to its disks, by guest name (vda: bytes
     /// per second; each lower than the last), for progress, the report and the rollback.
     var diskWriteLimits: [String: UInt64] = [:]
+    /// The vCPU throttle over the migration (`--converge`), nil with `--converge none`.
+    var convergence: ConvergenceAccount?
 
     /// From `migrate` to QEMU's completion (to now, for a success whose QEMU finished
     /// without Ferry seeing it).

@@ -110,6 +110,8 @@ public struct MigrationReport: Codable, Sendable {
     public var guestNICs: GuestNICReport? = nil
     /// What `--probe` saw of the guest's network during the migration (nil: no probe).
     public var network: NetworkProbe.Result? = nil
+    /// How the migration was made to converge: the vCPU throttle over time (nil: `--converge none`).
+    public var convergence: ConvergenceAccount? = nil
 
     public struct GuestNICReport: Codable, Sendable, Equatable {
         /// "eth0 52:54:00:12:34:56 on ferrybr0", one per NIC.
@@ -248,6 +250,7 @@ extension MigrationReport {
             lines.append("  guest NICs     " + line)
         }
         if let network { lines.append("  network        " + network.summary) }
+        if let convergence { lines.append("  convergence    " + convergence.summary) }
         if let mode { lines.append("  mode           " + mode) }
         let copied = (disks ?? []).contains { $0.copiedBytes != nil }
         var moved = "\(Format.bytes(streamBytes)) of QEMU streams\(copied ? " and disk copies" : ""), \(Format.bytes(wireBytes)) on the wire"

@@ -47,6 +47,9 @@ public struct MigrationOptions: Sendable {
     public var probe: NetworkProbe.Options?
     /// `--cpus`: the cores the data path's threads run on (nil: the default choice).
     public var cpus: CPUSet?
+    /// `--converge` and `--max-throttle` (``ConvergencePolicy``).
+    public var converge: ConvergeMode = .auto
+    public var maxThrottlePercent = 99
 
     public init(host: String, port: UInt16) {
         self.host = host

@@ -116,7 +116,7 @@ extension SourceMigration {
         }
         track.note("QEMU started migrating (main + \(plan.multifdChannels) multifd)"
                  + (self.transport?.qemuStreamKind.map { ", into \($0)" } ?? "")
-                 + "; its downtime limit is held at 0 ms through its first pass")
+                 + "; its downtime limit is held at \(SwitchoverBudget.heldLimitMilliseconds) ms through its first pass")
     }
 
     /// QEMU's streams into the data path; returns the URI QEMU migrates to.
@@ -170,8 +170,12 @@ extension SourceMigration {
             // pause-before-switchover with disks being copied: QEMU stops the guest and waits
             // (`pre-switchover`) before it sends the device state, so that the copies can be
             // completed first (``finishDiskCopies``).
+            // auto-converge: QEMU throttles the vCPUs when a pass dirties too much, with the
+            // parameters Ferry sets from what it measures (``ConvergencePolicy``); a
+            // capability, so it can only be set before `migrate`.
             try qmp.setMigrationCapabilities([("multifd", plan.multifdChannels > 0), ("events", true), ("x-ignore-shared", false),
-                                              ("pause-before-switchover", !diskCopies.isEmpty)])
+                                              ("pause-before-switchover", !diskCopies.isEmpty),
+                                              ("auto-converge", options.converge != .none)])
             var params: [String: JSONValue] = [
                 // QEMU 7.2's default cap is 128 MiB/s. Ferry sets the pace (its window, its rate
                 // limit across all channels, the links), so QEMU is left uncapped.
@@ -181,6 +185,13 @@ extension SourceMigration {
                 "downtime-limit": .number(Double(SwitchoverBudget.heldLimitMilliseconds)),
             ]
             if plan.multifdChannels > 0 { params["multifd-channels"] = .number(Double(plan.multifdChannels)) }
+            if options.converge != .none {
+                let policy = ConvergencePolicy(ceiling: options.maxThrottlePercent)
+                params["throttle-trigger-threshold"] = .number(Double(ConvergencePolicy.triggerPercent))
+                params["max-cpu-throttle"] = .number(Double(policy.ceiling))
+                params["cpu-throttle-tailslow"] = .bool(false)
+                track.journal.convergence = ConvergenceAccount(mode: options.converge, ceilingPercent: policy.ceiling)
+            }
             try qmp.setMigrationParameters(params)
         } catch {
             throw .qemu(.command(doing: "configure QEMU's migration", error))

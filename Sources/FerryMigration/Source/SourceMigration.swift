@@ -80,6 +80,11 @@ public final class SourceMigration: @unchecked Sendable {
     /// Each copied disk's convergence, by its index in the spec (the limits it set are in
     /// the journal, `diskWriteLimits`).
     var diskConvergence: [Int: DiskConvergence] = [:]
+    /// What QEMU's throttle parameters were last set to (``steerConvergence``).
+    var steeredThrottle: (initial: Int?, increment: Int?) = (nil, nil)
+    /// QEMU's dirty syncs as seen so far, the throttle at the last poll, and the dirty rate
+    /// measured over each pass with the throttle it ran at (``steerConvergence``).
+    var throttleWatch: (sync: UInt64, throttle: Int, measurements: [ConvergencePolicy.Measurement]) = (0, 0, [])
     /// `--probe`: the guest's network as seen from here, from the claim to the report.
     var networkProbe: NetworkProbe?
 
@@ -188,6 +193,7 @@ public final class SourceMigration: @unchecked Sendable {
         r.disks = diskReports(spec: spec, succeeded: outcome == .succeeded)
         r.destinationWaits = committed?.waits
         r.pause = outcome == .succeeded ? track.journal.pause : nil
+        r.convergence = track.journal.convergence
         r.wireBytes = stats.reduce(0) { $0 + $1.wireBytes }
         r.retransmittedBytes = transport?.scheduler.retransmittedBytes ?? 0
         r.throughputBitsPerSecond = r.transferSeconds.map { Double(streamBytes) * 8 / max($0, 0.001) }

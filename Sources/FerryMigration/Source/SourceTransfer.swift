@@ -236,8 +236,53 @@ extension SourceMigration {
             let average = track.journal.migrateIssuedAt.map { Double(bytes) / max(0.001, track.elapsed - $0) } ?? 0
             try budgetSwitchover(&state, qmp: qmp, scheduler: dataPath.scheduler, sync: info.dirtySyncCount, average: average)
         }
+        if info.status == .active && track.journal.stopEventAt == nil {
+            let average = track.journal.migrateIssuedAt.map { Double(bytes) / max(0.001, track.elapsed - $0) } ?? 0
+            try steerConvergence(info, rate: state.bestRate(average: average), qmp: qmp)
+        }
         track.show(streamBytes: bytes, bitsPerSecond: sampler.bitsPerSecond, channels: stats,
                  interfaceBitsPerSecond: sampler.interfaceBitsPerSecond)
+    }
+
+    /// `--converge`: the throttle the guest needs at the rates measured now, set in QEMU's
+    /// auto-converge parameters (``ConvergencePolicy``), and the throttle QEMU applies, in
+    /// the journal. From QEMU's second pass on: its dirty rate is measured once per pass.
+    private func steerConvergence(_ info: MigrationInfo, rate: Double?, qmp: QMPClient) throws(MigrateError) {
+        guard var account = track.journal.convergence else { return }
+        defer { track.journal.convergence = account }
+        let dirty = info.dirtyBytesPerSecond
+        account.peakDirtyBytesPerSecond = max(account.peakDirtyBytesPerSecond, dirty)
+        let current = info.cpuThrottlePercentage
+        if current != (account.points.last?.throttlePercent ?? 0) {
+            account.points.append(.init(at: track.elapsed, throttlePercent: current, dirtyBytesPerSecond: dirty))
+            track.note(current > 0 ? "QEMU throttles the guest's vCPUs to \(current)% (it dirtied \(Format.bytes(dirty))/s)" : "vCPU throttle lifted")
+        }
+        // QEMU measures the dirty rate at each sync, over the pass before it, under the
+        // throttle that pass ran at: the one seen before this sync (a sync may raise it).
+        if info.dirtySyncCount > throttleWatch.sync && info.dirtySyncCount >= 2 {
+            throttleWatch.measurements.append(.init(throttlePercent: throttleWatch.throttle, dirtyBytesPerSecond: Double(dirty)))
+        }
+        throttleWatch.sync = max(throttleWatch.sync, info.dirtySyncCount)
+        throttleWatch.throttle = current
+        guard let latest = throttleWatch.measurements.last, let rate, latest.dirtyBytesPerSecond > 0 else { return }
+        let policy = ConvergencePolicy(ceiling: account.ceilingPercent)
+        let before = throttleWatch.measurements.last { $0.throttlePercent < latest.throttlePercent }
+        let needed = policy.needed(dirtyBytesPerSecond: latest.dirtyBytesPerSecond, carriedBytesPerSecond: rate,
+                                   current: latest.throttlePercent, before: before)
+        let (initial, increment) = policy.parameters(needed: needed, current: current)
+        var params: [String: JSONValue] = [:]
+        if let initial, initial != steeredThrottle.initial { params["cpu-throttle-initial"] = .number(Double(initial)) }
+        if let increment, increment != steeredThrottle.increment { params["cpu-throttle-increment"] = .number(Double(increment)) }
+        guard !params.isEmpty else { return }
+        do {
+            try qmp.setMigrationParameters(params)
+        } catch {
+            throw .qemu(.command(doing: "set QEMU's vCPU throttle", error))
+        }
+        steeredThrottle = (initial ?? steeredThrottle.initial, increment ?? steeredThrottle.increment)
+        track.note(String(format: "the guest dirties %@/s, the channels carry %@/s: throttle %@ (needs %d%%)",
+                          Format.bytes(dirty), Format.bytes(UInt64(rate)),
+                          initial.map { "starts at \($0)%" } ?? "steps by \(increment ?? 0)%", needed))
     }
 
     /// After QEMU's first pass: the late window and QEMU's downtime limit
