@@ -64,6 +64,7 @@ final class TestLab: @unchecked Sendable {
         let out = dir + "/" + lab.name
         try? fm.createDirectory(atPath: out, withIntermediateDirectories: true)
         for host in lab.hosts {
+            try? fm.copyItem(atPath: lab.stateDirectory(host) + "/serve.log", toPath: "\(out)/\(host)-serve.log")
             let vms = lab.stateDirectory(host) + "/vms"
             for vm in (try? fm.contentsOfDirectory(atPath: vms)) ?? [] {
                 try? fm.copyItem(atPath: "\(vms)/\(vm)/qemu.log", toPath: "\(out)/\(host)-\(vm)-qemu.log")

@@ -7,7 +7,8 @@ import Foundation
 import Testing
 
 /// `--converge`: a guest that dirties its memory faster than the link carries it.
-@Suite("Convergence by throttling", .serialized, .enabled(if: Env.canRunEndToEnd, "needs root, QEMU and the demo guest"))
+@Suite("Convergence by throttling", .serialized,
+       .enabled(if: Env.canRunEndToEnd && Env.runSoaks, "with the soaks (FERRY_SOAKS=1) while --converge is opt-in; needs root, QEMU and the demo guest"))
 struct ThrottleTests {
     /// One NIC at 300 Mbit/s (about 36 MiB/s) and a guest that rewrites its memory as fast
     /// as its vCPU can for half of every 100 ms (the rate it asks for is more than TCG
@@ -19,12 +20,12 @@ struct ThrottleTests {
         let lab = try TestLab(nics: 1, rate: Self.rate)
         try lab.serve(on: "b")
         _ = try lab.startDemoVM("hot", memory: 192, fill: 48, dirty: Self.dirty)
-        let (result, report) = try lab.migrate("hot", extra: ["--timeout", "120s"])
+        let (result, report) = try lab.migrate("hot", extra: ["--converge", "throttle", "--timeout", "120s"])
         #expect(result.succeeded, "\(result.stdout)\(result.stderr)")
         let r = try #require(report)
         let account = try #require(r.convergence, "the report has no convergence account")
         print("throttle: \(account.summary)\n\(r.text.split(separator: "\n").filter { $0.contains("total") || $0.contains("downtime") }.joined(separator: "\n"))")
-        #expect(account.mode == .auto)
+        #expect(account.mode == .throttle)
         #expect(account.peakThrottlePercent > 0, "the guest was never throttled: \(r.text)")
         #expect(account.peakDirtyBytesPerSecond > 18 << 20, "QEMU never saw the guest dirty more than half the link: \(account.summary)")
         try lab.expectRunningAndHealthy("hot", on: "b")

@@ -34,8 +34,8 @@ struct TuningOptions: ParsableArguments {
     @Option(help: "Give up (the VM stays here) if the migration has not reached its commit point after this long, time spent queued included (default: 10m).")
     var timeout = DurationArgument(.seconds(600))
 
-    @Option(help: "A guest that dirties its memory faster than the link carries it: auto or throttle slow its vCPUs as little as will let the migration finish (QEMU's auto-converge, steered by the rates Ferry measures); none leaves it to --timeout (default: auto).")
-    var converge: ConvergeMode = .auto
+    @Option(help: "A guest that dirties its memory faster than the link carries it: auto or throttle slow its vCPUs as little as will let the migration finish (QEMU's auto-converge, steered by the rates Ferry measures); none leaves it to --timeout (default: none for now: docs/ARCHITECTURE.md, \"Convergence\").")
+    var converge: ConvergeMode = .none
 
     @Option(name: .customLong("max-throttle"), help: "The most --converge may slow the guest's vCPUs, percent, 1-99 (default: 99).")
     var maxThrottle = 99

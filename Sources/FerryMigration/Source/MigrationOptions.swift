@@ -48,7 +48,8 @@ public struct MigrationOptions: Sendable {
     /// `--cpus`: the cores the data path's threads run on (nil: the default choice).
     public var cpus: CPUSet?
     /// `--converge` and `--max-throttle` (``ConvergencePolicy``).
-    public var converge: ConvergeMode = .auto
+    /// Off by default for now (docs/ARCHITECTURE.md, "Convergence").
+    public var converge: ConvergeMode = .none
     public var maxThrottlePercent = 99
 
     public init(host: String, port: UInt16) {

@@ -10,14 +10,18 @@ import Foundation
 /// of it must cross the link before the destination can load the VM; then come the records,
 /// two one-way trips and `cont`.
 ///
-/// So QEMU's downtime limit is held at 1 ms through its first pass: at the pass's end (which
+/// So QEMU's downtime limit is held low through its first pass: at the pass's end (which
 /// nobody can see coming: zero pages go by in a flash) the window is full, and QEMU, unable
 /// to stop with anything left, makes another pass, whose pages wait behind the window; the
 /// window drains while the guest still runs. Not 0: QEMU 7.2 syncs its dirty bitmap only
 /// when what is left falls below its threshold (bandwidth x limit), and with a limit of 0
 /// it never does, so at the first pass's end it sees nothing left and completes, syncing
 /// only then, and the pause carries everything the guest dirtied during the first pass
-/// (2.2 s for a guest dirtying 20 MiB/s over 200 Mbit/s, against 253 ms held at 1 ms). Once Ferry sees the first pass done (QEMU's second dirty sync) it
+/// (2.2 s for a guest dirtying 20 MiB/s over 200 Mbit/s, against 253 ms held at 1 ms).
+/// Held at 1 ms only with `--converge` for now (``heldLimitMilliseconds(converging:)``): at
+/// 1 ms one CI run failed `DiskTests.killedWhileCopying` under load (the destination
+/// closed every connection right after `loaded`, the VM stayed on the source), which is
+/// to be understood before every migration takes that path. Once Ferry sees the first pass done (QEMU's second dirty sync) it
 /// shrinks the window to what the link carries in ``lateWindowSeconds`` and gives QEMU the
 /// budget: the target minus the time that window and QEMU's socket buffer take to drain at
 /// the best rate the channels have carried (or the NIC pairs' speeds), minus
@@ -35,9 +39,10 @@ struct SwitchoverBudget: Equatable {
     /// QEMU never gets less than this share of the target (a link too slow for the
     /// promise still converges; the report then shows the pause it got).
     static let minimumShare = 0.1
-    /// The downtime limit QEMU has from `migrate` until its first pass is done: the least
-    /// above none. It stops only with (next to) nothing left: a guest that dirtied nothing.
-    static let heldLimitMilliseconds = 1
+    /// The downtime limit QEMU has from `migrate` until its first pass is done: with
+    /// `--converge`, the least above none, so that QEMU makes more passes (and its
+    /// auto-converge can see them); without, 0, as before session 12.
+    static func heldLimitMilliseconds(converging: Bool) -> Int { converging ? 1 : 0 }
 
     /// The budget's share QEMU gets after its dirty sync number `sync` (2: the first pass
     /// done, a quarter; then a half; from the fourth on, all of it).
