@@ -20,6 +20,8 @@ have ip || need+=(iproute2)
 have tc || need+=(iproute2)
 have ping || need+=(iputils-ping)
 have mptcpize || need+=(mptcpize)
+# systemd-analyze checks packaging/ferry.service offline (no systemd needs to run).
+have systemd-analyze || need+=(systemd)
 for p in libzstd-dev liblz4-dev liburing-dev libssl-dev; do pkg_installed "$p" || need+=("$p"); done
 
 if [ ${#need[@]} -gt 0 ]; then

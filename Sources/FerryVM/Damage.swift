@@ -34,6 +34,15 @@ public enum VMEntry: Sendable {
     case healthy(VMRecord)
     case damaged(DamagedVM)
 
+    /// Its state in a word, as `ferry status` and the metrics give it: its phase while its
+    /// QEMU lives, else `dead`; `damaged` when its files are.
+    public var stateName: String {
+        switch self {
+        case .healthy(let record): record.alive ? record.state.phase.rawValue : "dead"
+        case .damaged: "damaged"
+        }
+    }
+
     public var name: String {
         switch self {
         case .healthy(let record): record.spec.name

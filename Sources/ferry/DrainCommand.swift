@@ -209,7 +209,6 @@ struct Drain: ParsableCommand {
         let signals = DrainSignals(run: run)
         let report = run.run()
         signals.release()
-        display.finish()
         if let file = output.reportFile { try report.json.write(toFile: file, atomically: true, encoding: .utf8) }
         print(output.json ? report.json : report.text)
         if report.exitStatus != 0 { throw ExitCode(report.exitStatus) }
@@ -304,6 +303,4 @@ final class DrainDisplay: @unchecked Sendable {
         }
         return line
     }
-
-    func finish() {}
 }

@@ -60,12 +60,7 @@ final class ServeMetrics: Sendable {
             let outgoing = OutgoingSlot.snapshot(runDirectory: paths.runDirectory)
             snapshot.outgoingRunning = outgoing.holders.count
             snapshot.outgoingQueued = outgoing.waiting.count
-            for entry in store.entries() {
-                switch entry {
-                case .healthy(let r): snapshot.vmsByPhase[r.alive ? r.state.phase.rawValue : "dead", default: 0] += 1
-                case .damaged: snapshot.vmsByPhase["damaged", default: 0] += 1
-                }
-            }
+            for entry in store.entries() { snapshot.vmsByPhase[entry.stateName, default: 0] += 1 }
             return snapshot
         }
         self.metrics = metrics

@@ -220,8 +220,8 @@ struct Status: ParsableCommand {
             + outgoing.waiting.enumerated().map { Snapshot.Migration(vm: $0.element.vm, peer: "pid \($0.element.pid)", state: "queued", since: $0.element.since, position: $0.offset + 1) }
         let vms = host.store.entries().map { entry -> Snapshot.VM in
             switch entry {
-            case .healthy(let r): Snapshot.VM(name: r.spec.name, state: r.alive ? r.state.phase.rawValue : "dead", memoryMiB: r.spec.memoryMiB)
-            case .damaged(let d): Snapshot.VM(name: d.name, state: "damaged", problem: d.problems.joined(separator: "; "))
+            case .healthy(let r): Snapshot.VM(name: entry.name, state: entry.stateName, memoryMiB: r.spec.memoryMiB)
+            case .damaged(let d): Snapshot.VM(name: entry.name, state: entry.stateName, problem: d.problems.joined(separator: "; "))
             }
         }
         return Snapshot(host: HostInfo.hostname, stateDirectory: paths.root, accelerator: HostInfo.hasHardwareVirtualization ? "kvm" : "tcg",

@@ -13,8 +13,13 @@ extension MigrationServer {
     /// Guest memory of the VMs here (running or paused, and those arriving), bytes;
     /// `excluding` one (an offer of that name replaces what a dead copy held).
     func guestMemoryBytes(excluding: String? = nil) -> UInt64 {
+        guestMemoryBytes(store.entries(), excluding: excluding)
+    }
+
+    /// The same, of entries already read.
+    private func guestMemoryBytes(_ entries: [VMEntry], excluding: String? = nil) -> UInt64 {
         var byName: [String: Int] = [:]
-        for entry in store.entries() {
+        for entry in entries {
             if case .healthy(let record) = entry, record.alive { byName[record.spec.name] = record.spec.memoryMiB }
         }
         for (name, mib) in arrivingMiB { byName[name] = mib }
@@ -24,20 +29,15 @@ extension MigrationServer {
 
     /// This host now: room, load, migrations, NICs, and whether it is draining.
     func hostInfo() -> HostInfoMessage {
-        let used = guestMemoryBytes()
+        let entries = store.entries()
+        let used = guestMemoryBytes(entries)
         let physical = UInt64(ProcessInfo.processInfo.physicalMemory)
         let reserve = Self.hostReserveBytes(physical: physical)
         let available = VMStore.hostAvailableMemoryByteCount()
         var free = available > reserve ? available - reserve : 0
         if let room = try? store.memoryRoom(for: "") { free = min(free, room.availableByteCount) }
         if let limit = options.maxGuestMemoryBytes { free = min(free, limit > used ? limit - used : 0) }
-        var vms = Set(arrivingMiB.keys)
-        for entry in store.entries() {
-            switch entry {
-            case .healthy(let record): vms.insert(record.spec.name)
-            case .damaged(let vm): vms.insert(vm.name)
-            }
-        }
+        let vms = Set(arrivingMiB.keys).union(entries.map(\.name))
         let load = (try? String(contentsOfFile: "/proc/loadavg", encoding: .utf8))?
             .split(separator: " ").first.flatMap { Double($0) } ?? 0
         let queue = admission.snapshot

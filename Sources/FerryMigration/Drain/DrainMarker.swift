@@ -21,12 +21,17 @@ public struct DrainMarker: Codable, Sendable, Equatable {
 
     public static func path(runDirectory: String) -> String { runDirectory + "/draining.json" }
 
-    /// The drain in progress on this host, if its process lives.
-    public static func current(runDirectory: String) -> DrainMarker? {
+    /// The marker in the file, whoever wrote it and whether it lives.
+    private static func read(runDirectory: String) -> DrainMarker? {
         guard let data = FileManager.default.contents(atPath: path(runDirectory: runDirectory)) else { return nil }
         let decoder = JSONDecoder()
         decoder.dateDecodingStrategy = .iso8601
-        guard let marker = try? decoder.decode(DrainMarker.self, from: data), marker.pid > 0,
+        return try? decoder.decode(DrainMarker.self, from: data)
+    }
+
+    /// The drain in progress on this host, if its process lives.
+    public static func current(runDirectory: String) -> DrainMarker? {
+        guard let marker = read(runDirectory: runDirectory), marker.pid > 0,
               ProcessStats.isAlive(pid: marker.pid), ProcessStats.commandLine(pid: marker.pid)?.contains("drain") == true
         else { return nil }
         return marker
@@ -46,12 +51,8 @@ public struct DrainMarker: Codable, Sendable, Equatable {
 
     /// Removes the marker if it is this process's.
     public static func remove(runDirectory: String) {
-        let file = path(runDirectory: runDirectory)
-        let decoder = JSONDecoder()
-        decoder.dateDecodingStrategy = .iso8601
-        if let data = FileManager.default.contents(atPath: file), let marker = try? decoder.decode(DrainMarker.self, from: data),
-           marker.pid == getpid() {
-            try? FileManager.default.removeItem(atPath: file)
+        if read(runDirectory: runDirectory)?.pid == getpid() {
+            try? FileManager.default.removeItem(atPath: path(runDirectory: runDirectory))
         }
     }
 }

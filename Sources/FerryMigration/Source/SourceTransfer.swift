@@ -231,13 +231,13 @@ extension SourceMigration {
             dataPath.scheduler.setWindow(byteCount: window)
             track.note("QEMU's first pass is nearly done (\(Format.bytes(info.remainingBytes)) left): window shrunk to \(Format.bytes(UInt64(window)))")
         }
-        // Once QEMU's first pass is done, before its STOP (after it, the final pass has begun).
-        if info.status == .active && info.dirtySyncCount >= 2 && track.journal.stopEventAt == nil {
-            let average = track.journal.migrateIssuedAt.map { Double(bytes) / max(0.001, track.elapsed - $0) } ?? 0
-            try budgetSwitchover(&state, qmp: qmp, scheduler: dataPath.scheduler, sync: info.dirtySyncCount, average: average)
-        }
+        // Before QEMU's STOP (after it, the final pass has begun): the switchover budget once
+        // its first pass is done, and the throttle.
         if info.status == .active && track.journal.stopEventAt == nil {
             let average = track.journal.migrateIssuedAt.map { Double(bytes) / max(0.001, track.elapsed - $0) } ?? 0
+            if info.dirtySyncCount >= 2 {
+                try budgetSwitchover(&state, qmp: qmp, scheduler: dataPath.scheduler, sync: info.dirtySyncCount, average: average)
+            }
             try steerConvergence(info, rate: state.bestRate(average: average), qmp: qmp)
         }
         track.show(streamBytes: bytes, bitsPerSecond: sampler.bitsPerSecond, channels: stats,
