@@ -302,3 +302,23 @@ int ferry_pidfd_getfd(int pid, int fd) {
     close(pidfd);
     return copy < 0 ? -e : copy;
 }
+
+int ferry_userfaultfd_check(void) {
+#ifdef SYS_userfaultfd
+    int fd = (int)syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK);
+    if (fd >= 0) {
+        close(fd);
+        return 0;
+    }
+    int err = errno;
+#else
+    int err = ENOSYS;
+#endif
+    /* Linux 6.1 on: the device, for processes the sysctl keeps from the syscall. */
+    int dev = open("/dev/userfaultfd", O_RDWR | O_CLOEXEC);
+    if (dev >= 0) {
+        close(dev);
+        return 0;
+    }
+    return -err;
+}

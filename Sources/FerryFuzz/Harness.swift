@@ -140,6 +140,7 @@ enum FrameFuzzing {
         case .resolved: _ = json(ResolvedMessage.self, frame)
         case .hostQuery: _ = json(HostQueryMessage.self, frame)
         case .hostInfo: _ = json(HostInfoMessage.self, frame)
+        case .postcopyDone: _ = json(PostcopyDoneMessage.self, frame)
         case .rejoin:
             if let rejoin = json(RejoinMessage.self, frame) {
                 rejoinProof(rejoin.proof, session: rejoin.session, generation: rejoin.generation, received: rejoin.received, role: .rejoin)

@@ -255,6 +255,18 @@ public enum HostInfo {
         let words = Set(flags.split(separator: " "))
         return (words.contains("vmx") || words.contains("svm")) && access("/dev/kvm", R_OK | W_OK) == 0
     }
+
+    /// Why a QEMU started here could not be a postcopy destination (it needs a
+    /// userfaultfd), or nil if it can. `FERRY_TEST_NO_USERFAULTFD` makes the answer a refusal,
+    /// for the tests of that refusal on hosts that have one.
+    public static var postcopyProblem: String? {
+        if ProcessInfo.processInfo.environment["FERRY_TEST_NO_USERFAULTFD"] == "1" {
+            return "userfaultfd is not available (FERRY_TEST_NO_USERFAULTFD)"
+        }
+        let result = ferry_userfaultfd_check()
+        guard result != 0 else { return nil }
+        return "userfaultfd is not available (\(errnoDescription(-result))); see vm.unprivileged_userfaultfd and /dev/userfaultfd"
+    }
 }
 
 /// This process's limit on open descriptors (RLIMIT_NOFILE, the soft one), for sizing

@@ -122,6 +122,9 @@ public struct MigrationInfo: Sendable, Equatable {
     public var errorDescription: String?
     /// The vCPU throttle auto-converge has applied, percent (0: none).
     public var cpuThrottlePercentage: Int = 0
+    /// A postcopy destination's `postcopy-blocktime` (capability of that name): how long
+    /// vCPUs waited on missing pages, in total, milliseconds.
+    public var postcopyBlocktimeMilliseconds: Double?
 
     public init(status: MigrationStatus) { self.status = status }
 
@@ -144,6 +147,7 @@ public struct MigrationInfo: Sendable, Equatable {
         setupTimeMilliseconds = value["setup-time"]?.double
         errorDescription = value["error-desc"]?.string
         cpuThrottlePercentage = value["cpu-throttle-percentage"]?.uint64.map { Int($0) } ?? 0
+        postcopyBlocktimeMilliseconds = value["postcopy-blocktime"]?.double
     }
 
     /// Bytes per second the guest dirties.

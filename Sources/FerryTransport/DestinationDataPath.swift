@@ -102,18 +102,30 @@ public final class DestinationDataPath: @unchecked Sendable {
     /// The sending half for the reverse halves of two-way streams (nil: one-way only, as
     /// with a peer older than ``ProtocolVersion/twoWayStreams``).
     public let reverse: SourceDataPath?
+    /// QEMU's migration streams are two-way and connected in order without waiting for
+    /// their first bytes (postcopy; see the convenience initializer).
+    private let eagerMigrationStreams: Bool
+    /// Called with each migration stream's reverse half as it starts being read (postcopy's
+    /// return path), before its first bytes can be sent.
+    public var onMigrationReverse: (@Sendable (UInt32, Socket) -> Void)?
 
     /// `twoWay`: this destination's session may open two-way streams (protocol 3 on).
-    public convenience init(streamCount: Int, twoWay: Bool = false, cpus: CPUSet? = nil, logger: Logger, connector: @escaping Connector,
-                            onFailure: @escaping @Sendable (TransportError) -> Void) {
-        let reverse = twoWay ? SourceDataPath(scheduler: SendScheduler(windowByteCount: ChunkPolicy.reverseWindowByteCount),
-                                              acknowledgedByPeer: false, logger: logger, onEvent: { _ in }) : nil
-        self.init(streamCount: streamCount, acceptsUnopened: twoWay, reverse: reverse, cpus: cpus, logger: logger,
-                  connector: connector, onFailure: onFailure)
+    /// `twoWayMigrationStreams` (postcopy): QEMU's migration streams carry bytes back too
+    /// (the main stream QEMU's return path, its page requests first of all), so each is
+    /// connected as soon as the one before it is, without waiting for its first bytes (the
+    /// preempt channel sends none until postcopy begins, and QEMU 7.2 waits for it before
+    /// it reads the main stream), and what QEMU writes into it goes back to the source.
+    public convenience init(streamCount: Int, twoWay: Bool = false, twoWayMigrationStreams: Bool = false, cpus: CPUSet? = nil,
+                            logger: Logger, connector: @escaping Connector, onFailure: @escaping @Sendable (TransportError) -> Void) {
+        let reverse = twoWay || twoWayMigrationStreams
+            ? SourceDataPath(scheduler: SendScheduler(windowByteCount: ChunkPolicy.reverseWindowByteCount),
+                             acknowledgedByPeer: false, logger: logger, onEvent: { _ in }) : nil
+        self.init(streamCount: streamCount, acceptsUnopened: twoWay, reverse: reverse, twoWayMigrationStreams: twoWayMigrationStreams,
+                  cpus: cpus, logger: logger, connector: connector, onFailure: onFailure)
     }
 
-    init(streamCount: Int, acceptsUnopened: Bool, reverse: SourceDataPath?, cpus: CPUSet?, logger: Logger,
-         connector: @escaping Connector, onFailure: @escaping @Sendable (TransportError) -> Void) {
+    init(streamCount: Int, acceptsUnopened: Bool, reverse: SourceDataPath?, twoWayMigrationStreams: Bool = false, cpus: CPUSet?,
+         logger: Logger, connector: @escaping Connector, onFailure: @escaping @Sendable (TransportError) -> Void) {
         self.cpus = cpus
         self.streamCount = streamCount
         self.connector = connector
@@ -121,11 +133,14 @@ public final class DestinationDataPath: @unchecked Sendable {
         self.reverse = reverse
         self.logger = logger
         self.onFailure = onFailure
+        self.eagerMigrationStreams = twoWayMigrationStreams && reverse != nil
         let monitor = self.monitor
         self.ackNeeded = monitor.makeCondition()
         self.progress = monitor.makeCondition()
         for i in 0..<streamCount {
-            streams[UInt32(i)] = StreamState(ready: monitor.makeCondition())
+            let state = StreamState(ready: monitor.makeCondition())
+            state.twoWay = eagerMigrationStreams
+            streams[UInt32(i)] = state
             spawn("ferry-wr-\(i)", core: i) { [self] in writeLoop(UInt32(i)) }
         }
         spawn("ferry-acks") { [self] in ackLoop() }
@@ -318,6 +333,11 @@ public final class DestinationDataPath: @unchecked Sendable {
         // when both have let go of it.
         var socket: Socket? = monitor.withLock { streams[id]!.socket }
         defer { if !twoWay { socket?.close() } }
+        if eagerMigrationStreams && index < streamCount && socket == nil {
+            // Postcopy: connected in order as soon as the stream before is, and read back.
+            guard let connected = connectEagerly(id) else { return }
+            socket = connected
+        }
         while true {
             monitor.lock()
             // Wait for: our turn to connect and our first bytes, or the next chunk, or the end.
@@ -421,6 +441,36 @@ public final class DestinationDataPath: @unchecked Sendable {
                 }
             }
         }
+    }
+
+    /// Connects migration stream `id` once the one before it is connected, and starts
+    /// sending what QEMU writes back into it (its reverse half; the main stream's, QEMU's
+    /// return path, ahead of everything else). nil if the path failed or stopped meanwhile.
+    private func connectEagerly(_ id: UInt32) -> Socket? {
+        let index = Int(id)
+        monitor.lock()
+        while failure == nil && !stopped && index > 0 && !streams[id - 1]!.connected { streams[id]!.ready.wait() }
+        let go = failure == nil && !stopped
+        monitor.unlock()
+        guard go, let reverse else { return nil }
+        let socket: Socket
+        do {
+            socket = try connector(id)
+        } catch {
+            fail(.aborted("cannot connect stream \(id) to the destination QEMU: \(error)"))
+            return nil
+        }
+        let half = StreamID.reverse(id)
+        if id == 0 { reverse.scheduler.setHighPriority(stream: half) }
+        onMigrationReverse?(id, socket)
+        reverse.addStream(half, socket: socket, twoWay: true)
+        monitor.withLock {
+            let s = streams[id]!
+            s.connected = true
+            s.socket = socket
+            if index + 1 < streamCount { streams[id + 1]!.ready.signal() }
+        }
+        return socket
     }
 
     // MARK: Acknowledgements

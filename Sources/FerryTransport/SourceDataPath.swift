@@ -335,6 +335,18 @@ public final class SourceDataPath: @unchecked Sendable {
         addStream(stream, socket: socket, twoWay: true)
     }
 
+    /// One of QEMU's migration streams that carries bytes both ways (postcopy: the main
+    /// stream brings the destination's page requests back, QEMU's return path): what comes
+    /// back is written to `socket`, and what QEMU writes is read from it. `priority` 1: its
+    /// chunks go ahead of every other stream's (the preempt channel's requested pages).
+    public func addTwoWayMigrationStream(_ id: UInt32, socket: Socket, priority: UInt8 = 0) throws(TransportError) {
+        guard let reverse else { throw .aborted("two-way streams need protocol \(ProtocolVersion.twoWayStreams) on both hosts") }
+        guard !StreamID.isTwoWay(id) && !StreamID.isReverse(id) else { throw .aborted("stream \(id) is not one of QEMU's migration streams") }
+        if priority > 0 { scheduler.setHighPriority(stream: id) }
+        try reverse.openHalf(StreamID.reverse(id), socket: socket)
+        addStream(id, socket: socket, twoWay: true)
+    }
+
     private func readLoop(_ id: UInt32, _ socket: Socket, twoWay: Bool) {
         var sequence: UInt64 = 0
         var offset: UInt64 = 0

@@ -33,8 +33,14 @@ public struct HandoverRecord: Codable, Sendable, Equatable {
     public var peerHost: String
     public var peerPort: UInt16
     public var at: Date
+    /// A commit into postcopy: the VM runs at the destination while pages still come from
+    /// the source QEMU, so both halves are needed until the migration completes. The source
+    /// QEMU must neither run again nor be stopped until then.
+    public var postcopy: Bool?
 
-    public init(session: String, role: Role, decision: Decision, peerHost: String, peerPort: UInt16, at: Date = Date()) {
+    public init(session: String, role: Role, decision: Decision, peerHost: String, peerPort: UInt16, at: Date = Date(),
+                postcopy: Bool = false) {
+        self.postcopy = postcopy ? true : nil
         self.session = session
         self.role = role
         self.decision = decision

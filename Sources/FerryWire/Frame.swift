@@ -134,6 +134,9 @@ public enum FrameType: UInt8, Sendable, CaseIterable {
     case hostQuery = 26
     /// Protocol v5. Destination: the answer to `hostQuery` (``HostInfoMessage``).
     case hostInfo = 27
+    /// Protocol v6. Destination, after a postcopy commit: every page is here
+    /// (``PostcopyDoneMessage``).
+    case postcopyDone = 28
 }
 
 /// Frame flags. Bits not defined here must be zero; a receiver refuses unknown bits.

@@ -5,7 +5,7 @@ import Foundation
 /// picks the highest version both speak. Policy: a release accepts the current and the
 /// previous protocol version (see docs/PROTOCOL.md, "Versioning").
 public enum ProtocolVersion {
-    public static let current: UInt16 = 5
+    public static let current: UInt16 = 6
     public static let oldestSupported: UInt16 = 1
     /// The first version whose control connection can move to another connection
     /// (`rejoin`, `rejoined`, `received`; docs/PROTOCOL.md, "The control connection moves").
@@ -21,6 +21,11 @@ public enum ProtocolVersion {
     /// for, its load, its NICs, whether it is draining): `ferry drain` needs it to place
     /// VMs and refuses a destination that chose an older version.
     public static let hostQueries: UInt16 = 5
+    /// The first version that carries postcopy: ``StreamPlan/postcopy`` (QEMU's main
+    /// stream and its preempt channel, both two-way), `loaded` with ``LoadedMessage/postcopy``
+    /// and `postcopyDone`. A migration that may switch to postcopy refuses (or, under
+    /// `--converge auto`, goes without postcopy with) a peer that chose an older version.
+    public static let postcopy: UInt16 = 6
 
     /// The highest version this process offers: ``current``, or lower for tests of mixed
     /// clusters (`FERRY_PROTOCOL_MAX`, never above ``current``).
@@ -294,9 +299,23 @@ public struct ErrorMessage: Codable, Equatable, Sendable, Error, CustomStringCon
 public struct StreamPlan: Codable, Equatable, Sendable {
     /// Number of multifd channels (0: multifd off, one main stream only).
     public var multifdChannels: Int
-    public init(multifdChannels: Int) { self.multifdChannels = multifdChannels }
-    /// Streams QEMU opens: the main channel plus one per multifd channel.
-    public var streamCount: Int { 1 + multifdChannels }
+    /// Protocol v6: QEMU's postcopy is on in both QEMUs (`postcopy-ram` and
+    /// `postcopy-preempt`), so the migration may switch to it. Its streams are the main
+    /// channel, which carries the destination's page requests back (QEMU's return path), and
+    /// the preempt channel, which carries the requested pages ahead of the rest: both
+    /// two-way, connected at the destination in that order as soon as they open. Multifd is
+    /// off (QEMU 7.2 cannot combine the two).
+    public var postcopy: Bool?
+    public init(multifdChannels: Int, postcopy: Bool = false) {
+        self.multifdChannels = postcopy ? 0 : multifdChannels
+        self.postcopy = postcopy ? true : nil
+    }
+    public var isPostcopy: Bool { postcopy == true }
+    /// Streams QEMU opens: the main channel plus one per multifd channel, or the main
+    /// channel and the preempt channel.
+    public var streamCount: Int { isPostcopy ? 2 : 1 + multifdChannels }
+    /// The preempt channel's stream number.
+    public static let preemptStream: UInt32 = 1
 }
 
 public struct OfferMessage: Codable, Equatable, Sendable {
@@ -573,7 +592,36 @@ public struct StreamEndMessage: Codable, Equatable, Sendable {
 
 public struct LoadedMessage: Codable, Equatable, Sendable {
     public var receivedByteCount: UInt64
-    public init(receivedByteCount: UInt64) { self.receivedByteCount = receivedByteCount }
+    /// Protocol v6: the destination QEMU holds the device state and waits paused in
+    /// postcopy; the rest of the memory comes after the commit, while the VM runs here.
+    public var postcopy: Bool?
+    public init(receivedByteCount: UInt64, postcopy: Bool = false) {
+        self.receivedByteCount = receivedByteCount
+        self.postcopy = postcopy ? true : nil
+    }
+}
+
+/// Protocol v6, destination to source, after a postcopy migration's commit: the
+/// destination QEMU has every page, and what the guest waited for them.
+public struct PostcopyDoneMessage: Codable, Equatable, Sendable {
+    /// QEMU's own account (`postcopy-blocktime`): how long vCPUs waited on missing pages, in
+    /// total, milliseconds.
+    public var blocktimeMilliseconds: Double?
+    /// Page requests Ferry saw cross from the destination QEMU to the source QEMU, and
+    /// how long each waited for its page (from the request leaving the destination QEMU
+    /// to its page going into it), milliseconds.
+    public var requests: UInt64
+    public var latencyP50Milliseconds: Double?
+    public var latencyP99Milliseconds: Double?
+    public var latencyMaxMilliseconds: Double?
+    public init(blocktimeMilliseconds: Double?, requests: UInt64, latencyP50Milliseconds: Double?,
+                latencyP99Milliseconds: Double?, latencyMaxMilliseconds: Double?) {
+        self.blocktimeMilliseconds = blocktimeMilliseconds
+        self.requests = requests
+        self.latencyP50Milliseconds = latencyP50Milliseconds
+        self.latencyP99Milliseconds = latencyP99Milliseconds
+        self.latencyMaxMilliseconds = latencyMaxMilliseconds
+    }
 }
 
 public struct CommitMessage: Codable, Equatable, Sendable {

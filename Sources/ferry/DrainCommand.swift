@@ -34,8 +34,11 @@ struct TuningOptions: ParsableArguments {
     @Option(help: "Give up (the VM stays here) if the migration has not reached its commit point after this long, time spent queued included (default: 10m).")
     var timeout = DurationArgument(.seconds(600))
 
-    @Option(help: "A guest that dirties its memory faster than the link carries it: auto or throttle slow its vCPUs as little as will let the migration finish (QEMU's auto-converge, steered by the rates Ferry measures); none leaves it to --timeout (default: none for now: docs/ARCHITECTURE.md, \"Convergence\").")
+    @Option(help: "A guest that dirties its memory faster than the link carries it: throttle slows its vCPUs as little as will let the migration finish (QEMU's auto-converge, steered by the rates Ferry measures); postcopy runs it at the destination once QEMU's first pass is done (needs --postcopy allowed); auto throttles, and turns to postcopy where allowed when the throttle cannot finish in time; none leaves it to --timeout (default: none for now: docs/ARCHITECTURE.md, \"Convergence\").")
     var converge: ConvergeMode = .none
+
+    @Option(help: "never, or allowed: the migration may switch to postcopy, where the VM runs at the destination before all its memory is there; until it completes both hosts are needed, and a crash of either QEMU or either host loses the VM (default: never).")
+    var postcopy: PostcopyPolicy = .never
 
     @Option(name: .customLong("max-throttle"), help: "The most --converge may slow the guest's vCPUs, percent, 1-99 (default: 99).")
     var maxThrottle = 99
@@ -44,6 +47,9 @@ struct TuningOptions: ParsableArguments {
         if case .count(let n) = multifd, !(0...64).contains(n) { throw ValidationError("--multifd must be auto or between 0 and 64") }
         guard (1...64).contains(channelsPerNIC) else { throw ValidationError("--channels-per-nic must be between 1 and 64") }
         guard ConvergencePolicy.qemuRange.contains(maxThrottle) else { throw ValidationError("--max-throttle must be between 1 and 99") }
+        if converge == .postcopy && postcopy != .allowed {
+            throw ValidationError("--converge postcopy needs --postcopy allowed: in postcopy the VM needs both hosts until the migration completes")
+        }
         do {
             _ = try CompressionMode(parsing: compress)
         } catch {
@@ -68,11 +74,13 @@ struct TuningOptions: ParsableArguments {
         options.cpus = cpus.set
         options.converge = converge
         options.maxThrottlePercent = maxThrottle
+        options.postcopy = postcopy
         return options
     }
 }
 
 extension ConvergeMode: ExpressibleByArgument {}
+extension PostcopyPolicy: ExpressibleByArgument {}
 
 struct Drain: ParsableCommand {
     static let configuration = CommandConfiguration(

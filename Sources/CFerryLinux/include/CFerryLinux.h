@@ -90,4 +90,9 @@ int ferry_bridge_attach(const char *bridge, const char *ifname, int attach);
 /// descriptor, or -errno.
 int ferry_pidfd_getfd(int pid, int fd);
 
+/// Whether this process may create a userfaultfd (userfaultfd(2), or /dev/userfaultfd
+/// where the syscall is refused), as a destination QEMU in postcopy must: 0, or -errno of
+/// the last attempt.
+int ferry_userfaultfd_check(void);
+
 #endif

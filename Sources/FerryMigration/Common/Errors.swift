@@ -122,6 +122,8 @@ public enum MigrateError: Error, CustomStringConvertible, Sendable {
     case disks(String)
     /// The VM's NICs cannot go to the destination (a peer too old to carry them).
     case nics(String)
+    /// `--converge postcopy` cannot be had (a peer too old, disks being copied).
+    case postcopy(String)
     /// `--cancel`, Ctrl-C, SIGTERM or `--timeout`, granted before the commit point.
     case stopped(StopRequest)
     case illegal(IllegalTransition)
@@ -148,7 +150,7 @@ public enum MigrateError: Error, CustomStringConvertible, Sendable {
         case .noChannels(let errors): return "no data channel could be opened: \(errors.joined(separator: "; "))"
         case .streamHandOff(let s): return s
         case .dataPath(let e): return "data path: \(e)"
-        case .disks(let s), .nics(let s): return s
+        case .disks(let s), .nics(let s), .postcopy(let s): return s
         case .stopped(let stop): return stop.message
         case .illegal(let e): return e.description
         case .commitNotRecorded(let e): return "cannot record the commit decision: \(e)"

@@ -13,6 +13,9 @@ public enum MigrationPhase: String, Codable, Sendable, CaseIterable {
     case transferring
     case switchover
     case committing
+    /// Committed into postcopy: the VM runs at the destination while the source QEMU sends
+    /// the pages it has not yet; both halves are needed until it completes.
+    case postcopy
     case done
 }
 
@@ -42,7 +45,8 @@ extension PhaseGraph where Phase == MigrationPhase {
         .copyingDisks: [.transferring],
         .transferring: [.switchover, .committing],
         .switchover: [.committing],
-        .committing: [.done],
+        .committing: [.postcopy, .done],
+        .postcopy: [.done],
     ]) }
 
     /// A same-host update: a new QEMU, device state only, then `cont` in the new one.

@@ -112,6 +112,8 @@ public struct MigrationReport: Codable, Sendable {
     public var network: NetworkProbe.Result? = nil
     /// How the migration was made to converge: the vCPU throttle over time (nil: `--converge none`).
     public var convergence: ConvergenceAccount? = nil
+    /// The switch to postcopy, if the migration made it.
+    public var postcopy: PostcopyAccount? = nil
 
     public struct GuestNICReport: Codable, Sendable, Equatable {
         /// "eth0 52:54:00:12:34:56 on ferrybr0", one per NIC.
@@ -251,6 +253,7 @@ extension MigrationReport {
         }
         if let network { lines.append("  network        " + network.summary) }
         if let convergence { lines.append("  convergence    " + convergence.summary) }
+        if let postcopy { lines.append("  postcopy       " + postcopy.summary) }
         if let mode { lines.append("  mode           " + mode) }
         let copied = (disks ?? []).contains { $0.copiedBytes != nil }
         var moved = "\(Format.bytes(streamBytes)) of QEMU streams\(copied ? " and disk copies" : ""), \(Format.bytes(wireBytes)) on the wire"
@@ -289,7 +292,7 @@ extension MigrationReport {
         if let security { lines.append("  security       \(security)") }
         if let dataPath { lines.append("  data path      \(dataPath)") }
         if mode == nil {
-            lines.append("  streams        main + \(multifdChannels) multifd, over \(channels.count) data channel(s) on \(nics.count) NIC(s)")
+            lines.append("  streams        " + (postcopy != nil ? "main (with QEMU's return path) + preempt" : "main + \(multifdChannels) multifd") + ", over \(channels.count) data channel(s) on \(nics.count) NIC(s)")
         }
         for nic in Dictionary(grouping: channels, by: \.interface).sorted(by: { $0.key < $1.key }) {
             let bytes = nic.value.reduce(0) { $0 + $1.payloadBytes }

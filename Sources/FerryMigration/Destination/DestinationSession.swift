@@ -109,6 +109,8 @@ final class DestinationSession: @unchecked Sendable {
     var staged: [HandoverRecord.Decision: StagedHandover] = [:]
     /// The VM's disks here (``IncomingDisks``).
     var disks = IncomingDisks()
+    /// The source switched to postcopy and the device state is loaded here.
+    var postcopy = false
 
     init(control: FrameConnection, version: UInt16, store: VMStore, server: MigrationServer, logger: Logger,
          security: SessionSecurity, sourceHost: String) {
@@ -313,6 +315,9 @@ final class DestinationSession: @unchecked Sendable {
         try validate(offer)
         // The spec as this host runs it: its disks where they are kept here.
         spec = try placeDisks(offer)
+        if offer.streams.isPostcopy && !disks.copied.isEmpty {
+            throw .refused(.badOffer, "postcopy with disks being copied is not supported: the copies must complete before the VM may run here")
+        }
         try peer { try server.register(self, name: offer.spec.name, memoryMiB: offer.spec.memoryMiB) }
         let missing = offer.spec.bootFiles.filter { !store.bootFiles.has($0) }
         try peer {
@@ -389,8 +394,12 @@ final class DestinationSession: @unchecked Sendable {
             // would then find the image held here when the source's QEMU takes it back.
             // With it, this QEMU takes its disks at `cont`, which runs only once committed.
             // (A copied disk's node is active already: its NBD export activated it.)
+            // Postcopy: both QEMUs must have it on before the migration starts; the
+            // blocktime is QEMU's account of what the guest waited for pages.
+            let postcopy = offer.streams.isPostcopy
             try qmp.setMigrationCapabilities([("multifd", offer.streams.multifdChannels > 0), ("events", true),
-                                              ("late-block-activate", !spec.disks.isEmpty)])
+                                              ("late-block-activate", !spec.disks.isEmpty),
+                                              ("postcopy-ram", postcopy), ("postcopy-preempt", postcopy), ("postcopy-blocktime", postcopy)])
             if offer.streams.multifdChannels > 0 {
                 try qmp.setMigrationParameters(["multifd-channels": .number(Double(offer.streams.multifdChannels))])
             }
@@ -401,7 +410,8 @@ final class DestinationSession: @unchecked Sendable {
         try serveDiskCopies(qmp, paths: record.paths)
         let incomingPath = record.paths.incomingSocket
         let dataPath = DestinationDataPath(
-            streamCount: offer.streams.streamCount, twoWay: !disks.copied.isEmpty, cpus: server.options.cpus ?? CPUSet.automatic(), logger: logger,
+            streamCount: offer.streams.streamCount, twoWay: !disks.copied.isEmpty, twoWayMigrationStreams: offer.streams.isPostcopy,
+            cpus: server.options.cpus ?? CPUSet.automatic(), logger: logger,
             connector: { _ in
                 let socket = try Socket.connectUnix(path: incomingPath)
                 socket.setSendBuffer(ChunkPolicy.qemuSocketBufferByteCount)

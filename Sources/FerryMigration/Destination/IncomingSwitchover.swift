@@ -31,6 +31,12 @@ extension DestinationSession {
                     qemuCompleted = true
                     times.loaded = at
                 }
+                if status == .postcopyActive && phase.current == .loading {
+                    // The source switched to postcopy: the device state comes next, then
+                    // QEMU waits paused (-S) with the rest of the memory still to come.
+                    try awaitPostcopyLoad(qmp)
+                    try prepare(dataPath, name: name, postcopy: true)
+                }
             case .streamsComplete?:
                 break
             case .reverseEnded(let end)?:
@@ -58,6 +64,28 @@ extension DestinationSession {
             // delivered everything too (QEMU may finish before Ferry learns a stream ended).
             if qemuCompleted && dataPath.isComplete { try prepare(dataPath, name: name) }
         }
+    }
+
+    /// Postcopy: waits until QEMU has loaded the device state and stands paused (its run
+    /// state leaves `inmigrate`; QEMU sends no event for it), polling every 2 ms.
+    private func awaitPostcopyLoad(_ qmp: QMPClient) throws(IncomingError) {
+        let started = Stopwatch()
+        while true {
+            let status: QEMURunStatus
+            do {
+                status = try qmp.queryStatus().status
+            } catch {
+                throw .qemu("the destination QEMU stopped answering while it loaded the device state: \(error)")
+            }
+            if status != .inmigrate { break }
+            if let info = try? qmp.queryMigrate(), info.status == .failed {
+                throw .qemu("the destination QEMU failed to load the VM: \(info.errorDescription ?? "no reason")")
+            }
+            guard started.elapsed < 60 else { throw .qemu("the destination QEMU did not load the device state within 60 s of postcopy") }
+            usleep(2000)
+        }
+        times.loaded = Date().timeIntervalSince1970
+        postcopy = true
     }
 
     /// QEMU's reason for a failed incoming migration.
@@ -91,6 +119,7 @@ extension DestinationSession {
             times.commitReceived = Date().timeIntervalSince1970
             guard phase.current == .prepared else { throw .protocolViolation("commit before the VM was loaded") }
             try commit(qmp: qmp, name: name, dataPath: dataPath)
+            if postcopy { try finishPostcopy(dataPath: dataPath, qmp: qmp, name: name) }
             return true
         case .error:
             let msg = (try? ControlCoding.decode(ErrorMessage.self, from: frame))?.description ?? "error"
@@ -104,8 +133,9 @@ extension DestinationSession {
     }
 
     /// `prepared`, durably, before the source may decide on it; then `loaded`.
-    private func prepare(_ dataPath: DestinationDataPath, name: String) throws(IncomingError) {
-        times.lastByte = dataPath.completionTime
+    /// `postcopy`: the device state is loaded, the memory still coming.
+    private func prepare(_ dataPath: DestinationDataPath, name: String, postcopy: Bool = false) throws(IncomingError) {
+        times.lastByte = postcopy ? Date().timeIntervalSince1970 : dataPath.completionTime
         // The disk copies are complete (the source completed its mirrors before it sent the
         // device state QEMU has just loaded): no more writes come through the NBD server.
         if let qmp { try stopServingDisks(qmp) }
@@ -115,7 +145,7 @@ extension DestinationSession {
         try move(to: .prepared)
         FaultPoint.destinationAfterPrepared.pause()
         let link = try controlLinkOrFail
-        try peer { try link.send(.loaded, LoadedMessage(receivedByteCount: dataPath.deliveredByteCount)) }
+        try peer { try link.send(.loaded, LoadedMessage(receivedByteCount: dataPath.deliveredByteCount, postcopy: postcopy)) }
         stage(.committed, for: name)
         logger.info("VM loaded, waiting for the commit",
                     metadata: ["vm": "\(name)", "chunks": "\(dataPath.chunkCount)", "spliced": "\(dataPath.splicedChunkCount)",
@@ -168,9 +198,58 @@ extension DestinationSession {
             networkProblem: nicProblem)
         reply.times?.committedSent = Date().timeIntervalSince1970
         try? link?.send(.committed, reply)
+        logger.info("VM runs here now", metadata: ["vm": "\(name)", "from": "\(sourceHost)", "postcopy": "\(postcopy)"])
+        if postcopy { return }
         // Out before the session ends and closes the link (a moving one is not waited for).
         link?.drain(timeout: .seconds(1))
-        logger.info("VM runs here now", metadata: ["vm": "\(name)", "from": "\(sourceHost)"])
+        qmp.close()
+    }
+
+    /// Postcopy, after the commit: the VM runs here and faults in what it lacks from the
+    /// source QEMU, over the streams, until QEMU has every page. The session (its data path,
+    /// QEMU's sockets) lives until then; `postcopyDone` tells the source, with what the guest
+    /// waited for pages.
+    private func finishPostcopy(dataPath: DestinationDataPath, qmp: QMPClient, name: String) throws(IncomingError) {
+        var qemuCompleted = false
+        var lastCheck = Stopwatch()
+        while !(qemuCompleted && dataPath.isComplete) {
+            switch events.next(timeout: .milliseconds(100)) {
+            case .frame(let frame)?:
+                switch frame.type {
+                case .streamEnd:
+                    let end = try peer { try ControlCoding.decode(StreamEndMessage.self, from: frame) }
+                    do { try dataPath.streamEnded(end) } catch {
+                        throw .dataPath((error as? TransportError) ?? .protocolViolation("\(error)"))
+                    }
+                case .status, .abort:
+                    break  // past the commit nothing is aborted: the VM runs here
+                default:
+                    break
+                }
+            case .controlLost(let why)?:
+                throw .sourceGone("lost the source during postcopy (\(why)); the VM runs here and waits for its missing pages")
+            case .dataFailed(let error)?:
+                throw .dataPath(error)
+            case .qemuStatus(let status, _)?:
+                if status == .completed { qemuCompleted = true }
+                if status == .failed { throw .qemu("the destination QEMU's postcopy failed: \(reason(qmp))") }
+            case .reverseEnded(let end)?:
+                try? link?.send(.streamEnd, end)
+            case .streamsComplete?, nil:
+                break
+            }
+            if lastCheck.elapsed >= 0.5 {
+                lastCheck = Stopwatch()
+                if !ProcessStats.isAlive(pid: qemuPID) { throw .qemu("the destination QEMU exited during postcopy") }
+                if !qemuCompleted, let info = try? qmp.queryMigrate() { qemuCompleted = info.status == .completed }
+            }
+        }
+        let info = try? qmp.queryMigrate()
+        let done = PostcopyDoneMessage(blocktimeMilliseconds: info?.postcopyBlocktimeMilliseconds, requests: 0,
+                                       latencyP50Milliseconds: nil, latencyP99Milliseconds: nil, latencyMaxMilliseconds: nil)
+        try? link?.send(.postcopyDone, done)
+        link?.drain(timeout: .seconds(1))
+        logger.info("postcopy complete: every page is here", metadata: ["vm": "\(name)"])
         qmp.close()
     }
 
@@ -224,6 +303,14 @@ extension DestinationSession {
             }
             // Its network must be here (the same bridge), its MACs free, its models known.
             if let problem = GuestNICs.problem(spec.nics, vm: spec.name, store: store) { throw .refused(.badOffer, problem) }
+        }
+        if offer.streams.isPostcopy {
+            guard version >= ProtocolVersion.postcopy else {
+                throw .refused(.badOffer, "postcopy needs protocol v\(ProtocolVersion.postcopy); this session speaks v\(version)")
+            }
+            if let problem = HostInfo.postcopyProblem {
+                throw .refused(.badOffer, "\(HostInfo.hostname) cannot take a postcopy migration: \(problem)")
+            }
         }
         if let drain = DrainMarker.current(runDirectory: store.paths.runDirectory) {
             throw .refused(.busy, "\(HostInfo.hostname) is being drained (ferry drain pid \(drain.pid)) and takes no VMs until it ends")

@@ -156,6 +156,16 @@ enum ReconcileRules {
         let name = f.vm.name
         if let plan = unreadable(f) { return .act(plan) }
         guard let h = f.handover, h.role == .source, h.decision == .commit else { return .act(rollBack(f)) }
+        if h.postcopy == true && f.vm.alive {
+            // Committed into postcopy: the VM runs at the destination and faults in pages
+            // from this QEMU until its migration completes. Stopping it would lose the VM;
+            // running it would run the VM twice. It stays as it is.
+            var completed = false
+            if case .answered(_, let status)? = f.vm.qemu { completed = status == .completed }
+            if !completed {
+                return .act(Plan(actions: [], situation: "\(name): committed into postcopy; the VM runs on \(h.peerHost) and still needs pages from this host's QEMU (pid \(f.vm.pid)), which is left as it is: neither stopped nor resumed"))
+            }
+        }
         guard f.network else {
             return .act(Plan(actions: [], situation: "\(name): commit recorded; waiting for ferry serve to settle it with \(h.peerHost)"))
         }

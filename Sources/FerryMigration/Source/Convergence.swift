@@ -4,10 +4,13 @@ import Foundation
 /// `--converge`: what Ferry does when the guest dirties its memory faster than the
 /// migration can carry it.
 public enum ConvergeMode: String, Sendable, CaseIterable, Codable {
-    /// Throttle the vCPUs as little and as late as will let the migration finish (postcopy
-    /// joins `auto` once Ferry carries postcopy's return path).
+    /// Throttle the vCPUs as little and as late as will let the migration finish; switch to
+    /// postcopy (where `--postcopy allowed`) when the throttle cannot do it in time
+    /// (``ConvergencePolicy/shouldSwitchToPostcopy(elapsedSeconds:guestBytes:rateBytesPerSecond:needed:)``).
     case auto
     case throttle
+    /// Switch to postcopy once QEMU's first pass is done (needs `--postcopy allowed`).
+    case postcopy
     /// Nothing: a guest that writes faster than the link never finishes, and `--timeout`
     /// ends the migration with the VM on the source (QEMU's own behaviour).
     case none
@@ -24,6 +27,13 @@ public enum ConvergeMode: String, Sendable, CaseIterable, Codable {
 /// work. QEMU applies the throttle itself (a vCPU sleeps for the throttled share of every
 /// 10 ms timeslice), starting when a pass dirties more than `triggerPercent` of what it sent,
 /// twice in a row: a guest that converges on its own is never slowed.
+/// `--postcopy`: whether the migration may switch to postcopy, where the VM runs at the
+/// destination before all its memory is there (and both hosts are needed until it is).
+public enum PostcopyPolicy: String, Sendable, CaseIterable, Codable {
+    case never
+    case allowed
+}
+
 public struct ConvergencePolicy: Sendable, Equatable {
     /// The share of the carried rate the throttled guest may dirty.
     public static let targetShare = 0.5
@@ -84,6 +94,66 @@ public struct ConvergencePolicy: Sendable, Equatable {
         guard needed > 0 else { return (nil, nil) }
         if current == 0 { return (needed, nil) }
         return (nil, max(1, needed - current))
+    }
+
+    /// `--converge auto` with postcopy allowed: how long the throttle may try, as a multiple
+    /// of the time one pass over the whole guest takes at the carried rate, before postcopy
+    /// takes over. The first pass takes about one; postcopy then sends at most what is
+    /// left once more, so a migration stays within about twice a single pass.
+    public static let postcopyAfterPasses = 1.25
+
+    /// Whether `auto` should give up throttling for postcopy: the guest still needs more
+    /// than the ceiling allows (`needed` at the ceiling while already throttled to it), or
+    /// the migration has run past ``postcopyAfterPasses`` without converging.
+    /// `needed`: what ``needed(dirtyBytesPerSecond:carriedBytesPerSecond:current:before:)``
+    /// says now (0: the passes halve on their own, so QEMU will finish).
+    public func shouldSwitchToPostcopy(elapsedSeconds: Double, guestBytes: UInt64, rateBytesPerSecond: Double,
+                                       current: Int, needed: Int) -> Bool {
+        guard needed > 0, rateBytesPerSecond > 0 else { return false }
+        if current >= ceiling && needed >= ceiling { return true }
+        return elapsedSeconds >= Self.postcopyAfterPasses * Double(guestBytes) / rateBytesPerSecond
+    }
+}
+
+/// A switch to postcopy, for the report: when, why, and what the guest waited for pages.
+public struct PostcopyAccount: Codable, Sendable, Equatable {
+    /// Seconds since the migration started that Ferry asked QEMU to switch.
+    public var requestedAt: Double
+    /// Why: `--converge postcopy`, the throttle gave up, or the operator (`--postcopy-now`).
+    public var reason: String
+    /// What QEMU had left to send then.
+    public var remainingBytes: UInt64
+    /// When the VM ran at the destination (the commit), seconds since the start.
+    public var runningAt: Double?
+    /// When the last page was there and the migration completed.
+    public var completedAt: Double?
+    /// The destination's account (``PostcopyDoneMessage``).
+    public var blocktimeMilliseconds: Double?
+    public var requests: UInt64?
+    public var latencyP50Milliseconds: Double?
+    public var latencyP99Milliseconds: Double?
+    public var latencyMaxMilliseconds: Double?
+
+    public init(requestedAt: Double, reason: String, remainingBytes: UInt64) {
+        self.requestedAt = requestedAt
+        self.reason = reason
+        self.remainingBytes = remainingBytes
+    }
+
+    /// The report's line.
+    public var summary: String {
+        var line = String(format: "switched at %.1f s (%@; %@ left to send)", requestedAt, reason, Format.bytes(remainingBytes))
+        if let runningAt { line += String(format: ", VM ran at the destination from %.1f s", runningAt) }
+        if let completedAt { line += String(format: ", last page at %.1f s", completedAt) }
+        if let requests {
+            line += "; \(requests) page request(s)"
+            if let p50 = latencyP50Milliseconds, let p99 = latencyP99Milliseconds {
+                line += String(format: ", waited p50 %.1f ms, p99 %.1f ms", p50, p99)
+                if let max = latencyMaxMilliseconds { line += String(format: ", max %.1f ms", max) }
+            }
+        }
+        if let blocktimeMilliseconds { line += String(format: "; vCPUs blocked on missing pages %.0f ms in all (QEMU)", blocktimeMilliseconds) }
+        return line
     }
 }
 

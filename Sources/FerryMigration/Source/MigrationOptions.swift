@@ -51,6 +51,8 @@ public struct MigrationOptions: Sendable {
     /// Off by default for now (docs/ARCHITECTURE.md, "Convergence").
     public var converge: ConvergeMode = .none
     public var maxThrottlePercent = 99
+    /// `--postcopy`: whether the migration may switch to postcopy.
+    public var postcopy: PostcopyPolicy = .never
 
     public init(host: String, port: UInt16) {
         self.host = host

@@ -104,7 +104,7 @@ extension SourceMigration {
         do {
             try qemu.qmp.execute("migrate", arguments: ["uri": .string(uri)])
         } catch {
-            if plan.streamCount == 1 { _ = try? qemu.qmp.execute("closefd", arguments: ["fdname": .string(Self.qemuStreamName)]) }
+            if plan.streamCount == 1 && !plan.isPostcopy { _ = try? qemu.qmp.execute("closefd", arguments: ["fdname": .string(Self.qemuStreamName)]) }
             throw .qemu(.command(doing: "start the migration", error))
         }
         qemu.migrateStarted = true
@@ -114,7 +114,7 @@ extension SourceMigration {
         } catch {
             throw .store(doing: "record the VM as migrating out", (error as? VMError) ?? .io("\(error)"))
         }
-        track.note("QEMU started migrating (main + \(plan.multifdChannels) multifd)"
+        track.note("QEMU started migrating (" + (plan.isPostcopy ? "main + preempt, postcopy possible" : "main + \(plan.multifdChannels) multifd") + ")"
                  + (self.transport?.qemuStreamKind.map { ", into \($0)" } ?? "")
                  + "; its downtime limit is held at \(SwitchoverBudget.heldLimitMilliseconds(converging: options.converge != .none)) ms through its first pass")
     }
@@ -156,7 +156,19 @@ extension SourceMigration {
         startThread("ferry-accept") { [events, dataPath] in
             for id in 0..<UInt32(plan.streamCount) {
                 guard let socket = try? listener.accept() else { return }
-                dataPath.addStream(id, socket: socket)
+                if plan.isPostcopy {
+                    // Postcopy: the main stream brings the destination's page requests back
+                    // (QEMU's return path); the preempt channel carries the pages asked for,
+                    // ahead of everything else.
+                    do {
+                        try dataPath.addTwoWayMigrationStream(id, socket: socket, priority: id == StreamPlan.preemptStream ? 1 : 0)
+                    } catch {
+                        events.post(.dataPath(.failed((error as? TransportError) ?? .aborted("\(error)"))))
+                        return
+                    }
+                } else {
+                    dataPath.addStream(id, socket: socket)
+                }
                 events.post(.streamAccepted(id))
             }
         }
@@ -173,9 +185,13 @@ extension SourceMigration {
             // auto-converge: QEMU throttles the vCPUs when a pass dirties too much, with the
             // parameters Ferry sets from what it measures (``ConvergencePolicy``); a
             // capability, so it can only be set before `migrate`.
+            // postcopy-ram and postcopy-preempt (both QEMUs, before `migrate`): the migration
+            // may switch to postcopy (``startPostcopy``), its requested pages on a channel of
+            // their own.
             try qmp.setMigrationCapabilities([("multifd", plan.multifdChannels > 0), ("events", true), ("x-ignore-shared", false),
                                               ("pause-before-switchover", !diskCopies.isEmpty),
-                                              ("auto-converge", options.converge != .none)])
+                                              ("auto-converge", options.converge != .none && options.converge != .postcopy),
+                                              ("postcopy-ram", plan.isPostcopy), ("postcopy-preempt", plan.isPostcopy)])
             var params: [String: JSONValue] = [
                 // QEMU 7.2's default cap is 128 MiB/s. Ferry sets the pace (its window, its rate
                 // limit across all channels, the links), so QEMU is left uncapped.
@@ -185,7 +201,12 @@ extension SourceMigration {
                 "downtime-limit": .number(Double(SwitchoverBudget.heldLimitMilliseconds(converging: options.converge != .none))),
             ]
             if plan.multifdChannels > 0 { params["multifd-channels"] = .number(Double(plan.multifdChannels)) }
-            if options.converge != .none {
+            if plan.isPostcopy {
+                // QEMU's own cap on postcopy's background pages (its default, 0, is none):
+                // as for pre-copy, Ferry sets the pace.
+                params["max-postcopy-bandwidth"] = .number(0)
+            }
+            if options.converge == .auto || options.converge == .throttle {
                 let policy = ConvergencePolicy(ceiling: options.maxThrottlePercent)
                 params["throttle-trigger-threshold"] = .number(Double(ConvergencePolicy.triggerPercent))
                 params["max-cpu-throttle"] = .number(Double(policy.ceiling))

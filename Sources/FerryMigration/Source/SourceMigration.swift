@@ -87,6 +87,11 @@ public final class SourceMigration: @unchecked Sendable {
     var throttleWatch: (sync: UInt64, throttle: Int, measurements: [ConvergencePolicy.Measurement]) = (0, 0, [])
     /// `--probe`: the guest's network as seen from here, from the claim to the report.
     var networkProbe: NetworkProbe?
+    /// The switch to postcopy, once asked of QEMU (``startPostcopy``).
+    var postcopy: PostcopyAccount?
+    /// `ferry migrate --postcopy-now`: the operator asks for postcopy (set from a signal
+    /// handler's thread; read by the migration's).
+    let postcopyRequested = Locked(false)
 
     public init(store: VMStore, name: String, options: MigrationOptions, logger: Logger,
                 progress: @escaping @Sendable (MigrationProgress) -> Void) {
@@ -103,6 +108,15 @@ public final class SourceMigration: @unchecked Sendable {
     /// the commit point (the VM stays here), refused after it (the migration completes).
     public func stop(_ request: StopRequest = .cancelled) -> StopAnswer {
         interrupt.request(request)
+    }
+
+    /// `ferry migrate --postcopy-now`: switch to postcopy at the next poll, if the migration
+    /// may (`--postcopy allowed` and the destination agreed). False if it may not.
+    public func requestPostcopy() -> Bool {
+        guard session?.plan.isPostcopy ?? (options.postcopy == .allowed) else { return false }
+        postcopyRequested.withLock { $0 = true }
+        events.post(.note("the operator asked for postcopy"))
+        return true
     }
 
     /// Runs the migration to its end. Never throws: the report says what happened.
@@ -159,11 +173,12 @@ public final class SourceMigration: @unchecked Sendable {
         try sendBootFiles(session.missingFiles, of: record.spec, over: link)
         try startDestination(link)
         let copies = Self.copiedDisks(record.spec, paths: record.paths)
-        let transport = try openChannels(session, control: control, twoWay: !copies.isEmpty)
+        let transport = try openChannels(session, control: control, twoWay: !copies.isEmpty || session.plan.isPostcopy)
         try copyDisks(copies, spec: record.spec, transport: transport, qmp: qemu.qmp, link: link)
         try startQEMU(&qemu, transport: transport, plan: session.plan, paths: record.paths)
         try transfer(transport, plan: session.plan, link: link, qmp: qemu.qmp)
         try commit(session, link: link)
+        if postcopy != nil { try finishPostcopy(transport, link: link, qmp: qemu.qmp) }
         finish(&qemu, transport: transport, link: link)
     }
 
@@ -194,6 +209,7 @@ public final class SourceMigration: @unchecked Sendable {
         r.destinationWaits = committed?.waits
         r.pause = outcome == .succeeded ? track.journal.pause : nil
         r.convergence = track.journal.convergence
+        r.postcopy = postcopy
         r.wireBytes = stats.reduce(0) { $0 + $1.wireBytes }
         r.retransmittedBytes = transport?.scheduler.retransmittedBytes ?? 0
         r.throughputBitsPerSecond = r.transferSeconds.map { Double(streamBytes) * 8 / max($0, 0.001) }

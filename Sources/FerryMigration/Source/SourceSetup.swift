@@ -103,6 +103,25 @@ extension SourceMigration {
         }
     }
 
+    /// Whether the migration may switch to postcopy: `--postcopy allowed`, a destination of
+    /// protocol 6, and no disk being copied (the copies must be complete before the VM may
+    /// run at the destination, and the mirrors complete only at the switchover's pause).
+    /// Where `--converge postcopy` needs it and it cannot be had, the migration is refused
+    /// here; under `auto` it goes on with the throttle alone.
+    func postcopyPossible(_ spec: VMSpec, version: UInt16) throws(MigrateError) -> Bool {
+        guard options.postcopy == .allowed else { return false }
+        var problem: String?
+        if version < ProtocolVersion.postcopy {
+            problem = "the destination's ferry speaks protocol v\(version); postcopy needs v\(ProtocolVersion.postcopy) on both hosts (upgrade ferry there)"
+        } else if spec.disks.contains(where: { !$0.shared }) {
+            problem = "postcopy is not available with disks being copied (their copies complete only at the switchover)"
+        }
+        guard let problem else { return true }
+        if options.converge == .postcopy { throw .postcopy("--converge postcopy: " + problem) }
+        track.note("postcopy allowed but not possible: \(problem); convergence goes on without it")
+        return false
+    }
+
     /// Step: the offer of the VM and the destination's answer: its NICs, the session, the
     /// boot files it lacks.
     func negotiate(_ control: FrameConnection, welcome: WelcomeMessage, security: SessionSecurity,
@@ -112,9 +131,11 @@ extension SourceMigration {
         track.note("connected to \(welcome.host), protocol v\(welcome.version), \(welcome.software); security: \(security.summary)")
 
         let local = InterfaceDiscovery.list(speeds: options.nicSpeeds)
-        let plan = StreamPlan(multifdChannels: options.multifdChannels ?? StreamPolicy.multifdChannels(for: local, selection: options.nics))
         let accept: AcceptMessage
+        let plan: StreamPlan
         do {
+            plan = StreamPlan(multifdChannels: options.multifdChannels ?? StreamPolicy.multifdChannels(for: local, selection: options.nics),
+                              postcopy: try postcopyPossible(spec, version: welcome.version))
             let ownPort = (try? String(contentsOfFile: store.paths.servePortFile, encoding: .utf8))
                 .flatMap { UInt16($0.trimmingCharacters(in: .whitespacesAndNewlines)) }
             if !spec.nics.isEmpty && welcome.version < ProtocolVersion.guestNICs {

@@ -38,12 +38,14 @@ extension SourceMigration {
         if let times = committed?.times {
             track.journal.pause = SwitchoverAccount.make(source: track.journal.switchover, destination: times)
         }
-        track.note("VM runs on \(session.welcome.host)")
+        track.note("VM runs on \(session.welcome.host)" + (postcopy != nil ? "; its memory follows in postcopy" : ""))
+        if postcopy != nil { postcopy?.runningAt = track.elapsed }
         FaultPoint.sourceAfterCommitted.pause()
     }
 
     func commitRecord(_ session: NegotiatedSession) -> HandoverRecord {
-        HandoverRecord(session: session.accept.session, role: .source, decision: .commit, peerHost: options.host, peerPort: options.port)
+        HandoverRecord(session: session.accept.session, role: .source, decision: .commit, peerHost: options.host, peerPort: options.port,
+                       postcopy: postcopy != nil)
     }
 
     /// The commit record, written beside its place while the last bytes cross the link

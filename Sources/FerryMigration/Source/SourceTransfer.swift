@@ -35,7 +35,14 @@ struct TransferState {
     /// The window was shrunk for the first pass's tail (``SwitchoverBudget/tailWindow``).
     var tailWindow = false
 
-    var isComplete: Bool { qemuDone && loaded && streamEnds.count == streamCount && reverseEnds.count == reverseCount }
+    /// Ferry asked QEMU to switch to postcopy: the transfer ends once the destination holds
+    /// the device state (``SourceMigration/finishPostcopy`` waits for the rest).
+    var postcopy = false
+
+    var isComplete: Bool {
+        if postcopy { return loaded }
+        return qemuDone && loaded && streamEnds.count == streamCount && reverseEnds.count == reverseCount
+    }
 
     /// The rate to plan with: the channels' best over whole seconds; else the NICs' speeds;
     /// else `average` (the average so far); nil if none is known.
@@ -70,12 +77,151 @@ extension SourceMigration {
                 try poll(qmp, &state, &sampler, dataPath: transport.dataPath)
             }
         }
+        if state.postcopy { return }
         do {
             try transport.scheduler.waitUntilAllAcknowledged(timeout: .seconds(10))
         } catch {
             throw .dataPath(.timedOut("\(error)"))
         }
         transport.dataPath.markFinished()
+    }
+
+    /// Step (postcopy, after the commit): the VM runs at the destination and faults in what
+    /// it lacks; QEMU here sends the rest, the pages asked for first. Done when QEMU here has
+    /// completed, its streams have ended and are acknowledged, and the destination says its
+    /// QEMU has every page. Nothing stops it now: the source copy is stale, and the
+    /// destination's needs this one's pages.
+    func finishPostcopy(_ transport: SourceTransport, link: ControlLink, qmp: QMPClient) throws(MigrateError) {
+        try move(to: .postcopy)
+        let streamCount = session?.plan.streamCount ?? 2
+        var qemuDone = false
+        var ends = Set<UInt32>()
+        var done: PostcopyDoneMessage?
+        var sampler = RateSampler()
+        var lastPoll = -1.0
+        while !(qemuDone && ends.count == streamCount && done != nil) {
+            if let event = events.next(timeout: .milliseconds(100)) {
+                switch event {
+                case .frame(let frame):
+                    switch frame.type {
+                    case .postcopyDone:
+                        done = (try? ControlCoding.decode(PostcopyDoneMessage.self, from: frame))
+                            ?? PostcopyDoneMessage(blocktimeMilliseconds: nil, requests: 0, latencyP50Milliseconds: nil,
+                                                   latencyP99Milliseconds: nil, latencyMaxMilliseconds: nil)
+                    case .streamEnd:
+                        // A reverse half (the destination QEMU closed its end).
+                        if let end = try? ControlCoding.decode(StreamEndMessage.self, from: frame) {
+                            try? transport.dataPath.reverse?.streamEnded(end)
+                        }
+                    case .error:
+                        throw destinationFailure(frame)
+                    case .limit:
+                        applyLimit(frame, scheduler: transport.scheduler)
+                    default:
+                        break
+                    }
+                case .controlLost(let why):
+                    throw .controlLost(why)
+                case .dataPath(.streamEnded(let end)):
+                    ends.insert(end.stream)
+                    do {
+                        try link.send(.streamEnd, end)
+                    } catch {
+                        throw .controlLost("\(error)")
+                    }
+                    if ends.count == streamCount { transport.scheduler.closeInput() }
+                case .dataPath(.failed(let failure)):
+                    throw .dataPath(failure)
+                case .dataPath(.channelFailed(let ch, let nic, let reason, let requeued)):
+                    noteChannelFailed(ch, nic, reason, requeued)
+                case .dataPath(.compression(let codec, let reason)):
+                    track.note("compression: \(codec ?? "none") (\(reason))")
+                case .qemuStatus(let status, _):
+                    if status == .completed { qemuDone = true }
+                case .note(let text):
+                    track.note(text)
+                case .dataPath(.channelUp), .streamAccepted, .qemuStopped, .interrupted:
+                    break
+                }
+            }
+            takeLinkNotes()
+            if track.elapsed - lastPoll >= Self.progressPollInterval {
+                lastPoll = track.elapsed
+                let info: MigrationInfo
+                do {
+                    info = try qmp.queryMigrate()
+                } catch {
+                    throw .qemu(.lost(error))
+                }
+                track.journal.lastInfo = info
+                if info.status == .completed { qemuDone = true }
+                try checkQEMU(info.status, reason: info.errorDescription)
+                let bytes = transport.dataPath.streamByteCount
+                let stats = transport.dataPath.channelStats
+                track.journal.timeline.append(sampler.sample(now: track.elapsed, streamBytes: bytes, channels: stats))
+                track.show(streamBytes: bytes, bitsPerSecond: sampler.bitsPerSecond, channels: stats,
+                           interfaceBitsPerSecond: sampler.interfaceBitsPerSecond)
+            }
+        }
+        do {
+            try transport.scheduler.waitUntilAllAcknowledged(timeout: .seconds(10))
+        } catch {
+            throw .dataPath(.timedOut("\(error)"))
+        }
+        transport.dataPath.markFinished()
+        track.journal.completedAt = track.elapsed
+        postcopy?.completedAt = track.elapsed
+        if let done {
+            postcopy?.blocktimeMilliseconds = done.blocktimeMilliseconds
+            postcopy?.requests = done.requests
+            postcopy?.latencyP50Milliseconds = done.latencyP50Milliseconds
+            postcopy?.latencyP99Milliseconds = done.latencyP99Milliseconds
+            postcopy?.latencyMaxMilliseconds = done.latencyMaxMilliseconds
+        }
+        track.note("postcopy complete: the destination has every page")
+    }
+
+    /// Switches QEMU to postcopy when the migration should (`--converge postcopy` once the
+    /// first pass is done and the rest would not fit the pause; `auto` when the throttle
+    /// cannot finish in time, ``ConvergencePolicy/shouldSwitchToPostcopy``; the operator's
+    /// `--postcopy-now`). From here no stop is granted: the guest is about to run at the
+    /// destination.
+    private func considerPostcopy(_ info: MigrationInfo, _ state: inout TransferState, rate: Double?, qmp: QMPClient) throws(MigrateError) {
+        guard session?.plan.isPostcopy == true, postcopy == nil, info.status == .active, track.journal.stopEventAt == nil else { return }
+        var reason: String?
+        if postcopyRequested.withLock({ $0 }) {
+            reason = "asked by the operator"
+        } else if info.dirtySyncCount >= 2, let rate {
+            let pauseSeconds = options.downtimeLimit.seconds
+            switch options.converge {
+            case .postcopy where Double(info.remainingBytes) / rate > pauseSeconds:
+                reason = "--converge postcopy, once QEMU's first pass was done"
+            case .auto:
+                guard let latest = throttleWatch.measurements.last else { break }
+                let policy = ConvergencePolicy(ceiling: options.maxThrottlePercent)
+                let needed = policy.needed(dirtyBytesPerSecond: latest.dirtyBytesPerSecond, carriedBytesPerSecond: rate,
+                                           current: latest.throttlePercent)
+                let elapsed = track.elapsed - (track.journal.migrateIssuedAt ?? 0)
+                if policy.shouldSwitchToPostcopy(elapsedSeconds: elapsed, guestBytes: info.totalBytes, rateBytesPerSecond: rate,
+                                                 current: info.cpuThrottlePercentage, needed: needed) {
+                    reason = info.cpuThrottlePercentage >= policy.ceiling
+                        ? "the throttle is at its ceiling and the guest still dirties too fast"
+                        : String(format: "the throttle had not finished after %.0f s", elapsed)
+                }
+            default:
+                break
+            }
+        }
+        guard let reason else { return }
+        try interrupt.passCommitPoint()
+        do {
+            try qmp.execute("migrate-start-postcopy")
+        } catch {
+            throw .qemu(.command(doing: "switch to postcopy", error))
+        }
+        postcopy = PostcopyAccount(requestedAt: track.elapsed, reason: reason, remainingBytes: info.remainingBytes)
+        state.postcopy = true
+        track.note("switching to postcopy (\(reason)) with \(Format.bytes(info.remainingBytes)) left to send; from now on the migration is not stopped")
     }
 
     private func handle(_ event: Event, _ state: inout TransferState, transport: SourceTransport,
@@ -138,7 +284,7 @@ extension SourceMigration {
         case .loaded:
             state.loaded = true
             track.journal.switchover.loadedReceived = Date().timeIntervalSince1970
-            track.note("destination loaded the VM")
+            track.note(state.postcopy ? "destination loaded the device state; the memory follows in postcopy once it runs" : "destination loaded the VM")
         case .error:
             throw destinationFailure(frame)
         case .status:
@@ -235,10 +381,11 @@ extension SourceMigration {
         // its first pass is done, and the throttle.
         if info.status == .active && track.journal.stopEventAt == nil {
             let average = track.journal.migrateIssuedAt.map { Double(bytes) / max(0.001, track.elapsed - $0) } ?? 0
-            if info.dirtySyncCount >= 2 {
+            try considerPostcopy(info, &state, rate: state.bestRate(average: average), qmp: qmp)
+            if info.dirtySyncCount >= 2 && !state.postcopy {
                 try budgetSwitchover(&state, qmp: qmp, scheduler: dataPath.scheduler, sync: info.dirtySyncCount, average: average)
             }
-            try steerConvergence(info, rate: state.bestRate(average: average), qmp: qmp)
+            if !state.postcopy { try steerConvergence(info, rate: state.bestRate(average: average), qmp: qmp) }
         }
         track.show(streamBytes: bytes, bitsPerSecond: sampler.bitsPerSecond, channels: stats,
                  interfaceBitsPerSecond: sampler.interfaceBitsPerSecond)

@@ -1,0 +1,34 @@
+import FerryIO
+import FerryLab
+import FerryMigration
+import FerryVM
+import FerryWire
+import Foundation
+import Testing
+
+/// `--postcopy allowed`: the VM runs at the destination before all its memory is there,
+/// its missing pages asked for over QEMU's return path and sent ahead of the rest on the
+/// preempt channel, both carried by Ferry's channels.
+@Suite("Postcopy", .serialized, .enabled(if: Env.canRunEndToEnd, "needs root, QEMU and the demo guest"))
+struct PostcopyTests {
+    /// The guest of ``ThrottleTests``: it rewrites its memory as fast as its vCPUs can, far
+    /// faster than one NIC at 300 Mbit/s carries it.
+    static let rate = "300mbit", dirty = 4000
+
+    @Test("--converge postcopy: a guest writing faster than the link runs at the destination after QEMU's first pass, faults in its missing pages, and its memory is intact")
+    func postcopyCompletes() throws {
+        let lab = try TestLab(nics: 1, rate: Self.rate)
+        try lab.serve(on: "b")
+        _ = try lab.startDemoVM("hot", memory: 192, fill: 48, dirty: Self.dirty)
+        let (result, report) = try lab.migrate("hot", extra: ["--converge", "postcopy", "--postcopy", "allowed", "--timeout", "120s"])
+        #expect(result.succeeded, "\(result.stdout)\(result.stderr)")
+        let r = try #require(report)
+        let account = try #require(r.postcopy, "the report has no postcopy account: \(r.text)")
+        print("postcopy: \(account.summary)\n\(r.text)")
+        #expect(account.runningAt != nil && account.completedAt != nil)
+        #expect(account.remainingBytes > 0, "nothing was left for postcopy to send")
+        #expect(r.text.contains("postcopy"))
+        try lab.expectRunningAndHealthy("hot", on: "b")
+        lab.expectAbsent("hot", on: "a")
+    }
+}
