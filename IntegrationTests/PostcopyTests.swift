@@ -27,8 +27,34 @@ struct PostcopyTests {
         print("postcopy: \(account.summary)\n\(r.text)")
         #expect(account.runningAt != nil && account.completedAt != nil)
         #expect(account.remainingBytes > 0, "nothing was left for postcopy to send")
+        // The guest rewrites its memory all the time: it faults on pages not yet here.
+        #expect((account.requests ?? 0) > 0, "no page request crossed: \(account.summary)")
         #expect(r.text.contains("postcopy"))
         try lab.expectRunningAndHealthy("hot", on: "b")
         lab.expectAbsent("hot", on: "a")
+    }
+
+    @Test("a destination that cannot be a postcopy destination (no userfaultfd) refuses postcopy before anything moves, and the VM stays")
+    func refusedWithoutUserfaultfd() throws {
+        let lab = try TestLab(nics: 1)
+        try lab.serve(on: "b", prelude: "export FERRY_TEST_NO_USERFAULTFD=1")
+        _ = try lab.startDemoVM("vm1", memory: 128, fill: 16, dirty: 1)
+        let (refused, report) = try lab.migrate("vm1", extra: ["--converge", "postcopy", "--postcopy", "allowed"])
+        #expect(refused.status == 1, "\(refused.stdout)\(refused.stderr)")
+        #expect(report?.outcome == .failedVMOnSource)
+        #expect(report?.error?.contains("userfaultfd") == true, "\(report?.error ?? "no report")")
+        try lab.expectRunningAndHealthy("vm1", on: "a")
+        lab.expectAbsent("vm1", on: "b")
+    }
+
+    @Test("--converge postcopy without --postcopy allowed is refused at once, and nothing moves")
+    func convergePostcopyNeedsAllowed() throws {
+        let lab = try TestLab(nics: 1)
+        try lab.serve(on: "b")
+        _ = try lab.startDemoVM("vm1", memory: 128, fill: 16, dirty: 1)
+        let (result, _) = try lab.migrate("vm1", extra: ["--converge", "postcopy"])
+        #expect(result.status == 64, "\(result.stdout)\(result.stderr)")
+        #expect(result.stderr.contains("--postcopy allowed"), "\(result.stderr)")
+        try lab.expectRunningAndHealthy("vm1", on: "a")
     }
 }

@@ -105,9 +105,9 @@ public final class DestinationDataPath: @unchecked Sendable {
     /// QEMU's migration streams are two-way and connected in order without waiting for
     /// their first bytes (postcopy; see the convenience initializer).
     private let eagerMigrationStreams: Bool
-    /// Called with each migration stream's reverse half as it starts being read (postcopy's
-    /// return path), before its first bytes can be sent.
-    public var onMigrationReverse: (@Sendable (UInt32, Socket) -> Void)?
+    /// Sees each chunk in memory (not a pipe's) once it is written to its socket, with its
+    /// stream (postcopy's requested pages, for their latency). Set before the first chunk.
+    public var writeObserver: (@Sendable (UInt32, UnsafeRawBufferPointer) -> Void)?
 
     /// `twoWay`: this destination's session may open two-way streams (protocol 3 on).
     /// `twoWayMigrationStreams` (postcopy): QEMU's migration streams carry bytes back too
@@ -415,7 +415,9 @@ public final class DestinationDataPath: @unchecked Sendable {
             }
             do {
                 switch bytes {
-                case .memory(let buffer): try socket!.writeAll(buffer.bytes)
+                case .memory(let buffer):
+                    try socket!.writeAll(buffer.bytes)
+                    writeObserver?(id, buffer.bytes)
                 case .pipe(let pipe): try pipe.pipe.drain(into: socket!.fd, more: false, peer: socket!.peer)
                 }
             } catch {
@@ -462,7 +464,6 @@ public final class DestinationDataPath: @unchecked Sendable {
         }
         let half = StreamID.reverse(id)
         if id == 0 { reverse.scheduler.setHighPriority(stream: half) }
-        onMigrationReverse?(id, socket)
         reverse.addStream(half, socket: socket, twoWay: true)
         monitor.withLock {
             let s = streams[id]!

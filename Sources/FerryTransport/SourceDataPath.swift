@@ -54,6 +54,10 @@ public final class SourceDataPath: @unchecked Sendable {
     /// Whether this path reads its channels' acknowledgements itself and watches them for
     /// stalls (the source; a destination's receivers hand it the acknowledgements).
     private let acknowledgedByPeer: Bool
+    /// Sees each chunk read into memory (not spliced), with its stream, before it is sent
+    /// (postcopy's page requests, for their latency). Set before the streams are added.
+    public var readObserver: (@Sendable (UInt32, UnsafeRawBufferPointer) -> Void)?
+
     /// The receiving half for two-way streams' reverse halves (the source's; nil: one-way).
     public let reverse: DestinationDataPath?
     private var channels: [Int: (FrameConnection, String, Bool)] = [:]
@@ -364,6 +368,7 @@ public final class SourceDataPath: @unchecked Sendable {
                     let n = try socket.read(into: buffer.space)
                     if n == 0 { break }
                     buffer.count = n
+                    readObserver?(id, buffer.bytes)
                     chunk = Chunk(header: header, buffer: buffer)
                 }
             } catch {

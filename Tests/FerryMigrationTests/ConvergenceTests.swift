@@ -79,4 +79,17 @@ struct ConvergenceTests {
         #expect(account.throttledAt == 4.2 && account.peakThrottlePercent == 56)
         #expect(account.summary.contains("throttled from 4.2 s, up to 56%") && account.summary.contains("111.0 MiB/s"), "\(account.summary)")
     }
+
+    @Test("auto turns to postcopy when the throttle is at its ceiling and not enough, or after 1.25 passes' time, never for a guest that converges")
+    func postcopySwitch() {
+        let policy = ConvergencePolicy(ceiling: 80)
+        let guest: UInt64 = 1 << 30
+        let rate = 100 * mib  // a pass over the guest takes about 10 s
+        #expect(!policy.shouldSwitchToPostcopy(elapsedSeconds: 60, guestBytes: guest, rateBytesPerSecond: rate, current: 0, needed: 0))
+        #expect(!policy.shouldSwitchToPostcopy(elapsedSeconds: 11, guestBytes: guest, rateBytesPerSecond: rate, current: 40, needed: 60))
+        #expect(policy.shouldSwitchToPostcopy(elapsedSeconds: 13, guestBytes: guest, rateBytesPerSecond: rate, current: 40, needed: 60))
+        #expect(policy.shouldSwitchToPostcopy(elapsedSeconds: 5, guestBytes: guest, rateBytesPerSecond: rate, current: 80, needed: 80))
+        #expect(!policy.shouldSwitchToPostcopy(elapsedSeconds: 5, guestBytes: guest, rateBytesPerSecond: rate, current: 80, needed: 70))
+        #expect(!policy.shouldSwitchToPostcopy(elapsedSeconds: 60, guestBytes: guest, rateBytesPerSecond: 0, current: 40, needed: 60))
+    }
 }

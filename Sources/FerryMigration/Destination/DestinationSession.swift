@@ -111,6 +111,8 @@ final class DestinationSession: @unchecked Sendable {
     var disks = IncomingDisks()
     /// The source switched to postcopy and the device state is loaded here.
     var postcopy = false
+    /// With postcopy possible: what the guest's page faults waited.
+    var faultClock: PostcopyFaultClock?
 
     init(control: FrameConnection, version: UInt16, store: VMStore, server: MigrationServer, logger: Logger,
          security: SessionSecurity, sourceHost: String) {
@@ -419,6 +421,15 @@ final class DestinationSession: @unchecked Sendable {
             },
             onFailure: { [events] error in events.post(.dataFailed(error)) })
         dataPath.onComplete = { [events] in events.post(.streamsComplete) }
+        if offer.streams.isPostcopy {
+            // Postcopy's page requests out of QEMU's return path, their pages into it on the
+            // preempt channel: how long the guest's faults waited.
+            let clock = PostcopyFaultClock()
+            faultClock = clock
+            let returnPath = StreamID.reverse(0)
+            dataPath.reverse?.readObserver = { stream, bytes in if stream == returnPath { clock.requested(bytes) } }
+            dataPath.writeObserver = { stream, bytes in if stream == StreamPlan.preemptStream { clock.delivered(bytes) } }
+        }
         dataPath.onReverseEvent = { [events] event in
             switch event {
             case .streamEnded(let end): events.post(.reverseEnded(end))

@@ -245,8 +245,10 @@ extension DestinationSession {
             }
         }
         let info = try? qmp.queryMigrate()
-        let done = PostcopyDoneMessage(blocktimeMilliseconds: info?.postcopyBlocktimeMilliseconds, requests: 0,
-                                       latencyP50Milliseconds: nil, latencyP99Milliseconds: nil, latencyMaxMilliseconds: nil)
+        let faults = faultClock?.summary()
+        let done = PostcopyDoneMessage(blocktimeMilliseconds: info?.postcopyBlocktimeMilliseconds, requests: faults?.requests ?? 0,
+                                       latencyP50Milliseconds: faults?.p50, latencyP99Milliseconds: faults?.p99,
+                                       latencyMaxMilliseconds: faults?.max)
         try? link?.send(.postcopyDone, done)
         link?.drain(timeout: .seconds(1))
         logger.info("postcopy complete: every page is here", metadata: ["vm": "\(name)"])
