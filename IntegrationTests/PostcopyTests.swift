@@ -34,6 +34,24 @@ struct PostcopyTests {
         lab.expectAbsent("hot", on: "a")
     }
 
+    @Test("--converge auto with postcopy allowed: the throttle goes first, and when it cannot finish in time (here: as long again as the first pass), postcopy does")
+    func autoTurnsToPostcopy() throws {
+        let lab = try TestLab(nics: 1, rate: Self.rate)
+        try lab.serve(on: "b")
+        _ = try lab.startDemoVM("hot", memory: 192, fill: 48, dirty: Self.dirty)
+        let (result, report) = try lab.migrate("hot", extra: ["--converge", "auto", "--postcopy", "allowed", "--max-throttle", "30",
+                                                              "--timeout", "120s"])
+        #expect(result.succeeded, "\(result.stdout)\(result.stderr)")
+        let r = try #require(report)
+        let throttle = try #require(r.convergence, "no convergence account: \(r.text)")
+        let account = try #require(r.postcopy, "auto never turned to postcopy: \(r.text)")
+        print("auto: \(throttle.summary)\npostcopy: \(account.summary)")
+        #expect(throttle.peakThrottlePercent > 0, "postcopy came before any throttle: \(throttle.summary)")
+        #expect(throttle.peakThrottlePercent <= 30, "the throttle went past its ceiling: \(throttle.summary)")
+        try lab.expectRunningAndHealthy("hot", on: "b")
+        lab.expectAbsent("hot", on: "a")
+    }
+
     @Test("a destination that cannot be a postcopy destination (no userfaultfd) refuses postcopy before anything moves, and the VM stays")
     func refusedWithoutUserfaultfd() throws {
         let lab = try TestLab(nics: 1)

@@ -80,16 +80,14 @@ struct ConvergenceTests {
         #expect(account.summary.contains("throttled from 4.2 s, up to 56%") && account.summary.contains("111.0 MiB/s"), "\(account.summary)")
     }
 
-    @Test("auto turns to postcopy when the throttle is at its ceiling and not enough, or after 1.25 passes' time, never for a guest that converges")
+    @Test("auto turns to postcopy when a pass under the ceiling still needs more, or after as long again as the first pass, never for a guest that converges")
     func postcopySwitch() {
         let policy = ConvergencePolicy(ceiling: 80)
-        let guest: UInt64 = 1 << 30
-        let rate = 100 * mib  // a pass over the guest takes about 10 s
-        #expect(!policy.shouldSwitchToPostcopy(elapsedSeconds: 60, guestBytes: guest, rateBytesPerSecond: rate, current: 0, needed: 0))
-        #expect(!policy.shouldSwitchToPostcopy(elapsedSeconds: 11, guestBytes: guest, rateBytesPerSecond: rate, current: 40, needed: 60))
-        #expect(policy.shouldSwitchToPostcopy(elapsedSeconds: 13, guestBytes: guest, rateBytesPerSecond: rate, current: 40, needed: 60))
-        #expect(policy.shouldSwitchToPostcopy(elapsedSeconds: 5, guestBytes: guest, rateBytesPerSecond: rate, current: 80, needed: 80))
-        #expect(!policy.shouldSwitchToPostcopy(elapsedSeconds: 5, guestBytes: guest, rateBytesPerSecond: rate, current: 80, needed: 70))
-        #expect(!policy.shouldSwitchToPostcopy(elapsedSeconds: 60, guestBytes: guest, rateBytesPerSecond: 0, current: 40, needed: 60))
+        #expect(!policy.shouldSwitchToPostcopy(secondsSinceFirstPass: 60, firstPassSeconds: 10, current: 0, needed: 0))
+        #expect(!policy.shouldSwitchToPostcopy(secondsSinceFirstPass: 9, firstPassSeconds: 10, current: 40, needed: 60))
+        #expect(policy.shouldSwitchToPostcopy(secondsSinceFirstPass: 10, firstPassSeconds: 10, current: 40, needed: 60))
+        #expect(policy.shouldSwitchToPostcopy(secondsSinceFirstPass: 2, firstPassSeconds: 10, current: 80, needed: 80))
+        #expect(!policy.shouldSwitchToPostcopy(secondsSinceFirstPass: 2, firstPassSeconds: 10, current: 80, needed: 70))
+        #expect(!policy.shouldSwitchToPostcopy(secondsSinceFirstPass: 2, firstPassSeconds: 10, current: 30, needed: 80))
     }
 }

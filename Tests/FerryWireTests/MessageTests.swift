@@ -88,9 +88,9 @@ struct MessageTests {
     func negotiation() {
         #expect(ProtocolVersion.negotiate(peerMin: 1, peerMax: 1) == 1)
         #expect(ProtocolVersion.negotiate(peerMin: 1, peerMax: 2) == 2)
-        #expect(ProtocolVersion.negotiate(peerMin: 1, peerMax: 9) == 5)
-        #expect(ProtocolVersion.negotiate(peerMin: 3, peerMax: 9) == 5)
-        #expect(ProtocolVersion.negotiate(peerMin: 6, peerMax: 9) == nil)
+        #expect(ProtocolVersion.negotiate(peerMin: 1, peerMax: 9) == 6)
+        #expect(ProtocolVersion.negotiate(peerMin: 3, peerMax: 9) == 6)
+        #expect(ProtocolVersion.negotiate(peerMin: 7, peerMax: 9) == nil)
         #expect(ProtocolVersion.negotiate(peerMin: 0, peerMax: 0) == nil)
         #expect(ProtocolVersion.movableControl == 2 && ProtocolVersion.current >= ProtocolVersion.movableControl)
         #expect(ProtocolVersion.twoWayStreams == 3 && ProtocolVersion.current >= ProtocolVersion.twoWayStreams)

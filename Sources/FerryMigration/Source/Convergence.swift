@@ -96,22 +96,23 @@ public struct ConvergencePolicy: Sendable, Equatable {
         return (nil, max(1, needed - current))
     }
 
-    /// `--converge auto` with postcopy allowed: how long the throttle may try, as a multiple
-    /// of the time one pass over the whole guest takes at the carried rate, before postcopy
-    /// takes over. The first pass takes about one; postcopy then sends at most what is
-    /// left once more, so a migration stays within about twice a single pass.
-    public static let postcopyAfterPasses = 1.25
+    /// `--converge auto` with postcopy allowed: how long the throttle may try after QEMU's
+    /// first pass, as a multiple of the time that pass took (one pass over the guest at the
+    /// rate the link carries), before postcopy takes over. Postcopy then sends at most what
+    /// is left once more, so a migration stays within about twice or three times a single
+    /// pass even when the throttle cannot help.
+    public static let postcopyAfterPasses = 1.0
 
-    /// Whether `auto` should give up throttling for postcopy: the guest still needs more
-    /// than the ceiling allows (`needed` at the ceiling while already throttled to it), or
-    /// the migration has run past ``postcopyAfterPasses`` without converging.
+    /// Whether `auto` should give up throttling for postcopy: a pass run under the ceiling
+    /// still needs more (`current`, the throttle the latest measured pass ran at, is at the
+    /// ceiling and `needed` says no less), or the throttle has had ``postcopyAfterPasses``
+    /// first passes' time without the migration converging.
     /// `needed`: what ``needed(dirtyBytesPerSecond:carriedBytesPerSecond:current:before:)``
     /// says now (0: the passes halve on their own, so QEMU will finish).
-    public func shouldSwitchToPostcopy(elapsedSeconds: Double, guestBytes: UInt64, rateBytesPerSecond: Double,
-                                       current: Int, needed: Int) -> Bool {
-        guard needed > 0, rateBytesPerSecond > 0 else { return false }
+    public func shouldSwitchToPostcopy(secondsSinceFirstPass: Double, firstPassSeconds: Double, current: Int, needed: Int) -> Bool {
+        guard needed > 0 else { return false }
         if current >= ceiling && needed >= ceiling { return true }
-        return elapsedSeconds >= Self.postcopyAfterPasses * Double(guestBytes) / rateBytesPerSecond
+        return firstPassSeconds > 0 && secondsSinceFirstPass >= Self.postcopyAfterPasses * firstPassSeconds
     }
 }
 

@@ -87,8 +87,10 @@ public final class SourceMigration: @unchecked Sendable {
     var throttleWatch: (sync: UInt64, throttle: Int, measurements: [ConvergencePolicy.Measurement]) = (0, 0, [])
     /// `--probe`: the guest's network as seen from here, from the claim to the report.
     var networkProbe: NetworkProbe?
-    /// The switch to postcopy, once asked of QEMU (``startPostcopy``).
+    /// The switch to postcopy, once asked of QEMU (``considerPostcopy``), and when QEMU's
+    /// first pass was seen to end (seconds since the start).
     var postcopy: PostcopyAccount?
+    var firstPassEndedAt: Double?
     /// `ferry migrate --postcopy-now`: the operator asks for postcopy (set from a signal
     /// handler's thread; read by the migration's).
     let postcopyRequested = Locked(false)

@@ -188,6 +188,7 @@ extension SourceMigration {
     /// destination.
     private func considerPostcopy(_ info: MigrationInfo, _ state: inout TransferState, rate: Double?, qmp: QMPClient) throws(MigrateError) {
         guard session?.plan.isPostcopy == true, postcopy == nil, info.status == .active, track.journal.stopEventAt == nil else { return }
+        if info.dirtySyncCount >= 2 && firstPassEndedAt == nil { firstPassEndedAt = track.elapsed }
         var reason: String?
         if postcopyRequested.withLock({ $0 }) {
             reason = "asked by the operator"
@@ -201,12 +202,16 @@ extension SourceMigration {
                 let policy = ConvergencePolicy(ceiling: options.maxThrottlePercent)
                 let needed = policy.needed(dirtyBytesPerSecond: latest.dirtyBytesPerSecond, carriedBytesPerSecond: rate,
                                            current: latest.throttlePercent)
-                let elapsed = track.elapsed - (track.journal.migrateIssuedAt ?? 0)
-                if policy.shouldSwitchToPostcopy(elapsedSeconds: elapsed, guestBytes: info.totalBytes, rateBytesPerSecond: rate,
-                                                 current: info.cpuThrottlePercentage, needed: needed) {
-                    reason = info.cpuThrottlePercentage >= policy.ceiling
+                let firstPassEnd = firstPassEndedAt ?? track.elapsed
+                let firstPass = firstPassEnd - (track.journal.migrateIssuedAt ?? 0)
+                let since = track.elapsed - firstPassEnd
+                // `current`: the throttle the latest measured pass ran at, so that the
+                // ceiling counts as not enough only once a pass has run under it.
+                if policy.shouldSwitchToPostcopy(secondsSinceFirstPass: since, firstPassSeconds: firstPass,
+                                                 current: latest.throttlePercent, needed: needed) {
+                    reason = latest.throttlePercent >= policy.ceiling
                         ? "the throttle is at its ceiling and the guest still dirties too fast"
-                        : String(format: "the throttle had not finished after %.0f s", elapsed)
+                        : String(format: "the throttle had not finished %.0f s after QEMU's first pass, which took %.0f s", since, firstPass)
                 }
             default:
                 break
@@ -381,11 +386,11 @@ extension SourceMigration {
         // its first pass is done, and the throttle.
         if info.status == .active && track.journal.stopEventAt == nil {
             let average = track.journal.migrateIssuedAt.map { Double(bytes) / max(0.001, track.elapsed - $0) } ?? 0
-            try considerPostcopy(info, &state, rate: state.bestRate(average: average), qmp: qmp)
-            if info.dirtySyncCount >= 2 && !state.postcopy {
+            if info.dirtySyncCount >= 2 {
                 try budgetSwitchover(&state, qmp: qmp, scheduler: dataPath.scheduler, sync: info.dirtySyncCount, average: average)
             }
-            if !state.postcopy { try steerConvergence(info, rate: state.bestRate(average: average), qmp: qmp) }
+            try steerConvergence(info, rate: state.bestRate(average: average), qmp: qmp)
+            try considerPostcopy(info, &state, rate: state.bestRate(average: average), qmp: qmp)
         }
         track.show(streamBytes: bytes, bitsPerSecond: sampler.bitsPerSecond, channels: stats,
                  interfaceBitsPerSecond: sampler.interfaceBitsPerSecond)
