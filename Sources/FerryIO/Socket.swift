@@ -307,6 +307,15 @@ public final class Socket: @unchecked Sendable {
         setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
     }
 
+    /// Keeps at most `bytes` not yet sent in this TCP socket's buffer (TCP_NOTSENT_LOWAT): a
+    /// blocking send waits until the queue is below it, so what the sender queues next (a
+    /// chunk that must go ahead of the rest) waits behind that much, not behind a send
+    /// buffer autotuned to megabytes. Bytes sent and not yet acknowledged do not count.
+    public func setUnsentLowWater(_ bytes: Int) {
+        var value = Int32(clamping: max(1, bytes))
+        setsockopt(fd, Int32(IPPROTO_TCP), TCP_NOTSENT_LOWAT, &value, socklen_t(MemoryLayout<Int32>.size))
+    }
+
     /// Blocking reads fail with `.timedOut` after this long without data (nil: never).
     public func setReceiveTimeout(_ timeout: Duration?) { setTimeout(SO_RCVTIMEO, timeout) }
 

@@ -25,6 +25,9 @@ final class ChannelManager: @unchecked Sendable {
         var channelsPerPair: Int
         var connectTimeout: Duration
         var deadChannelTimeout: Duration
+        /// At most this much unsent in each channel's socket (nil: the kernel's autotuned
+        /// buffer): with postcopy, so that a requested page waits behind little bulk data.
+        var unsentLowWater: Int? = nil
     }
 
     private let plan: Plan
@@ -136,6 +139,7 @@ final class ChannelManager: @unchecked Sendable {
     private func connect(_ id: Int, _ pair: NICPair) throws -> FrameConnection {
         let socket = try Self.connect(over: pair, port: plan.port, timeout: plan.connectTimeout, logger: logger)
         socket.setUserTimeout(plan.deadChannelTimeout)
+        if let unsent = plan.unsentLowWater { socket.setUnsentLowWater(unsent) }
         let connection = FrameConnection(socket: socket)
         let proof = ChannelBinding.proof(bindKey: plan.bindKey, session: plan.session, channel: UInt32(id))
         try connection.send(.bind, BindMessage(version: plan.version, session: plan.session, channel: UInt32(id),

@@ -33,6 +33,11 @@ struct SourceTransport {
 }
 
 extension SourceMigration {
+    /// Postcopy: what a data channel's socket may hold unsent (``ChannelManager/Plan/unsentLowWater``).
+    /// A page asked for waits behind at most this on the channel it takes, and the channels
+    /// still keep the link busy (256 KiB is 2 ms at 1 Gbit/s).
+    static let postcopyUnsentLowWater = 256 << 10
+
     /// The name under which QEMU keeps the socket it migrates into (getfd).
     static let qemuStreamName = "ferry-migration"
 
@@ -81,7 +86,8 @@ extension SourceMigration {
         let manager = ChannelManager(
             plan: .init(pairs: pairs, port: accept.dataPort == 0 ? options.port : accept.dataPort, session: accept.session,
                         version: session.welcome.version, bindKey: session.bindKey, security: session.security, channelsPerPair: max(1, options.channelsPerEndpoint),
-                        connectTimeout: min(options.connectTimeout, .seconds(2)), deadChannelTimeout: options.deadChannelTimeout),
+                        connectTimeout: min(options.connectTimeout, .seconds(2)), deadChannelTimeout: options.deadChannelTimeout,
+                        unsentLowWater: session.plan.isPostcopy ? Self.postcopyUnsentLowWater : nil),
             dataPath: dataPath, logger: logger, note: { [events] text in events.post(.note(text)) })
         let transport = SourceTransport(scheduler: scheduler, dataPath: dataPath, manager: manager, compression: compression,
                                         pairs: pairs, linkBitsPerSecond: linkSpeed, summary: summary)
