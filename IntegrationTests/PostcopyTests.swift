@@ -52,6 +52,38 @@ struct PostcopyTests {
         lab.expectAbsent("hot", on: "a")
     }
 
+    @Test("ferry migrate --postcopy-now: the operator switches a migration that would never finish; one without --postcopy allowed says it cannot")
+    func operatorSwitches() throws {
+        let lab = try TestLab(nics: 1, rate: Self.rate)
+        try lab.serve(on: "b")
+        _ = try lab.startDemoVM("hot", memory: 192, fill: 48, dirty: Self.dirty)
+        _ = try lab.startDemoVM("cold", memory: 128, fill: 16, dirty: 1)
+        // Without --postcopy allowed, the request is refused and the migration goes on.
+        let plain = RunningMigration(lab, "hot", extra: ["--converge", "none", "--timeout", "60s"])
+        try #require(plain.wait(forPhase: .transferring))
+        let refused = try lab.a.ferry(["migrate", "--postcopy-now", "hot"])
+        #expect(refused.status == 1 && refused.stderr.contains("--postcopy allowed"), "\(refused.stdout)\(refused.stderr)")
+        #expect(try lab.a.ferry(["migrate", "--cancel", "hot"]).succeeded)
+        let (cancelled, _) = try plain.finish()
+        #expect(cancelled.status == 4, "\(cancelled.stdout)\(cancelled.stderr)")
+        // With it, and no convergence of its own, the operator's switch finishes it.
+        let running = RunningMigration(lab, "hot", extra: ["--converge", "none", "--postcopy", "allowed", "--timeout", "120s"])
+        try #require(running.wait(forStreamBytes: 60 << 20))
+        let asked = try lab.a.ferry(["migrate", "--postcopy-now", "hot"])
+        #expect(asked.succeeded, "\(asked.stdout)\(asked.stderr)")
+        let (result, report) = try running.finish()
+        #expect(result.succeeded, "\(result.stdout)\(result.stderr)")
+        let account = try #require(report?.postcopy, "no postcopy in the report")
+        #expect(account.reason == "asked by the operator")
+        #expect(account.completedAt != nil)
+        #expect(running.progress.contains { $0.phase == MigrationPhase.postcopy.rawValue }, "progress never showed the postcopy phase")
+        try lab.expectRunningAndHealthy("hot", on: "b")
+        lab.expectAbsent("hot", on: "a")
+        // Nothing running for it: a clear error.
+        let none = try lab.a.ferry(["migrate", "--postcopy-now", "cold"])
+        #expect(none.status == 1 && none.stderr.contains("no migration"), "\(none.stderr)")
+    }
+
     @Test("a destination that cannot be a postcopy destination (no userfaultfd) refuses postcopy before anything moves, and the VM stays")
     func refusedWithoutUserfaultfd() throws {
         let lab = try TestLab(nics: 1)

@@ -82,6 +82,11 @@ public struct VMPaths: Sendable {
     /// `ferry migrate --cancel` asks a `ferry drain` to cancel this VM's migration (and no
     /// other of the drain's) by this file and SIGUSR1.
     public var cancelRequest: String { directory + "/cancel.request" }
+    /// `ferry migrate --postcopy-now` asks the `ferry migrate` or `ferry drain` moving this VM
+    /// to switch it to postcopy by this file and SIGUSR1; the answer comes back in
+    /// ``postcopyAnswer`` (`accepted`, or why not).
+    public var postcopyRequest: String { directory + "/postcopy.request" }
+    public var postcopyAnswer: String { directory + "/postcopy.answer" }
     public var qmpSocket: String { directory + "/qmp.sock" }
     public var serialLog: String { directory + "/serial.log" }
     public var qemuLog: String { directory + "/qemu.log" }

@@ -17,6 +17,12 @@ final class StopSignals {
 
     init(name: String, migration: SourceMigration) {
         owner.check("StopSignals")
+        // `ferry migrate --postcopy-now NAME`: its request file, then SIGUSR1.
+        signal(SIGUSR1, SIG_IGN)
+        let postcopy = DispatchSource.makeSignalSource(signal: SIGUSR1, queue: .global())
+        postcopy.setEventHandler { migration.answerPostcopyRequest() }
+        postcopy.resume()
+        sources.append(postcopy)
         for number in [SIGINT, SIGTERM] {
             // The default action would end the process mid-migration; dispatch takes the
             // signal instead.
@@ -43,6 +49,35 @@ final class StopSignals {
         sources = []
         signal(SIGINT, SIG_DFL)
         signal(SIGTERM, SIG_DFL)
+        signal(SIGUSR1, SIG_DFL)
+    }
+}
+
+/// `ferry migrate --postcopy-now NAME`: asks the `ferry migrate` or `ferry drain` moving NAME
+/// to switch it to postcopy now, and says what it answered.
+enum PostcopyNow {
+    static func run(name: String, store: VMStore, wait: Duration = .seconds(5)) throws {
+        let paths = store.vmPaths(name)
+        guard let pid = RunningMigrationFile.runningPID(paths) else {
+            throw UserError("no migration of '\(name)' is running on this host")
+        }
+        try? FileManager.default.removeItem(atPath: paths.postcopyAnswer)
+        guard FileManager.default.createFile(atPath: paths.postcopyRequest, contents: Data("\(getpid())\n".utf8)), kill(pid, SIGUSR1) == 0 else {
+            throw UserError("cannot ask the migration of \(name) (pid \(pid)) to switch to postcopy: \(errnoDescription(errno))")
+        }
+        let deadline = ContinuousClock.now + wait
+        while ContinuousClock.now < deadline {
+            if let answer = try? String(contentsOfFile: paths.postcopyAnswer, encoding: .utf8) {
+                try? FileManager.default.removeItem(atPath: paths.postcopyAnswer)
+                let text = answer.trimmingCharacters(in: .whitespacesAndNewlines)
+                guard text == "accepted" else { throw UserError("the migration of \(name) cannot switch to postcopy: \(text)") }
+                print("\(name) switches to postcopy at the migration's next look at QEMU (within a second); its report says when it did")
+                return
+            }
+            usleep(50_000)
+        }
+        try? FileManager.default.removeItem(atPath: paths.postcopyRequest)
+        throw UserError("the migration of \(name) (pid \(pid)) did not answer within \(Int(wait.seconds)) s")
     }
 }
 

@@ -250,6 +250,9 @@ final class DrainSignals {
         signal(SIGUSR1, SIG_IGN)
         let one = DispatchSource.makeSignalSource(signal: SIGUSR1, queue: .global())
         one.setEventHandler {
+            for name in run.answerPostcopyRequests() {
+                FileHandle.standardError.write(Data("\nferry drain: \(name): postcopy asked for (ferry migrate --postcopy-now)\n".utf8))
+            }
             let cancelled = run.cancelRequested()
             if !cancelled.isEmpty {
                 FileHandle.standardError.write(Data(("\nferry drain: cancelling " + cancelled.joined(separator: ", ") + " (ferry migrate --cancel): it rolls back and keeps running here\n").utf8))

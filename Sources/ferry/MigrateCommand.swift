@@ -24,6 +24,10 @@ struct Migrate: ParsableCommand {
             (from any shell on this host) cancel a migration until its commit point: QEMU's migration is cancelled, the VM keeps
             running here and the destination discards its copy. After the commit point it is too late, and the migration
             completes. `--cancel` exits 0 when the VM stayed here, 1 when there was nothing to cancel or it was too late.
+
+            With --postcopy allowed the VM may run at the destination before all its memory is there (--converge postcopy
+            or auto, or `ferry migrate --postcopy-now NAME` from any shell on this host). From the switch on no stop is
+            granted, and until the last page is there the VM needs both hosts.
             """)
 
     @Argument(help: "The VM to migrate.")
@@ -34,6 +38,9 @@ struct Migrate: ParsableCommand {
 
     @Flag(help: "Cancel the migration of NAME that a `ferry migrate` on this host is running, and wait until it has rolled back.")
     var cancel = false
+
+    @Flag(name: .customLong("postcopy-now"), help: "Switch the running migration of NAME (started with --postcopy allowed) to postcopy now: the VM runs at the destination and faults in the rest of its memory.")
+    var postcopyNow = false
 
     @OptionGroup var tuning: TuningOptions
 
@@ -55,8 +62,11 @@ struct Migrate: ParsableCommand {
 
     func validate() throws {
         if let problem = VMSpec.validateName(name) { throw ValidationError(problem) }
-        if cancel && to != nil { throw ValidationError("--cancel stops a running migration: give the VM's name, not --to") }
-        if !cancel && to == nil { throw ValidationError("Missing expected argument '--to <to>'") }
+        if cancel && postcopyNow { throw ValidationError("--cancel and --postcopy-now cannot go together") }
+        if (cancel || postcopyNow) && to != nil {
+            throw ValidationError("--\(cancel ? "cancel" : "postcopy-now") acts on a running migration: give the VM's name, not --to")
+        }
+        if !cancel && !postcopyNow && to == nil { throw ValidationError("Missing expected argument '--to <to>'") }
         if let probe, probeOptions(probe) == nil { throw ValidationError("--probe: '\(probe)' is not IPV4-ADDRESS[:PORT]") }
     }
 
@@ -76,6 +86,9 @@ struct Migrate: ParsableCommand {
         signal(SIGPIPE, SIG_IGN)
         if cancel {
             return try CancelMigration.run(name: name, store: host.store)
+        }
+        if postcopyNow {
+            return try PostcopyNow.run(name: name, store: host.store)
         }
         guard let to else { throw ValidationError("Missing expected argument '--to <to>'") }
         if to.isThisHost {

@@ -180,6 +180,13 @@ public final class DrainRun: @unchecked Sendable {
         return running.compactMap { name, m in m.stop(.cancelled) == .accepted ? name : nil }.sorted()
     }
 
+    /// Answers the `ferry migrate --postcopy-now` requests for this drain's running
+    /// migrations; the names of the VMs asked about.
+    public func answerPostcopyRequests() -> [String] {
+        let running = monitor.withLock { migrations }
+        return running.compactMap { name, migration in migration.answerPostcopyRequest() ? name : nil }.sorted()
+    }
+
     /// Cancels the migrations whose VMs have a cancel request (`ferry migrate --cancel`),
     /// and only those; their names.
     public func cancelRequested() -> [String] {

@@ -113,11 +113,25 @@ public final class SourceMigration: @unchecked Sendable {
     }
 
     /// `ferry migrate --postcopy-now`: switch to postcopy at the next poll, if the migration
-    /// may (`--postcopy allowed` and the destination agreed). False if it may not.
-    public func requestPostcopy() -> Bool {
-        guard session?.plan.isPostcopy ?? (options.postcopy == .allowed) else { return false }
+    /// may (`--postcopy allowed` and the destination agreed). nil if granted, else why not.
+    public func requestPostcopy() -> String? {
+        if postcopy != nil { return "the migration is in postcopy already" }
+        guard options.postcopy == .allowed else { return "the migration was not started with --postcopy allowed" }
+        if let plan = session?.plan, !plan.isPostcopy { return "postcopy is not possible with this destination or these disks (see the report's events)" }
         postcopyRequested.withLock { $0 = true }
-        events.post(.note("the operator asked for postcopy"))
+        events.post(.note("the operator asked for postcopy (ferry migrate --postcopy-now)"))
+        return nil
+    }
+
+    /// Answers a `ferry migrate --postcopy-now` for this migration's VM, if one is waiting
+    /// (its request file); true if there was one.
+    @discardableResult
+    public func answerPostcopyRequest() -> Bool {
+        let paths = store.vmPaths(name)
+        guard FileManager.default.fileExists(atPath: paths.postcopyRequest) else { return false }
+        try? FileManager.default.removeItem(atPath: paths.postcopyRequest)
+        let answer = requestPostcopy() ?? "accepted"
+        FileManager.default.createFile(atPath: paths.postcopyAnswer, contents: Data((answer + "\n").utf8))
         return true
     }
 
