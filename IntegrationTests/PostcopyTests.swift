@@ -84,6 +84,29 @@ struct PostcopyTests {
         #expect(none.status == 1 && none.stderr.contains("no migration"), "\(none.stderr)")
     }
 
+    @Test("in postcopy a NIC pulled fails over, and with every NIC down past --link-timeout the migration waits and resumes when they come back: the VM is never lost")
+    func nicsLostInPostcopy() throws {
+        let lab = try TestLab(nics: 2, rate: "100mbit")
+        try lab.serve(on: "b")
+        _ = try lab.startDemoVM("hot", memory: 256, fill: 128, dirty: Self.dirty)
+        let running = RunningMigration(lab, "hot", extra: ["--converge", "postcopy", "--postcopy", "allowed", "--link-timeout", "3s",
+                                                           "--timeout", "300s"])
+        try #require(running.wait(forPhase: .postcopy, timeout: .seconds(120)), "the migration never reached postcopy")
+        try lab.lab.setNIC("a", nic: 0, up: false)
+        Thread.sleep(forTimeInterval: 1)
+        try lab.lab.setNIC("a", nic: 1, up: false)
+        Thread.sleep(forTimeInterval: 6)  // twice the link timeout, with no NIC at all
+        try lab.lab.setNIC("a", nic: 0, up: true)
+        try lab.lab.setNIC("a", nic: 1, up: true)
+        let (result, report) = try running.finish(timeout: .seconds(180))
+        #expect(result.succeeded, "\(result.stdout)\(result.stderr)")
+        let r = try #require(report)
+        #expect(r.postcopy?.completedAt != nil, "\(r.text)")
+        #expect(r.events.contains { $0.what.contains("channel") && $0.what.contains("failed") }, "no channel failed: \(r.text)")
+        try lab.expectRunningAndHealthy("hot", on: "b")
+        lab.expectAbsent("hot", on: "a")
+    }
+
     @Test("a destination that cannot be a postcopy destination (no userfaultfd) refuses postcopy before anything moves, and the VM stays")
     func refusedWithoutUserfaultfd() throws {
         let lab = try TestLab(nics: 1)

@@ -84,6 +84,9 @@ public final class ControlLink: @unchecked Sendable {
 
     public let role: Role
     public let options: Options
+    /// How long the link may go without a connection before it fails: `options.rejoinTimeout`
+    /// until ``waitForever()`` (under `lock`).
+    private var rejoinLimit: Duration?
     private let rejoiner: Rejoiner?
     private let note: @Sendable (String) -> Void
     private let sendLock = Monitor()
@@ -133,6 +136,7 @@ public final class ControlLink: @unchecked Sendable {
         precondition(role == .destination || !options.movable || rejoiner != nil, "a movable source link needs a way to rejoin")
         self.role = role
         self.options = options
+        self.rejoinLimit = options.rejoinTimeout
         self.rejoiner = rejoiner
         self.note = note
         self.interface = interface
@@ -400,6 +404,16 @@ public final class ControlLink: @unchecked Sendable {
         connection?.shutdown()
     }
 
+    /// From now on the link never gives up on a lost connection: the source keeps trying
+    /// to rejoin and the destination keeps waiting (postcopy, where the VM needs both hosts
+    /// and ending the session would leave its QEMUs paused).
+    public func waitForever() {
+        lock.withLock {
+            rejoinLimit = nil
+            changed.broadcast()
+        }
+    }
+
     /// The keeper: heartbeats and stall checks while connected; rejoining (source) or
     /// waiting to be rejoined (destination) while not; the link's failure when that takes
     /// longer than `rejoinTimeout`.
@@ -408,15 +422,15 @@ public final class ControlLink: @unchecked Sendable {
         var stalls = StallWatch(limitMilliseconds: UInt32(options.stallTimeout.milliseconds))
         let started = ContinuousClock.now
         while true {
-            let (connection, lostState, ending) = lock.withLock { () -> (FrameConnection?, (since: ContinuousClock.Instant, reason: String, interface: String?, path: String)?, Bool) in
+            let (connection, lostState, ending, limit) = lock.withLock { () -> (FrameConnection?, (since: ContinuousClock.Instant, reason: String, interface: String?, path: String)?, Bool, Duration?) in
                 _ = changed.wait(timeout: .milliseconds(100))
-                return (current, lost, closed || failure != nil)
+                return (current, lost, closed || failure != nil, rejoinLimit)
             }
             if ending { return }
             if let connection {
                 tend(connection, &stalls, now: (ContinuousClock.now - started).seconds)
             } else if let lostState {
-                if ContinuousClock.now - lostState.since > options.rejoinTimeout {
+                if let limit, ContinuousClock.now - lostState.since > limit {
                     let last = lock.withLock { lastAttemptError }
                     failLink("the connection over \(lostState.path) failed (\(lostState.reason)) and "
                              + (role == .source ? "no new one reached the destination" : "the source did not come back")

@@ -150,7 +150,9 @@ public final class SendScheduler: @unchecked Sendable {
     private var peakOutstanding = 0
     /// How long the transfer may go on with no channel at all, waiting for a NIC to come
     /// back, before it fails. Zero: fail as soon as the last channel is gone.
-    private let noChannelGrace: Duration
+    /// How long the transport may have no channel before it fails (nil: never; under the
+    /// monitor).
+    private var noChannelGrace: Duration?
     private var noChannelsSince: ContinuousClock.Instant?
     /// Time the channels were behind QEMU: chunks waited for a channel, or QEMU's reader
     /// waited for the window (the channels' socket buffers hold the window's worth, so on
@@ -394,7 +396,7 @@ public final class SendScheduler: @unchecked Sendable {
             retransmittedByteCount += (urgent + requeue).reduce(0) { $0 + UInt64($1.byteCount) }
         }
         if liveChannels.isEmpty && failure == nil {
-            if noChannelGrace == .zero {
+            if noChannelGrace == Duration.zero {
                 failure = .noChannelsLeft(reason)
             } else {
                 noChannelsSince = ContinuousClock.now
@@ -428,6 +430,15 @@ public final class SendScheduler: @unchecked Sendable {
         if let failure { throw failure }
     }
 
+    /// From now on the transport waits for a channel however long it has none (postcopy:
+    /// giving up would leave the VM's two QEMUs paused).
+    public func waitForChannelsForever() {
+        monitor.withLock {
+            noChannelGrace = nil
+            if noChannelsSince == nil && liveChannels.isEmpty { noChannelsSince = ContinuousClock.now }
+        }
+    }
+
     /// Fails the transport if it has had no channel for longer than the grace period.
     /// Returns the time without channels so far (nil: there are channels).
     @discardableResult
@@ -436,8 +447,8 @@ public final class SendScheduler: @unchecked Sendable {
         defer { monitor.unlock() }
         guard let since = noChannelsSince else { return nil }
         let elapsed = ContinuousClock.now - since
-        if elapsed > noChannelGrace && failure == nil {
-            failure = .noChannelsLeft("\(lastChannelError); no NIC came back within \(Int(noChannelGrace.seconds)) s")
+        if let grace = noChannelGrace, elapsed > grace && failure == nil {
+            failure = .noChannelsLeft("\(lastChannelError); no NIC came back within \(Int(grace.seconds)) s")
             wakeAll()
         }
         return elapsed

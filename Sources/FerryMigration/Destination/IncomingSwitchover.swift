@@ -210,6 +210,11 @@ extension DestinationSession {
     /// QEMU's sockets) lives until then; `postcopyDone` tells the source, with what the guest
     /// waited for pages.
     private func finishPostcopy(dataPath: DestinationDataPath, qmp: QMPClient, name: String) throws(IncomingError) {
+        // The source waits for a NIC however long every one is down; so does this side:
+        // the control link, and the sender of the return path (which would otherwise fail
+        // with its last channel).
+        link?.waitForever()
+        dataPath.reverse?.scheduler.waitForChannelsForever()
         var qemuCompleted = false
         var lastCheck = Stopwatch()
         while !(qemuCompleted && dataPath.isComplete) {

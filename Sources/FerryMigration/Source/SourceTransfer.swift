@@ -93,6 +93,11 @@ extension SourceMigration {
     /// destination's needs this one's pages.
     func finishPostcopy(_ transport: SourceTransport, link: ControlLink, qmp: QMPClient) throws(MigrateError) {
         try move(to: .postcopy)
+        // Giving up now would leave both QEMUs paused with the VM split between them: with
+        // every NIC down the channels and the control connection wait for one to come back,
+        // however long (the destination's session waits as long), and carry on from there.
+        transport.scheduler.waitForChannelsForever()
+        link.waitForever()
         let streamCount = session?.plan.streamCount ?? 2
         var qemuDone = false
         var ends = Set<UInt32>()
