@@ -7,8 +7,7 @@ import Foundation
 import Testing
 
 /// `--converge`: a guest that dirties its memory faster than the link carries it.
-@Suite("Convergence by throttling", .serialized,
-       .enabled(if: Env.canRunEndToEnd && Env.runSoaks, "with the soaks (FERRY_SOAKS=1) while --converge is opt-in; needs root, QEMU and the demo guest"))
+@Suite("Convergence by throttling", .serialized, .enabled(if: Env.canRunEndToEnd, "needs root, QEMU and the demo guest"))
 struct ThrottleTests {
     /// One NIC at 300 Mbit/s (about 36 MiB/s) and a guest that rewrites its memory as fast
     /// as its vCPU can for half of every 100 ms (the rate it asks for is more than TCG

@@ -48,6 +48,12 @@ public struct BenchRun: Codable, Sendable {
     public var diskCopySeconds: Double? = nil
     /// The guest's own disk writes while it migrated (its workload's count), MiB/s.
     public var guestDiskWriteMiBPerSecond: Double? = nil
+    /// A guest that keeps writing its memory: its rate before the migration and while it
+    /// migrated (its heartbeats' rewritten pages), MiB/s.
+    public var guestWriteMiBPerSecondBefore: Double? = nil
+    public var guestWriteMiBPerSecondDuring: Double? = nil
+    /// Ferry only: its switch to postcopy, if it made one (the report's).
+    public var postcopy: PostcopyAccount? = nil
     /// The slowest of those writes, ms (an active mirror makes each wait for the copy).
     public var guestSlowestDiskWriteMilliseconds: Double? = nil
     /// Ferry only: bytes per interface over time, and the report's events.
@@ -144,6 +150,7 @@ extension BenchResult {
         out.append(contentsOf: pauseTable)
         out.append(contentsOf: networkTable)
         out.append(contentsOf: diskTable)
+        out.append(contentsOf: convergenceTable)
         let failures = runs.filter { !$0.succeeded }
         if !failures.isEmpty {
             out.append("")
@@ -207,6 +214,36 @@ extension BenchResult {
             out.append("| \(mode.label) | \(String(format: "%.0f", outage.median)) | \(String(format: "%.0f", outage.high)) | "
                        + "\(over.map { String(format: "%.0f", $0.median) } ?? "-") | \(lost.map { String(format: "%.0f", $0.median) } ?? "-") | "
                        + "\(broken) of \(probed.count) | \(probed.count) |")
+        }
+        return out
+    }
+
+    /// A guest that writes faster than the link: per mode, how many runs completed within
+    /// the cap, the whole migration against one pass over the guest at the line rate, the
+    /// write rate the guest kept, and the guest's pause.
+    var convergenceTable: [String] {
+        guard runs.contains(where: { $0.guestWriteMiBPerSecondBefore != nil }) else { return [] }
+        let guestBytes = Double((scenario.fillMiB + 256 + scenario.fillMiB / 8) << 20)
+        let pass = scenario.lineRateBitsPerSecond.map { guestBytes * 8 / $0 }
+        var out = ["", "A guest writing faster than the link (cap \(scenario.capSeconds ?? 900) s"
+                   + (pass.map { String(format: "; guest RAM at the line rate %.1f s", $0) } ?? "") + "):", "",
+                   "| mode | completed | total s (p50) | of RAM/line rate | guest writes MiB/s before | during (p50) | kept | guest pause ms (p50) | postcopy page wait p99 ms |",
+                   "|---|---|---|---|---|---|---|---|---|"]
+        for mode in modes {
+            let all = runs.filter { $0.mode == mode }
+            let ok = runs(mode)
+            let total = stat(mode) { $0.totalSeconds }
+            let before = Stat(all.compactMap(\.guestWriteMiBPerSecondBefore))
+            // Over every run, completed or not: a guest slowed in vain was slowed all the same.
+            let during = Stat(all.compactMap(\.guestWriteMiBPerSecondDuring))
+            let kept = Stat(all.compactMap { r in r.guestWriteMiBPerSecondBefore.flatMap { b in r.guestWriteMiBPerSecondDuring.map { $0 / max(b, 0.001) } } })
+            let pause = stat(mode) { $0.guestPauseMilliseconds }
+            let wait = stat(mode) { $0.postcopy?.latencyP99Milliseconds }
+            out.append("| \(mode.label) | \(ok.count)/\(all.count) | \(total.map { String(format: "%.1f", $0.median) } ?? "-") | "
+                       + "\(zip2(total, pass).map { String(format: "%.2f", $0.0.median / $0.1) } ?? "-") | "
+                       + "\(before.map { String(format: "%.1f", $0.median) } ?? "-") | \(during.map { String(format: "%.1f", $0.median) } ?? "-") | "
+                       + "\(kept.map { String(format: "%.2f", $0.median) } ?? "-") | \(pause.map { String(format: "%.0f", $0.median) } ?? "-") | "
+                       + "\(wait.map { String(format: "%.1f", $0.median) } ?? "-") |")
         }
         return out
     }
@@ -319,4 +356,10 @@ extension BenchResult {
     static func escape(_ text: String) -> String {
         text.replacingOccurrences(of: "&", with: "&amp;").replacingOccurrences(of: "<", with: "&lt;").replacingOccurrences(of: ">", with: "&gt;")
     }
+}
+
+
+private func zip2<A, B>(_ a: A?, _ b: B?) -> (A, B)? {
+    guard let a, let b else { return nil }
+    return (a, b)
 }

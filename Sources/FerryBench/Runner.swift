@@ -191,6 +191,18 @@ public final class BenchRunner {
             }
             // What the VM's users see: the lab's client probes the guest throughout.
             let probe = try? ClientProbe(lab: lab, binary: binary, address: guestAddress(source.spec.name))
+            // A guest that keeps writing: its rate alone first, to compare the rate it keeps
+            // while it migrates with.
+            if scenario.dirtyMiBPerSecond > 0 { Thread.sleep(forTimeInterval: 3) }
+            let migrationStart = watcher.now
+            // The guest's write rates, whether or not the migration completes.
+            defer {
+                if scenario.dirtyMiBPerSecond > 0 {
+                    let end = watcher.now
+                    run.guestWriteMiBPerSecondBefore = watcher.memoryWriteMiBPerSecond(from: 0, to: migrationStart)
+                    run.guestWriteMiBPerSecondDuring = watcher.memoryWriteMiBPerSecond(from: migrationStart, to: end)
+                }
+            }
             if mode.isFerry {
                 destinationLog = to.store.vmPaths(vm).serialLog
                 watcher.add(path: destinationLog)
@@ -236,7 +248,9 @@ public final class BenchRunner {
         var args = ["vm", "run", vm, "--memory", "\(scenario.fillMiB + 256 + scenario.fillMiB / 8)M", "--cpus", "2",
                                   "--kernel", guest.kernel, "--initrd", guest.initrd,
                                   "--append", GuestImage.append(fillMiB: scenario.fillMiB, dirtyMiBPerSecond: scenario.dirtyMiBPerSecond,
-                                                                fill: scenario.fill, verifyMiBPerSecond: 32)
+                                                                fill: scenario.fill,
+                                                                // A hot guest writes as fast as it can instead of idling.
+                                                                verifyMiBPerSecond: scenario.dirtyMiBPerSecond >= 100 ? nil : 32)
                                       + (scenario.diskMiB > 0 ? diskAppend : "")
                                       + " ferry.ip=\(guestAddress(vm))/\(Lab.vmNetworkPrefix)",
                     "--nic", "bridge=\(Lab.vmBridge)"]
@@ -280,6 +294,9 @@ public final class BenchRunner {
         if mode == .ferryNoCompression { args += ["--compress", "none"] }
         if mode == .ferryLZ4 { args += ["--compress", "lz4"] }
         if mode == .ferryZstd { args += ["--compress", "zstd"] }
+        if mode == .ferryThrottle { args += ["--converge", "throttle"] }
+        if mode == .ferryPostcopy { args += ["--converge", "postcopy", "--postcopy", "allowed"] }
+        if let cap = scenario.capSeconds { args += ["--timeout", "\(cap)s"] }
         let started = ContinuousClock.now
         let result = try from.ferry(args)
         run.totalSeconds = (ContinuousClock.now - started).seconds
@@ -289,6 +306,8 @@ public final class BenchRunner {
               let report = try? decoder.decode(MigrationReport.self, from: data) else {
             throw BenchError("ferry migrate wrote no report: \(result.stdout.suffix(300))")
         }
+        run.events = report.events
+        run.postcopy = report.postcopy
         guard report.succeeded else { throw BenchError("ferry migrate failed: \(report.error ?? "?")") }
         // With disks, the transfer starts with their copies.
         let startedAt = report.events.first { $0.what.hasPrefix("copying") || $0.what.hasPrefix("QEMU started migrating") }?.at ?? 0
@@ -308,6 +327,7 @@ public final class BenchRunner {
         run.timeline = report.timeline
         run.events = report.events
         run.destinationWaits = report.destinationWaits
+        run.postcopy = report.postcopy
         if let disks = report.disks, !disks.isEmpty {
             run.diskBytes = disks.compactMap(\.copiedBytes).reduce(0, +)
             run.diskCopySeconds = disks.first?.copySeconds
@@ -353,7 +373,13 @@ public final class BenchRunner {
             throw BenchError("cannot start the destination QEMU: \(launched.stderr)")
         }
         var handedOver = false
-        defer { if !handedOver { ProcessStats.terminate(pid: destPID) } }
+        defer {
+            if !handedOver {
+                ProcessStats.terminate(pid: destPID)
+                // Its persistent taps go with it (the caller removes them only after a success).
+                for nic in nics { _ = try? Command.run(["ip", "-n", lab.namespace("b"), "link", "del", nic.tapName]) }
+            }
+        }
         let dst = try QMPClient(path: paths.qmpSocket)
         let src = try QMPClient(path: source.paths.qmpSocket)
         // The guest's pause by QEMU's own events; `cont` at b the moment it has loaded, as
@@ -382,6 +408,7 @@ public final class BenchRunner {
             try q.setMigrationCapabilities([("multifd", multifd), ("events", true)])
             if multifd { try q.setMigrationParameters(["multifd-channels": 2]) }
         }
+        if mode == .qemuAutoConverge { try src.setMigrationCapabilities([("auto-converge", true)]) }
         try src.setMigrationParameters(["max-bandwidth": .number(100_000_000_000), "downtime-limit": 300])
         if disk {
             // As libvirt copies a disk: the destination serves its image over NBD (TCP, on b's
@@ -400,6 +427,7 @@ public final class BenchRunner {
         let started = ContinuousClock.now
         try src.execute("migrate", arguments: ["uri": .string(uri)])
         var mirrorDone = false
+        let cap = Int64(scenario.capSeconds ?? 900)
         while !dstDone.withLock({ $0 }) {
             // The event wakes this at once; the query, every 200 ms, catches a failure.
             _ = loaded.withLock { loadedSignal.wait(timeout: .milliseconds(200)) }
@@ -419,7 +447,10 @@ public final class BenchRunner {
                 throw BenchError("QEMU: migration \(s.status): \(s.errorDescription ?? "")")
             }
             if try dst.queryMigrate().status == .failed { throw BenchError("destination QEMU failed to load") }
-            if ContinuousClock.now - started > .seconds(900) { throw BenchError("timed out") }
+            if ContinuousClock.now - started > .seconds(cap) {
+                src.cancelMigration(timeout: .seconds(15))
+                throw BenchError("not completed within the cap of \(cap) s (QEMU alone, \(mode.rawValue)); the guest stays on a")
+            }
         }
         if disk { try dst.execute("nbd-server-stop") }
         try dst.execute("cont")

@@ -8,6 +8,8 @@ public struct Heartbeat: Sendable, Equatable {
     public var guestMilliseconds: UInt64
     public var errors: UInt64
     public var passes: UInt64
+    /// Pages the workload has rewritten since its fill (`gen=`), 4 KiB each.
+    public var rewrittenPages: UInt64
     public var ok: Bool
 
     public init?(line: Substring) {
@@ -22,6 +24,7 @@ public struct Heartbeat: Sendable, Equatable {
         guestMilliseconds = fields["ms"].flatMap { UInt64($0) } ?? 0
         errors = fields["errors"].flatMap { UInt64($0) } ?? 0
         passes = fields["passes"].flatMap { UInt64($0) } ?? 0
+        rewrittenPages = fields["gen"].flatMap { UInt64($0) } ?? 0
         ok = status.hasPrefix("OK") && errors == 0
     }
 }
@@ -106,6 +109,8 @@ public final class HeartbeatWatcher: @unchecked Sendable {
     private var firstDisk: (at: Double, written: UInt64)?
     private var lastDisk: (at: Double, written: UInt64)?
     private var _slowestDiskWrite = 0.0
+    /// Each heartbeat's rewritten pages, with when it was seen (watcher's seconds).
+    private var rewrites: [(at: Double, pages: UInt64)] = []
     private var stopped = false
     private let clock = ContinuousClock()
     private let origin = ContinuousClock.now
@@ -139,6 +144,19 @@ public final class HeartbeatWatcher: @unchecked Sendable {
             return Double(last.written - first.written) * 4096 / Double(1 << 20) / (last.at - first.at)
         }
     }
+    /// Seconds since the watch began (the time base of ``memoryWriteMiBPerSecond(from:to:)``).
+    public var now: Double { (ContinuousClock.now - origin).seconds }
+
+    /// The guest's memory rewrites between two moments of the watch, MiB/s (its
+    /// heartbeats' `gen=`, 4 KiB pages); nil without two heartbeats a second apart in it.
+    public func memoryWriteMiBPerSecond(from: Double, to: Double) -> Double? {
+        lock.withLock {
+            let inside = rewrites.filter { $0.at >= from && $0.at <= to }
+            guard let first = inside.first, let last = inside.last, last.at - first.at >= 1, last.pages >= first.pages else { return nil }
+            return Double(last.pages - first.pages) * 4096 / Double(1 << 20) / (last.at - first.at)
+        }
+    }
+
     public var heartbeatCount: Int { lock.withLock { _count } }
     public var sawErrors: Bool { lock.withLock { _errors } }
     public var sequenceWentBack: Bool { lock.withLock { _sequenceRegressed } }
@@ -190,6 +208,7 @@ public final class HeartbeatWatcher: @unchecked Sendable {
                 if let last = lastSequence { _skipped += hb.sequence - last - 1 }
                 lastSeenAt = now
                 lastSequence = hb.sequence
+                rewrites.append((now, hb.rewrittenPages))
                 _count += 1
                 if !hb.ok { _errors = true }
             }

@@ -23,7 +23,7 @@ struct Bench: ParsableCommand {
     @Option(help: "Runs per mode (default: 3).")
     var repeats = 3
 
-    @Option(help: "Modes to run, comma-separated: \(BenchMode.allCases.map(\.rawValue).joined(separator: ", ")) (default: all but ferry-lz4 and ferry-zstd).")
+    @Option(help: "Modes to run, comma-separated: \(BenchMode.allCases.map(\.rawValue).joined(separator: ", ")) (default: the scenario's own for the -hot scenarios, else all but ferry-lz4, ferry-zstd and those four).")
     var modes: String?
 
     @Option(help: "Where to write bench.md, bench.json and the SVGs (default: ./bench-out).")
@@ -63,7 +63,7 @@ struct Bench: ParsableCommand {
     /// Runs the bench and writes its files; returns what to print and whether a run failed.
     func measure() throws -> (text: String, failed: Bool) {
         let chosen = (scenarios.isEmpty ? BenchScenario.defaults : scenarios).compactMap { name in BenchScenario.catalog.first { $0.name == name } }
-        let modeList = try modes.map(parseModes) ?? BenchMode.defaults
+        let chosenModes = try modes.map(parseModes)
         let image = GuestImage()
         try image.build()
         try FileManager.default.createDirectory(atPath: out, withIntermediateDirectories: true)
@@ -89,7 +89,7 @@ struct Bench: ParsableCommand {
         }
         for scenario in chosen {
             FileHandle.standardError.write(Data("== \(scenario.name): \(scenario.summary)\n".utf8))
-            let runner = BenchRunner(scenario: scenario, modes: modeList, repeats: repeats, binary: SelfPath.executable, guest: image) { line in
+            let runner = BenchRunner(scenario: scenario, modes: chosenModes ?? scenario.modes ?? BenchMode.defaults, repeats: repeats, binary: SelfPath.executable, guest: image) { line in
                 FileHandle.standardError.write(Data("\(line)\n".utf8))
             }
             let result = try runner.run()

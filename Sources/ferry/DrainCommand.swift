@@ -34,8 +34,8 @@ struct TuningOptions: ParsableArguments {
     @Option(help: "Give up (the VM stays here) if the migration has not reached its commit point after this long, time spent queued included (default: 10m).")
     var timeout = DurationArgument(.seconds(600))
 
-    @Option(help: "A guest that dirties its memory faster than the link carries it: throttle slows its vCPUs as little as will let the migration finish (QEMU's auto-converge, steered by the rates Ferry measures); postcopy runs it at the destination once QEMU's first pass is done (needs --postcopy allowed); auto throttles, and turns to postcopy where allowed when the throttle cannot finish in time; none leaves it to --timeout (default: none for now: docs/ARCHITECTURE.md, \"Convergence\").")
-    var converge: ConvergeMode = .none
+    @Option(help: "A guest that dirties its memory faster than the link carries it: throttle slows its vCPUs as little as will let the migration finish (QEMU's auto-converge, steered by the rates Ferry measures); postcopy runs it at the destination once QEMU's first pass is done (needs --postcopy allowed); auto throttles, and turns to postcopy where allowed when the throttle cannot finish in time; none leaves it to --timeout (default: auto).")
+    var converge: ConvergeMode = .auto
 
     @Option(help: "never, or allowed: the migration may switch to postcopy, where the VM runs at the destination before all its memory is there; until it completes both hosts are needed, and a crash of either QEMU or either host loses the VM (default: never).")
     var postcopy: PostcopyPolicy = .never

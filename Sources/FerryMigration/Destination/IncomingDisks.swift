@@ -17,6 +17,8 @@ struct IncomingDisks {
     var created: [String] = []
     /// Copies whose NBD stream is open (each opens once).
     var opened = Set<Int>()
+    /// Their streams, as the source numbered them.
+    var streams = Set<UInt32>()
     /// The NBD server's socket, in the VM's directory, once it serves.
     var socket: String?
 }
@@ -127,6 +129,7 @@ extension DestinationSession {
                 + "this session serves no such stream")
         }
         guard disks.opened.insert(index).inserted else { throw .protocolViolation("disk \(index)'s copy opened twice") }
+        disks.streams.insert(open.stream)
         do {
             let connection = try Socket.connectUnix(path: socket)
             try dataPath.openTwoWay(stream: open.stream, socket: connection, priority: open.priority ?? 0)
@@ -138,8 +141,22 @@ extension DestinationSession {
 
     /// Before `cont`: the copies are complete (the source finished its mirrors before it
     /// sent the device state), and the VM must not run with its disks still exported.
-    func stopServingDisks(_ qmp: QMPClient) throws(IncomingError) {
+    /// The source closed its NBD clients before the device state too, but the last bytes
+    /// they sent (the disconnect) may still be on their way through the channels when QEMU
+    /// has loaded the VM: the server is stopped only once each copy's stream has been
+    /// written to it whole, or it would close under them, their write fail and the session
+    /// with it (seen once in CI, when the device state overtook the NBD stream's tail).
+    func stopServingDisks(_ qmp: QMPClient, dataPath: DestinationDataPath? = nil) throws(IncomingError) {
         guard disks.socket != nil else { return }
+        if let dataPath {
+            let streams = disks.streams
+            let waited = Stopwatch()
+            while !streams.allSatisfy({ dataPath.isWritten(half: $0) }) && waited.elapsed < 5 { usleep(500) }
+            if waited.elapsed >= 5 {
+                logger.warning("a disk copy's stream was not written whole 5 s after the VM loaded; stopping its NBD server anyway",
+                               metadata: ["vm": "\(vmName ?? "?")"])
+            }
+        }
         do {
             try qmp.execute("nbd-server-stop")
         } catch {

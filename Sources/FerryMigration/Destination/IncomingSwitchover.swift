@@ -138,7 +138,7 @@ extension DestinationSession {
         times.lastByte = postcopy ? Date().timeIntervalSince1970 : dataPath.completionTime
         // The disk copies are complete (the source completed its mirrors before it sent the
         // device state QEMU has just loaded): no more writes come through the NBD server.
-        if let qmp { try stopServingDisks(qmp) }
+        if let qmp { try stopServingDisks(qmp, dataPath: dataPath) }
         times.prepareStarted = Date().timeIntervalSince1970
         try record(.prepared, for: name)
         times.prepared = Date().timeIntervalSince1970

@@ -48,8 +48,9 @@ public struct MigrationOptions: Sendable {
     /// `--cpus`: the cores the data path's threads run on (nil: the default choice).
     public var cpus: CPUSet?
     /// `--converge` and `--max-throttle` (``ConvergencePolicy``).
-    /// Off by default for now (docs/ARCHITECTURE.md, "Convergence").
-    public var converge: ConvergeMode = .none
+    /// `auto` by default: the throttle where a guest outpaces the link, postcopy where
+    /// allowed (docs/ARCHITECTURE.md, "Convergence").
+    public var converge: ConvergeMode = .auto
     public var maxThrottlePercent = 99
     /// `--postcopy`: whether the migration may switch to postcopy.
     public var postcopy: PostcopyPolicy = .never

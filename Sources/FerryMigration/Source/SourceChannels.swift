@@ -122,7 +122,7 @@ extension SourceMigration {
         }
         track.note("QEMU started migrating (" + (plan.isPostcopy ? "main + preempt, postcopy possible" : "main + \(plan.multifdChannels) multifd") + ")"
                  + (self.transport?.qemuStreamKind.map { ", into \($0)" } ?? "")
-                 + "; its downtime limit is held at \(SwitchoverBudget.heldLimitMilliseconds(converging: options.converge != .none)) ms through its first pass")
+                 + "; its downtime limit is held at \(SwitchoverBudget.heldLimitMilliseconds) ms through its first pass")
     }
 
     /// QEMU's streams into the data path; returns the URI QEMU migrates to.
@@ -204,7 +204,7 @@ extension SourceMigration {
                 "max-bandwidth": .number(100_000_000_000),
                 // Held at 0 through QEMU's first pass; the transfer then gives it its share
                 // of the --downtime budget (``SwitchoverBudget``).
-                "downtime-limit": .number(Double(SwitchoverBudget.heldLimitMilliseconds(converging: options.converge != .none))),
+                "downtime-limit": .number(Double(SwitchoverBudget.heldLimitMilliseconds)),
             ]
             if plan.multifdChannels > 0 { params["multifd-channels"] = .number(Double(plan.multifdChannels)) }
             if plan.isPostcopy {

@@ -18,10 +18,11 @@ import Foundation
 /// it never does, so at the first pass's end it sees nothing left and completes, syncing
 /// only then, and the pause carries everything the guest dirtied during the first pass
 /// (2.2 s for a guest dirtying 20 MiB/s over 200 Mbit/s, against 253 ms held at 1 ms).
-/// Held at 1 ms only with `--converge` for now (``heldLimitMilliseconds(converging:)``): at
-/// 1 ms one CI run failed `DiskTests.killedWhileCopying` under load (the destination
-/// closed every connection right after `loaded`, the VM stayed on the source), which is
-/// to be understood before every migration takes that path. Once Ferry sees the first pass done (QEMU's second dirty sync) it
+/// Held at 1 ms for every migration since session 13 (``heldLimitMilliseconds``; session
+/// 12 held it there only with `--converge`, after one CI run failed
+/// `DiskTests.killedWhileCopying` under load with it: the destination stopped its NBD
+/// server while the disk copy's last bytes, the source's disconnect, were still on their
+/// way, and their write failed the session; it now waits for them). Once Ferry sees the first pass done (QEMU's second dirty sync) it
 /// shrinks the window to what the link carries in ``lateWindowSeconds`` and gives QEMU the
 /// budget: the target minus the time that window and QEMU's socket buffer take to drain at
 /// the best rate the channels have carried (or the NIC pairs' speeds), minus
@@ -39,10 +40,10 @@ struct SwitchoverBudget: Equatable {
     /// QEMU never gets less than this share of the target (a link too slow for the
     /// promise still converges; the report then shows the pause it got).
     static let minimumShare = 0.1
-    /// The downtime limit QEMU has from `migrate` until its first pass is done: with
-    /// `--converge`, the least above none, so that QEMU makes more passes (and its
-    /// auto-converge can see them); without, 0, as before session 12.
-    static func heldLimitMilliseconds(converging: Bool) -> Int { converging ? 1 : 0 }
+    /// The downtime limit QEMU has from `migrate` until its first pass is done: the least
+    /// above none, so that QEMU syncs its dirty bitmap and makes more passes (and its
+    /// auto-converge can see them).
+    static let heldLimitMilliseconds = 1
 
     /// The budget's share QEMU gets after its dirty sync number `sync` (2: the first pass
     /// done, a quarter; then a half; from the fourth on, all of it).
