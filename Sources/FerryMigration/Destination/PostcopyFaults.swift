@@ -1,6 +1,14 @@
 import FerryIO
 import Foundation
 
+/// Moves bytes from `bytes` at `i` into `buffer` until it holds `count`; true once it does.
+private func fill(_ buffer: inout [UInt8], to count: Int, from bytes: UnsafeRawBufferPointer, at i: inout Int) -> Bool {
+    let take = min(count - buffer.count, bytes.count - i)
+    buffer += bytes[i..<(i + take)]
+    i += take
+    return buffer.count == count
+}
+
 /// A page of guest RAM as QEMU names it on its streams: the RAM block's name and the page's
 /// offset in it.
 struct GuestPage: Hashable, Sendable {
@@ -33,20 +41,14 @@ struct ReturnPathReader: Sendable {
         var i = 0
         while i < bytes.count && !lost {
             if header.count < 4 {
-                let take = min(4 - header.count, bytes.count - i)
-                header += bytes[i..<(i + take)]
-                i += take
-                if header.count == 4 {
+                if fill(&header, to: 4, from: bytes, at: &i) {
                     type = UInt16(header[0]) << 8 | UInt16(header[1])
                     length = Int(UInt16(header[2]) << 8 | UInt16(header[3]))
                     payload.removeAll(keepingCapacity: true)
                 }
                 if header.count < 4 || length > 0 { continue }
-            } else {
-                let take = min(length - payload.count, bytes.count - i)
-                payload += bytes[i..<(i + take)]
-                i += take
-                if payload.count < length { continue }
+            } else if !fill(&payload, to: length, from: bytes, at: &i) {
+                continue
             }
             if let page = message() { pages.append(page) }
             header.removeAll(keepingCapacity: true)
@@ -98,10 +100,7 @@ struct PreemptPageReader: Sendable {
         while i < bytes.count && !lost {
             switch step {
             case .word:
-                let take = min(8 - word.count, bytes.count - i)
-                word += bytes[i..<(i + take)]
-                i += take
-                guard word.count == 8 else { continue }
+                guard fill(&word, to: 8, from: bytes, at: &i) else { continue }
                 let value = word.reduce(UInt64(0)) { $0 << 8 | UInt64($1) }
                 word.removeAll(keepingCapacity: true)
                 flags = value & UInt64(Self.targetPageSize - 1)
@@ -127,10 +126,7 @@ struct PreemptPageReader: Sendable {
                 step = length == 0 ? .body(flags & Self.zero != 0 ? 1 : Self.targetPageSize) : .name(length)
                 if length == 0 { block = "" }
             case .name(let length):
-                let take = min(length - name.count, bytes.count - i)
-                name += bytes[i..<(i + take)]
-                i += take
-                guard name.count == length else { continue }
+                guard fill(&name, to: length, from: bytes, at: &i) else { continue }
                 block = String(decoding: name, as: UTF8.self)
                 step = .body(flags & Self.zero != 0 ? 1 : Self.targetPageSize)
             case .body(let left):

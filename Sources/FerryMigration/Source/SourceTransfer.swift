@@ -152,15 +152,8 @@ extension SourceMigration {
             takeLinkNotes()
             if track.elapsed - lastPoll >= Self.progressPollInterval {
                 lastPoll = track.elapsed
-                let info: MigrationInfo
-                do {
-                    info = try qmp.queryMigrate()
-                } catch {
-                    throw .qemu(.lost(error))
-                }
-                track.journal.lastInfo = info
+                let info = try qemuAccount(qmp)
                 if info.status == .completed { qemuDone = true }
-                try checkQEMU(info.status, reason: info.errorDescription)
                 let bytes = transport.dataPath.streamByteCount
                 let stats = transport.dataPath.channelStats
                 track.journal.timeline.append(sampler.sample(now: track.elapsed, streamBytes: bytes, channels: stats))
@@ -341,10 +334,8 @@ extension SourceMigration {
         }
     }
 
-    /// QEMU's account of its migration: progress for the display and the timeline, and its
-    /// end if the MIGRATION event has not told it yet.
-    private func poll(_ qmp: QMPClient, _ state: inout TransferState, _ sampler: inout RateSampler,
-                      dataPath: SourceDataPath) throws(MigrateError) {
+    /// QEMU's `query-migrate`, kept in the journal; a failed or cancelled migration throws.
+    private func qemuAccount(_ qmp: QMPClient) throws(MigrateError) -> MigrationInfo {
         let info: MigrationInfo
         do {
             info = try qmp.queryMigrate()
@@ -353,6 +344,14 @@ extension SourceMigration {
         }
         track.journal.lastInfo = info
         try checkQEMU(info.status, reason: info.errorDescription)
+        return info
+    }
+
+    /// QEMU's account of its migration: progress for the display and the timeline, and its
+    /// end if the MIGRATION event has not told it yet.
+    private func poll(_ qmp: QMPClient, _ state: inout TransferState, _ sampler: inout RateSampler,
+                      dataPath: SourceDataPath) throws(MigrateError) {
+        let info = try qemuAccount(qmp)
         if !diskCopies.isEmpty && !diskCopiesFinished {
             // A mirror that fails after it caught up (the source image cannot be read, its
             // NBD connection broke) ends the migration now, not at the switchover.
