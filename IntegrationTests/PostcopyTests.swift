@@ -107,6 +107,47 @@ struct PostcopyTests {
         lab.expectAbsent("hot", on: "a")
     }
 
+    @Test("in postcopy `ferry migrate` killed: both QEMUs pause; `ferry migrate` run again resumes the migration in a new session, and the VM completes at the destination")
+    func migrateKilledInPostcopy() throws {
+        let lab = try TestLab(nics: 2, rate: "100mbit")
+        try lab.serve(on: "b")
+        _ = try lab.startDemoVM("hot", memory: 256, fill: 128, dirty: Self.dirty)
+        let running = RunningMigration(lab, "hot", extra: ["--converge", "postcopy", "--postcopy", "allowed", "--timeout", "300s"])
+        try #require(running.wait(forPhase: .postcopy, timeout: .seconds(120)), "the migration never reached postcopy")
+        let pids = ChaosTests.pids(of: [Env.ferry, "migrate", "hot"])
+        try #require(!pids.isEmpty, "no ferry migrate process to kill")
+        for pid in pids { kill(pid, SIGKILL) }
+        _ = try running.finish(timeout: .seconds(30))
+        // The record says committed into postcopy: a second `ferry migrate` resumes it.
+        let (result, report) = try lab.migrate("hot", extra: ["--timeout", "300s"])
+        #expect(result.succeeded, "\(result.stdout)\(result.stderr)")
+        let r = try #require(report)
+        #expect(r.postcopy?.resumedAt?.isEmpty == false, "\(r.text)")
+        #expect(r.postcopy?.completedAt != nil, "\(r.text)")
+        try lab.expectRunningAndHealthy("hot", on: "b")
+        lab.expectAbsent("hot", on: "a")
+    }
+
+    @Test("in postcopy the destination's `ferry serve` killed and restarted: `ferry migrate` resumes the migration in a new session with it, and the VM completes")
+    func serveKilledInPostcopy() throws {
+        let lab = try TestLab(nics: 2, rate: "100mbit")
+        let serve = try lab.serve(on: "b")
+        _ = try lab.startDemoVM("hot", memory: 256, fill: 128, dirty: Self.dirty)
+        let running = RunningMigration(lab, "hot", extra: ["--converge", "postcopy", "--postcopy", "allowed", "--timeout", "300s"])
+        try #require(running.wait(forPhase: .postcopy, timeout: .seconds(120)), "the migration never reached postcopy")
+        kill(serve, SIGKILL)
+        _ = ProcessStats.waitForExit(pid: serve, timeout: .seconds(5))
+        Thread.sleep(forTimeInterval: 1)
+        try lab.serve(on: "b")  // as systemd would
+        let (result, report) = try running.finish(timeout: .seconds(180))
+        #expect(result.succeeded, "\(result.stdout)\(result.stderr)")
+        let r = try #require(report)
+        #expect(r.postcopy?.resumedAt?.isEmpty == false, "\(r.text)")
+        #expect(r.postcopy?.completedAt != nil, "\(r.text)")
+        try lab.expectRunningAndHealthy("hot", on: "b")
+        lab.expectAbsent("hot", on: "a")
+    }
+
     @Test("a destination that cannot be a postcopy destination (no userfaultfd) refuses postcopy before anything moves, and the VM stays")
     func refusedWithoutUserfaultfd() throws {
         let lab = try TestLab(nics: 1)

@@ -58,7 +58,7 @@ final class TestLab: @unchecked Sendable {
 
     /// With FERRY_TEST_LOGS=DIR, each QEMU's own log (a crash's assertion is only there)
     /// outlives the lab, as DIR/LAB/HOST-VM-qemu.log.
-    private func keepQEMULogs() {
+    func keepQEMULogs() {
         guard let dir = ProcessInfo.processInfo.environment["FERRY_TEST_LOGS"], !dir.isEmpty else { return }
         let fm = FileManager.default
         let out = dir + "/" + lab.name
@@ -151,8 +151,10 @@ final class TestLab: @unchecked Sendable {
 final class RunningMigration: Sendable {
     let progressPath: String
     private let outcome = Locked<(CommandResult, MigrationReport?)?>(nil)
+    private let lab: TestLab
 
     init(_ lab: TestLab, _ name: String, from: String = "a", to: String = "b", extra: [String] = []) {
+        self.lab = lab
         progressPath = lab.lab.directory + "/progress-\(UUID().uuidString.prefix(8)).jsonl"
         let args = extra + ["--progress-file", progressPath]
         let outcome = self.outcome
@@ -220,7 +222,9 @@ final class RunningMigration: Sendable {
     func finish(timeout: Duration = .seconds(120)) throws -> (CommandResult, MigrationReport?) {
         let deadline = ContinuousClock.now + timeout
         while outcome.current == nil && ContinuousClock.now < deadline { Thread.sleep(forTimeInterval: 0.1) }
-        return try #require(outcome.current, "ferry migrate did not finish in time")
+        if outcome.current == nil { lab.keepQEMULogs() }  // the lab outlives the test while the migration runs
+        let last = GuestConsole(path: progressPath).text.split(separator: "\n").suffix(3).joined(separator: "\n")
+        return try #require(outcome.current, "ferry migrate did not finish in time; its last progress:\n\(last)")
     }
 }
 

@@ -178,8 +178,8 @@ public struct RunState: Sendable, Equatable {
 }
 
 extension QMPClient {
-    public func queryMigrate() throws(QMPError) -> MigrationInfo {
-        MigrationInfo(try execute("query-migrate"))
+    public func queryMigrate(timeout: Duration = .seconds(10)) throws(QMPError) -> MigrationInfo {
+        MigrationInfo(try execute("query-migrate", timeout: timeout))
     }
 
     /// Cancels QEMU's outgoing migration (`migrate_cancel`) and waits, up to `timeout`, until

@@ -77,7 +77,12 @@ public final class QMPClient: @unchecked Sendable {
     }
 
     /// Connects, reads the greeting and enters command mode.
-    public init(path: String, timeout: Duration = .seconds(10), logger: Logger = Logger(label: "ferry.qmp")) throws(QMPError) {
+    /// `outOfBand`: negotiates QEMU's `oob` capability where QEMU offers it, so that
+    /// ``execute(_:arguments:passing:timeout:outOfBand:)`` can run a command QEMU allows out
+    /// of band (`migrate-recover`, `migrate-pause`) in its monitor's thread, while its main
+    /// thread is blocked.
+    public init(path: String, timeout: Duration = .seconds(10), outOfBand: Bool = false,
+                logger: Logger = Logger(label: "ferry.qmp")) throws(QMPError) {
         self.path = path
         self.logger = logger
         answered = monitor.makeCondition()
@@ -109,8 +114,17 @@ public final class QMPClient: @unchecked Sendable {
         if let v = qmp["version"]?["qemu"] {
             qemuVersion = "\(v["major"]?.int ?? 0).\(v["minor"]?.int ?? 0).\(v["micro"]?.int ?? 0)"
         }
-        _ = try execute("qmp_capabilities", timeout: timeout)
+        let offered = qmp["capabilities"]?.array?.contains { $0.string == "oob" } ?? false
+        if outOfBand && offered {
+            _ = try execute("qmp_capabilities", arguments: .object(["enable": .array([.string("oob")])]), timeout: timeout)
+            outOfBandEnabled = true
+        } else {
+            _ = try execute("qmp_capabilities", timeout: timeout)
+        }
     }
+
+    /// Out-of-band commands were negotiated (``init(path:timeout:outOfBand:logger:)``).
+    public private(set) var outOfBandEnabled = false
 
     deinit {
         socket.shutdown()
@@ -119,8 +133,10 @@ public final class QMPClient: @unchecked Sendable {
     /// Runs a command and returns its `return` value. `passing`: a descriptor sent along
     /// with the command (SCM_RIGHTS), for `getfd` and `add-fd`.
     @discardableResult
+    /// `outOfBand`: sent as `exec-oob` if the connection negotiated it (QEMU runs it at once
+    /// in its monitor's thread); else as usual.
     public func execute(_ command: String, arguments: JSONValue? = nil, passing descriptor: Int32? = nil,
-                        timeout: Duration = .seconds(10)) throws(QMPError) -> JSONValue {
+                        timeout: Duration = .seconds(10), outOfBand: Bool = false) throws(QMPError) -> JSONValue {
         monitor.lock()
         let id = nextID
         nextID += 1
@@ -128,7 +144,7 @@ public final class QMPClient: @unchecked Sendable {
         monitor.unlock()
         if isClosed { throw QMPError(socket: path, command: command, kind: .closed) }
 
-        var request: [String: JSONValue] = ["execute": .string(command), "id": .number(Double(id))]
+        var request: [String: JSONValue] = [outOfBand && outOfBandEnabled ? "exec-oob" : "execute": .string(command), "id": .number(Double(id))]
         if let arguments { request["arguments"] = arguments }
         var line = Array(JSONValue.object(request).description.utf8)
         line.append(UInt8(ascii: "\n"))

@@ -137,10 +137,13 @@ public final class DestinationDataPath: @unchecked Sendable {
         let monitor = self.monitor
         self.ackNeeded = monitor.makeCondition()
         self.progress = monitor.makeCondition()
+        // Every stream's state before any writer runs: a writer signals the next stream's.
         for i in 0..<streamCount {
             let state = StreamState(ready: monitor.makeCondition())
             state.twoWay = eagerMigrationStreams
             streams[UInt32(i)] = state
+        }
+        for i in 0..<streamCount {
             spawn("ferry-wr-\(i)", core: i) { [self] in writeLoop(UInt32(i)) }
         }
         spawn("ferry-acks") { [self] in ackLoop() }
@@ -290,7 +293,16 @@ public final class DestinationDataPath: @unchecked Sendable {
         }
         receivedPayloadBytes += UInt64(size)
         if header.sequence < stream.nextSequence || stream.pending[header.sequence] != nil {
-            duplicateChunks += 1  // sent again after a channel failed, but it had arrived
+            // Sent again after a channel failed, but it had arrived. The source sends again
+            // only what it has not seen acknowledged: the acknowledgement that covered it was
+            // lost (sent into a channel that died), so one goes again. Without it a source
+            // whose whole window came back as duplicates would wait for it forever.
+            duplicateChunks += 1
+            if !ackDirty {
+                ackDirty = true
+                ackDirtySince = .now
+                if ackAsleep { ackNeeded.signal() }
+            }
             return
         }
         if let end = stream.end, header.sequence >= end.chunkCount {

@@ -88,6 +88,9 @@ public struct VMPaths: Sendable {
     public var postcopyRequest: String { directory + "/postcopy.request" }
     public var postcopyAnswer: String { directory + "/postcopy.answer" }
     public var qmpSocket: String { directory + "/qmp.sock" }
+    /// Where the QMP relay of a postcopy destination listens (``QMPRelay``), and its log.
+    public var qmpRelaySocket: String { directory + "/qmp-relay.sock" }
+    public var qmpRelayLog: String { directory + "/qmp-relay.log" }
     public var serialLog: String { directory + "/serial.log" }
     public var qemuLog: String { directory + "/qemu.log" }
     public var pidFile: String { directory + "/qemu.pid" }

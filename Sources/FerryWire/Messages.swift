@@ -5,7 +5,7 @@ import Foundation
 /// picks the highest version both speak. Policy: a release accepts the current and the
 /// previous protocol version (see docs/PROTOCOL.md, "Versioning").
 public enum ProtocolVersion {
-    public static let current: UInt16 = 6
+    public static let current: UInt16 = 7
     public static let oldestSupported: UInt16 = 1
     /// The first version whose control connection can move to another connection
     /// (`rejoin`, `rejoined`, `received`; docs/PROTOCOL.md, "The control connection moves").
@@ -26,6 +26,11 @@ public enum ProtocolVersion {
     /// and `postcopyDone`. A migration that may switch to postcopy refuses (or, under
     /// `--converge auto`, goes without postcopy with) a peer that chose an older version.
     public static let postcopy: UInt16 = 6
+    /// The first version that resumes a postcopy migration whose session was lost with a
+    /// daemon (``OfferMessage/resumeSession``): the destination QEMU listens again
+    /// (`migrate-recover`) and the source QEMU sends the rest (`migrate` with `resume`).
+    /// A source never offers a resume to a peer that chose an older version.
+    public static let postcopyResume: UInt16 = 7
 
     /// The highest version this process offers: ``current``, or lower for tests of mixed
     /// clusters (`FERRY_PROTOCOL_MAX`, never above ``current``).
@@ -335,8 +340,13 @@ public struct OfferMessage: Codable, Equatable, Sendable {
     /// Protocol v3, one per disk of `spec`: the bytes its image takes on the source's
     /// filesystem now (what a copy will need, at least; the destination checks its room).
     public var diskAllocatedBytes: [UInt64]?
+    /// Protocol v7: not a new migration but the rest of one that committed into postcopy
+    /// in this session (the session id of its handover record), whose session a daemon's
+    /// crash ended. The destination runs the VM already; its QEMU is to take the rest.
+    public var resumeSession: String?
     public init(spec: VMSpec, streams: StreamPlan, sourceHost: String, sourcePort: UInt16? = nil, linkTimeoutSeconds: Double? = nil,
-                sharedDiskTokens: [String?]? = nil, diskAllocatedBytes: [UInt64]? = nil) {
+                sharedDiskTokens: [String?]? = nil, diskAllocatedBytes: [UInt64]? = nil, resumeSession: String? = nil) {
+        self.resumeSession = resumeSession
         self.sharedDiskTokens = sharedDiskTokens
         self.diskAllocatedBytes = diskAllocatedBytes
         self.spec = spec

@@ -19,7 +19,7 @@ struct Ferry: ParsableCommand {
             Try it on one box:  ferry demo
             """,
         version: FerryVersion.version,
-        subcommands: [Serve.self, VM.self, Migrate.self, Drain.self, Status.self, Keygen.self, ConfigCommand.self, Guest.self, LabCommand.self, Demo.self, Bench.self, Probe.self])
+        subcommands: [Serve.self, VM.self, Migrate.self, Drain.self, Status.self, Keygen.self, ConfigCommand.self, Guest.self, LabCommand.self, Demo.self, Bench.self, Probe.self, QMPRelayCommand.self])
 
     /// The host configuration file first (its settings become environment variables the
     /// options fall back to), then the usual parsing.

@@ -88,14 +88,16 @@ struct MessageTests {
     func negotiation() {
         #expect(ProtocolVersion.negotiate(peerMin: 1, peerMax: 1) == 1)
         #expect(ProtocolVersion.negotiate(peerMin: 1, peerMax: 2) == 2)
-        #expect(ProtocolVersion.negotiate(peerMin: 1, peerMax: 9) == 6)
-        #expect(ProtocolVersion.negotiate(peerMin: 3, peerMax: 9) == 6)
-        #expect(ProtocolVersion.negotiate(peerMin: 7, peerMax: 9) == nil)
+        #expect(ProtocolVersion.negotiate(peerMin: 1, peerMax: 9) == 7)
+        #expect(ProtocolVersion.negotiate(peerMin: 3, peerMax: 9) == 7)
+        #expect(ProtocolVersion.negotiate(peerMin: 6, peerMax: 6) == 6)
+        #expect(ProtocolVersion.negotiate(peerMin: 8, peerMax: 9) == nil)
         #expect(ProtocolVersion.negotiate(peerMin: 0, peerMax: 0) == nil)
         #expect(ProtocolVersion.movableControl == 2 && ProtocolVersion.current >= ProtocolVersion.movableControl)
         #expect(ProtocolVersion.twoWayStreams == 3 && ProtocolVersion.current >= ProtocolVersion.twoWayStreams)
         #expect(ProtocolVersion.guestNICs == 4 && ProtocolVersion.current >= ProtocolVersion.guestNICs)
         #expect(ProtocolVersion.hostQueries == 5 && ProtocolVersion.current >= ProtocolVersion.hostQueries)
+        #expect(ProtocolVersion.postcopy == 6 && ProtocolVersion.postcopyResume == 7 && ProtocolVersion.current >= ProtocolVersion.postcopyResume)
     }
 
     @Test("rejoin proofs: only the key holder can continue a session's control connection, and the counts cannot be changed")

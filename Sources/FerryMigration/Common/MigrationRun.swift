@@ -195,7 +195,8 @@ struct LocalQEMU {
     var cpuSeconds: Double? { (cpuEnd ?? ProcessStats.cpuSeconds(pid: pid)).map { $0 - cpuStart } }
 
     /// Attaches to the VM's QEMU and checks that it has no migration under way.
-    static func attach(socket: String, pid: Int32) throws(QEMUFailure) -> LocalQEMU {
+    /// `duringPostcopy`: the QEMU of a postcopy being resumed, whose migration is under way.
+    static func attach(socket: String, pid: Int32, duringPostcopy: Bool = false) throws(QEMUFailure) -> LocalQEMU {
         let cpuStart = ProcessStats.cpuSeconds(pid: pid) ?? 0
         let qmp: QMPClient
         do {
@@ -211,8 +212,8 @@ struct LocalQEMU {
         } catch {
             throw .command(doing: "query the VM's QEMU", error)
         }
-        if current.status.isInProgress { throw .busy(current.status) }
-        return LocalQEMU(qmp: qmp, pid: pid, wasRunning: running, cpuStart: cpuStart)
+        if current.status.isInProgress && !duringPostcopy { throw .busy(current.status) }
+        return LocalQEMU(qmp: qmp, pid: pid, wasRunning: running, cpuStart: cpuStart, migrateStarted: duringPostcopy)
     }
 
     /// The rollback both kinds of migration share: QEMU's migration cancelled if it was

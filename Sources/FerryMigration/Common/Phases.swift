@@ -38,15 +38,17 @@ extension PhaseGraph where Phase == MigrationPhase {
         .preparing: [.queued, .connecting],
         .queued: [.preparing, .startingDestination],
         .connecting: [.negotiating],
-        .negotiating: [.sendingBootFiles, .startingDestination],
+        // A resume of postcopy that failed on the way tries again from the connection.
+        .negotiating: [.sendingBootFiles, .startingDestination, .connecting],
         .sendingBootFiles: [.startingDestination],
-        .startingDestination: [.queued, .openingChannels],
-        .openingChannels: [.copyingDisks, .transferring],
+        .startingDestination: [.queued, .openingChannels, .connecting],
+        .openingChannels: [.copyingDisks, .transferring, .postcopy, .connecting],
         .copyingDisks: [.transferring],
         .transferring: [.switchover, .committing],
         .switchover: [.committing],
         .committing: [.postcopy, .done],
-        .postcopy: [.done],
+        // A postcopy whose session was lost goes on in a new one (``SourceMigration/resumePostcopy``).
+        .postcopy: [.done, .connecting],
     ]) }
 
     /// A same-host update: a new QEMU, device state only, then `cont` in the new one.

@@ -26,9 +26,14 @@ enum IncomingPhase: String, Sendable {
     case committed
     /// The source said `abort`: nothing will ever commit this copy.
     case aborted
+    /// The rest of a postcopy migration whose session a daemon's crash ended: the VM runs
+    /// here already (committed in that session) and its QEMU takes the pages it lacks. A
+    /// failure leaves it as it is, for another resume.
+    case resuming
 
     static let graph = PhaseGraph<IncomingPhase>(next: [
-        .offered: [.receivingBootFiles, .queued, .aborted],
+        .offered: [.receivingBootFiles, .queued, .aborted, .resuming],
+        .resuming: [.committed],
         .receivingBootFiles: [.queued, .aborted],
         .queued: [.loading, .aborted],
         .loading: [.prepared, .aborted],
@@ -111,6 +116,13 @@ final class DestinationSession: @unchecked Sendable {
     var disks = IncomingDisks()
     /// The source switched to postcopy and the device state is loaded here.
     var postcopy = false
+    /// In postcopy after the commit (``finishPostcopy``): a resume of the same VM may
+    /// supersede this session (read by the server's threads, under `lock`).
+    var isInPostcopy: Bool {
+        get { lock.withLock { inPostcopy } }
+        set { lock.withLock { inPostcopy = newValue } }
+    }
+    private var inPostcopy = false
     /// With postcopy possible: what the guest's page faults waited.
     var faultClock: PostcopyFaultClock?
 
@@ -153,6 +165,10 @@ final class DestinationSession: @unchecked Sendable {
                                metadata: ["vm": "\(spec?.name ?? "?")", "source": "\(sourceDaemon.host):\(sourceDaemon.port)"])
             case .committed:
                 break  // the record says committed: the reconciler keeps trying to run it
+            case .resuming:
+                // The VM runs here and needs the source's pages: another resume may bring them.
+                logger.warning("the VM runs here and waits for its missing pages until the source resumes the migration",
+                               metadata: ["vm": "\(spec?.name ?? "?")", "source": "\(sourceDaemon.host):\(sourceDaemon.port)"])
             default:
                 discardDestinationCopy()
             }
@@ -219,7 +235,7 @@ final class DestinationSession: @unchecked Sendable {
     }
 
     /// The control connection becomes a link (see ``ControlLink``) once `accept` is sent.
-    private func openLink(_ offer: OfferMessage) -> ControlLink {
+    func openLink(_ offer: OfferMessage) -> ControlLink {
         var options = ControlLink.Options(movable: version >= ProtocolVersion.movableControl)
         // The source gives up after its link timeout; this side waits a little longer,
         // so that it is the source that decides.
@@ -280,6 +296,10 @@ final class DestinationSession: @unchecked Sendable {
             throw .peer(.wire(.unexpectedFrame(first.type, expected: "offer or resolve")))
         }
         let offer = try peer { try ControlCoding.decode(OfferMessage.self, from: first) }
+        if let original = offer.resumeSession {
+            try resumePostcopy(offer, session: original)
+            return
+        }
         let missing = try accept(offer)
         try receiveBootFiles(missing)
         try waitForTurn(vm: offer.spec.name)
@@ -375,21 +395,19 @@ final class DestinationSession: @unchecked Sendable {
         try move(to: .loading)
         let spec = self.spec ?? offer.spec
         try createDiskImages(for: spec)
-        let (record, qmp): (VMRecord, QMPClient)
+        let (record, started): (VMRecord, QMPClient)
         do {
-            (record, qmp) = try store.start(spec: spec, incoming: true, migratedFrom: sourceHost)
+            (record, started) = try store.start(spec: spec, incoming: true, migratedFrom: sourceHost)
         } catch {
             throw .qemu("cannot start QEMU here: \(error)")
         }
-        self.qmp = qmp
         qemuPID = record.state.pid
         vmLock = try? VMLock(paths: record.paths, name: offer.spec.name)
-        qmp.eventHandler = { [events, resumedAt] event in
-            if event.name == "MIGRATION", let status = event.data["status"]?.string {
-                events.post(.qemuStatus(MigrationStatus(qemuName: status), at: event.timestamp))
-            }
-            if event.name == "RESUME" { resumedAt.withLock { $0 = event.timestamp } }
-        }
+        // Postcopy: QEMU's monitor through a relay that outlives this daemon (``QMPRelay``),
+        // so that a successor can resume the migration if this one crashes.
+        let qmp = offer.streams.isPostcopy ? try relayQMP(started, paths: record.paths) : started
+        self.qmp = qmp
+        watch(qmp)
         do {
             // late-block-activate with disks: QEMU would take a shared image's locks (and
             // write access) as soon as it has loaded the VM, before the commit; a rollback
@@ -410,9 +428,36 @@ final class DestinationSession: @unchecked Sendable {
             throw .qemu("cannot prepare QEMU for the incoming migration: \(error)")
         }
         try serveDiskCopies(qmp, paths: record.paths)
-        let incomingPath = record.paths.incomingSocket
+        let dataPath = makeDataPath(offer.streams, incomingPath: record.paths.incomingSocket)
+        self.dataPath = dataPath
+        try announceReady(qmp)
+        return (qmp, dataPath)
+    }
+
+    /// `ready` tells the source to start; from here its frames come as events.
+    func announceReady(_ qmp: QMPClient) throws(IncomingError) {
+        let link = try controlLinkOrFail
+        try peer { try link.send(.ready, ReadyMessage(qemuVersion: qmp.qemuVersion)) }
+        server.startedTransfer(self)
+        link.startPump("ferry-control-rx", frame: { [events] in events.post(.frame($0)) },
+                       lost: { [events] in events.post(.controlLost($0)) })
+    }
+
+    /// QEMU's MIGRATION and RESUME events, to the session's thread.
+    func watch(_ qmp: QMPClient) {
+        qmp.eventHandler = { [events, resumedAt] event in
+            if event.name == "MIGRATION", let status = event.data["status"]?.string {
+                events.post(.qemuStatus(MigrationStatus(qemuName: status), at: event.timestamp))
+            }
+            if event.name == "RESUME" { resumedAt.withLock { $0 = event.timestamp } }
+        }
+    }
+
+    /// The data path that writes the streams into QEMU's socket at `incomingPath` (and,
+    /// in postcopy, reads its return path back), with the fault clock postcopy keeps.
+    func makeDataPath(_ streams: StreamPlan, incomingPath: String) -> DestinationDataPath {
         let dataPath = DestinationDataPath(
-            streamCount: offer.streams.streamCount, twoWay: !disks.copied.isEmpty, twoWayMigrationStreams: offer.streams.isPostcopy,
+            streamCount: streams.streamCount, twoWay: !disks.copied.isEmpty, twoWayMigrationStreams: streams.isPostcopy,
             cpus: server.options.cpus ?? CPUSet.automatic(), logger: logger,
             connector: { _ in
                 let socket = try Socket.connectUnix(path: incomingPath)
@@ -421,7 +466,7 @@ final class DestinationSession: @unchecked Sendable {
             },
             onFailure: { [events] error in events.post(.dataFailed(error)) })
         dataPath.onComplete = { [events] in events.post(.streamsComplete) }
-        if offer.streams.isPostcopy {
+        if streams.isPostcopy {
             // Postcopy's page requests out of QEMU's return path, their pages into it on the
             // preempt channel: how long the guest's faults waited.
             let clock = PostcopyFaultClock()
@@ -437,12 +482,6 @@ final class DestinationSession: @unchecked Sendable {
             default: break
             }
         }
-        self.dataPath = dataPath
-        let link = try controlLinkOrFail
-        try peer { try link.send(.ready, ReadyMessage(qemuVersion: qmp.qemuVersion)) }
-        server.startedTransfer(self)
-        link.startPump("ferry-control-rx", frame: { [events] in events.post(.frame($0)) },
-                       lost: { [events] in events.post(.controlLost($0)) })
-        return (qmp, dataPath)
+        return dataPath
     }
 }

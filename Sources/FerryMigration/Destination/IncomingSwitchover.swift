@@ -209,7 +209,9 @@ extension DestinationSession {
     /// source QEMU, over the streams, until QEMU has every page. The session (its data path,
     /// QEMU's sockets) lives until then; `postcopyDone` tells the source, with what the guest
     /// waited for pages.
-    private func finishPostcopy(dataPath: DestinationDataPath, qmp: QMPClient, name: String) throws(IncomingError) {
+    func finishPostcopy(dataPath: DestinationDataPath, qmp: QMPClient, name: String) throws(IncomingError) {
+        isInPostcopy = true
+        defer { isInPostcopy = false }
         // The source waits for a NIC however long every one is down; so does this side:
         // the control link, and the sender of the return path (which would otherwise fail
         // with its last channel).

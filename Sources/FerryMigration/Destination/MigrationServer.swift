@@ -337,6 +337,27 @@ public final class MigrationServer: @unchecked Sendable {
         return false
     }
 
+    /// A resume of a postcopy migration (``OfferMessage/resumeSession``) while the session
+    /// it continues still waits here for its source (which crashed, and came back as this
+    /// one): the older session is ended without touching the VM, which runs here. Its
+    /// data path closes QEMU's sockets, so that QEMU pauses the migration and can take the
+    /// new streams, and its monitor and lock are let go. Waited for (10 s at most);
+    /// returns whether it went.
+    @discardableResult
+    func supersedePostcopy(vm name: String, by newer: DestinationSession) -> Bool {
+        let older = lock.withLock { incomingNames[name].flatMap { sessions[$0] } }
+        guard let older, older !== newer, older.isInPostcopy, let link = older.link else { return older == nil }
+        logger.notice("a resume of the postcopy migration supersedes the session it continues",
+                      metadata: ["vm": "\(name)", "session": "\(older.session)"])
+        link.abandon("superseded: the source resumed the migration in a new session")
+        let deadline = ContinuousClock.now + .seconds(10)
+        while ContinuousClock.now < deadline {
+            if lock.withLock({ incomingNames[name] != older.session }) { return true }
+            Thread.sleep(forTimeInterval: 0.02)
+        }
+        return false
+    }
+
     /// Incoming migrations running and waiting now (`--max-migrations`), as `incoming.json` says.
     public var incoming: IncomingMigrations { admission.snapshot }
 

@@ -134,6 +134,9 @@ public struct PostcopyAccount: Codable, Sendable, Equatable {
     public var latencyP50Milliseconds: Double?
     public var latencyP99Milliseconds: Double?
     public var latencyMaxMilliseconds: Double?
+    /// When each resume began (seconds since the start): the session that carried postcopy
+    /// was lost with a daemon, and a new one took it on (``SourceMigration/resumePostcopy``).
+    public var resumedAt: [Double]?
 
     public init(requestedAt: Double, reason: String, remainingBytes: UInt64) {
         self.requestedAt = requestedAt
@@ -154,6 +157,9 @@ public struct PostcopyAccount: Codable, Sendable, Equatable {
             }
         }
         if let blocktimeMilliseconds { line += String(format: "; vCPUs blocked on missing pages %.0f ms in all (QEMU)", blocktimeMilliseconds) }
+        if let resumedAt, !resumedAt.isEmpty {
+            line += "; resumed in a new session \(resumedAt.count) time(s), at " + resumedAt.map { String(format: "%.1f s", $0) }.joined(separator: ", ")
+        }
         return line
     }
 }

@@ -59,9 +59,10 @@ extension SourceMigration {
             ? "zero-copy: spliced through pipes from QEMU's socket to the NICs, kept by reference until acknowledged"
             : "copied: read into pooled buffers" + (sealed ? ", sealed at send time" : "")
                 + (options.compression == .none ? "" : ", compressed when it pays")
+        let post = sessionSink()
         let dataPath = SourceDataPath(scheduler: scheduler, compression: zeroCopy ? nil : compression, zeroCopy: zeroCopy,
-                                      twoWay: twoWay, logger: logger) { [events] event in
-            events.post(.dataPath(event))
+                                      twoWay: twoWay, logger: logger) { event in
+            post(.dataPath(event))
         }
         dataPath.stallTimeout = options.stallTimeout
         dataPath.cpus = options.cpus ?? CPUSet.automatic()
@@ -126,7 +127,7 @@ extension SourceMigration {
     }
 
     /// QEMU's streams into the data path; returns the URI QEMU migrates to.
-    private func handStreams(to qmp: QMPClient, transport: SourceTransport, plan: StreamPlan, paths: VMPaths) throws(MigrateError) -> String {
+    func handStreams(to qmp: QMPClient, transport: SourceTransport, plan: StreamPlan, paths: VMPaths) throws(MigrateError) -> String {
         let dataPath = transport.dataPath
         if plan.streamCount == 1 {
             // One stream: QEMU gets its end of a socket pair (getfd, then `fd:`), made with
@@ -159,7 +160,8 @@ extension SourceMigration {
             throw .streamHandOff("cannot listen for QEMU's streams: \(error)")
         }
         self.transport?.listener = listener
-        startThread("ferry-accept") { [events, dataPath] in
+        let post = sessionSink()
+        startThread("ferry-accept") { [dataPath] in
             for id in 0..<UInt32(plan.streamCount) {
                 guard let socket = try? listener.accept() else { return }
                 if plan.isPostcopy {
@@ -169,13 +171,13 @@ extension SourceMigration {
                     do {
                         try dataPath.addTwoWayMigrationStream(id, socket: socket, priority: id == StreamPlan.preemptStream ? 1 : 0)
                     } catch {
-                        events.post(.dataPath(.failed((error as? TransportError) ?? .aborted("\(error)"))))
+                        post(.dataPath(.failed((error as? TransportError) ?? .aborted("\(error)"))))
                         return
                     }
                 } else {
                     dataPath.addStream(id, socket: socket)
                 }
-                events.post(.streamAccepted(id))
+                post(.streamAccepted(id))
             }
         }
         return "unix:\(paths.outgoingSocket)"

@@ -94,6 +94,17 @@ public final class SourceMigration: @unchecked Sendable {
     /// `ferry migrate --postcopy-now`: the operator asks for postcopy (set from a signal
     /// handler's thread; read by the migration's).
     let postcopyRequested = Locked(false)
+    /// Counts the sessions of this migration: a postcopy resumed after its session was lost
+    /// runs a new one (``resumePostcopy``), and the old one's threads may still report.
+    let sessionGeneration = Locked(0)
+
+    /// Posts the events of the current session only (see ``sessionGeneration``).
+    func sessionSink() -> @Sendable (Event) -> Void {
+        let mine = sessionGeneration.current
+        return { [events, sessionGeneration] event in
+            if sessionGeneration.current == mine { events.post(event) }
+        }
+    }
 
     public init(store: VMStore, name: String, options: MigrationOptions, logger: Logger,
                 progress: @escaping @Sendable (MigrationProgress) -> Void) {
@@ -137,6 +148,9 @@ public final class SourceMigration: @unchecked Sendable {
 
     /// Runs the migration to its end. Never throws: the report says what happened.
     public func run() -> MigrationReport {
+        if let handover = postcopyHandover(), (try? store.record(name))?.state.phase == .migratingOut {
+            return runResume(handover)
+        }
         let claimed: (VMRecord, VMLock)
         do {
             claimed = try store.claimRunning(name)
@@ -194,8 +208,11 @@ public final class SourceMigration: @unchecked Sendable {
         try startQEMU(&qemu, transport: transport, plan: session.plan, paths: record.paths)
         try transfer(transport, plan: session.plan, link: link, qmp: qemu.qmp)
         try commit(session, link: link)
-        if postcopy != nil { try finishPostcopy(transport, link: link, qmp: qemu.qmp) }
-        finish(&qemu, transport: transport, link: link)
+        if postcopy != nil {
+            try finishResumingPostcopy(record, qemu: qemu, transport: transport, link: link, original: session.accept.session)
+        }
+        // A resumed postcopy finishes on the session that carried its end.
+        finish(&qemu, transport: self.transport ?? transport, link: self.link ?? link)
     }
 
     /// Moves to the next phase; an illegal change is a bug, failed like any other error.

@@ -22,10 +22,10 @@ struct NegotiatedSession {
 extension SourceMigration {
     /// Step: the VM's QEMU, which must have no migration under way. Its STOP and MIGRATION
     /// events come to the event loop from here on.
-    func attachQEMU(_ record: VMRecord) throws(MigrateError) -> LocalQEMU {
+    func attachQEMU(_ record: VMRecord, duringPostcopy: Bool = false) throws(MigrateError) -> LocalQEMU {
         let qemu: LocalQEMU
         do {
-            qemu = try LocalQEMU.attach(socket: record.paths.qmpSocket, pid: record.state.pid)
+            qemu = try LocalQEMU.attach(socket: record.paths.qmpSocket, pid: record.state.pid, duringPostcopy: duringPostcopy)
         } catch {
             throw .qemu(error)
         }
@@ -124,8 +124,10 @@ extension SourceMigration {
 
     /// Step: the offer of the VM and the destination's answer: its NICs, the session, the
     /// boot files it lacks.
+    /// `resuming`: the session id of a migration that committed into postcopy, whose rest
+    /// this session carries (``resumePostcopy``).
     func negotiate(_ control: FrameConnection, welcome: WelcomeMessage, security: SessionSecurity,
-                   spec: VMSpec) throws(MigrateError) -> NegotiatedSession {
+                   spec: VMSpec, resuming: String? = nil) throws(MigrateError) -> NegotiatedSession {
         try move(to: .negotiating)
         destinationHost = "\(welcome.host) (\(options.host))"
         track.note("connected to \(welcome.host), protocol v\(welcome.version), \(welcome.software); security: \(security.summary)")
@@ -134,18 +136,26 @@ extension SourceMigration {
         let accept: AcceptMessage
         let plan: StreamPlan
         do {
-            plan = StreamPlan(multifdChannels: options.multifdChannels ?? StreamPolicy.multifdChannels(for: local, selection: options.nics),
-                              postcopy: try postcopyPossible(spec, version: welcome.version))
+            if resuming != nil {
+                guard welcome.version >= ProtocolVersion.postcopyResume else {
+                    throw MigrateError.postcopy("the destination's ferry speaks protocol v\(welcome.version); resuming a postcopy migration needs v\(ProtocolVersion.postcopyResume) (upgrade ferry there); the VM stays split between the hosts until it can be resumed")
+                }
+                plan = StreamPlan(multifdChannels: 0, postcopy: true)
+            } else {
+                plan = StreamPlan(multifdChannels: options.multifdChannels ?? StreamPolicy.multifdChannels(for: local, selection: options.nics),
+                                  postcopy: try postcopyPossible(spec, version: welcome.version))
+            }
             let ownPort = (try? String(contentsOfFile: store.paths.servePortFile, encoding: .utf8))
                 .flatMap { UInt16($0.trimmingCharacters(in: .whitespacesAndNewlines)) }
             if !spec.nics.isEmpty && welcome.version < ProtocolVersion.guestNICs {
                 throw MigrateError.nics("the destination's ferry speaks protocol v\(welcome.version); a VM with NICs needs v\(ProtocolVersion.guestNICs) on both hosts (upgrade ferry there)")
             }
-            let tokens = try prepareDisks(spec, version: welcome.version)
+            let tokens = resuming == nil ? try prepareDisks(spec, version: welcome.version) : nil
             try control.send(.offer, OfferMessage(spec: spec, streams: plan, sourceHost: HostInfo.hostname, sourcePort: ownPort,
                                                   linkTimeoutSeconds: options.linkTimeout.seconds, sharedDiskTokens: tokens,
                                                   diskAllocatedBytes: spec.disks.isEmpty ? nil
-                                                      : spec.disks.map { DiskImage.allocatedBytes(path: $0.path) ?? $0.virtualSizeBytes }))
+                                                      : spec.disks.map { DiskImage.allocatedBytes(path: $0.path) ?? $0.virtualSizeBytes },
+                                                  resumeSession: resuming))
             accept = try control.expect(.accept, as: AcceptMessage.self)
         } catch let error as MigrateError {
             control.shutdown()
@@ -216,8 +226,8 @@ extension SourceMigration {
         try move(to: .startingDestination)
         let ready = try waitForReady(control)
         track.note("destination QEMU \(ready.qemuVersion) waiting")
-        control.startPump("ferry-control", frame: { [events] in events.post(.frame($0)) },
-                          lost: { [events] in events.post(.controlLost($0)) })
+        let post = sessionSink()
+        control.startPump("ferry-control", frame: { post(.frame($0)) }, lost: { post(.controlLost($0)) })
     }
 
     /// The destination's frames until `ready`: each must come within 60 s (in line, its

@@ -335,7 +335,7 @@ extension SourceMigration {
     }
 
     /// QEMU's `query-migrate`, kept in the journal; a failed or cancelled migration throws.
-    private func qemuAccount(_ qmp: QMPClient) throws(MigrateError) -> MigrationInfo {
+    func qemuAccount(_ qmp: QMPClient) throws(MigrateError) -> MigrationInfo {
         let info: MigrationInfo
         do {
             info = try qmp.queryMigrate()
