@@ -28,6 +28,10 @@ enum Fixture {
     static let loading = Rules.QEMUView.answered(RunState(status: .inmigrate, running: false), .active)
     static let ranAfterLoad = Rules.QEMUView.answered(RunState(status: .running, running: true), .completed)
     static let busy = Rules.QEMUView.unreachable("QMP busy")
+    /// A source QEMU in postcopy: sending, or paused with its streams closed.
+    static let postcopyActive = Rules.QEMUView.answered(RunState(status: .postmigrate, running: false), .postcopyActive)
+    static let postcopyPaused = Rules.QEMUView.answered(RunState(status: .postmigrate, running: false), .postcopyPaused)
+    static let postcopyCommit = with(commit) { $0.postcopy = true }
     static let views = [running, migrating, stopAndCopy, postmigrate, paused, shutdown, loaded, loading, ranAfterLoad, busy]
 
     static func vm(_ phase: VMPhase, alive: Bool = true, qemu: Rules.QEMUView? = nil, session: String? = nil,
@@ -152,6 +156,22 @@ struct ReconcileRulesTests {
         Row("commit, a destination answering commit (nonsense): stays paused",
             F.facts(F.vm(.migratingOut, qemu: F.postmigrate), F.commit, peer: F.says(.commit)),
             [], note: ["stays paused"]),
+        // Committed into postcopy: both QEMUs hold half the VM until it completes.
+        Row("postcopy, QEMU paused its migration: resumed by ferry migrate, never stopped nor run",
+            F.facts(F.vm(.migratingOut, qemu: F.postcopyPaused), F.postcopyCommit),
+            [.resumePostcopy(host: "b", port: 7470)], note: ["committed into postcopy to b", "ferry migrate resumes it in a new session"]),
+        Row("postcopy, QEMU paused, without the network: left as it is",
+            F.facts(F.vm(.migratingOut, qemu: F.postcopyPaused), F.postcopyCommit, network: false),
+            [], note: ["neither stopped nor resumed"]),
+        Row("postcopy, still active (its streams not yet closed): left as it is, the peer not asked",
+            F.facts(F.vm(.migratingOut, qemu: F.postcopyActive), F.postcopyCommit),
+            [], note: ["still needs pages from this host's QEMU (pid 100)", "neither stopped nor resumed"]),
+        Row("postcopy, QEMU not answering: left as it is",
+            F.facts(F.vm(.migratingOut, qemu: F.busy), F.postcopyCommit),
+            [], note: ["neither stopped nor resumed"]),
+        Row("postcopy, completed: settled as any commit (the destination asked)",
+            F.facts(F.vm(.migratingOut, qemu: F.postmigrate), F.postcopyCommit),
+            ask: ResolveMessage(session: "s1", vm: "vm1", decision: .commit)),
         Row("an unreadable handover record: nothing", F.facts(F.vm(.migratingOut, qemu: F.postmigrate), unreadable: "bad JSON"),
             [], note: ["its handover record cannot be read (bad JSON)", "tried again on the next pass"]),
     ]

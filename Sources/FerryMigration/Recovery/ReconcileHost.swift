@@ -143,7 +143,26 @@ struct StoreHost: ReconcileHost {
             try Self.remove(paths.updateSocket)
         case .removeSuccessorSocket(let update):
             try Self.remove(successor(update).qmpSocket)
+        case .resumePostcopy(let host, let port):
+            try Self.startResume(vm, to: host, port: port, paths: paths, stateDirectory: store.paths.root)
         }
+    }
+
+    /// `ferry migrate VM --to HOST:PORT` in a process of its own (this daemon's binary and
+    /// environment, the host's state directory), which resumes the VM's postcopy migration
+    /// once this pass lets go of the VM's lock; its report goes to the VM's directory.
+    private static func startResume(_ vm: String, to host: String, port: UInt16, paths: VMPaths, stateDirectory: String) throws {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0])
+        process.arguments = ["migrate", vm, "--to", "\(host):\(port)", "--state-dir", stateDirectory, "--quiet",
+                             "--report-file", paths.directory + "/resume-report.json"]
+        let log = paths.directory + "/resume.log"
+        FileManager.default.createFile(atPath: log, contents: nil)
+        let handle = FileHandle(forWritingAtPath: log)
+        process.standardOutput = handle
+        process.standardError = handle
+        process.standardInput = FileHandle.nullDevice
+        try process.run()
     }
 
     private static func withQMP(_ socket: String, _ body: (QMPClient) throws -> Void) throws {

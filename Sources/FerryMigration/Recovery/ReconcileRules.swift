@@ -97,6 +97,10 @@ enum ReconcileRules {
         case adoptSuccessor(pid: Int32, UpdateInProgress)
         /// Removes the socket the old QEMU migrated into during an update.
         case removeUpdateSocket
+        /// Starts `ferry migrate` to resume the VM's postcopy migration to `host` (its
+        /// process died with both QEMUs paused): ``SourceMigration`` resumes it in a new
+        /// session, in a process of its own.
+        case resumePostcopy(host: String, port: UInt16)
         /// Removes the QMP socket of an update's new QEMU that is gone.
         case removeSuccessorSocket(UpdateInProgress)
 
@@ -116,6 +120,7 @@ enum ReconcileRules {
             case .adoptSuccessor(let pid, _): "recording the new QEMU (pid \(pid)) as the VM's"
             case .removeUpdateSocket: "removing the update's socket"
             case .removeSuccessorSocket: "removing the new QEMU's socket"
+            case .resumePostcopy: "starting ferry migrate to resume it"
             }
         }
     }
@@ -160,9 +165,16 @@ enum ReconcileRules {
             // Committed into postcopy: the VM runs at the destination and faults in pages
             // from this QEMU until its migration completes. Stopping it would lose the VM;
             // running it would run the VM twice. It stays as it is.
-            var completed = false
-            if case .answered(_, let status)? = f.vm.qemu { completed = status == .completed }
-            if !completed {
+            var status: MigrationStatus?
+            if case .answered(_, let said)? = f.vm.qemu { status = said }
+            if status == .postcopyPaused && f.network {
+                // Its migration process died and QEMU paused the migration: a new session
+                // takes the rest on (the destination's QEMU paused too).
+                return .act(Plan(actions: [.resumePostcopy(host: h.peerHost, port: h.peerPort)],
+                                 situation: "\(name): committed into postcopy to \(h.peerHost), whose QEMU still needs pages from this host's (pid \(f.vm.pid)); its migration process is gone",
+                                 outcome: ": ferry migrate resumes it in a new session"))
+            }
+            if status != .completed {
                 return .act(Plan(actions: [], situation: "\(name): committed into postcopy; the VM runs on \(h.peerHost) and still needs pages from this host's QEMU (pid \(f.vm.pid)), which is left as it is: neither stopped nor resumed"))
             }
         }

@@ -32,7 +32,19 @@ extension SourceMigration {
         let lock: VMLock
         do {
             record = try store.record(name)
-            lock = try VMLock(paths: record.paths, name: name)
+            // `ferry serve`'s reconciler, which may have started this process, holds the
+            // VM's lock until its pass ends.
+            var held: VMLock?
+            let started = Stopwatch()
+            while held == nil {
+                do {
+                    held = try VMLock(paths: record.paths, name: name)
+                } catch {
+                    guard started.elapsed < 10 else { throw error }
+                    usleep(100_000)
+                }
+            }
+            lock = held!
         } catch {
             return report(.uncertain, error: "\(name) committed into postcopy to \(handover.peerHost) and cannot be resumed from here now: \(error)", spec: nil)
         }
