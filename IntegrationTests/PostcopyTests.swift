@@ -161,6 +161,19 @@ struct PostcopyTests {
         lab.expectAbsent("vm1", on: "b")
     }
 
+    @Test("--converge auto with --postcopy allowed to a destination without userfaultfd: it says so in its welcome, and the migration goes on without postcopy")
+    func autoWithoutUserfaultfd() throws {
+        let lab = try TestLab(nics: 1)
+        try lab.serve(on: "b", prelude: "export FERRY_TEST_NO_USERFAULTFD=1")
+        _ = try lab.startDemoVM("vm1", memory: 128, fill: 16, dirty: 1)
+        let (result, report) = try lab.migrate("vm1", extra: ["--converge", "auto", "--postcopy", "allowed"])
+        #expect(result.succeeded, "\(result.stdout)\(result.stderr)")
+        let r = try #require(report)
+        #expect(r.postcopy == nil, "\(r.text)")
+        #expect(r.events.contains { $0.what.contains("postcopy allowed but not possible") && $0.what.contains("userfaultfd") }, "\(r.text)")
+        try lab.expectRunningAndHealthy("vm1", on: "b")
+    }
+
     @Test("--converge postcopy without --postcopy allowed is refused at once, and nothing moves")
     func convergePostcopyNeedsAllowed() throws {
         let lab = try TestLab(nics: 1)

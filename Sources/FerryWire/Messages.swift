@@ -282,7 +282,13 @@ public struct WelcomeMessage: Codable, Equatable, Sendable {
     public var host: String
     /// The destination's nonce and proof of the key; nil from a host run with `--insecure`.
     public var auth: AuthReply?
-    public init(version: UInt16, software: String, host: String, auth: AuthReply? = nil) {
+    /// Why this host cannot be a postcopy destination (no userfaultfd for QEMU); nil if it
+    /// can, or from a peer that does not say (older than this field: its refusal of the
+    /// offer says it then). A source that may, but need not, switch to postcopy goes
+    /// without it.
+    public var postcopyProblem: String?
+    public init(version: UInt16, software: String, host: String, auth: AuthReply? = nil, postcopyProblem: String? = nil) {
+        self.postcopyProblem = postcopyProblem
         self.version = version
         self.software = software
         self.host = host

@@ -115,7 +115,8 @@ enum HandshakeRunner {
             let proof = Handshake.destinationProof(key: key, helloPayload: helloFrame.payload, destinationNonce: nonce,
                                                    destinationShare: ephemeral.share, version: version)
             let welcome = ControlCoding.frame(.welcome, WelcomeMessage(version: version, software: FerryVersion.software, host: host,
-                                                                       auth: AuthReply(nonce: nonce, share: ephemeral.share, proof: proof)))
+                                                                       auth: AuthReply(nonce: nonce, share: ephemeral.share, proof: proof),
+                                                                       postcopyProblem: HostInfo.postcopyProblem))
             try control.send(welcome)
             let auth = try control.expect(.auth, as: AuthMessage.self)
             let expected = Handshake.sourceProof(key: key, helloPayload: helloFrame.payload, welcomePayload: welcome.payload)
@@ -131,7 +132,8 @@ enum HandshakeRunner {
         case (nil, _?):
             throw ErrorMessage(code: .authenticationFailed, message: "this host runs --insecure and holds no cluster key; it will not pretend to authenticate")
         case (nil, nil):
-            try control.send(.welcome, WelcomeMessage(version: version, software: FerryVersion.software, host: host))
+            try control.send(.welcome, WelcomeMessage(version: version, software: FerryVersion.software, host: host,
+                                                      postcopyProblem: HostInfo.postcopyProblem))
             return (hello, version, .insecure())
         }
     }

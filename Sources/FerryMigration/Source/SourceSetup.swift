@@ -104,14 +104,17 @@ extension SourceMigration {
     }
 
     /// Whether the migration may switch to postcopy: `--postcopy allowed`, a destination of
-    /// protocol 6, and no disk being copied (the copies must be complete before the VM may
+    /// protocol 6 that can take it (its welcome's `postcopyProblem`), and no disk being copied (the copies must be complete before the VM may
     /// run at the destination, and the mirrors complete only at the switchover's pause).
     /// Where `--converge postcopy` needs it and it cannot be had, the migration is refused
     /// here; under `auto` it goes on with the throttle alone.
-    func postcopyPossible(_ spec: VMSpec, version: UInt16) throws(MigrateError) -> Bool {
+    func postcopyPossible(_ spec: VMSpec, welcome: WelcomeMessage) throws(MigrateError) -> Bool {
         guard options.postcopy == .allowed else { return false }
+        let version = welcome.version
         var problem: String?
-        if version < ProtocolVersion.postcopy {
+        if let said = welcome.postcopyProblem {
+            problem = "\(welcome.host) cannot take a postcopy migration: \(said)"
+        } else if version < ProtocolVersion.postcopy {
             problem = "the destination's ferry speaks protocol v\(version); postcopy needs v\(ProtocolVersion.postcopy) on both hosts (upgrade ferry there)"
         } else if spec.disks.contains(where: { !$0.shared }) {
             problem = "postcopy is not available with disks being copied (their copies complete only at the switchover)"
@@ -143,7 +146,7 @@ extension SourceMigration {
                 plan = StreamPlan(multifdChannels: 0, postcopy: true)
             } else {
                 plan = StreamPlan(multifdChannels: options.multifdChannels ?? StreamPolicy.multifdChannels(for: local, selection: options.nics),
-                                  postcopy: try postcopyPossible(spec, version: welcome.version))
+                                  postcopy: try postcopyPossible(spec, welcome: welcome))
             }
             let ownPort = (try? String(contentsOfFile: store.paths.servePortFile, encoding: .utf8))
                 .flatMap { UInt16($0.trimmingCharacters(in: .whitespacesAndNewlines)) }
