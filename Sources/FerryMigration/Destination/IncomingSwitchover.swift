@@ -248,7 +248,9 @@ extension DestinationSession {
             if lastCheck.elapsed >= 0.5 {
                 lastCheck = Stopwatch()
                 if !ProcessStats.isAlive(pid: qemuPID) { throw .qemu("the destination QEMU exited during postcopy") }
-                if !qemuCompleted, let info = try? qmp.queryMigrate() { qemuCompleted = info.status == .completed }
+                // Briefly: QEMU's main thread may be blocked on a missing page (a lost source),
+                // and this loop must stay free to notice that it is superseded.
+                if !qemuCompleted, let info = try? qmp.queryMigrate(timeout: .seconds(1)) { qemuCompleted = info.status == .completed }
             }
         }
         let info = try? qmp.queryMigrate()

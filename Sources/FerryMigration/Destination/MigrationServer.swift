@@ -328,7 +328,13 @@ public final class MigrationServer: @unchecked Sendable {
               older.isBeforePrepared else { return false }
         logger.notice("a new offer for the VM supersedes a session whose source is gone",
                       metadata: ["vm": "\(name)", "session": "\(older.session)"])
-        link.abandon("superseded: a new migration of the VM arrived while this one's source was away")
+        return end(older, of: name, link: link, "superseded: a new migration of the VM arrived while this one's source was away")
+    }
+
+    /// Fails `older`'s link with `reason` and waits until the session has let go of `name`
+    /// (10 s at most); whether it did.
+    private func end(_ older: DestinationSession, of name: String, link: ControlLink, _ reason: String) -> Bool {
+        link.abandon(reason)
         let deadline = ContinuousClock.now + .seconds(10)
         while ContinuousClock.now < deadline {
             if lock.withLock({ incomingNames[name] != older.session }) { return true }
@@ -349,13 +355,7 @@ public final class MigrationServer: @unchecked Sendable {
         guard let older, older !== newer, older.isInPostcopy, let link = older.link else { return older == nil }
         logger.notice("a resume of the postcopy migration supersedes the session it continues",
                       metadata: ["vm": "\(name)", "session": "\(older.session)"])
-        link.abandon("superseded: the source resumed the migration in a new session")
-        let deadline = ContinuousClock.now + .seconds(10)
-        while ContinuousClock.now < deadline {
-            if lock.withLock({ incomingNames[name] != older.session }) { return true }
-            Thread.sleep(forTimeInterval: 0.02)
-        }
-        return false
+        return end(older, of: name, link: link, "superseded: the source resumed the migration in a new session")
     }
 
     /// Incoming migrations running and waiting now (`--max-migrations`), as `incoming.json` says.
