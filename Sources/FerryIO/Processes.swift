@@ -124,6 +124,27 @@ public struct CommandError: Error, CustomStringConvertible, Sendable {
 }
 
 public enum Command {
+    /// This process's own binary (ferry), to start another of its commands.
+    public static var ownExecutable: String {
+        (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0]
+    }
+
+    /// Starts this binary with `arguments` in the background, its input /dev/null and its
+    /// output into `log` (created anew); not waited for, and it outlives this process.
+    @discardableResult
+    public static func startOwn(_ arguments: [String], log: String) throws -> Process {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: ownExecutable)
+        process.arguments = arguments
+        _ = FileManager.default.createFile(atPath: log, contents: nil)
+        let handle = FileHandle(forWritingAtPath: log)
+        process.standardOutput = handle
+        process.standardError = handle
+        process.standardInput = FileHandle.nullDevice
+        try process.run()
+        return process
+    }
+
     /// Runs `argv` (argv[0] looked up in PATH) and collects its output.
     ///
     /// Uses posix_spawn and poll rather than Foundation's Process: a child that daemonizes

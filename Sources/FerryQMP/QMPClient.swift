@@ -207,27 +207,13 @@ public final class QMPClient: @unchecked Sendable {
     // MARK: Reader
 
     private func readLoop() {
-        var pending: [UInt8] = []
-        var buffer = [UInt8](repeating: 0, count: 65536)
-        while true {
-            let n: Int
-            do {
-                n = try buffer.withUnsafeMutableBytes { try socket.read(into: $0) }
-            } catch {
-                break
-            }
-            if n == 0 { break }
-            pending.append(contentsOf: buffer[0..<n])
-            while let newline = pending.firstIndex(of: UInt8(ascii: "\n")) {
-                let line = pending[..<newline]
-                pending.removeSubrange(...newline)
-                if line.allSatisfy({ $0 == 32 || $0 == 13 }) { continue }
-                handle(line: Array(line))
-            }
-            if pending.count > 16 << 20 {
-                logger.error("QMP line longer than 16 MiB; closing", metadata: ["socket": "\(path)"])
-                break
-            }
+        var reader = LineReader(socket: socket)
+        while let line = try? reader.next() {
+            if line.allSatisfy({ $0 == 32 || $0 == 13 }) { continue }
+            handle(line: line)
+        }
+        if reader.buffer.count > LineReader.maximumLength {
+            logger.error("QMP line longer than 16 MiB; closing", metadata: ["socket": "\(path)"])
         }
         monitor.withLock {
             closed = true

@@ -164,11 +164,20 @@ public final class QMPRelay: @unchecked Sendable {
     }
 }
 
-/// Lines (without their newline) from a socket.
+/// Lines (without their newline) from a socket; a line longer than ``maximumLength`` ends
+/// the reading as the socket's end does.
 struct LineReader {
+    static let maximumLength = 16 << 20
     let socket: Socket
     var buffer: [UInt8] = []
+    private var scratch = [UInt8](repeating: 0, count: 65536)
 
+    init(socket: Socket, buffer: [UInt8] = []) {
+        self.socket = socket
+        self.buffer = buffer
+    }
+
+    /// The next line; nil at the socket's end (or a line over the limit).
     mutating func next() throws -> [UInt8]? {
         while true {
             if let newline = buffer.firstIndex(of: UInt8(ascii: "\n")) {
@@ -176,10 +185,10 @@ struct LineReader {
                 buffer.removeSubrange(...newline)
                 return line
             }
-            var chunk = [UInt8](repeating: 0, count: 65536)
-            let n = try chunk.withUnsafeMutableBytes { try socket.read(into: $0) }
+            if buffer.count > Self.maximumLength { return nil }
+            let n = try scratch.withUnsafeMutableBytes { try socket.read(into: $0) }
             if n <= 0 { return nil }
-            buffer.append(contentsOf: chunk[..<n])
+            buffer.append(contentsOf: scratch[..<n])
         }
     }
 }

@@ -153,9 +153,7 @@ struct LabCommand: ParsableCommand {
 
 enum SelfPath {
     /// This ferry binary.
-    static var executable: String {
-        (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0]
-    }
+    static var executable: String { Command.ownExecutable }
 
     /// Replaces this process with `argv` (looked up in PATH).
     static func exec(_ argv: [String]) throws -> Never {

@@ -117,12 +117,8 @@ final class DestinationSession: @unchecked Sendable {
     /// The source switched to postcopy and the device state is loaded here.
     var postcopy = false
     /// In postcopy after the commit (``finishPostcopy``): a resume of the same VM may
-    /// supersede this session (read by the server's threads, under `lock`).
-    var isInPostcopy: Bool {
-        get { lock.withLock { inPostcopy } }
-        set { lock.withLock { inPostcopy = newValue } }
-    }
-    private var inPostcopy = false
+    /// supersede this session (read by the server's threads).
+    let inPostcopy = Locked(false)
     /// With postcopy possible: what the guest's page faults waited.
     var faultClock: PostcopyFaultClock?
 
@@ -342,17 +338,22 @@ final class DestinationSession: @unchecked Sendable {
         }
         try peer { try server.register(self, name: offer.spec.name, memoryMiB: offer.spec.memoryMiB) }
         let missing = offer.spec.bootFiles.filter { !store.bootFiles.has($0) }
-        try peer {
-            try control.send(.accept, AcceptMessage(session: session, bindKey: security.keys == nil ? Hex.encode(bindKey) : "",
-                                                    missingFiles: missing.map(\.sha256),
-                                                    interfaces: server.offeredInterfaces(), dataPort: server.port,
-                                                    diskPaths: disks.paths.isEmpty ? nil : disks.paths))
-        }
+        try sendAccept(missingFiles: missing.map(\.sha256), diskPaths: disks.paths)
         _ = openLink(offer)
         acceptedAt = .now
         server.options.onIncoming?(.started(vm: offer.spec.name))
         logger.info("incoming migration accepted", metadata: ["vm": "\(offer.spec.name)", "from": "\(sourceHost)", "missingFiles": "\(missing.count)"])
         return missing
+    }
+
+    /// `accept`: the session, this host's NICs and data port, the boot files it lacks and
+    /// where it keeps each disk (none: no `diskPaths`).
+    func sendAccept(missingFiles: [String], diskPaths: [String]) throws(IncomingError) {
+        try peer {
+            try control.send(.accept, AcceptMessage(session: session, bindKey: security.keys == nil ? Hex.encode(bindKey) : "",
+                                                    missingFiles: missingFiles, interfaces: server.offeredInterfaces(), dataPort: server.port,
+                                                    diskPaths: diskPaths.isEmpty ? nil : diskPaths))
+        }
     }
 
     /// Step: the boot files this host lacks, each checked by its hash.

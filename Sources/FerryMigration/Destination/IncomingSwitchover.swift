@@ -210,8 +210,8 @@ extension DestinationSession {
     /// QEMU's sockets) lives until then; `postcopyDone` tells the source, with what the guest
     /// waited for pages.
     func finishPostcopy(dataPath: DestinationDataPath, qmp: QMPClient, name: String) throws(IncomingError) {
-        isInPostcopy = true
-        defer { isInPostcopy = false }
+        inPostcopy.withLock { $0 = true }
+        defer { inPostcopy.withLock { $0 = false } }
         // The source waits for a NIC however long every one is down; so does this side:
         // the control link, and the sender of the return path (which would otherwise fail
         // with its last channel).

@@ -352,7 +352,7 @@ public final class MigrationServer: @unchecked Sendable {
     @discardableResult
     func supersedePostcopy(vm name: String, by newer: DestinationSession) -> Bool {
         let older = lock.withLock { incomingNames[name].flatMap { sessions[$0] } }
-        guard let older, older !== newer, older.isInPostcopy, let link = older.link else { return older == nil }
+        guard let older, older !== newer, older.inPostcopy.current, let link = older.link else { return older == nil }
         logger.notice("a resume of the postcopy migration supersedes the session it continues",
                       metadata: ["vm": "\(name)", "session": "\(older.session)"])
         return end(older, of: name, link: link, "superseded: the source resumed the migration in a new session")

@@ -64,11 +64,7 @@ extension DestinationSession {
         watch(qmp)
         let incoming = record.paths.incomingSocket
         try recover(qmp, name: name, uri: "unix:\(incoming)")
-        try peer {
-            try control.send(.accept, AcceptMessage(session: session, bindKey: security.keys == nil ? Hex.encode(bindKey) : "",
-                                                    missingFiles: [], interfaces: server.offeredInterfaces(), dataPort: server.port,
-                                                    diskPaths: record.spec.disks.isEmpty ? nil : record.spec.disks.map(\.path)))
-        }
+        try sendAccept(missingFiles: [], diskPaths: record.spec.disks.map(\.path))
         _ = openLink(offer)
         logger.info("resuming a postcopy migration", metadata: ["vm": "\(name)", "from": "\(sourceHost)", "session": "\(original.prefix(8))"])
         var streams = offer.streams
@@ -126,16 +122,9 @@ extension DestinationSession {
     /// out-of-band commands.
     func relayQMP(_ direct: QMPClient, paths: VMPaths) throws(IncomingError) -> QMPClient {
         direct.close()  // QEMU's monitor takes one client at a time: the relay's from now on
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0])
-        process.arguments = ["qmp-relay", "--qemu", paths.qmpSocket, "--listen", paths.qmpRelaySocket]
-        FileManager.default.createFile(atPath: paths.qmpRelayLog, contents: nil)
-        let log = FileHandle(forWritingAtPath: paths.qmpRelayLog)
-        process.standardOutput = log
-        process.standardError = log
-        process.standardInput = FileHandle.nullDevice
+        let process: Process
         do {
-            try process.run()
+            process = try Command.startOwn(["qmp-relay", "--qemu", paths.qmpSocket, "--listen", paths.qmpRelaySocket], log: paths.qmpRelayLog)
         } catch {
             throw .qemu("cannot start the relay of QEMU's monitor: \(error)")
         }

@@ -152,17 +152,9 @@ struct StoreHost: ReconcileHost {
     /// environment, the host's state directory), which resumes the VM's postcopy migration
     /// once this pass lets go of the VM's lock; its report goes to the VM's directory.
     private static func startResume(_ vm: String, to host: String, port: UInt16, paths: VMPaths, stateDirectory: String) throws {
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0])
-        process.arguments = ["migrate", vm, "--to", "\(host):\(port)", "--state-dir", stateDirectory, "--quiet",
-                             "--report-file", paths.directory + "/resume-report.json"]
-        let log = paths.directory + "/resume.log"
-        FileManager.default.createFile(atPath: log, contents: nil)
-        let handle = FileHandle(forWritingAtPath: log)
-        process.standardOutput = handle
-        process.standardError = handle
-        process.standardInput = FileHandle.nullDevice
-        try process.run()
+        try Command.startOwn(["migrate", vm, "--to", "\(host):\(port)", "--state-dir", stateDirectory, "--quiet",
+                              "--report-file", paths.directory + "/resume-report.json"],
+                             log: paths.directory + "/resume.log")
     }
 
     private static func withQMP(_ socket: String, _ body: (QMPClient) throws -> Void) throws {

@@ -70,11 +70,7 @@ extension SourceMigration {
             if info.status == .completed {
                 // It had every page there before its process went: only the source copy is left to stop.
                 track.note("QEMU here had completed the migration: the destination has every page")
-                qemu.cpuEnd = ProcessStats.cpuSeconds(pid: qemu.pid)
-                self.qemu = qemu
-                store.releaseMemory(name)
-                QEMU.stop(pid: qemu.pid, qmp: qemu.qmp, grace: .seconds(10))
-                store.archiveAndRemove(name, reason: "migrated")
+                stopSourceCopy(&qemu)
                 postcopy?.completedAt = track.elapsed
                 try? move(to: .connecting)
                 return report(.succeeded, error: nil, spec: record.spec)

@@ -82,16 +82,21 @@ extension SourceMigration {
     /// Step: the source copy is stopped for good and forgotten here. Its RAM file goes
     /// first, so that its pages are freed by QEMU's exit rather than by Ferry's unlink.
     func finish(_ qemu: inout LocalQEMU, transport: SourceTransport, link: ControlLink) {
-        qemu.cpuEnd = ProcessStats.cpuSeconds(pid: qemu.pid)
-        self.qemu = qemu
-        store.releaseMemory(name)
-        QEMU.stop(pid: qemu.pid, qmp: qemu.qmp, grace: .seconds(10))
-        store.archiveAndRemove(name, reason: "migrated")
+        stopSourceCopy(&qemu)
         transport.manager.stop()
         transport.dataPath.closeChannels()
         try? link.send(.status, StatusMessage(text: "source stopped"))
         link.close()
         try? move(to: .done)
+    }
+
+    /// The source copy stopped for good and its record archived, its RAM file first.
+    func stopSourceCopy(_ qemu: inout LocalQEMU) {
+        qemu.cpuEnd = ProcessStats.cpuSeconds(pid: qemu.pid)
+        self.qemu = qemu
+        store.releaseMemory(name)
+        QEMU.stop(pid: qemu.pid, qmp: qemu.qmp, grace: .seconds(10))
+        store.archiveAndRemove(name, reason: "migrated")
     }
 
     // MARK: Failure
