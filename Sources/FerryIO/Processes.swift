@@ -129,12 +129,17 @@ public enum Command {
         (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0]
     }
 
-    /// Starts this binary with `arguments` in the background, its input /dev/null and its
-    /// output into `log` (created anew); not waited for, and it outlives this process.
+    /// Starts this binary with `arguments` in the background (``start(_:_:log:)``).
     @discardableResult
     public static func startOwn(_ arguments: [String], log: String) throws -> Process {
+        try start(ownExecutable, arguments, log: log)
+    }
+
+    /// Starts `executable` with `arguments` in the background, its input /dev/null and its
+    /// output into `log` (created anew); not waited for, and it outlives this process.
+    public static func start(_ executable: String, _ arguments: [String], log: String) throws -> Process {
         let process = Process()
-        process.executableURL = URL(fileURLWithPath: ownExecutable)
+        process.executableURL = URL(fileURLWithPath: executable)
         process.arguments = arguments
         _ = FileManager.default.createFile(atPath: log, contents: nil)
         let handle = FileHandle(forWritingAtPath: log)

@@ -74,7 +74,7 @@ public struct LabHost: Sendable {
 /// `ferry probe ADDRESS` in the lab's client namespace (the VM's users), from ``init`` to
 /// ``stop()``: what they saw of the guest's network meanwhile.
 public final class ClientProbe {
-    let process = Process()
+    let process: Process
     /// Where the probe writes its result, and its own output.
     public let json: String
     public let output: String
@@ -82,14 +82,8 @@ public final class ClientProbe {
     public init(lab: Lab, binary: String, address: String) throws {
         json = lab.directory + "/probe-\(UUID().uuidString).json"
         output = json + ".txt"
-        process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-        process.arguments = try lab.execArguments(Lab.client, [binary, "probe", address, "--quiet", "--json", json])
-        _ = FileManager.default.createFile(atPath: output, contents: nil)
-        let log = FileHandle(forWritingAtPath: output)
-        process.standardOutput = log
-        process.standardError = log
-        process.standardInput = FileHandle.nullDevice
-        try process.run()
+        process = try Command.start("/usr/bin/env", try lab.execArguments(Lab.client, [binary, "probe", address, "--quiet", "--json", json]),
+                                    log: output)
     }
 
     /// SIGTERM; the result it wrote, or an error with what it printed.
