@@ -51,9 +51,11 @@ let package = Package(
         ]),
         // NIC discovery (getifaddrs, /sys/class/net): speed, MTU, carrier, addresses; pairing.
         .target(name: "FerryInterfaces"),
+        // libvirt's C library, loaded at run time (dlopen): domains, peer-to-peer migration, job statistics.
+        .target(name: "FerryLibvirt"),
         // Orchestration: source and destination state machines, policy, report.
         .target(name: "FerryMigration", dependencies: [
-            "FerryWire", "FerryQMP", "FerryTransport", "FerryVM", "FerryInterfaces", "FerryCompress",
+            "FerryWire", "FerryQMP", "FerryTransport", "FerryVM", "FerryInterfaces", "FerryCompress", "FerryLibvirt",
             .product(name: "Crypto", package: "swift-crypto"),
             .product(name: "Logging", package: "swift-log"),
         ]),
@@ -65,12 +67,12 @@ let package = Package(
             .product(name: "Prometheus", package: "swift-prometheus"),
         ]),
         // The test lab: network namespaces, veth NICs, tc rates.
-        .target(name: "FerryLab", dependencies: ["FerryVM", "FerryIO", "FerryInterfaces", "FerryWire"]),
+        .target(name: "FerryLab", dependencies: ["FerryVM", "FerryIO", "FerryInterfaces", "FerryWire", "FerryLibvirt"]),
         // `ferry bench`: Ferry and its peers (QEMU alone, ECMP, MPTCP) side by side in the lab.
         .target(name: "FerryBench", dependencies: ["FerryLab", "FerryVM", "FerryQMP", "FerryIO", "FerryMigration", "FerryWire", "FerryInterfaces"]),
         .executableTarget(name: "ferry", dependencies: [
             "FerryBench", "FerryConfig",
-            "FerryWire", "FerryIO", "FerryQMP", "FerryTransport", "FerryVM", "FerryMigration", "FerryLab", "FerryInterfaces", "FerryCompress", "FerryMetrics", "CFerryLinux",
+            "FerryWire", "FerryIO", "FerryQMP", "FerryTransport", "FerryVM", "FerryMigration", "FerryLab", "FerryInterfaces", "FerryCompress", "FerryMetrics", "FerryLibvirt", "CFerryLinux",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),
         ]),
@@ -89,6 +91,7 @@ let package = Package(
         .testTarget(name: "FerryCLITests", dependencies: ["ferry", "FerryWire", "FerryConfig", .product(name: "Logging", package: "swift-log")]),
         .testTarget(name: "FerryConfigTests", dependencies: ["FerryConfig"]),
         // Root-only suites: lab (namespaces) and end-to-end (two QEMUs, the real binary).
-        .testTarget(name: "FerryIntegrationTests", dependencies: ["FerryWire", "FerryIO", "FerryVM", "FerryLab", "FerryMigration", "FerryBench", "FerryTransport", "FerryQMP", "FerryMetrics"], path: "IntegrationTests"),
+        .testTarget(name: "FerryIntegrationTests", dependencies: ["FerryWire", "FerryIO", "FerryVM", "FerryLab", "FerryMigration", "FerryBench", "FerryTransport", "FerryQMP", "FerryMetrics", "FerryLibvirt"], path: "IntegrationTests"),
+        .testTarget(name: "FerryLibvirtTests", dependencies: ["FerryLibvirt"]),
     ]
 )

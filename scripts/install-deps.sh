@@ -22,6 +22,9 @@ have ping || need+=(iputils-ping)
 have mptcpize || need+=(mptcpize)
 # systemd-analyze checks packaging/ferry.service offline (no systemd needs to run).
 have systemd-analyze || need+=(systemd)
+# libvirt: `ferry migrate --libvirt` loads libvirt0 at run time; the lab runs a libvirtd per host
+# (`ferry lab up --libvirt`) and the tests drive it with virsh.
+for p in libvirt0 libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients; do pkg_installed "$p" || need+=("$p"); done
 for p in libzstd-dev liblz4-dev liburing-dev libssl-dev; do pkg_installed "$p" || need+=("$p"); done
 
 if [ ${#need[@]} -gt 0 ]; then

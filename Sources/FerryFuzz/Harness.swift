@@ -141,6 +141,8 @@ enum FrameFuzzing {
         case .hostQuery: _ = json(HostQueryMessage.self, frame)
         case .hostInfo: _ = json(HostInfoMessage.self, frame)
         case .postcopyDone: _ = json(PostcopyDoneMessage.self, frame)
+        case .libvirtOffer:
+            if let offer = json(LibvirtOfferMessage.self, frame) { _ = LibvirtOfferMessage.isDirectoryName(offer.directory) }
         case .rejoin:
             if let rejoin = json(RejoinMessage.self, frame) {
                 rejoinProof(rejoin.proof, session: rejoin.session, generation: rejoin.generation, received: rejoin.received, role: .rejoin)

@@ -43,6 +43,8 @@ public struct Lab: Sendable {
         /// Hosts in the lab (nil in labs made before `--hosts`: 2).
         public var hosts: Int?
         public var hostCount: Int { hosts ?? 2 }
+        /// `--libvirt`: a libvirtd on each host, each host in a mount namespace of its own (nil: none).
+        public var libvirt: Bool?
     }
 
     public enum LabError: Error, CustomStringConvertible {
@@ -117,7 +119,7 @@ public struct Lab: Sendable {
     }
 
     /// Creates the namespaces, the NICs and their rates. Fails if the lab is already up.
-    public func up(nics: Int, rate: String?, hosts hostCount: Int = 2) throws {
+    public func up(nics: Int, rate: String?, hosts hostCount: Int = 2, libvirt: Bool = false) throws {
         try Self.validateName(name)
         guard (1...8).contains(nics) else { throw LabError.badInput("--nics must be between 1 and 8, not \(nics)") }
         guard (2...Self.hostNames.count).contains(hostCount) else {
@@ -138,7 +140,7 @@ public struct Lab: Sendable {
                 try Command.check(["ip", "-n", namespace(host), "link", "set", "lo", "up"])
                 try FileManager.default.createDirectory(atPath: stateDirectory(host), withIntermediateDirectories: true)
             }
-            let plan = Config(name: name, nics: nics, rate: rate, createdAt: Date(), hosts: hostCount)
+            let plan = Config(name: name, nics: nics, rate: rate, createdAt: Date(), hosts: hostCount, libvirt: libvirt ? true : nil)
             let sw = namespace(Self.switchNamespace)
             try Command.check(["ip", "netns", "add", sw])
             try Command.check(["ip", "-n", sw, "link", "set", "lo", "up"])
@@ -179,6 +181,7 @@ public struct Lab: Sendable {
             guard FileManager.default.createFile(atPath: configFile, contents: Data("# ferry lab \(name): no host settings; ferry lab exec sets what the hosts need\n".utf8)) else {
                 throw LabError.setup("cannot write the lab's configuration file \(configFile)")
             }
+            if libvirt { try LabLibvirt(lab: self).up(hosts: hosts) }
             let config = plan
             let encoder = JSONEncoder()
             encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
@@ -234,6 +237,8 @@ public struct Lab: Sendable {
 
     /// Stops every process in the lab (VMs, daemons), deletes the namespaces and the state.
     public func down() throws {
+        // libvirt's daemons and domains first: their QEMUs are not in Ferry's stores.
+        LabLibvirt(lab: self).down()
         for host in Self.hostNames where host == "a" || host == "b" || Self.namespaceExists(namespace(host)) {
             let store = VMStore(paths: StatePaths(root: stateDirectory(host)))
             // Found by their command lines: a VM whose files are damaged has a QEMU too.
@@ -304,7 +309,9 @@ public struct Lab: Sendable {
             let speeds = (0..<config.nics).compactMap { nic in config.rate(nic: nic).map { "\(interface(nic: nic))=\($0)" } }
             env.append("FERRY_NIC_SPEEDS=" + speeds.joined(separator: ","))
         }
-        return ["ip", "netns", "exec", namespace(host), "env"] + env + command
+        // With libvirt, each host has its own mount namespace (libvirt's paths).
+        let enter = config?.libvirt == true ? LabLibvirt(lab: self).enter(host) : []
+        return enter + ["ip", "netns", "exec", namespace(host), "env"] + env + command
     }
 
     /// Limits NIC `nic` to `rate` (tc's form, e.g. "8mbit") on both hosts from now on, as a

@@ -137,6 +137,9 @@ public enum FrameType: UInt8, Sendable, CaseIterable {
     /// Protocol v6. Destination, after a postcopy commit: every page is here
     /// (``PostcopyDoneMessage``).
     case postcopyDone = 28
+    /// Protocol v8. Source, instead of `offer`: a libvirt domain whose migration libvirt
+    /// runs and Ferry carries (``LibvirtOfferMessage``).
+    case libvirtOffer = 29
 }
 
 /// Frame flags. Bits not defined here must be zero; a receiver refuses unknown bits.

@@ -5,7 +5,7 @@ import Foundation
 /// picks the highest version both speak. Policy: a release accepts the current and the
 /// previous protocol version (see docs/PROTOCOL.md, "Versioning").
 public enum ProtocolVersion {
-    public static let current: UInt16 = 7
+    public static let current: UInt16 = 8
     public static let oldestSupported: UInt16 = 1
     /// The first version whose control connection can move to another connection
     /// (`rejoin`, `rejoined`, `received`; docs/PROTOCOL.md, "The control connection moves").
@@ -31,6 +31,10 @@ public enum ProtocolVersion {
     /// (`migrate-recover`) and the source QEMU sends the rest (`migrate` with `resume`).
     /// A source never offers a resume to a peer that chose an older version.
     public static let postcopyResume: UInt16 = 7
+    /// The first version that carries a libvirt domain's migration (`libvirtOffer`, streams
+    /// of kind `libvirt`): libvirt runs it, Ferry carries its connections. A source never
+    /// offers one to a peer that chose an older version.
+    public static let libvirt: UInt16 = 8
 
     /// The highest version this process offers: ``current``, or lower for tests of mixed
     /// clusters (`FERRY_PROTOCOL_MAX`, never above ``current``).
@@ -573,6 +577,64 @@ public enum StreamKind: String, Codable, Sendable, CaseIterable {
     /// A disk copy: the source QEMU's NBD client to the destination's NBD server, two-way.
     /// `target` names the disk (its index in the offer's spec), never a path.
     case nbd
+    /// Protocol v8: one of a libvirt migration's connections, two-way; `target` is a
+    /// ``LibvirtTarget`` (what the destination connects it to, never a path).
+    case libvirt
+}
+
+/// Where the destination connects a `libvirt` stream: to its libvirtd, or to a socket in
+/// the session's migration directory that its QEMU listens on (``LibvirtOfferMessage/directory``).
+public enum LibvirtTarget: String, Codable, Sendable, CaseIterable {
+    /// libvirt's control connection, source libvirtd to destination libvirtd (peer to peer).
+    case libvirtd
+    /// One of QEMU's migration channels (the main one first, then the parallel ones), to
+    /// the destination QEMU's `migration.sock`, in the order they were opened.
+    case migration
+    /// A disk copy's NBD connection, to the destination's NBD server at `disks.sock`.
+    case disks
+
+    /// The socket's name in the migration directory (nil: the libvirtd socket).
+    public var socketName: String? {
+        switch self {
+        case .libvirtd: return nil
+        case .migration: return "migration.sock"
+        case .disks: return "disks.sock"
+        }
+    }
+}
+
+/// Protocol v8, source to destination instead of `offer`: a libvirt domain that libvirt
+/// migrates peer to peer while Ferry carries libvirt's connections between the hosts. The
+/// destination answers `accept` (session, NICs, data port; no files), then `ready` once
+/// its libvirtd answers and the migration directory exists; or `error` (`bad-offer`).
+public struct LibvirtOfferMessage: Codable, Equatable, Sendable {
+    /// The domain's name, for the logs and the destination's account.
+    public var domain: String
+    /// The migration directory's name: 32 lowercase hex digits, fresh for the session. Both
+    /// hosts make `/run/ferry/libvirt/<directory>`, so that the Unix sockets libvirt names
+    /// are the same path on both (libvirt requires it).
+    public var directory: String
+    public var sourceHost: String
+    /// The source's `--link-timeout`; the destination waits a little longer.
+    public var linkTimeoutSeconds: Double?
+    /// Whether libvirt copies the domain's disks (`disks` streams come).
+    public var copyStorage: Bool
+    /// QEMU's parallel migration channels besides the main one (0: one stream).
+    public var parallelConnections: Int
+    public init(domain: String, directory: String, sourceHost: String, linkTimeoutSeconds: Double?, copyStorage: Bool,
+                parallelConnections: Int) {
+        self.domain = domain
+        self.directory = directory
+        self.sourceHost = sourceHost
+        self.linkTimeoutSeconds = linkTimeoutSeconds
+        self.copyStorage = copyStorage
+        self.parallelConnections = parallelConnections
+    }
+
+    /// Whether `name` may name a migration directory (so a peer cannot name a path).
+    public static func isDirectoryName(_ name: String) -> Bool {
+        name.utf8.count == 32 && name.utf8.allSatisfy { (48...57).contains($0) || (97...102).contains($0) }
+    }
 }
 
 public struct StreamOpenMessage: Codable, Equatable, Sendable {

@@ -1,6 +1,7 @@
 import ArgumentParser
 import Dispatch
 import FerryIO
+import FerryLibvirt
 import FerryMigration
 import FerryVM
 import Foundation
@@ -121,5 +122,28 @@ enum CancelMigration {
         }
         print("the migration of \(name) has ended; \(name) is not running normally on this host: see `ferry vm list` and the migration's report")
         throw ExitCode(3)
+    }
+
+    /// `ferry migrate --cancel DOMAIN --libvirt`: the `ferry migrate --libvirt` of the domain
+    /// aborts libvirt's job; libvirt keeps the domain here.
+    static func runLibvirt(domain: String, store: VMStore, uri: String, wait: Duration = .seconds(120)) throws {
+        let file = LibvirtMigrationFile(runDirectory: store.paths.runDirectory, domain: domain)
+        guard let pid = file.runningPID else {
+            throw UserError("no libvirt migration of '\(domain)' is running on this host (nothing to cancel)")
+        }
+        guard kill(pid, SIGTERM) == 0 else {
+            throw UserError("cannot signal ferry migrate (pid \(pid)): \(errnoDescription(errno))")
+        }
+        FileHandle.standardError.write(Data("asked ferry migrate (pid \(pid)) to cancel the migration of \(domain); waiting for it to end\n".utf8))
+        guard ProcessStats.waitForExit(pid: pid, timeout: wait) else {
+            throw UserError("ferry migrate (pid \(pid)) is still running after \(Int(wait.seconds)) s; see its report, or run this again")
+        }
+        let state = try? Libvirt.load().connect(uri).domain(domain).state()
+        if state == .running || state == .paused {
+            print("cancelled: \(domain) keeps running on this host")
+            return
+        }
+        print("the migration of \(domain) has ended; libvirt says it is \(state.map { "\($0)" } ?? "not defined") on this host: see the migration's report")
+        throw ExitCode(1)
     }
 }

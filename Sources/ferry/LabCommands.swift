@@ -23,6 +23,8 @@ struct LabCommand: ParsableCommand {
         var hosts = 2
         @Option(help: "Rate of each NIC as tc writes it (1gbit, 500mbit), or one per NIC (1gbit,500mbit) (default: unlimited).")
         var rate: String?
+        @Flag(help: "Run a libvirtd on each host (as root, in a mount namespace of the host's own, with its own host UUID and directories), for libvirt domains and `ferry migrate --libvirt`.")
+        var libvirt = false
         @OptionGroup var labName: LabName
 
         func validate() throws {
@@ -34,7 +36,7 @@ struct LabCommand: ParsableCommand {
 
         func run() throws {
             let lab = labName.lab
-            try lab.up(nics: nics, rate: rate, hosts: hosts)
+            try lab.up(nics: nics, rate: rate, hosts: hosts, libvirt: libvirt)
             let names = lab.hosts
             print("lab \(lab.name) up: hosts \(names.joined(separator: ", ")), \(nics) NIC(s)\(rate.map { " at \($0)" } ?? " (unlimited)")"
                   + (hosts > 2 ? ", each NIC through a switch" : ""))
@@ -42,6 +44,11 @@ struct LabCommand: ParsableCommand {
                 print("  \(lab.interface(nic: nic)): " + names.map { "\($0) \(lab.address($0, nic: nic))" }.joined(separator: hosts > 2 ? "  " : "  <->  "))
             }
             printVMNetwork(lab)
+            if libvirt {
+                let lv = LabLibvirt(lab: lab)
+                print("  libvirt: a libvirtd on " + names.map { "\($0) (virsh -c '\(lv.uri($0))')" }.joined(separator: ", ")
+                      + "; domains run \(lv.emulator)")
+            }
         }
     }
 

@@ -42,6 +42,8 @@ struct Migrate: ParsableCommand {
     @Flag(name: .customLong("postcopy-now"), help: "Switch the running migration of NAME (started with --postcopy allowed) to postcopy now: the VM runs at the destination and faults in the rest of its memory.")
     var postcopyNow = false
 
+    @OptionGroup var libvirtOptions: LibvirtOptions
+
     @OptionGroup var tuning: TuningOptions
 
     @OptionGroup var cpuOptions: CPUOptions
@@ -61,7 +63,8 @@ struct Migrate: ParsableCommand {
     @OptionGroup var host: HostOptions
 
     func validate() throws {
-        if let problem = VMSpec.validateName(name) { throw ValidationError(problem) }
+        try libvirtOptions.validate(name: name)
+        if !libvirtOptions.libvirt, let problem = VMSpec.validateName(name) { throw ValidationError(problem) }
         if cancel && postcopyNow { throw ValidationError("--cancel and --postcopy-now cannot go together") }
         if (cancel || postcopyNow) && to != nil {
             throw ValidationError("--\(cancel ? "cancel" : "postcopy-now") acts on a running migration: give the VM's name, not --to")
@@ -85,12 +88,16 @@ struct Migrate: ParsableCommand {
     func run() throws {
         signal(SIGPIPE, SIG_IGN)
         if cancel {
+            if libvirtOptions.libvirt { return try CancelMigration.runLibvirt(domain: name, store: host.store, uri: libvirtOptions.uri) }
             return try CancelMigration.run(name: name, store: host.store)
         }
         if postcopyNow {
             return try PostcopyNow.run(name: name, store: host.store)
         }
         guard let to else { throw ValidationError("Missing expected argument '--to <to>'") }
+        if to.isThisHost && libvirtOptions.libvirt {
+            throw ValidationError("--libvirt migrates to another host; for this host's libvirt use virsh")
+        }
         if to.isThisHost {
             // Same host: a new QEMU takes the VM over with its RAM in place; no daemon,
             // no key, no data channels (`ferry vm update`).
@@ -112,7 +119,7 @@ struct Migrate: ParsableCommand {
         }
         let signals = StopSignals(name: name, migration: migration)
         metrics.started(vm: name, role: .source)
-        let report = migration.run()
+        let report = libvirtOptions.libvirt ? migration.runLibvirt(libvirtOptions.request(domain: name)) : migration.run()
         metrics.ended(report: report, role: .source)
         signals.release()
         display.finish()
@@ -120,6 +127,51 @@ struct Migrate: ParsableCommand {
     }
 }
 
+
+/// `ferry migrate DOMAIN --libvirt ...`: a libvirt domain, migrated by libvirt over Ferry.
+struct LibvirtOptions: ParsableArguments {
+    @Flag(help: "NAME is a libvirt domain: libvirt migrates it peer to peer (live) and keeps the switchover, Ferry carries its connections (control, memory streams, disk copies) over its data channels. The destination's ferry serve connects them to its libvirtd (--libvirt-socket there).")
+    var libvirt = false
+
+    @Option(name: .customLong("libvirt-uri"), help: "The local libvirtd (default: qemu:///system).")
+    var libvirtURI: String?
+
+    @Flag(name: .customLong("copy-storage"), help: "With --libvirt: copy every disk that is not shared (libvirt's --copy-storage-all); the destination needs the same storage paths.")
+    var copyStorage = false
+
+    @Option(help: "With --libvirt: QEMU's parallel migration connections (libvirt's --parallel --parallel-connections N).")
+    var parallel: Int?
+
+    @Flag(help: "With --libvirt: define the domain on the destination too (libvirt's --persistent).")
+    var persistent = false
+
+    @Flag(name: .customLong("undefine-source"), help: "With --libvirt: undefine the domain on this host once it runs there (libvirt's --undefine-source).")
+    var undefineSource = false
+
+    @Flag(help: "With --libvirt: migrate even where libvirt cannot tell that a disk not copied is on shared storage (libvirt's --unsafe).")
+    var unsafe = false
+
+    var uri: String { libvirtURI ?? "qemu:///system" }
+
+    func validate(name: String) throws {
+        let needs = [("--libvirt-uri", libvirtURI != nil), ("--copy-storage", copyStorage), ("--parallel", parallel != nil),
+                     ("--persistent", persistent), ("--undefine-source", undefineSource), ("--unsafe", unsafe)].filter(\.1).map(\.0)
+        if !libvirt, let first = needs.first { throw ValidationError("\(first) goes with --libvirt (a libvirt domain)") }
+        if let parallel, !(1...64).contains(parallel) { throw ValidationError("--parallel must be between 1 and 64, not \(parallel)") }
+        if libvirt && (name.isEmpty || name.contains("/")) { throw ValidationError("'\(name)' is not a libvirt domain's name") }
+    }
+
+    func request(domain: String) -> LibvirtRequest {
+        var r = LibvirtRequest(domain: domain)
+        r.uri = uri
+        r.copyStorage = copyStorage
+        r.parallelConnections = parallel
+        r.persistent = persistent
+        r.undefineSource = undefineSource
+        r.unsafe = unsafe
+        return r
+    }
+}
 
 /// The progress bar: one line redrawn on a terminal, a line a second otherwise (stderr).
 /// The migration calls `show` from its threads, the command `finish`: each under `lock`.

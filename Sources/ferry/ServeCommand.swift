@@ -31,6 +31,9 @@ struct Serve: ParsableCommand {
     @Option(name: .customLong("disk-dir"), help: "Where the disks copied here go, as DIR/VM/diskN.FORMAT (default: $FERRY_DISK_DIR, else the state root's disks/).")
     var diskDirectory: String?
 
+    @Option(name: .customLong("libvirt-socket"), help: "The libvirtd that libvirt migrations carried here are connected to, or 'none' to take none (default: $FERRY_LIBVIRT_SOCKET, else \(LibvirtRun.defaultSocket)).")
+    var libvirtSocket: String?
+
     @Option(help: "Serve Prometheus metrics at http://[HOST:]PORT/metrics, on loopback (127.0.0.1) unless HOST is given; this host's ferry migrate processes report to the daemon (default: off, or \(MetricsAddress.environmentVariable) if set).")
     var metrics: String?
 
@@ -118,6 +121,8 @@ struct Serve: ParsableCommand {
             options.maxGuestMemoryBytes = settings.maxGuestMemory.map { UInt64($0.mebibytes) << 20 }
             options.diskDirectory = settings.diskDirectory.map { URL(fileURLWithPath: $0).standardizedFileURL.path }
             options.onIncoming = served?.onIncoming
+            let socket = libvirtSocket ?? ProcessInfo.processInfo.environment["FERRY_LIBVIRT_SOCKET"] ?? LibvirtRun.defaultSocket
+            options.libvirtSocket = socket == "none" ? nil : URL(fileURLWithPath: socket).standardizedFileURL.path
             server = try MigrationServer(store: host.store, options: options, logger: logger)
         } catch {
             throw UserError("cannot listen: \(error)")

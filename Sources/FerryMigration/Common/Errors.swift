@@ -124,6 +124,8 @@ public enum MigrateError: Error, CustomStringConvertible, Sendable {
     case nics(String)
     /// `--converge postcopy` cannot be had (a peer too old, disks being copied).
     case postcopy(String)
+    /// libvirt refused or failed the migration, or cannot be reached (its message passed through).
+    case libvirt(String)
     /// `--cancel`, Ctrl-C, SIGTERM or `--timeout`, granted before the commit point.
     case stopped(StopRequest)
     case illegal(IllegalTransition)
@@ -150,7 +152,7 @@ public enum MigrateError: Error, CustomStringConvertible, Sendable {
         case .noChannels(let errors): return "no data channel could be opened: \(errors.joined(separator: "; "))"
         case .streamHandOff(let s): return s
         case .dataPath(let e): return "data path: \(e)"
-        case .disks(let s), .nics(let s), .postcopy(let s): return s
+        case .disks(let s), .nics(let s), .postcopy(let s), .libvirt(let s): return s
         case .stopped(let stop): return stop.message
         case .illegal(let e): return e.description
         case .commitNotRecorded(let e): return "cannot record the commit decision: \(e)"

@@ -114,6 +114,36 @@ public struct MigrationReport: Codable, Sendable {
     public var convergence: ConvergenceAccount? = nil
     /// The switch to postcopy, if the migration made it.
     public var postcopy: PostcopyAccount? = nil
+    /// A libvirt domain's migration (`ferry migrate --libvirt`): what libvirt was asked,
+    /// and which of its connections Ferry carried.
+    public var libvirt: LibvirtAccount? = nil
+
+    public struct LibvirtAccount: Codable, Sendable, Equatable {
+        public var domain: String
+        /// The local libvirtd's URI.
+        public var uri: String
+        public var copyStorage: Bool
+        public var parallelConnections: Int?
+        public var persistent: Bool
+        public var undefineSource: Bool
+        /// The connections Ferry carried, by kind ("libvirtd 1, migration 3, disks 1").
+        public var connections: String
+        /// Guest memory libvirt reported sent, and disk bytes copied.
+        public var memoryBytes: UInt64?
+        public var diskBytes: UInt64?
+
+        public var summary: String {
+            var flags = ["live", "peer to peer"]
+            if copyStorage { flags.append("copy storage") }
+            if let parallelConnections { flags.append("\(parallelConnections) parallel connections") }
+            if persistent { flags.append("persistent") }
+            if undefineSource { flags.append("undefine source") }
+            var line = "domain \(domain) from \(uri) (" + flags.joined(separator: ", ") + ")"
+            if !connections.isEmpty { line += "; carried " + connections }
+            if let diskBytes, diskBytes > 0 { line += "; disks \(Format.bytes(diskBytes)) copied" }
+            return line
+        }
+    }
 
     public struct GuestNICReport: Codable, Sendable, Equatable {
         /// "eth0 52:54:00:12:34:56 on ferrybr0", one per NIC.
@@ -254,6 +284,7 @@ extension MigrationReport {
         if let network { lines.append("  network        " + network.summary) }
         if let convergence { lines.append("  convergence    " + convergence.summary) }
         if let postcopy { lines.append("  postcopy       " + postcopy.summary) }
+        if let libvirt { lines.append("  libvirt        " + libvirt.summary) }
         if let mode { lines.append("  mode           " + mode) }
         let copied = (disks ?? []).contains { $0.copiedBytes != nil }
         var moved = "\(Format.bytes(streamBytes)) of QEMU streams\(copied ? " and disk copies" : ""), \(Format.bytes(wireBytes)) on the wire"
@@ -291,7 +322,9 @@ extension MigrationReport {
         }
         if let security { lines.append("  security       \(security)") }
         if let dataPath { lines.append("  data path      \(dataPath)") }
-        if mode == nil {
+        if libvirt != nil {
+            lines.append("  streams        libvirt's connections, over \(channels.count) data channel(s) on \(nics.count) NIC(s)")
+        } else if mode == nil {
             lines.append("  streams        " + (postcopy != nil ? "main (with QEMU's return path) + preempt" : "main + \(multifdChannels) multifd") + ", over \(channels.count) data channel(s) on \(nics.count) NIC(s)")
         }
         for nic in Dictionary(grouping: channels, by: \.interface).sorted(by: { $0.key < $1.key }) {

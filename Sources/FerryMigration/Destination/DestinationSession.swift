@@ -30,9 +30,13 @@ enum IncomingPhase: String, Sendable {
     /// here already (committed in that session) and its QEMU takes the pages it lacks. A
     /// failure leaves it as it is, for another resume.
     case resuming
+    /// A libvirt migration: libvirt runs it, this host carries its connections until the
+    /// source says libvirt finished (``runLibvirt(_:)``).
+    case carrying
 
     static let graph = PhaseGraph<IncomingPhase>(next: [
-        .offered: [.receivingBootFiles, .queued, .aborted, .resuming],
+        .offered: [.receivingBootFiles, .queued, .aborted, .resuming, .carrying],
+        .carrying: [.committed, .aborted],
         .resuming: [.committed],
         .receivingBootFiles: [.queued, .aborted],
         .queued: [.loading, .aborted],
@@ -135,7 +139,9 @@ final class DestinationSession: @unchecked Sendable {
         self.logger = logger
     }
 
-    var vmName: String? { spec?.name }
+    var vmName: String? { spec?.name ?? libvirt?.accountName }
+    /// A libvirt migration's session (``runLibvirt(_:)``).
+    var libvirt: IncomingLibvirt?
 
     /// Read by the server's threads: the phase is the session thread's, so this is a
     /// snapshot, kept under `lock`.
@@ -143,7 +149,7 @@ final class DestinationSession: @unchecked Sendable {
     private var beforePrepared = true
 
     /// When the offer was accepted (nil: it never was, as with a peer's `resolve`).
-    private var acceptedAt: ContinuousClock.Instant?
+    var acceptedAt: ContinuousClock.Instant?
 
     /// Runs the session to its end; every failure is reported to the source and undone here.
     func run() {
@@ -232,10 +238,14 @@ final class DestinationSession: @unchecked Sendable {
 
     /// The control connection becomes a link (see ``ControlLink``) once `accept` is sent.
     func openLink(_ offer: OfferMessage) -> ControlLink {
+        openLink(linkTimeoutSeconds: offer.linkTimeoutSeconds)
+    }
+
+    func openLink(linkTimeoutSeconds: Double?) -> ControlLink {
         var options = ControlLink.Options(movable: version >= ProtocolVersion.movableControl)
         // The source gives up after its link timeout; this side waits a little longer,
         // so that it is the source that decides.
-        options.rejoinTimeout = .milliseconds(Int64(((offer.linkTimeoutSeconds ?? 10) + 5) * 1000))
+        options.rejoinTimeout = .milliseconds(Int64(((linkTimeoutSeconds ?? 10) + 5) * 1000))
         let link = ControlLink(control, role: .destination, options: options, path: control.peer,
                                note: { [logger] text in logger.notice("\(text)") })
         lock.withLock { controlLink = link }
@@ -286,6 +296,10 @@ final class DestinationSession: @unchecked Sendable {
         }
         if first.type == .hostQuery {
             try answerHostQuery(first)
+            return
+        }
+        if first.type == .libvirtOffer {
+            try runLibvirt(first)
             return
         }
         guard first.type == .offer else {

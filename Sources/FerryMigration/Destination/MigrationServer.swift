@@ -64,6 +64,9 @@ public final class MigrationServer: @unchecked Sendable {
         /// Told when an incoming migration starts and ends (the daemon's metrics), on the
         /// session's thread: keep it short and never blocking.
         public var onIncoming: (@Sendable (IncomingMigrationNotice) -> Void)?
+        /// `--libvirt-socket`: the libvirtd a libvirt migration's control connection is
+        /// connected to (nil: this host takes no libvirt migrations).
+        public var libvirtSocket: String? = LibvirtRun.defaultSocket
         public init(addresses: [String], port: UInt16) {
             precondition(!addresses.isEmpty)
             self.addresses = addresses

@@ -322,7 +322,7 @@ extension SourceMigration {
         case .dataPath: break
         case .note(let text): track.note(text)
         case .interrupted: try interrupt.check()
-        case .qemuStopped, .qemuStatus, .streamAccepted: break  // QEMU's migration has not started
+        case .qemuStopped, .qemuStatus, .streamAccepted, .libvirtFinished: break  // QEMU's migration has not started
         }
     }
 

@@ -39,6 +39,8 @@ public final class SourceMigration: @unchecked Sendable {
         case note(String)
         /// A stop (cancel, timeout) was granted: ``MigrationInterrupt``.
         case interrupted
+        /// libvirt's migration call returned: nil when it succeeded, else libvirt's message.
+        case libvirtFinished(String?)
     }
 
     let store: VMStore

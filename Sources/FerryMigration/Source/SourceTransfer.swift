@@ -145,7 +145,7 @@ extension SourceMigration {
                     if status == .completed { qemuDone = true }
                 case .note(let text):
                     track.note(text)
-                case .dataPath(.channelUp), .streamAccepted, .qemuStopped, .interrupted:
+                case .dataPath(.channelUp), .streamAccepted, .qemuStopped, .interrupted, .libvirtFinished:
                     break
                 }
             }
@@ -240,6 +240,8 @@ extension SourceMigration {
             track.note(text)
         case .interrupted:
             try interrupt.check()
+        case .libvirtFinished:
+            break  // only a libvirt migration posts it
         case .qemuStopped(let at):
             guard qemu?.migrateStarted == true else { return }
             track.journal.stopEventAt = at
