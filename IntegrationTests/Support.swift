@@ -39,9 +39,9 @@ final class TestLab: @unchecked Sendable {
     let b: LabHost
     private var servePIDs: [Int32] = []
 
-    init(nics: Int = 2, rate: String? = nil, hosts: Int = 2) throws {
+    init(nics: Int = 2, rate: String? = nil, hosts: Int = 2, libvirt: Bool = false) throws {
         lab = Lab(name: "ft\(Int.random(in: 1000...9999))")
-        try lab.up(nics: nics, rate: rate, hosts: hosts)
+        try lab.up(nics: nics, rate: rate, hosts: hosts, libvirt: libvirt)
         a = LabHost(lab: lab, host: "a", binary: Env.ferry)
         b = LabHost(lab: lab, host: "b", binary: Env.ferry)
     }

@@ -170,6 +170,21 @@ public struct LabLibvirt: Sendable {
         """
     }
 
+    /// Stops `host`'s libvirtd (its domains' QEMUs keep running, as with a real libvirtd).
+    public func stopDaemon(_ host: String) {
+        if let text = try? String(contentsOfFile: pidFile(host), encoding: .utf8),
+           let pid = Int32(text.trimmingCharacters(in: .whitespacesAndNewlines)), pid > 0 {
+            ProcessStats.terminate(pid: pid, grace: .seconds(5))
+        }
+    }
+
+    /// Starts `host`'s libvirtd again and waits until it answers.
+    public func restartDaemon(_ host: String) throws {
+        stopDaemon(host)
+        try startDaemon(host)
+        try waitForDaemon(host)
+    }
+
     private func startDaemon(_ host: String) throws {
         let argv = ["nsenter", "--mount=\(mountNamespace(host))", "--", "ip", "netns", "exec", lab.namespace(host),
                     "/usr/sbin/libvirtd", "--config", "/etc/libvirt/libvirtd.conf", "--pid-file", "/run/libvirt/libvirtd.pid"]

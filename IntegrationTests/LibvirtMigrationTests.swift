@@ -1,0 +1,252 @@
+import FerryIO
+import FerryLab
+import FerryLibvirt
+import FerryMigration
+import FerryVM
+import Foundation
+import Testing
+
+/// libvirt domains migrated by libvirt over Ferry (`ferry migrate --libvirt`), in a lab with
+/// a libvirtd per host (`ferry lab up --libvirt`): real libvirtds, real QEMUs, real
+/// namespaces. The domains boot the demo guest with a qcow2 disk (its disk workload
+/// checks what it wrote) and a NIC on the VM bridge (its echo service answers the client).
+@Suite(.serialized, .enabled(if: Env.canRunEndToEnd && LabLibvirt.missing == nil))
+struct LibvirtMigrationTests {
+    /// A lab domain: its XML, its console (one file both hosts' QEMUs append to).
+    struct Domain {
+        let name: String
+        let console: GuestConsole
+        let address: String
+    }
+
+    enum Disk { case shared, local }
+
+    static func virsh(_ lab: TestLab, _ host: String, _ args: [String]) throws -> CommandResult {
+        try Command.run(["virsh", "-c", LabLibvirt(lab: lab.lab).uri(host)] + args)
+    }
+
+    /// libvirt's view of `name` on `host` (nil: not defined there).
+    static func state(_ lab: TestLab, _ host: String, _ name: String) -> Libvirt.State? {
+        try? Libvirt.load().connect(LabLibvirt(lab: lab.lab).uri(host)).domain(name).state()
+    }
+
+    /// Where `host` keeps a local disk, as its own libvirtd sees it and as seen from here.
+    static func localImage(_ lab: TestLab, _ host: String, _ name: String) -> (inHost: String, outside: String) {
+        ("/var/lib/libvirt/images/\(name).qcow2", LabLibvirt(lab: lab.lab).root(host) + "/lib/images/\(name).qcow2")
+    }
+
+    /// Defines `name` on a and starts it; waits until its guest has filled its memory.
+    /// `shared`: its disk in the lab's shared directory (the same file on both hosts);
+    /// `local`: in a's own images directory (a copy is made on b, empty, as an operator would).
+    static func startDomain(_ lab: TestLab, _ name: String, n: Int, disk: Disk, memoryMiB: Int = 256, fillMiB: Int = 96,
+                            dirty: Int = 4, start: Bool = true) throws -> Domain {
+        let shared = lab.lab.directory + "/shared"
+        try FileManager.default.createDirectory(atPath: shared, withIntermediateDirectories: true)
+        let image: String
+        switch disk {
+        case .shared:
+            image = "\(shared)/\(name).qcow2"
+            try Command.check(["qemu-img", "create", "-q", "-f", "qcow2", image, "64M"])
+        case .local:
+            let a = localImage(lab, "a", name)
+            try FileManager.default.createDirectory(atPath: (a.outside as NSString).deletingLastPathComponent, withIntermediateDirectories: true)
+            try Command.check(["qemu-img", "create", "-q", "-f", "qcow2", a.outside, "64M"])
+            image = a.inHost
+        }
+        let console = "\(shared)/\(name).console"
+        let address = lab.lab.guestAddress(n)
+        let mac = String(format: "52:54:00:00:20:%02x", n)
+        let xml = """
+            <domain type='qemu'>
+              <name>\(name)</name>
+              <memory unit='MiB'>\(memoryMiB)</memory>
+              <vcpu>1</vcpu>
+              <os>
+                <type arch='x86_64' machine='pc'>hvm</type>
+                <kernel>\(Env.guest.kernel)</kernel>
+                <initrd>\(Env.guest.initrd)</initrd>
+                <cmdline>\(GuestImage.append(fillMiB: fillMiB, dirtyMiBPerSecond: dirty, fill: "random")) ferry.ip=\(address)/24 ferry.disk=vda ferry.diskmib=16 ferry.diskrate=2</cmdline>
+              </os>
+              <on_crash>destroy</on_crash>
+              <devices>
+                <emulator>\(LabLibvirt(lab: lab.lab).emulator)</emulator>
+                <disk type='file' device='disk'>
+                  <driver name='qemu' type='qcow2' cache='none'/>
+                  <source file='\(image)'/>
+                  <target dev='vda' bus='virtio'/>
+                </disk>
+                <interface type='bridge'>
+                  <source bridge='\(Lab.vmBridge)'/>
+                  <mac address='\(mac)'/>
+                  <model type='virtio'/>
+                </interface>
+                <serial type='file'><source path='\(console)' append='on'/><target port='0'/></serial>
+                <console type='file'><source path='\(console)' append='on'/><target type='serial' port='0'/></console>
+              </devices>
+            </domain>
+            """
+        let xmlPath = "\(shared)/\(name).xml"
+        try Data(xml.utf8).write(to: URL(fileURLWithPath: xmlPath))
+        let defined = try virsh(lab, "a", ["define", xmlPath])
+        try #require(defined.succeeded, "virsh define: \(defined.stderr)")
+        let domain = Domain(name: name, console: GuestConsole(path: console), address: address)
+        guard start else { return domain }
+        let started = try virsh(lab, "a", ["start", name])
+        try #require(started.succeeded, "virsh start: \(started.stderr)")
+        let ready = domain.console.wait(timeout: .seconds(90)) { $0.contains("FERRY-READY") }
+        try #require(ready, "the domain's guest never became ready: \(domain.console.text.suffix(800))")
+        let writing = domain.console.wait(timeout: .seconds(20)) { _ in domain.console.lastDiskStatus != nil }
+        try #require(writing, "the guest's disk workload never reported: \(domain.console.text.suffix(800))")
+        return domain
+    }
+
+    /// The guest runs on, its memory and its disk check out, and it answers on its NIC.
+    static func expectHealthy(_ lab: TestLab, _ domain: Domain, sourceLocation: SourceLocation = #_sourceLocation) throws {
+        let console = domain.console
+        let first = try #require(console.lastHeartbeat, "no heartbeat", sourceLocation: sourceLocation)
+        let advanced = console.wait(timeout: .seconds(20)) { _ in (console.lastHeartbeat?.sequence ?? 0) >= first.sequence + 5 }
+        #expect(advanced, "heartbeats do not advance", sourceLocation: sourceLocation)
+        let allOK = console.heartbeats.allSatisfy { $0.ok }
+        #expect(allOK, "guest memory check failed: \(console.errorLines.prefix(3))", sourceLocation: sourceLocation)
+        let disk = try #require(console.lastDiskStatus, "no disk account from the guest", sourceLocation: sourceLocation)
+        #expect(disk.errors == 0 && disk.checked > 0, "guest disk check: \(disk)", sourceLocation: sourceLocation)
+        let ping = try lab.shell(Lab.client, "ping -c 3 -W 2 \(domain.address)")
+        #expect(ping.succeeded, "the guest does not answer on its NIC: \(ping.stdout)", sourceLocation: sourceLocation)
+    }
+
+    func migrate(_ lab: TestLab, _ name: String, extra: [String]) throws -> (CommandResult, MigrationReport?) {
+        try lab.migrate(name, extra: ["--libvirt"] + extra)
+    }
+
+    @Test("a domain with a shared qcow2 disk and a NIC moves to b over both NICs; libvirt sees it on b only, undefined on a")
+    func sharedDisk() throws {
+        let lab = try TestLab(nics: 2, rate: "1gbit", libvirt: true)
+        try lab.serve()
+        let domain = try Self.startDomain(lab, "web", n: 1, disk: .shared)
+        let (result, report) = try migrate(lab, "web", extra: ["--unsafe", "--persistent", "--undefine-source"])
+        #expect(result.succeeded, "\(result.stderr)\n\(report?.text ?? "")")
+        let r = try #require(report)
+        #expect(r.outcome == .succeeded)
+        #expect(Self.state(lab, "b", "web") == .running)
+        #expect(Self.state(lab, "a", "web") == nil, "--undefine-source: the domain must be gone from a")
+        let persistent = try Self.virsh(lab, "b", ["dominfo", "web"]).stdout
+        #expect(persistent.contains("Persistent:") && persistent.contains("yes"), "--persistent: \(persistent)")
+        #expect(r.libvirt?.connections.contains("libvirtd 1") == true && r.libvirt?.connections.contains("migration 1") == true,
+                "\(r.libvirt?.connections ?? "")")
+        // Striped over both NICs.
+        for nic in ["eth0", "eth1"] {
+            let bytes = r.channels.filter { $0.interface == nic }.reduce(0) { $0 + $1.payloadBytes }
+            #expect(bytes > 20 << 20, "\(nic) carried \(bytes) bytes")
+        }
+        try Self.expectHealthy(lab, domain)
+    }
+
+    @Test("--copy-storage --parallel 2: the disk is copied through Ferry and QEMU's three streams reach b in order")
+    func copyStorageParallel() throws {
+        let lab = try TestLab(nics: 2, rate: "1gbit", libvirt: true)
+        try lab.serve()
+        let domain = try Self.startDomain(lab, "db", n: 2, disk: .local)
+        // The destination's image: the same path, empty, as an operator makes it (libvirt
+        // creates one only inside a storage pool).
+        let b = Self.localImage(lab, "b", "db")
+        try FileManager.default.createDirectory(atPath: (b.outside as NSString).deletingLastPathComponent, withIntermediateDirectories: true)
+        try Command.check(["qemu-img", "create", "-q", "-f", "qcow2", b.outside, "64M"])
+        let written = try #require(domain.console.lastDiskStatus).written
+        let (result, report) = try migrate(lab, "db", extra: ["--copy-storage", "--parallel", "2"])
+        #expect(result.succeeded, "\(result.stderr)\n\(report?.text ?? "")")
+        let r = try #require(report)
+        #expect(r.libvirt?.connections.contains("migration 3") == true, "\(r.libvirt?.connections ?? "")")
+        #expect(r.libvirt?.connections.contains("disks 1") == true, "\(r.libvirt?.connections ?? "")")
+        #expect(Self.state(lab, "b", "db") == .running)
+        #expect(Self.state(lab, "a", "db") == .shutoff, "without --undefine-source the domain stays defined, shut off, on a")
+        try Self.expectHealthy(lab, domain)
+        // What the guest wrote before the copy is read back on b, and it goes on writing.
+        let after = try #require(domain.console.lastDiskStatus)
+        #expect(after.written > written && after.checked > 0 && after.errors == 0)
+        // b's image holds the data now (the copy wrote into it).
+        let info = try Command.run(["qemu-img", "info", "--force-share", "--output=json", b.outside]).stdout
+        let size = info.range(of: "\"actual-size\": ").map { info[$0.upperBound...].prefix { $0.isNumber } }.flatMap { UInt64($0) } ?? 0
+        #expect(size > 8 << 20, "b's image is still nearly empty (\(size) bytes)")
+    }
+
+    @Test("bad input: a missing domain, one not running, no libvirtd, libvirt refusing, no storage path on b: clear errors, nothing changed")
+    func badInput() throws {
+        let lab = try TestLab(nics: 1, libvirt: true)
+        try lab.serve()
+        // Each refused in turn; the domain `kept` runs on a throughout.
+        let kept = try Self.startDomain(lab, "kept", n: 3, disk: .local)
+        _ = try Self.startDomain(lab, "idle", n: 4, disk: .shared, start: false)
+        let cases: [(args: [String], name: String, expect: String)] = [
+            ([], "nosuch", "no domain 'nosuch'"),
+            ([], "idle", "not running"),
+            (["--libvirt-uri", "qemu+unix:///system?socket=/run/nonexistent/libvirt-sock"], "kept", "cannot connect to libvirtd"),
+            // libvirt's own refusal, passed through: a disk neither shared nor copied.
+            ([], "kept", "Unsafe migration"),
+            // b has no image at the disk's path.
+            (["--copy-storage"], "kept", "no storage pool"),
+        ]
+        for c in cases {
+            let (result, report) = try migrate(lab, c.name, extra: c.args)
+            #expect(result.status == 1, "\(c.name) \(c.args): exit \(result.status)")
+            let error = report?.error ?? ""
+            #expect(error.contains(c.expect), "\(c.name) \(c.args): \(error)")
+            #expect(Self.state(lab, "a", "kept") == .running)
+            #expect(Self.state(lab, "b", "kept") == nil || Self.state(lab, "b", "kept") == .shutoff)
+        }
+        #expect(Self.state(lab, "a", "idle") == .shutoff)
+        // libvirtd on b stopped: the destination refuses the offer, and says why.
+        LabLibvirt(lab: lab.lab).stopDaemon("b")
+        let (result, report) = try migrate(lab, "kept", extra: ["--copy-storage"])
+        #expect(result.status == 1)
+        #expect(report?.error?.contains("libvirtd is not running") == true, "\(report?.error ?? "")")
+        #expect(Self.state(lab, "a", "kept") == .running)
+        try Self.expectHealthy(lab, kept)
+    }
+
+    @Test("a session that dies mid-migration: libvirt aborts and the domain runs on a (ferry migrate killed, ferry serve killed, every NIC pulled, libvirtd on b stopped)")
+    func sessionDies() throws {
+        // 100 Mbit/s: the memory takes ~8 s, time to break things midway.
+        let lab = try TestLab(nics: 2, rate: "50mbit", libvirt: true)
+        let lv = LabLibvirt(lab: lab.lab)
+        var serve = try lab.serve()
+        let domain = try Self.startDomain(lab, "app", n: 5, disk: .shared, fillMiB: 128)
+        enum Fault: String, CaseIterable { case killMigrate, killServe, pullNICs, stopLibvirtd }
+        for fault in Fault.allCases {
+            let running = RunningMigration(lab, "app", extra: ["--libvirt", "--unsafe", "--link-timeout", "5"])
+            #expect(running.wait(forStreamBytes: 16 << 20, timeout: .seconds(60)), "\(fault): the migration never got going")
+            switch fault {
+            case .killMigrate:
+                let pid = try #require(LibvirtMigrationFile(runDirectory: lab.a.store.paths.runDirectory, domain: "app").runningPID)
+                kill(pid, SIGKILL)
+            case .killServe:
+                kill(serve, SIGKILL)
+            case .pullNICs:
+                for nic in 0..<2 { try lab.lab.setNIC("a", nic: nic, up: false) }
+            case .stopLibvirtd:
+                lv.stopDaemon("b")
+            }
+            let (result, report) = try running.finish(timeout: .seconds(120))
+            if fault != .killMigrate {
+                #expect(result.status == 1, "\(fault): exit \(result.status)")
+                #expect(report?.outcome == .failedVMOnSource, "\(fault): \(report?.text ?? result.stderr)")
+            }
+            // libvirt keeps the switchover: the domain runs on a, and b has none running.
+            let deadline = ContinuousClock.now + .seconds(60)
+            while Self.state(lab, "a", "app") != .running && ContinuousClock.now < deadline { usleep(200_000) }
+            #expect(Self.state(lab, "a", "app") == .running, "\(fault): the domain is \(String(describing: Self.state(lab, "a", "app"))) on a")
+            switch fault {
+            case .killMigrate, .pullNICs: break
+            case .killServe: serve = try lab.serve()
+            case .stopLibvirtd: try lv.restartDaemon("b")
+            }
+            if fault == .pullNICs { for nic in 0..<2 { try lab.lab.setNIC("a", nic: nic, up: true) } }
+            while Self.state(lab, "b", "app") == .running && ContinuousClock.now < deadline { usleep(200_000) }
+            #expect(Self.state(lab, "b", "app") != .running, "\(fault): a copy runs on b too")
+            try Self.expectHealthy(lab, domain)
+        }
+        // And after all that, the migration goes through.
+        let (result, report) = try migrate(lab, "app", extra: ["--unsafe"])
+        #expect(result.succeeded, "\(report?.text ?? result.stderr)")
+        #expect(Self.state(lab, "b", "app") == .running)
+    }
+}
