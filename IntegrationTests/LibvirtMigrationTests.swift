@@ -205,15 +205,20 @@ struct LibvirtMigrationTests {
 
     @Test("a session that dies mid-migration: libvirt aborts and the domain runs on a (ferry migrate killed, ferry serve killed, every NIC pulled, libvirtd on b stopped)")
     func sessionDies() throws {
-        // 100 Mbit/s: the memory takes ~8 s, time to break things midway.
-        let lab = try TestLab(nics: 2, rate: "50mbit", libvirt: true)
+        // 2 x 100 Mbit/s: the memory takes ~12 s, time to break things midway.
+        let lab = try TestLab(nics: 2, rate: "100mbit", libvirt: true)
         let lv = LabLibvirt(lab: lab.lab)
         var serve = try lab.serve()
-        let domain = try Self.startDomain(lab, "app", n: 5, disk: .shared, fillMiB: 128)
+        let domain = try Self.startDomain(lab, "app", n: 5, disk: .shared, memoryMiB: 320, fillMiB: 192)
         enum Fault: String, CaseIterable { case killMigrate, killServe, pullNICs, stopLibvirtd }
         for fault in Fault.allCases {
             let running = RunningMigration(lab, "app", extra: ["--libvirt", "--unsafe", "--link-timeout", "5"])
-            #expect(running.wait(forStreamBytes: 16 << 20, timeout: .seconds(60)), "\(fault): the migration never got going")
+            // libvirt's own account on a: 32 MiB of memory sent, a third of the way.
+            let job = try Libvirt.load().connect(lv.uri("a")).domain("app")
+            let deadline0 = ContinuousClock.now + .seconds(60)
+            while (job.jobStatistics()?.memoryProcessed ?? 0) < 32 << 20 && ContinuousClock.now < deadline0 { usleep(50_000) }
+            let going = (job.jobStatistics()?.memoryProcessed ?? 0) >= 32 << 20
+            #expect(going, "\(fault): the migration never got going: \(GuestConsole(path: running.progressPath).text.suffix(600))")
             switch fault {
             case .killMigrate:
                 let pid = try #require(LibvirtMigrationFile(runDirectory: lab.a.store.paths.runDirectory, domain: "app").runningPID)
