@@ -40,7 +40,7 @@ struct LibvirtMigrationTests {
     /// `local`: in a's own images directory (a copy is made on b, empty, as an operator would).
     static func startDomain(_ lab: TestLab, _ name: String, n: Int, disk: Disk, memoryMiB: Int = 256, fillMiB: Int = 96,
                             dirty: Int = 4, start: Bool = true) throws -> Domain {
-        let shared = lab.lab.directory + "/shared"
+        let shared = LabLibvirt(lab: lab.lab).sharedDirectory
         try FileManager.default.createDirectory(atPath: shared, withIntermediateDirectories: true)
         let image: String
         switch disk {
@@ -56,35 +56,11 @@ struct LibvirtMigrationTests {
         let console = "\(shared)/\(name).console"
         let address = lab.lab.guestAddress(n)
         let mac = String(format: "52:54:00:00:20:%02x", n)
-        let xml = """
-            <domain type='qemu'>
-              <name>\(name)</name>
-              <memory unit='MiB'>\(memoryMiB)</memory>
-              <vcpu>1</vcpu>
-              <os>
-                <type arch='x86_64' machine='pc'>hvm</type>
-                <kernel>\(Env.guest.kernel)</kernel>
-                <initrd>\(Env.guest.initrd)</initrd>
-                <cmdline>\(GuestImage.append(fillMiB: fillMiB, dirtyMiBPerSecond: dirty, fill: "random")) ferry.ip=\(address)/24 ferry.disk=vda ferry.diskmib=16 ferry.diskrate=2</cmdline>
-              </os>
-              <on_crash>destroy</on_crash>
-              <devices>
-                <emulator>\(LabLibvirt(lab: lab.lab).emulator)</emulator>
-                <disk type='file' device='disk'>
-                  <driver name='qemu' type='qcow2' cache='none'/>
-                  <source file='\(image)'/>
-                  <target dev='vda' bus='virtio'/>
-                </disk>
-                <interface type='bridge'>
-                  <source bridge='\(Lab.vmBridge)'/>
-                  <mac address='\(mac)'/>
-                  <model type='virtio'/>
-                </interface>
-                <serial type='file'><source path='\(console)' append='on'/><target port='0'/></serial>
-                <console type='file'><source path='\(console)' append='on'/><target type='serial' port='0'/></console>
-              </devices>
-            </domain>
-            """
+        let xml = LabLibvirt(lab: lab.lab).domainXML(
+            name: name, memoryMiB: memoryMiB, kernel: Env.guest.kernel, initrd: Env.guest.initrd,
+            cmdline: GuestImage.append(fillMiB: fillMiB, dirtyMiBPerSecond: dirty, fill: "random")
+                + " ferry.ip=\(address)/24 ferry.disk=vda ferry.diskmib=16 ferry.diskrate=2",
+            image: image, console: console, mac: mac)
         let xmlPath = "\(shared)/\(name).xml"
         try Data(xml.utf8).write(to: URL(fileURLWithPath: xmlPath))
         let defined = try virsh(lab, "a", ["define", xmlPath])

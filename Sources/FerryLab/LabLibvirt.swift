@@ -204,6 +204,47 @@ public struct LabLibvirt: Sendable {
         throw Lab.LabError.setup("libvirtd on lab host \(host) did not answer within 120 s (\(log(host))): \(tail)")
     }
 
+    /// A lab domain: the demo guest (`kernel`, `initrd`, `cmdline`) under TCG with one qcow2
+    /// disk (`image`, as the host's libvirtd sees its path), a virtio NIC on the VM bridge,
+    /// and its serial console appended to `console` (a path both hosts see, so that one file
+    /// holds the guest's whole life across hosts), run by the lab's padding ``emulator``.
+    public func domainXML(name: String, memoryMiB: Int, kernel: String, initrd: String, cmdline: String, image: String,
+                          console: String, mac: String) -> String {
+        """
+        <domain type='qemu'>
+          <name>\(name)</name>
+          <memory unit='MiB'>\(memoryMiB)</memory>
+          <vcpu>1</vcpu>
+          <os>
+            <type arch='x86_64' machine='pc'>hvm</type>
+            <kernel>\(kernel)</kernel>
+            <initrd>\(initrd)</initrd>
+            <cmdline>\(cmdline)</cmdline>
+          </os>
+          <on_crash>destroy</on_crash>
+          <devices>
+            <emulator>\(emulator)</emulator>
+            <disk type='file' device='disk'>
+              <driver name='qemu' type='qcow2' cache='none'/>
+              <source file='\(image)'/>
+              <target dev='vda' bus='virtio'/>
+            </disk>
+            <interface type='bridge'>
+              <source bridge='\(Lab.vmBridge)'/>
+              <mac address='\(mac)'/>
+              <model type='virtio'/>
+            </interface>
+            <serial type='file'><source path='\(console)' append='on'/><target port='0'/></serial>
+            <console type='file'><source path='\(console)' append='on'/><target type='serial' port='0'/></console>
+          </devices>
+        </domain>
+        """
+    }
+
+    /// A directory both hosts see at the same path (the lab's "shared storage"; libvirt
+    /// cannot tell it is shared: migrations of its disks need `--unsafe`).
+    public var sharedDirectory: String { lab.directory + "/shared" }
+
     /// The argv prefix that enters `host`'s mount namespace.
     func enter(_ host: String) -> [String] { ["nsenter", "--mount=\(mountNamespace(host))", "--"] }
 }

@@ -15,6 +15,8 @@ struct Bench: ParsableCommand {
             \(UpdateBench.scenarioName) (not in the default set, no lab, --modes ignored): \(UpdateBench.summary), timed with
             their downtime and CPU; OUT/\(UpdateBench.scenarioName).md and .json. \(DrainBench.scenarioName) (not in the
             default set, its own lab of three hosts, --modes ignored): \(DrainBench.summary); OUT/\(DrainBench.scenarioName).md and .json.
+            \(LibvirtBench.scenarioName) and \(LibvirtBench.diskScenarioName) (not in the default set, a lab with a libvirtd per host,
+            --modes ignored): \(LibvirtBench.summary), the second copying a disk with 1 GiB of data too; OUT/NAME.md and .json.
             """)
 
     @Option(name: .customLong("scenario"), help: "A scenario to run (repeatable) (default: \(BenchScenario.defaults.joined(separator: ", "))).")
@@ -33,12 +35,15 @@ struct Bench: ParsableCommand {
     var json = false
 
     func validate() throws {
-        for name in scenarios where !BenchScenario.catalog.contains(where: { $0.name == name }) && name != UpdateBench.scenarioName && name != DrainBench.scenarioName {
+        for name in scenarios where !BenchScenario.catalog.contains(where: { $0.name == name }) && !Self.ownScenarios.contains(name) {
             throw ValidationError("unknown scenario '\(name)'; known: \(BenchScenario.catalog.map(\.name).joined(separator: ", "))")
         }
         guard (1...20).contains(repeats) else { throw ValidationError("--repeats must be between 1 and 20") }
         if let modes { _ = try parseModes(modes) }
     }
+
+    /// Scenarios outside the lab table, each with its own lab (or none) and table.
+    static let ownScenarios = [UpdateBench.scenarioName, DrainBench.scenarioName, LibvirtBench.scenarioName, LibvirtBench.diskScenarioName]
 
     func parseModes(_ text: String) throws -> [BenchMode] {
         try text.split(separator: ",").map { name in
@@ -83,7 +88,14 @@ struct Bench: ParsableCommand {
             printed.append(text)
             failed = failed || drainFailed
         }
-        if !scenarios.isEmpty && scenarios.allSatisfy({ $0 == UpdateBench.scenarioName || $0 == DrainBench.scenarioName }) {
+        for (name, disk) in [(LibvirtBench.scenarioName, 0), (LibvirtBench.diskScenarioName, 1024)] where scenarios.contains(name) {
+            let (text, libvirtFailed) = try runOwnScenario(name, LibvirtBench.summary,
+                                                           run: { try LibvirtBench(diskMiB: disk, repeats: repeats, binary: SelfPath.executable, guest: image, log: $0).run() },
+                                                           markdown: \.markdown, failed: { $0.runs.contains { !$0.succeeded } })
+            printed.append(text)
+            failed = failed || libvirtFailed
+        }
+        if !scenarios.isEmpty && scenarios.allSatisfy({ Self.ownScenarios.contains($0) }) {
             if json && printed.count > 1 { return ("[\n" + printed.joined(separator: ",\n") + "\n]", failed) }
             return (printed.joined(separator: "\n\n"), failed)
         }
