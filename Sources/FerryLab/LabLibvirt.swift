@@ -170,6 +170,11 @@ public struct LabLibvirt: Sendable {
         """
     }
 
+    /// `host`'s libvirtd's pid (a process inside the host's namespaces).
+    public func daemonPID(_ host: String) -> Int32? {
+        (try? String(contentsOfFile: pidFile(host), encoding: .utf8)).flatMap { Int32($0.trimmingCharacters(in: .whitespacesAndNewlines)) }
+    }
+
     /// Stops `host`'s libvirtd (its domains' QEMUs keep running, as with a real libvirtd).
     public func stopDaemon(_ host: String) {
         if let text = try? String(contentsOfFile: pidFile(host), encoding: .utf8),

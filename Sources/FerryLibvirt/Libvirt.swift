@@ -265,7 +265,8 @@ public final class Libvirt: @unchecked Sendable {
             var type: Int32 = 0
             var params: OpaquePointer?
             var count: Int32 = 0
-            guard libvirt.jobStats(pointer, &type, &params, &count, completed ? 1 : 0) == 0 else { return nil }
+            // COMPLETED (1) with KEEP_COMPLETED (2): reading them must not clear them for others.
+            guard libvirt.jobStats(pointer, &type, &params, &count, completed ? 3 : 0) == 0 else { return nil }
             defer { libvirt.freeParams(params, count) }
             func value(_ key: String) -> UInt64? {
                 var v: UInt64 = 0
