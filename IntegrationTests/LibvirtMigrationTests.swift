@@ -58,7 +58,7 @@ struct LibvirtMigrationTests {
         let mac = String(format: "52:54:00:00:20:%02x", n)
         let xml = LabLibvirt(lab: lab.lab).domainXML(
             name: name, memoryMiB: memoryMiB, kernel: Env.guest.kernel, initrd: Env.guest.initrd,
-            cmdline: GuestImage.append(fillMiB: fillMiB, dirtyMiBPerSecond: dirty, fill: "random")
+            cmdline: GuestImage.append(fillMiB: fillMiB, dirtyMiBPerSecond: dirty, fill: "random", verifyMiBPerSecond: 64)
                 + " ferry.ip=\(address)/24 ferry.disk=vda ferry.diskmib=16 ferry.diskrate=2",
             image: image, console: console, mac: mac)
         let xmlPath = "\(shared)/\(name).xml"
@@ -94,11 +94,45 @@ struct LibvirtMigrationTests {
         try lab.migrate(name, extra: ["--libvirt"] + extra)
     }
 
-    @Test("a domain with a shared qcow2 disk and a NIC moves to b over both NICs; libvirt sees it on b only, undefined on a")
-    func sharedDisk() throws {
+    /// One lab for what a lab of libvirt costs (two libvirtds probing QEMU, 15-20 s here):
+    /// refusals first, with the domains on a, then the two kinds of migration.
+    @Test("bad input is refused with libvirt's own message and changes nothing; a domain on shared storage moves over both NICs (persistent on b, undefined on a); one with a local disk is copied with --parallel 2")
+    func migrations() throws {
         let lab = try TestLab(nics: 2, rate: "1gbit", libvirt: true)
         try lab.serve()
-        let domain = try Self.startDomain(lab, "web", n: 1, disk: .shared)
+        let web = try Self.startDomain(lab, "web", n: 1, disk: .shared)
+        let db = try Self.startDomain(lab, "db", n: 2, disk: .local)
+        _ = try Self.startDomain(lab, "idle", n: 3, disk: .shared, start: false)
+
+        // Bad input: each refused before anything moves, the domains as they were.
+        let cases: [(args: [String], name: String, expect: String)] = [
+            ([], "nosuch", "no domain 'nosuch'"),
+            ([], "idle", "not running"),
+            (["--libvirt-uri", "qemu+unix:///system?socket=/run/nonexistent/libvirt-sock"], "db", "cannot connect to libvirtd"),
+            // libvirt's own refusal, passed through: a disk neither shared nor copied.
+            ([], "db", "Unsafe migration"),
+            // b has no image at the disk's path (yet).
+            (["--copy-storage"], "db", "no storage pool"),
+        ]
+        for c in cases {
+            let (result, report) = try migrate(lab, c.name, extra: c.args)
+            #expect(result.status == 1, "\(c.name) \(c.args): exit \(result.status)")
+            let error = report?.error ?? ""
+            #expect(error.contains(c.expect), "\(c.name) \(c.args): \(error)")
+            #expect(Self.state(lab, "a", "db") == .running)
+            #expect(Self.state(lab, "b", "db") == nil)
+        }
+        #expect(Self.state(lab, "a", "idle") == .shutoff)
+        // libvirtd on b stopped: the destination refuses the offer, and says why.
+        let lv = LabLibvirt(lab: lab.lab)
+        lv.stopDaemon("b")
+        let (refused, refusal) = try migrate(lab, "web", extra: ["--unsafe"])
+        #expect(refused.status == 1)
+        #expect(refusal?.error?.contains("libvirtd is not running") == true, "\(refusal?.error ?? "")")
+        #expect(Self.state(lab, "a", "web") == .running)
+        try lv.restartDaemon("b")
+
+        // Shared storage: the domain moves, striped over both NICs.
         let (result, report) = try migrate(lab, "web", extra: ["--unsafe", "--persistent", "--undefine-source"])
         #expect(result.succeeded, "\(result.stderr)\n\(report?.text ?? "")")
         let r = try #require(report)
@@ -109,74 +143,33 @@ struct LibvirtMigrationTests {
         #expect(persistent.contains("Persistent:") && persistent.contains("yes"), "--persistent: \(persistent)")
         #expect(r.libvirt?.connections.contains("libvirtd 1") == true && r.libvirt?.connections.contains("migration 1") == true,
                 "\(r.libvirt?.connections ?? "")")
-        // Striped over both NICs.
         for nic in ["eth0", "eth1"] {
             let bytes = r.channels.filter { $0.interface == nic }.reduce(0) { $0 + $1.payloadBytes }
             #expect(bytes > 20 << 20, "\(nic) carried \(bytes) bytes")
         }
-        try Self.expectHealthy(lab, domain)
-    }
+        try Self.expectHealthy(lab, web)
 
-    @Test("--copy-storage --parallel 2: the disk is copied through Ferry and QEMU's three streams reach b in order")
-    func copyStorageParallel() throws {
-        let lab = try TestLab(nics: 2, rate: "1gbit", libvirt: true)
-        try lab.serve()
-        let domain = try Self.startDomain(lab, "db", n: 2, disk: .local)
-        // The destination's image: the same path, empty, as an operator makes it (libvirt
-        // creates one only inside a storage pool).
+        // A local disk, copied, and QEMU's three streams (main + 2 parallel) reaching b in
+        // order. The destination's image: the same path, empty, as an operator makes it
+        // (libvirt creates one only inside a storage pool).
         let b = Self.localImage(lab, "b", "db")
         try FileManager.default.createDirectory(atPath: (b.outside as NSString).deletingLastPathComponent, withIntermediateDirectories: true)
         try Command.check(["qemu-img", "create", "-q", "-f", "qcow2", b.outside, "64M"])
-        let written = try #require(domain.console.lastDiskStatus).written
-        let (result, report) = try migrate(lab, "db", extra: ["--copy-storage", "--parallel", "2"])
-        #expect(result.succeeded, "\(result.stderr)\n\(report?.text ?? "")")
-        let r = try #require(report)
-        #expect(r.libvirt?.connections.contains("migration 3") == true, "\(r.libvirt?.connections ?? "")")
-        #expect(r.libvirt?.connections.contains("disks 1") == true, "\(r.libvirt?.connections ?? "")")
+        let written = try #require(db.console.lastDiskStatus).written
+        let (copied, copyReport) = try migrate(lab, "db", extra: ["--copy-storage", "--parallel", "2"])
+        #expect(copied.succeeded, "\(copied.stderr)\n\(copyReport?.text ?? "")")
+        let c = try #require(copyReport)
+        #expect(c.libvirt?.connections.contains("migration 3") == true, "\(c.libvirt?.connections ?? "")")
+        #expect(c.libvirt?.connections.contains("disks 1") == true, "\(c.libvirt?.connections ?? "")")
         #expect(Self.state(lab, "b", "db") == .running)
         #expect(Self.state(lab, "a", "db") == .shutoff, "without --undefine-source the domain stays defined, shut off, on a")
-        try Self.expectHealthy(lab, domain)
+        try Self.expectHealthy(lab, db)
         // What the guest wrote before the copy is read back on b, and it goes on writing.
-        let after = try #require(domain.console.lastDiskStatus)
+        let after = try #require(db.console.lastDiskStatus)
         #expect(after.written > written && after.checked > 0 && after.errors == 0)
-        // b's image holds the data now (the copy wrote into it).
         let info = try Command.run(["qemu-img", "info", "--force-share", "--output=json", b.outside]).stdout
         let size = info.range(of: "\"actual-size\": ").map { info[$0.upperBound...].prefix { $0.isNumber } }.flatMap { UInt64($0) } ?? 0
         #expect(size > 8 << 20, "b's image is still nearly empty (\(size) bytes)")
-    }
-
-    @Test("bad input: a missing domain, one not running, no libvirtd, libvirt refusing, no storage path on b: clear errors, nothing changed")
-    func badInput() throws {
-        let lab = try TestLab(nics: 1, libvirt: true)
-        try lab.serve()
-        // Each refused in turn; the domain `kept` runs on a throughout.
-        let kept = try Self.startDomain(lab, "kept", n: 3, disk: .local)
-        _ = try Self.startDomain(lab, "idle", n: 4, disk: .shared, start: false)
-        let cases: [(args: [String], name: String, expect: String)] = [
-            ([], "nosuch", "no domain 'nosuch'"),
-            ([], "idle", "not running"),
-            (["--libvirt-uri", "qemu+unix:///system?socket=/run/nonexistent/libvirt-sock"], "kept", "cannot connect to libvirtd"),
-            // libvirt's own refusal, passed through: a disk neither shared nor copied.
-            ([], "kept", "Unsafe migration"),
-            // b has no image at the disk's path.
-            (["--copy-storage"], "kept", "no storage pool"),
-        ]
-        for c in cases {
-            let (result, report) = try migrate(lab, c.name, extra: c.args)
-            #expect(result.status == 1, "\(c.name) \(c.args): exit \(result.status)")
-            let error = report?.error ?? ""
-            #expect(error.contains(c.expect), "\(c.name) \(c.args): \(error)")
-            #expect(Self.state(lab, "a", "kept") == .running)
-            #expect(Self.state(lab, "b", "kept") == nil || Self.state(lab, "b", "kept") == .shutoff)
-        }
-        #expect(Self.state(lab, "a", "idle") == .shutoff)
-        // libvirtd on b stopped: the destination refuses the offer, and says why.
-        LabLibvirt(lab: lab.lab).stopDaemon("b")
-        let (result, report) = try migrate(lab, "kept", extra: ["--copy-storage"])
-        #expect(result.status == 1)
-        #expect(report?.error?.contains("libvirtd is not running") == true, "\(report?.error ?? "")")
-        #expect(Self.state(lab, "a", "kept") == .running)
-        try Self.expectHealthy(lab, kept)
     }
 
     @Test("a session that dies mid-migration: libvirt aborts and the domain runs on a (ferry migrate killed, ferry serve killed, every NIC pulled, libvirtd on b stopped)")

@@ -228,7 +228,8 @@ extension SourceMigration {
     func startDestination(_ control: ControlLink) throws(MigrateError) {
         try move(to: .startingDestination)
         let ready = try waitForReady(control)
-        track.note("destination QEMU \(ready.qemuVersion) waiting")
+        // A libvirt session's destination names its libvirtd instead (its QEMU is libvirt's to start).
+        track.note(ready.qemuVersion.hasPrefix("libvirtd") ? "destination ready: \(ready.qemuVersion)" : "destination QEMU \(ready.qemuVersion) waiting")
         let post = sessionSink()
         control.startPump("ferry-control", frame: { post(.frame($0)) }, lost: { post(.controlLost($0)) })
     }
