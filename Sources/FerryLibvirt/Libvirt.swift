@@ -36,6 +36,7 @@ public final class Libvirt: @unchecked Sendable {
     // are opaque pointers here).
     typealias OpenFn = @convention(c) (UnsafePointer<CChar>?) -> OpaquePointer?
     typealias CloseFn = @convention(c) (OpaquePointer?) -> Int32
+    typealias CapabilitiesFn = @convention(c) (OpaquePointer?) -> UnsafeMutablePointer<CChar>?
     typealias LookupFn = @convention(c) (OpaquePointer?, UnsafePointer<CChar>?) -> OpaquePointer?
     typealias DomainFn = @convention(c) (OpaquePointer?) -> Int32
     typealias DomainFlagsFn = @convention(c) (OpaquePointer?, UInt32) -> Int32
@@ -63,6 +64,7 @@ public final class Libvirt: @unchecked Sendable {
 
     let open: OpenFn
     let close: CloseFn
+    let capabilities: CapabilitiesFn
     let lookup: LookupFn
     let free: DomainFn
     let getState: StateFn
@@ -113,6 +115,7 @@ public final class Libvirt: @unchecked Sendable {
         }
         open = try bind("virConnectOpen", OpenFn.self)
         close = try bind("virConnectClose", CloseFn.self)
+        capabilities = try bind("virConnectGetCapabilities", CapabilitiesFn.self)
         lookup = try bind("virDomainLookupByName", LookupFn.self)
         free = try bind("virDomainFree", DomainFn.self)
         getState = try bind("virDomainGetState", StateFn.self)
@@ -174,6 +177,36 @@ public final class Libvirt: @unchecked Sendable {
             self.uri = uri
         }
         deinit { _ = libvirt.close(pointer) }
+
+        /// The host's capabilities (`virConnectGetCapabilities`), XML.
+        public func capabilities() throws(Failure) -> String {
+            guard let text = libvirt.capabilities(pointer) else { throw libvirt.failure("reading the host's capabilities") }
+            defer { Glibc.free(text) }
+            return String(cString: text)
+        }
+
+        /// The user and group QEMU runs as under this libvirtd (its DAC security model's base
+        /// label, `+UID:+GID`); nil when libvirt does not say or says root.
+        public func qemuOwner() -> (uid: UInt32, gid: UInt32)? {
+            guard let xml = try? capabilities() else { return nil }
+            return Self.qemuOwner(capabilities: xml)
+        }
+
+        static func qemuOwner(capabilities xml: String) -> (uid: UInt32, gid: UInt32)? {
+            // <secmodel><model>dac</model><doi>0</doi><baselabel type='kvm'>+64055:+64055</baselabel>...
+            guard let dac = xml.range(of: "<model>dac</model>") else { return nil }
+            let rest = xml[dac.upperBound...]
+            let end = rest.range(of: "</secmodel>")?.lowerBound ?? rest.endIndex
+            for type in ["qemu", "kvm"] {
+                guard let open = rest[..<end].range(of: "<baselabel type='\(type)'>"),
+                      let close = rest[open.upperBound..<end].range(of: "</baselabel>") else { continue }
+                let label = rest[open.upperBound..<close.lowerBound].replacingOccurrences(of: "+", with: "")
+                let parts = label.split(separator: ":")
+                guard parts.count == 2, let uid = UInt32(parts[0]), let gid = UInt32(parts[1]) else { continue }
+                return uid == 0 && gid == 0 ? nil : (uid, gid)
+            }
+            return nil
+        }
 
         /// The domain called `name`; libvirt's error (code ``Failure/noDomain``) if none.
         public func domain(_ name: String) throws(Failure) -> Domain {

@@ -1,4 +1,4 @@
-import FerryLibvirt
+@testable import FerryLibvirt
 import Testing
 
 /// The binding against libvirt's own test driver (`test:///default`, in the library: no
@@ -66,5 +66,17 @@ import Testing
         #expect(p.ints.isEmpty)
         #expect(MigrationFlags([.live, .peerToPeer]).rawValue == 3)
         #expect(MigrationFlags.parallel.rawValue == 1 << 17)
+    }
+
+    @Test func qemuOwnerFromTheDACBaseLabel() {
+        let xml = """
+            <capabilities><host><secmodel><model>none</model><doi>0</doi></secmodel>
+            <secmodel><model>dac</model><doi>0</doi><baselabel type='kvm'>+64055:+994</baselabel>
+            <baselabel type='qemu'>+64055:+994</baselabel></secmodel></host></capabilities>
+            """
+        let owner = Libvirt.Connection.qemuOwner(capabilities: xml)
+        #expect(owner?.uid == 64055 && owner?.gid == 994)
+        #expect(Libvirt.Connection.qemuOwner(capabilities: xml.replacingOccurrences(of: "+64055:+994", with: "+0:+0")) == nil)
+        #expect(Libvirt.Connection.qemuOwner(capabilities: "<capabilities/>") == nil)
     }
 }

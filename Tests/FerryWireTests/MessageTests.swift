@@ -88,10 +88,10 @@ struct MessageTests {
     func negotiation() {
         #expect(ProtocolVersion.negotiate(peerMin: 1, peerMax: 1) == 1)
         #expect(ProtocolVersion.negotiate(peerMin: 1, peerMax: 2) == 2)
-        #expect(ProtocolVersion.negotiate(peerMin: 1, peerMax: 9) == 7)
-        #expect(ProtocolVersion.negotiate(peerMin: 3, peerMax: 9) == 7)
+        #expect(ProtocolVersion.negotiate(peerMin: 1, peerMax: 9) == 8)
+        #expect(ProtocolVersion.negotiate(peerMin: 3, peerMax: 9) == 8)
         #expect(ProtocolVersion.negotiate(peerMin: 6, peerMax: 6) == 6)
-        #expect(ProtocolVersion.negotiate(peerMin: 8, peerMax: 9) == nil)
+        #expect(ProtocolVersion.negotiate(peerMin: 9, peerMax: 10) == nil)
         #expect(ProtocolVersion.negotiate(peerMin: 0, peerMax: 0) == nil)
         #expect(ProtocolVersion.movableControl == 2 && ProtocolVersion.current >= ProtocolVersion.movableControl)
         #expect(ProtocolVersion.twoWayStreams == 3 && ProtocolVersion.current >= ProtocolVersion.twoWayStreams)

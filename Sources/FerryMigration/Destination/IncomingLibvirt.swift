@@ -1,12 +1,15 @@
 import FerryIO
+import FerryLibvirt
 import FerryTransport
 import FerryWire
 import Foundation
 
 /// Where a libvirt migration's Unix sockets live: `/run/ferry/libvirt/<directory>/` on
-/// both hosts (libvirt names one path for both ends of each socket). The root and each
-/// session's directory are root's alone (0700): whoever reaches a socket in one reaches
-/// the peer's libvirtd or its QEMU.
+/// both hosts (libvirt names one path for both ends of each socket). Both are root's; QEMU,
+/// which may run as another user (Debian's libvirt-qemu), may pass through them (0711) but
+/// not list them, and reaches only the sockets libvirt gives it: at the source libvirt
+/// hands Ferry's sockets to QEMU's user; at the destination the session's directory
+/// belongs to QEMU's user (0700), so that its QEMU can bind its sockets there.
 public enum LibvirtRun {
     /// libvirtd's read-write socket in system mode (`ferry serve --libvirt-socket`).
     public static let defaultSocket = "/run/libvirt/libvirt-sock"
@@ -18,22 +21,30 @@ public enum LibvirtRun {
 
     public static func directory(_ name: String) -> String { root + "/" + name }
 
-    /// Makes the session's directory (and the root), 0700; fails if it exists already
-    /// (a directory name is fresh for each session).
-    static func makeDirectory(_ name: String) throws -> String {
+    /// Makes the session's directory (and the root); fails if it exists already (a
+    /// directory name is fresh for each session). `owner`: QEMU's user and group, who gets
+    /// the directory (the destination); nil keeps it root's, 0711 (the source).
+    static func makeDirectory(_ name: String, owner: (uid: UInt32, gid: UInt32)? = nil) throws -> String {
         guard LibvirtOfferMessage.isDirectoryName(name) else { throw LibvirtRunError("'\(name)' is not a migration directory's name") }
         let root = self.root
-        if mkdir(root, 0o700) != 0 && errno != EEXIST {
+        if mkdir(root, 0o711) != 0 && errno != EEXIST {
             // The parent may be missing (a fresh /run): make it, then the root again.
-            try FileManager.default.createDirectory(atPath: root, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
+            try FileManager.default.createDirectory(atPath: root, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o711])
         }
         var info = stat()
         guard lstat(root, &info) == 0, info.st_mode & S_IFMT == S_IFDIR, info.st_uid == getuid() else {
             throw LibvirtRunError("\(root) is not a directory of this user's")
         }
-        if info.st_mode & 0o077 != 0 { chmod(root, 0o700) }
+        if info.st_mode & 0o777 != 0o711 { chmod(root, 0o711) }
         let path = directory(name)
-        guard mkdir(path, 0o700) == 0 else { throw LibvirtRunError("cannot make \(path): \(errnoDescription(errno))") }
+        guard mkdir(path, 0o711) == 0 else { throw LibvirtRunError("cannot make \(path): \(errnoDescription(errno))") }
+        if let owner {
+            guard chown(path, owner.uid, owner.gid) == 0, chmod(path, 0o700) == 0 else {
+                let why = errnoDescription(errno)
+                rmdir(path)
+                throw LibvirtRunError("cannot give \(path) to QEMU's user \(owner.uid):\(owner.gid): \(why)")
+            }
+        }
         return path
     }
 
@@ -87,9 +98,11 @@ extension DestinationSession {
         } catch {
             throw .refused(.badOffer, "libvirtd is not running on \(HostInfo.hostname): cannot connect to \(socket) (\(error))")
         }
+        // QEMU binds its sockets in the directory: it is QEMU's user's (libvirt says who).
+        let qemuOwner = (try? Libvirt.load().connect("qemu+unix:///system?socket=\(socket)"))?.qemuOwner()
         let directory: String
         do {
-            directory = try LibvirtRun.makeDirectory(offer.directory)
+            directory = try LibvirtRun.makeDirectory(offer.directory, owner: qemuOwner)
         } catch {
             throw .refused(.badOffer, "cannot make the migration directory on \(HostInfo.hostname): \(error)")
         }
