@@ -56,13 +56,9 @@ public struct DrainBench: Sendable {
     public func run() throws -> Result {
         let lab = Lab(name: "fbd\(getpid() % 10000)")
         try lab.up(nics: 2, rate: "1gbit", hosts: 3)
-        var daemons: [Int32] = []
-        defer {
-            for pid in daemons { ProcessStats.terminate(pid: pid) }
-            try? lab.down()
-        }
-        let hosts = Dictionary(uniqueKeysWithValues: lab.hosts.map { ($0, LabHost(lab: lab, host: $0, binary: binary)) })
-        for host in lab.hosts { daemons.append(try hosts[host]!.startServe()) }
+        let serving = try ServingLab(lab, binary: binary)
+        defer { serving.close() }
+        let hosts = serving.hosts
         let fill = max(64, memoryMiB * 3 / 4)
         for vm in Self.vms {
             let started = try hosts["a"]!.ferry(["vm", "run", vm, "--memory", "\(memoryMiB)M", "--cpus", "1",
@@ -135,5 +131,34 @@ extension DrainBench.Result {
             lines.append(String(format: "Drain / one after another: **%.2f** (medians).", d / s))
         }
         return lines.joined(separator: "\n")
+    }
+}
+
+/// A bench's lab with `ferry serve` on every host: each host's ``LabHost`` by name, and
+/// ``close()``, which stops the daemons and takes the lab down.
+struct ServingLab {
+    let lab: Lab
+    let hosts: [String: LabHost]
+    private let daemons: [Int32]
+
+    /// Starts a daemon on every host of `lab` (up already); if one does not start, stops
+    /// those that did and takes the lab down.
+    init(_ lab: Lab, binary: String) throws {
+        self.lab = lab
+        hosts = Dictionary(uniqueKeysWithValues: lab.hosts.map { ($0, LabHost(lab: lab, host: $0, binary: binary)) })
+        var started: [Int32] = []
+        do {
+            for host in lab.hosts { started.append(try hosts[host]!.startServe()) }
+        } catch {
+            for pid in started { ProcessStats.terminate(pid: pid) }
+            try? lab.down()
+            throw error
+        }
+        daemons = started
+    }
+
+    func close() {
+        for pid in daemons { ProcessStats.terminate(pid: pid) }
+        try? lab.down()
     }
 }

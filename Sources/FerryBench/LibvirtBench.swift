@@ -98,13 +98,9 @@ public struct LibvirtBench: Sendable {
         let lab = Lab(name: "fbl\(getpid() % 10000)")
         try lab.up(nics: 2, rate: "1gbit", hosts: 2, libvirt: true)
         let lv = LabLibvirt(lab: lab)
-        var daemons: [Int32] = []
-        defer {
-            for pid in daemons { ProcessStats.terminate(pid: pid) }
-            try? lab.down()
-        }
-        let hosts = Dictionary(uniqueKeysWithValues: lab.hosts.map { ($0, LabHost(lab: lab, host: $0, binary: binary)) })
-        for host in lab.hosts { daemons.append(try hosts[host]!.startServe()) }
+        let serving = try ServingLab(lab, binary: binary)
+        defer { serving.close() }
+        let hosts = serving.hosts
         let libvirt = try Libvirt.load()
 
         // The domain: RAM three quarters filled with incompressible data, then idle (a

@@ -87,17 +87,11 @@ public struct LabLibvirt: Sendable {
     /// Stops the libvirtds and their QEMUs, and lets go of the mount namespaces.
     func down() {
         for host in Lab.hostNames {
-            if let text = try? String(contentsOfFile: pidFile(host), encoding: .utf8),
-               let pid = Int32(text.trimmingCharacters(in: .whitespacesAndNewlines)), pid > 0 {
-                ProcessStats.terminate(pid: pid, grace: .seconds(3))
-            }
+            stopDaemon(host)
             // QEMUs of the host's domains (they outlive a libvirtd): by their pid files.
             let qemuRun = root(host) + "/run/qemu"
             for file in (try? FileManager.default.contentsOfDirectory(atPath: qemuRun)) ?? [] where file.hasSuffix(".pid") {
-                if let text = try? String(contentsOfFile: qemuRun + "/" + file, encoding: .utf8),
-                   let pid = Int32(text.trimmingCharacters(in: .whitespacesAndNewlines)), pid > 0 {
-                    ProcessStats.terminate(pid: pid, grace: .seconds(2))
-                }
+                if let pid = Self.pid(inFile: qemuRun + "/" + file) { ProcessStats.terminate(pid: pid, grace: .seconds(2)) }
             }
             if FileManager.default.fileExists(atPath: mountNamespace(host)) {
                 _ = try? Command.run(["umount", mountNamespace(host)])
@@ -177,16 +171,17 @@ public struct LabLibvirt: Sendable {
     }
 
     /// `host`'s libvirtd's pid (a process inside the host's namespaces).
-    public func daemonPID(_ host: String) -> Int32? {
-        (try? String(contentsOfFile: pidFile(host), encoding: .utf8)).flatMap { Int32($0.trimmingCharacters(in: .whitespacesAndNewlines)) }
+    public func daemonPID(_ host: String) -> Int32? { Self.pid(inFile: pidFile(host)) }
+
+    /// The pid a pid file holds (nil: none, or not a pid).
+    static func pid(inFile path: String) -> Int32? {
+        (try? String(contentsOfFile: path, encoding: .utf8)).flatMap { Int32($0.trimmingCharacters(in: .whitespacesAndNewlines)) }
+            .flatMap { $0 > 0 ? $0 : nil }
     }
 
     /// Stops `host`'s libvirtd (its domains' QEMUs keep running, as with a real libvirtd).
     public func stopDaemon(_ host: String) {
-        if let text = try? String(contentsOfFile: pidFile(host), encoding: .utf8),
-           let pid = Int32(text.trimmingCharacters(in: .whitespacesAndNewlines)), pid > 0 {
-            ProcessStats.terminate(pid: pid, grace: .seconds(5))
-        }
+        if let pid = daemonPID(host) { ProcessStats.terminate(pid: pid, grace: .seconds(5)) }
     }
 
     /// Starts `host`'s libvirtd again and waits until it answers.

@@ -47,13 +47,10 @@ public final class Libvirt: @unchecked Sendable {
     typealias JobStatsFn = @convention(c) (OpaquePointer?, UnsafeMutablePointer<Int32>?, UnsafeMutablePointer<OpaquePointer?>?,
                                            UnsafeMutablePointer<Int32>?, UInt32) -> Int32
     typealias DowntimeFn = @convention(c) (OpaquePointer?, UInt64, UInt32) -> Int32
-    typealias SpeedFn = @convention(c) (OpaquePointer?, UInt, UInt32) -> Int32
     typealias AddStringFn = @convention(c) (UnsafeMutablePointer<OpaquePointer?>?, UnsafeMutablePointer<Int32>?,
                                             UnsafeMutablePointer<Int32>?, UnsafePointer<CChar>?, UnsafePointer<CChar>?) -> Int32
     typealias AddIntFn = @convention(c) (UnsafeMutablePointer<OpaquePointer?>?, UnsafeMutablePointer<Int32>?,
                                          UnsafeMutablePointer<Int32>?, UnsafePointer<CChar>?, Int32) -> Int32
-    typealias AddULLongFn = @convention(c) (UnsafeMutablePointer<OpaquePointer?>?, UnsafeMutablePointer<Int32>?,
-                                            UnsafeMutablePointer<Int32>?, UnsafePointer<CChar>?, UInt64) -> Int32
     typealias GetULLongFn = @convention(c) (OpaquePointer?, Int32, UnsafePointer<CChar>?, UnsafeMutablePointer<UInt64>?) -> Int32
     typealias FreeParamsFn = @convention(c) (OpaquePointer?, Int32) -> Void
     typealias LastErrorFn = @convention(c) () -> UnsafeMutableRawPointer?
@@ -77,10 +74,8 @@ public final class Libvirt: @unchecked Sendable {
     let jobStats: JobStatsFn
     let abortJob: DomainFn
     let setDowntime: DowntimeFn
-    let setSpeed: SpeedFn
     let addString: AddStringFn
     let addInt: AddIntFn
-    let addULLong: AddULLongFn
     let getULLong: GetULLongFn
     let freeParams: FreeParamsFn
     let lastError: LastErrorFn
@@ -128,10 +123,8 @@ public final class Libvirt: @unchecked Sendable {
         jobStats = try bind("virDomainGetJobStats", JobStatsFn.self)
         abortJob = try bind("virDomainAbortJob", DomainFn.self)
         setDowntime = try bind("virDomainMigrateSetMaxDowntime", DowntimeFn.self)
-        setSpeed = try bind("virDomainMigrateSetMaxSpeed", SpeedFn.self)
         addString = try bind("virTypedParamsAddString", AddStringFn.self)
         addInt = try bind("virTypedParamsAddInt", AddIntFn.self)
-        addULLong = try bind("virTypedParamsAddULLong", AddULLongFn.self)
         getULLong = try bind("virTypedParamsGetULLong", GetULLongFn.self)
         freeParams = try bind("virTypedParamsFree", FreeParamsFn.self)
         lastError = try bind("virGetLastError", LastErrorFn.self)
@@ -286,7 +279,6 @@ public final class Libvirt: @unchecked Sendable {
             defer { list.free() }
             for (key, value) in parameters.strings { list.add(key, value) }
             for (key, value) in parameters.ints { list.add(key, value) }
-            for (key, value) in parameters.unsignedLongs { list.add(key, value) }
             guard libvirt.migrate(pointer, destination, list.params, list.count, flags.rawValue) == 0 else {
                 throw libvirt.failure("migrating \(name)")
             }
@@ -325,11 +317,6 @@ public final class Libvirt: @unchecked Sendable {
             guard libvirt.setDowntime(pointer, milliseconds, 0) == 0 else { throw libvirt.failure("setting \(name)'s downtime") }
         }
 
-        /// `bandwidth` in MiB/s (libvirt's unit).
-        public func setMaxSpeed(mebibytesPerSecond: UInt) throws(Failure) {
-            guard libvirt.setSpeed(pointer, mebibytesPerSecond, 0) == 0 else { throw libvirt.failure("setting \(name)'s bandwidth") }
-        }
-
         /// The `<name>` of a domain's XML.
         static func name(inXML xml: String) throws -> String {
             guard let start = xml.range(of: "<name>"), let end = xml.range(of: "</name>", range: start.upperBound..<xml.endIndex) else {
@@ -348,7 +335,6 @@ public final class Libvirt: @unchecked Sendable {
         init(libvirt: Libvirt) { self.libvirt = libvirt }
         mutating func add(_ key: String, _ value: String) { _ = libvirt.addString(&params, &count, &capacity, key, value) }
         mutating func add(_ key: String, _ value: Int32) { _ = libvirt.addInt(&params, &count, &capacity, key, value) }
-        mutating func add(_ key: String, _ value: UInt64) { _ = libvirt.addULLong(&params, &count, &capacity, key, value) }
         mutating func free() {
             if params != nil { libvirt.freeParams(params, count) }
             params = nil
@@ -374,17 +360,10 @@ public struct MigrationFlags: OptionSet, Sendable {
 }
 
 /// `VIR_MIGRATE_PARAM_*` values for ``Libvirt/Domain/migrate(to:parameters:flags:)``.
-public struct MigrationParameters: Sendable, Equatable {
+public struct MigrationParameters: Sendable {
     public var strings: [(String, String)] = []
     public var ints: [(String, Int32)] = []
-    public var unsignedLongs: [(String, UInt64)] = []
     public init() {}
-
-    public static func == (a: MigrationParameters, b: MigrationParameters) -> Bool {
-        a.strings.map { "\($0.0)=\($0.1)" } == b.strings.map { "\($0.0)=\($0.1)" }
-            && a.ints.map { "\($0.0)=\($0.1)" } == b.ints.map { "\($0.0)=\($0.1)" }
-            && a.unsignedLongs.map { "\($0.0)=\($0.1)" } == b.unsignedLongs.map { "\($0.0)=\($0.1)" }
-    }
 
     /// `migrate_uri`: where the source QEMU sends its streams.
     public var uri: String? {

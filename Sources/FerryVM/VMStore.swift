@@ -319,12 +319,18 @@ public struct VMStore: Sendable {
 /// so that two migrations of the same VM cannot run at once.
 public final class VMLock {
     private let fd: Int32
-    public init(paths: VMPaths, name: String) throws(VMError) {
-        fd = open(paths.lock, O_CREAT | O_RDWR | O_CLOEXEC, 0o644)
-        guard fd >= 0 else { throw VMError.io("cannot open lock for VM '\(name)'") }
+    public convenience init(paths: VMPaths, name: String) throws(VMError) {
+        try self.init(path: paths.lock, what: "VM '\(name)'")
+    }
+
+    /// An exclusive lock on the file at `path` (made if need be), or `busy` at once if
+    /// another process holds it; `what` names the locked thing in the errors.
+    public init(path: String, what: String) throws(VMError) {
+        fd = open(path, O_CREAT | O_RDWR | O_CLOEXEC, 0o644)
+        guard fd >= 0 else { throw VMError.io("cannot open lock for \(what)") }
         guard flock(fd, LOCK_EX | LOCK_NB) == 0 else {
             close(fd)
-            throw VMError.busy("VM '\(name)' is busy: another ferry command (a migration?) holds it")
+            throw VMError.busy("\(what) is busy: another ferry command (a migration?) holds it")
         }
     }
     deinit {

@@ -104,13 +104,7 @@ enum CancelMigration {
                 throw UserError("the migration of \(name) in ferry drain (pid \(pid)) is still running after \(Int(wait.seconds)) s; run this again")
             }
         } else {
-            guard kill(pid, SIGTERM) == 0 else {
-                throw UserError("cannot signal ferry migrate (pid \(pid)): \(errnoDescription(errno))")
-            }
-            FileHandle.standardError.write(Data("asked ferry migrate (pid \(pid)) to cancel the migration of \(name); waiting for it to end\n".utf8))
-            guard ProcessStats.waitForExit(pid: pid, timeout: wait) else {
-                throw UserError("ferry migrate (pid \(pid)) is still running after \(Int(wait.seconds)) s; see its report, or run this again")
-            }
+            try stop(pid: pid, migrationOf: name, wait: wait)
         }
         if let record = try? store.record(name), record.alive, record.state.phase == .running {
             print("cancelled: \(name) keeps running on this host")
@@ -131,13 +125,7 @@ enum CancelMigration {
         guard let pid = file.runningPID else {
             throw UserError("no libvirt migration of '\(domain)' is running on this host (nothing to cancel)")
         }
-        guard kill(pid, SIGTERM) == 0 else {
-            throw UserError("cannot signal ferry migrate (pid \(pid)): \(errnoDescription(errno))")
-        }
-        FileHandle.standardError.write(Data("asked ferry migrate (pid \(pid)) to cancel the migration of \(domain); waiting for it to end\n".utf8))
-        guard ProcessStats.waitForExit(pid: pid, timeout: wait) else {
-            throw UserError("ferry migrate (pid \(pid)) is still running after \(Int(wait.seconds)) s; see its report, or run this again")
-        }
+        try stop(pid: pid, migrationOf: domain, wait: wait)
         let state = try? Libvirt.load().connect(uri).domain(domain).state()
         if state == .running || state == .paused {
             print("cancelled: \(domain) keeps running on this host")
@@ -145,5 +133,16 @@ enum CancelMigration {
         }
         print("the migration of \(domain) has ended; libvirt says it is \(state.map { "\($0)" } ?? "not defined") on this host: see the migration's report")
         throw ExitCode(1)
+    }
+
+    /// SIGTERM to the `ferry migrate` at `pid` (it cancels, as on Ctrl-C), then waits for it to end.
+    private static func stop(pid: Int32, migrationOf name: String, wait: Duration) throws {
+        guard kill(pid, SIGTERM) == 0 else {
+            throw UserError("cannot signal ferry migrate (pid \(pid)): \(errnoDescription(errno))")
+        }
+        FileHandle.standardError.write(Data("asked ferry migrate (pid \(pid)) to cancel the migration of \(name); waiting for it to end\n".utf8))
+        guard ProcessStats.waitForExit(pid: pid, timeout: wait) else {
+            throw UserError("ferry migrate (pid \(pid)) is still running after \(Int(wait.seconds)) s; see its report, or run this again")
+        }
     }
 }

@@ -133,7 +133,7 @@ struct LibvirtOptions: ParsableArguments {
     @Flag(help: "NAME is a libvirt domain: libvirt migrates it peer to peer (live) and keeps the switchover, Ferry carries its connections (control, memory streams, disk copies) over its data channels. The destination's ferry serve connects them to its libvirtd (--libvirt-socket there).")
     var libvirt = false
 
-    @Option(name: .customLong("libvirt-uri"), help: "The local libvirtd (default: qemu:///system).")
+    @Option(name: .customLong("libvirt-uri"), help: "The local libvirtd (default: \(LibvirtRequest.defaultURI)).")
     var libvirtURI: String?
 
     @Flag(name: .customLong("copy-storage"), help: "With --libvirt: copy every disk that is not shared (libvirt's --copy-storage-all); the destination needs the same storage paths.")
@@ -151,7 +151,7 @@ struct LibvirtOptions: ParsableArguments {
     @Flag(help: "With --libvirt: migrate even where libvirt cannot tell that a disk not copied is on shared storage (libvirt's --unsafe).")
     var unsafe = false
 
-    var uri: String { libvirtURI ?? "qemu:///system" }
+    var uri: String { libvirtURI ?? LibvirtRequest.defaultURI }
 
     func validate(name: String) throws {
         let needs = [("--libvirt-uri", libvirtURI != nil), ("--copy-storage", copyStorage), ("--parallel", parallel != nil),

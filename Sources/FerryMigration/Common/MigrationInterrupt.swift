@@ -149,26 +149,32 @@ extension VMPaths {
     public var migrationPIDFile: String { directory + "/migrate.pid" }
 }
 
-/// Finds the running `ferry migrate` of a VM from its pid file.
+/// Finds the running `ferry migrate` of a VM (or of a libvirt domain, ``LibvirtMigrationFile``)
+/// from its pid file.
 public enum RunningMigrationFile {
-    public static func write(_ paths: VMPaths) {
-        try? "\(getpid())\n".write(toFile: paths.migrationPIDFile, atomically: true, encoding: .utf8)
+    public static func write(_ paths: VMPaths) { write(path: paths.migrationPIDFile) }
+    public static func remove(_ paths: VMPaths) { remove(path: paths.migrationPIDFile) }
+    public static func runningPID(_ paths: VMPaths) -> Int32? { runningPID(path: paths.migrationPIDFile) }
+
+    public static func write(path: String) {
+        try? "\(getpid())\n".write(toFile: path, atomically: true, encoding: .utf8)
     }
 
-    public static func remove(_ paths: VMPaths) {
-        if pid(paths) == getpid() { try? FileManager.default.removeItem(atPath: paths.migrationPIDFile) }
+    /// Removes the file if it names this process.
+    public static func remove(path: String) {
+        if pid(path: path) == getpid() { try? FileManager.default.removeItem(atPath: path) }
     }
 
     /// The pid in the file, whatever it is.
-    static func pid(_ paths: VMPaths) -> Int32? {
-        (try? String(contentsOfFile: paths.migrationPIDFile, encoding: .utf8))
+    static func pid(path: String) -> Int32? {
+        (try? String(contentsOfFile: path, encoding: .utf8))
             .flatMap { Int32($0.trimmingCharacters(in: .whitespacesAndNewlines)) }
     }
 
     /// The pid of a live `ferry migrate` named by the file (a stale file, or a pid reused by
     /// another program, gives nil).
-    public static func runningPID(_ paths: VMPaths) -> Int32? {
-        guard let pid = pid(paths), pid > 0, ProcessStats.isAlive(pid: pid),
+    public static func runningPID(path: String) -> Int32? {
+        guard let pid = pid(path: path), pid > 0, ProcessStats.isAlive(pid: pid),
               let command = ProcessStats.commandLine(pid: pid), command.contains("migrate") || command.contains("drain") else { return nil }
         return pid
     }

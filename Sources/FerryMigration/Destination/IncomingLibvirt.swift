@@ -68,8 +68,6 @@ struct IncomingLibvirt {
     let libvirtSocket: String
     /// The name the server accounts the session under (never a Ferry VM's: those have no colon).
     var accountName: String { "libvirt:" + offer.domain }
-    /// Streams opened, by kind of target.
-    var opened: [LibvirtTarget: Int] = [:]
 }
 
 extension DestinationSession {
@@ -107,8 +105,9 @@ extension DestinationSession {
             throw .refused(.badOffer, "cannot make the migration directory on \(HostInfo.hostname): \(error)")
         }
         defer { LibvirtRun.removeDirectory(directory) }
-        libvirt = IncomingLibvirt(offer: offer, directory: directory, libvirtSocket: socket)
-        let account = "libvirt:" + offer.domain
+        let incoming = IncomingLibvirt(offer: offer, directory: directory, libvirtSocket: socket)
+        libvirt = incoming
+        let account = incoming.accountName
         try peer { try server.register(self, name: account, memoryMiB: 0) }
         try sendAccept(missingFiles: [], diskPaths: [])
         let link = openLink(linkTimeoutSeconds: offer.linkTimeoutSeconds)
@@ -157,12 +156,7 @@ extension DestinationSession {
             let open = try peer { try ControlCoding.decode(StreamOpenMessage.self, from: frame) }
             try openLibvirtStream(open, dataPath: dataPath)
         case .streamEnd:
-            let end = try peer { try ControlCoding.decode(StreamEndMessage.self, from: frame) }
-            do {
-                try dataPath.streamEnded(end)
-            } catch {
-                throw .dataPath((error as? TransportError) ?? .protocolViolation("\(error)"))
-            }
+            try endStream(try peer { try ControlCoding.decode(StreamEndMessage.self, from: frame) }, dataPath: dataPath)
         case .commit:
             // libvirt finished: the domain runs here (libvirt's Finish step is done).
             try move(to: .committed)
@@ -175,12 +169,9 @@ extension DestinationSession {
                                                                  "received": "\(dataPath.receivedByteCount)"])
             return true
         case .abort:
-            let reason = (try? ControlCoding.decode(AbortMessage.self, from: frame))?.reason ?? "no reason"
-            try move(to: .aborted)
-            throw .sourceGone("the source aborted: \(reason)")
+            throw try sourceAborted(frame)
         case .error:
-            let msg = (try? ControlCoding.decode(ErrorMessage.self, from: frame))?.description ?? "error"
-            throw .sourceGone("the source failed: \(msg)")
+            throw sourceFailed(frame)
         case .status:
             break
         default:
@@ -194,7 +185,7 @@ extension DestinationSession {
     /// libvirtd and QEMU in the order the source accepted them (QEMU 7.2 takes the first
     /// migration connection for its main channel).
     private func openLibvirtStream(_ open: StreamOpenMessage, dataPath: DestinationDataPath) throws(IncomingError) {
-        guard var libvirt, open.kind == .libvirt, let target = open.target.flatMap(LibvirtTarget.init(rawValue:)) else {
+        guard let libvirt, open.kind == .libvirt, let target = open.target.flatMap(LibvirtTarget.init(rawValue:)) else {
             throw .protocolViolation("stream \(open.stream) of kind \(open.kind?.rawValue ?? "migration") for \(open.target ?? "nothing"): "
                 + "a libvirt session carries only libvirt streams")
         }
@@ -216,8 +207,6 @@ extension DestinationSession {
             socket.close()
             throw .dataPath(error)
         }
-        libvirt.opened[target, default: 0] += 1
-        self.libvirt = libvirt
         logger.info("libvirt stream connected", metadata: ["domain": "\(libvirt.offer.domain)", "stream": "\(open.stream)",
                                                            "target": "\(target.rawValue)"])
     }

@@ -106,15 +106,9 @@ extension DestinationSession {
             let end = try peer { try ControlCoding.decode(StreamEndMessage.self, from: frame) }
             // QEMU has sent everything: the switchover is near.
             if !StreamID.isTwoWay(end.stream) { stage(.prepared, for: name) }
-            do {
-                try dataPath.streamEnded(end)
-            } catch {
-                throw .dataPath((error as? TransportError) ?? .protocolViolation("\(error)"))
-            }
+            try endStream(end, dataPath: dataPath)
         case .abort:
-            let reason = (try? ControlCoding.decode(AbortMessage.self, from: frame))?.reason ?? "no reason"
-            try move(to: .aborted)
-            throw .sourceGone("the source aborted: \(reason)")
+            throw try sourceAborted(frame)
         case .commit:
             times.commitReceived = Date().timeIntervalSince1970
             guard phase.current == .prepared else { throw .protocolViolation("commit before the VM was loaded") }
@@ -122,14 +116,35 @@ extension DestinationSession {
             if postcopy { try finishPostcopy(dataPath: dataPath, qmp: qmp, name: name) }
             return true
         case .error:
-            let msg = (try? ControlCoding.decode(ErrorMessage.self, from: frame))?.description ?? "error"
-            throw .sourceGone("the source failed: \(msg)")
+            throw sourceFailed(frame)
         case .status:
             break
         default:
             throw .protocolViolation("unexpected \(frame.type) frame on the control connection")
         }
         return false
+    }
+
+    /// The source's `streamEnd`: the half has ended, and its direction of the local socket
+    /// closes once every chunk is written.
+    func endStream(_ end: StreamEndMessage, dataPath: DestinationDataPath) throws(IncomingError) {
+        do {
+            try dataPath.streamEnded(end)
+        } catch {
+            throw .dataPath((error as? TransportError) ?? .protocolViolation("\(error)"))
+        }
+    }
+
+    /// The source's `abort`: nothing will ever commit this session; the error it ends with.
+    func sourceAborted(_ frame: Frame) throws(IncomingError) -> IncomingError {
+        let reason = (try? ControlCoding.decode(AbortMessage.self, from: frame))?.reason ?? "no reason"
+        try move(to: .aborted)
+        return .sourceGone("the source aborted: \(reason)")
+    }
+
+    /// The source's `error`, as the error the session ends with.
+    func sourceFailed(_ frame: Frame) -> IncomingError {
+        .sourceGone("the source failed: \((try? ControlCoding.decode(ErrorMessage.self, from: frame))?.description ?? "error")")
     }
 
     /// `prepared`, durably, before the source may decide on it; then `loaded`.

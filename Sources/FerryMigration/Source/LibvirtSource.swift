@@ -3,6 +3,7 @@ import FerryInterfaces
 import FerryLibvirt
 import FerryQMP
 import FerryTransport
+import FerryVM
 import FerryWire
 import Foundation
 
@@ -11,7 +12,8 @@ public struct LibvirtRequest: Sendable {
     /// The domain's name in the local libvirtd.
     public var domain: String
     /// The local libvirtd (`--libvirt-uri`).
-    public var uri = "qemu:///system"
+    public var uri = LibvirtRequest.defaultURI
+    public static let defaultURI = "qemu:///system"
     /// `--copy-storage`: libvirt copies every disk that is not shared (`VIR_MIGRATE_NON_SHARED_DISK`).
     public var copyStorage = false
     /// `--parallel N`: QEMU's parallel migration connections (nil: one stream).
@@ -54,17 +56,15 @@ public struct LibvirtRequest: Sendable {
 }
 
 /// The running `ferry migrate --libvirt` of a domain on this host: its pid, for `--cancel`
-/// (`RUN/libvirt-DOMAIN.pid`), and a lock that keeps a second one from starting.
+/// (`RUN/libvirt-DOMAIN.pid`, kept as a VM's ``RunningMigrationFile``), and beside it the
+/// lock that keeps a second one from starting.
 public struct LibvirtMigrationFile {
     public let path: String
     public init(runDirectory: String, domain: String) { path = runDirectory + "/libvirt-\(domain).pid" }
+    var lockPath: String { path + ".lock" }
 
     /// The pid of a live `ferry migrate` named by the file.
-    public var runningPID: Int32? {
-        guard let text = try? String(contentsOfFile: path, encoding: .utf8), let pid = Int32(text.trimmingCharacters(in: .whitespacesAndNewlines)),
-              pid > 0, ProcessStats.isAlive(pid: pid), ProcessStats.commandLine(pid: pid)?.contains("migrate") == true else { return nil }
-        return pid
-    }
+    public var runningPID: Int32? { RunningMigrationFile.runningPID(path: path) }
 }
 
 /// libvirt's connections as the source carries them: Unix sockets in the session's
@@ -139,7 +139,7 @@ final class LibvirtSockets: @unchecked Sendable {
             listener.close()
         }
         listeners = []
-        try? FileManager.default.removeItem(atPath: directory)
+        LibvirtRun.removeDirectory(directory)
     }
 }
 
@@ -174,14 +174,15 @@ extension SourceMigration {
         }
         try? FileManager.default.createDirectory(atPath: store.paths.runDirectory, withIntermediateDirectories: true)
         let file = LibvirtMigrationFile(runDirectory: store.paths.runDirectory, domain: request.domain)
-        let lockFD = open(file.path + ".lock", O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
-        guard lockFD >= 0, flock(lockFD, LOCK_EX | LOCK_NB) == 0 else {
-            if lockFD >= 0 { close(lockFD) }
+        let lock: VMLock
+        do {
+            lock = try VMLock(path: file.lockPath, what: "domain '\(request.domain)'")
+        } catch {
             let who = file.runningPID.map { " (ferry migrate, pid \($0))" } ?? ""
             return libvirtReport(.failedVMOnSource, error: "a migration of domain '\(request.domain)' is already running on this host\(who)",
                                  request: request, sockets: nil)
         }
-        try? "\(getpid())\n".write(toFile: file.path, atomically: true, encoding: .utf8)
+        RunningMigrationFile.write(path: file.path)
         interrupt.startTimer(options.timeout)
         let directoryName = Hex.random(byteCount: 16)
         let sockets = LibvirtSockets(directory: LibvirtRun.directory(directoryName))
@@ -191,9 +192,8 @@ extension SourceMigration {
             outgoingSlot = nil
             closeTransport()
             sockets.close()
-            try? FileManager.default.removeItem(atPath: file.path)
-            flock(lockFD, LOCK_UN)
-            close(lockFD)
+            RunningMigrationFile.remove(path: file.path)
+            withExtendedLifetime(lock) {}
         }
         do {
             try carryLibvirt(request, domain: domain, directoryName: directoryName, sockets: sockets, job: migration)
@@ -354,14 +354,7 @@ extension SourceMigration {
     private func handleLibvirtFrame(_ frame: Frame, transport: SourceTransport) throws(MigrateError) {
         switch frame.type {
         case .streamEnd:
-            guard let reverse = transport.dataPath.reverse else { return }
-            do {
-                let end = try ControlCoding.decode(StreamEndMessage.self, from: frame)
-                guard StreamID.isReverse(end.stream) else { throw TransportError.protocolViolation("the destination ended forward half \(end.stream)") }
-                try reverse.streamEnded(end)
-            } catch {
-                throw .protocolViolation("the destination's streamEnd: \(error)")
-            }
+            _ = try endReverseHalf(frame)
         case .error:
             throw destinationFailure(frame)
         case .limit:

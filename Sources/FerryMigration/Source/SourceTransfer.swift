@@ -267,6 +267,22 @@ extension SourceMigration {
         }
     }
 
+    /// The destination's `streamEnd` of a reverse half: every chunk of it is written here,
+    /// then that direction of the local socket closes. Returns the half.
+    func endReverseHalf(_ frame: Frame) throws(MigrateError) -> UInt32 {
+        guard let reverse = transport?.dataPath.reverse else {
+            throw .protocolViolation("the destination ended a stream's reverse half on a one-way session")
+        }
+        do {
+            let end = try ControlCoding.decode(StreamEndMessage.self, from: frame)
+            guard StreamID.isReverse(end.stream) else { throw TransportError.protocolViolation("the destination ended forward half \(end.stream)") }
+            try reverse.streamEnded(end)
+            return end.stream
+        } catch {
+            throw .protocolViolation("the destination's streamEnd: \(error)")
+        }
+    }
+
     /// The destination's `error` frame, as the failure it ends the migration with.
     func destinationFailure(_ frame: Frame) -> MigrateError {
         .destinationFailed((try? ControlCoding.decode(ErrorMessage.self, from: frame)) ?? ErrorMessage(code: .invalid, message: "unreadable error"))
@@ -298,17 +314,7 @@ extension SourceMigration {
             applyLimit(frame, scheduler: scheduler)
         case .streamEnd:
             // A reverse half (a disk copy's NBD server closed its side) has ended.
-            guard let reverse = transport?.dataPath.reverse else {
-                throw .protocolViolation("the destination ended a stream's reverse half on a one-way session")
-            }
-            do {
-                let end = try ControlCoding.decode(StreamEndMessage.self, from: frame)
-                guard StreamID.isReverse(end.stream) else { throw TransportError.protocolViolation("the destination ended forward half \(end.stream)") }
-                try reverse.streamEnded(end)
-                state.reverseEnds.insert(end.stream)
-            } catch {
-                throw .protocolViolation("the destination's streamEnd: \(error)")
-            }
+            state.reverseEnds.insert(try endReverseHalf(frame))
         default:
             throw .protocolViolation("destination sent an unexpected \(frame.type) frame")
         }
